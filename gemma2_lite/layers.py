@@ -1,0 +1,101 @@
+"""The small pieces of a Gemma 2 block: logit soft-capping, RMSNorm, the GeGLU feed-forward and
+the (tied) embedding table.
+
+Parameters carry ``logical_axes`` metadata (names such as ``"embed"`` or ``"mlp"``) so that
+:mod:`gemma2_lite.sharding` can map them onto a device mesh; nothing here depends on a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["soft_cap", "rms_norm", "gelu_tanh", "RMSNorm", "FeedForward", "Embedder",
+           "dense_init"]
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``: a smooth clip of ``x`` into (-cap, cap); identity if cap is None."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm with Gemma's (1 + scale) weight, computed in float32 and cast back.
+
+    x: (..., D) any float dtype; scale: (D,). Returns x's dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (as Gemma is trained with)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def dense_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
+    """Fan-in truncated-normal initialiser for einsum weights of any rank."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned (1 + scale); scale starts at zero (identity)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: ``down(gelu_tanh(x @ gate) * (x @ up))`` with D -> F -> D."""
+
+    def __init__(self, d_model: int, ffn_dim: int, *, rngs: nnx.Rngs,
+                 param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
+        self.dtype = dtype
+        init = dense_init(0, 1)
+        self.gate = nnx.Param(init(rngs.params(), (d_model, ffn_dim), param_dtype),
+                              logical_axes=("embed", "mlp"))
+        self.up = nnx.Param(init(rngs.params(), (d_model, ffn_dim), param_dtype),
+                            logical_axes=("embed", "mlp"))
+        self.down = nnx.Param(init(rngs.params(), (ffn_dim, d_model), param_dtype),
+                              logical_axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, self.down[...].astype(dt))
+
+
+class Embedder(nnx.Module):
+    """The token table E (V, D): ``encode`` looks rows up, ``decode`` is the tied unembedding."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
+                 param_dtype: Any = jnp.float32):
+        # std 1/sqrt(D): after the sqrt(D) input scaling, embeddings have unit-variance entries.
+        init = nnx.initializers.normal(stddev=d_model ** -0.5)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
+                                   logical_axes=("vocab", "embed"))
+
+    def encode(self, tokens: jax.Array, dtype: Any) -> jax.Array:
+        """int (B, T) -> (B, T, D) in ``dtype``, times sqrt(D) rounded to ``dtype`` first."""
+        d_model = self.embedding.shape[1]
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        # The reference casts sqrt(D) to the activation dtype before multiplying
+        # (48.0 for 2B in bfloat16, not 48.0000...).
+        return x * jnp.asarray(d_model ** 0.5, dtype=dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) -> (B, T, V) logits with the same table (no sqrt(D) factor)."""
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype))
