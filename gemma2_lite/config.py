@@ -184,12 +184,12 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_config(name: str, **overrides: Any) -> Gemma2Config:
-    """The preset called ``name`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with overrides."""
-    key = name.lower().replace("_", "-")
+def get_config(preset: str, /, **overrides: Any) -> Gemma2Config:
+    """The preset called ``preset`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with overrides."""
+    key = preset.lower().replace("_", "-")
     if key in {"2b", "9b", "27b"}:
         key = f"gemma2-{key}"
     if key not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {list_presets()}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {list_presets()}")
     cfg = PRESETS[key]
     return cfg.replace(**overrides) if overrides else cfg
