@@ -121,8 +121,8 @@ def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
     """Build a :class:`Gemma2` from parameter arrays, checking every name and shape first.
 
     The model is created abstractly (no random initialisation, no memory) and each array is
-    cast to ``config.param_dtype`` and placed on device by ``place`` (default: ``jnp.asarray``;
-    :mod:`gemma2_lite.sharding` passes one that puts each shard where it belongs).
+    placed on device by ``place`` (default: ``jnp.asarray``; :mod:`gemma2_lite.sharding` passes
+    one that puts each shard where it belongs) and cast to ``config.param_dtype``.
     """
     abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -142,10 +142,14 @@ def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
     if problems:
         raise CheckpointError(f"{source} does not match {config!r}:\n  " + "\n  ".join(problems))
     dtype = config.jnp_param_dtype
-    place = place or (lambda path, arr: jnp.asarray(arr))
     for path, var in expected.items():
         if path in wanted:
-            value = place(path, np.asarray(arrays[path]).astype(dtype))
+            if place is None:
+                value = jnp.asarray(np.asarray(arrays[path]).astype(dtype))
+            else:
+                # The (possibly memory-mapped) array as stored: a sharded placer reads only each
+                # device's slice and casts that, instead of copying the whole tensor first.
+                value = place(path, arrays[path]).astype(dtype)
             var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
     return nnx.merge(graphdef, state)
 
