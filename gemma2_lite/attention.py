@@ -96,8 +96,9 @@ class LayerCache:
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int,
               dtype: Any = jnp.float32) -> "LayerCache":
-        zeros = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
-        return cls(k=zeros, v=zeros, pos=jnp.full((batch, size), -1, jnp.int32))
+        shape = (batch, size, kv_heads, head_dim)
+        # Two distinct buffers: sharing one would make donating k and v donate it twice.
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.full((batch, size), -1, jnp.int32))
 
     @property
     def size(self) -> int:

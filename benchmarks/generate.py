@@ -1,0 +1,301 @@
+"""Generation benchmark: gemma2_lite's sampler against Hugging Face transformers, on CPU.
+
+    python benchmarks/generate.py            # full run (about 3 minutes on a 2-core CPU)
+    python benchmarks/generate.py --quick    # smoke run (smaller, fewer repetitions)
+
+Prints three tables:
+
+(a) decode speed, tokens/s, of ``gemma2_lite.sampler.generate`` (one compiled program:
+    prefill + a ``lax.while_loop`` over decode steps; and the streaming path, one jitted call
+    per token) and of transformers' ``Gemma2ForCausalLM.generate`` (eager attention, its own
+    KV cache), on the same weights (written with ``save_hf``, read with ``from_pretrained``),
+    greedy, same prompt, same number of new tokens. Repetitions are interleaved so that load
+    from other processes hits every contestant alike; medians are reported. Decode speed
+    excludes the prompt: (N - 1) / (time(N new tokens) - time(1 new token)).
+(b) time per decoded token at several context lengths for a model with a small window W:
+    a local layer's attention reads its W-slot ring buffer whatever the context, a global
+    layer's reads every cached position, so only the global share grows.
+(c) KV-cache bytes of the report's configs at the full 8192 context in bfloat16, with one
+    cache size for every layer (as the official sampler does) and with W-slot ring buffers
+    for the local layers (as here), computed from ``Gemma2.init_cache`` by abstract evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma2_lite import Gemma2, get_config, param_counts
+from gemma2_lite.attention import Attention, LayerCache
+from gemma2_lite.checkpoint import save_hf
+from gemma2_lite.sampler import DecodeState, SamplingSettings, _advance, generate
+
+# ~20M parameters: V matches the book's tokenizer.
+BENCH_CONFIG = dict(vocab_size=4096, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
+                    head_dim=64, ffn_dim=1536, query_pre_attn_scalar=64, sliding_window=64,
+                    max_seq_len=4096, name="bench-20m")
+
+
+def machine() -> str:
+    import flax
+    lines = [f"python {platform.python_version()} on {platform.platform()}",
+             f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+             f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
+             f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), "
+             f"flax {flax.__version__}"]
+    try:
+        import torch
+        import transformers
+        lines.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                     f"transformers {transformers.__version__}")
+    except ImportError:
+        lines.append("torch/transformers not installed: the comparison is skipped")
+    return "\n".join(lines)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- (a)
+def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> None:
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    counts = param_counts(config)
+    print(f"\n(a) decode speed, {config.name}: {sum(counts.values()) / 1e6:.1f}M parameters "
+          f"(V={config.vocab_size} D={config.d_model} L={config.num_layers} N={config.num_heads} "
+          f"K={config.num_kv_heads} H={config.head_dim} F={config.ffn_dim} "
+          f"W={config.sliding_window})"
+          f", batch 1, prompt {prompt_len} tokens, greedy, {new_tokens} new tokens, float32")
+    rng = np.random.default_rng(0)
+    prompt = [2] + rng.integers(10, config.vocab_size, prompt_len - 1).tolist()
+
+    def ours(n: int) -> list[int]:
+        return generate(model, [prompt], max_new_tokens=n)[0]
+
+    def ours_streaming(n: int) -> list[int]:
+        return generate(model, [prompt], max_new_tokens=n, callback=lambda step, toks: None)[0]
+
+    contestants: dict[str, Callable[[int], list[int]]] = {
+        "gemma2_lite (while_loop)": ours, "gemma2_lite (per-step jit)": ours_streaming}
+    try:
+        import torch
+        from transformers import Gemma2ForCausalLM
+    except ImportError:
+        torch = None
+    if torch is not None:
+        tmp = tempfile.TemporaryDirectory()
+        save_hf(model, tmp.name)
+        hf = Gemma2ForCausalLM.from_pretrained(tmp.name, attn_implementation="eager",
+                                               dtype=torch.float32).eval()
+        ids = torch.tensor([prompt])
+        default_threads = torch.get_num_threads()
+
+        def hf_with(threads: int) -> Callable[[int], list[int]]:
+            def theirs(n: int) -> list[int]:
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, use_cache=True,
+                                      pad_token_id=0, eos_token_id=None)
+                torch.set_num_threads(default_threads)
+                return out[0, len(prompt):].tolist()
+            return theirs
+
+        # torch's intra-op threads spin while they wait: on a loaded machine one thread can be
+        # much faster than several, so both are measured and the faster one is the reference.
+        for threads in sorted({1, default_threads}):
+            contestants[f"transformers eager, {threads} thread(s)"] = hf_with(threads)
+
+    # Warm up (compiles ours, which then caches one program per shape) and check agreement.
+    outputs, warm = {}, {}
+    for name, fn in contestants.items():
+        fn(1)
+        start = time.perf_counter()
+        outputs[name] = fn(new_tokens)
+        warm[name] = time.perf_counter() - start
+    hf_names = [n for n in contestants if n.startswith("transformers")]
+    if len(hf_names) > 1:                  # keep only the faster torch thread setting
+        fastest = min(warm[n] for n in hf_names)
+        for n in hf_names:
+            if warm[n] > 1.5 * fastest:
+                print(f"{n}: {new_tokens / warm[n]:.1f} tok/s in the warm-up run, "
+                      f"{warm[n] / fastest:.1f}x slower than the other setting: not repeated")
+                del contestants[n]
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(reps):                  # interleaved: every contestant shares the same noise
+        for name, fn in contestants.items():
+            for n in (1, new_tokens):
+                times.setdefault((name, n), []).append(_timed(lambda: fn(n)))
+    rows = []
+    speed: dict[str, tuple[float, float]] = {}
+    for name in contestants:
+        # Decode-only time per token, from the best and the median repetition.
+        per_token = [(min(times[(name, new_tokens)]) - min(times[(name, 1)])) / (new_tokens - 1),
+                     (statistics.median(times[(name, new_tokens)])
+                      - statistics.median(times[(name, 1)])) / (new_tokens - 1)]
+        speed[name] = (1 / max(per_token[0], 1e-9), 1 / max(per_token[1], 1e-9))
+        rows.append([name, f"{min(times[(name, 1)]) * 1e3:.1f}",
+                     f"{min(times[(name, new_tokens)]) * 1e3:.0f}",
+                     f"{per_token[0] * 1e3:.2f}", f"{per_token[1] * 1e3:.2f}",
+                     f"{speed[name][0]:.0f}", f"{speed[name][1]:.0f}"])
+    print(_table(["", "prefill+1 ms", f"prefill+{new_tokens} ms", "ms/token best",
+                  "ms/token median", "decode tok/s best", "tok/s median"], rows))
+    print(f"{reps} interleaved repetitions; decode = (time({new_tokens} new) - time(1 new)) "
+          f"/ {new_tokens - 1}")
+    hf_names = [n for n in contestants if n.startswith("transformers")]
+    if hf_names:
+        ref_name = max(hf_names, key=lambda n: speed[n][1])
+        ref = outputs[ref_name]
+        for name in contestants:
+            if name.startswith("gemma2_lite"):
+                same = sum(a == b for a, b in zip(outputs[name], ref))
+                print(f"{name}: greedy tokens equal to transformers' at {same}/{len(ref)} steps; "
+                      f"decode speed vs {ref_name}: {speed[name][0] / speed[ref_name][0]:.1f}x "
+                      f"(best), {speed[name][1] / speed[ref_name][1]:.1f}x (median)")
+
+
+# ----------------------------------------------------------------------------- (b)
+def _synthetic_cache(cache: list[LayerCache], context: int, seed: int) -> list[LayerCache]:
+    """A cache as if ``context`` tokens had been processed (random keys/values: timing only)."""
+    out = []
+    for i, layer in enumerate(cache):
+        b, _, k, h = layer.k.shape
+        key = jax.random.key(seed + i)
+        kk, vv = jax.random.normal(key, (2, b, context, k, h), layer.k.dtype)
+        pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (b, context))
+        out.append(layer.update(kk, vv, pos))
+    return out
+
+
+def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+                 settings: SamplingSettings) -> DecodeState:
+    model = nnx.merge(graphdef, params)
+    return jax.lax.while_loop(lambda s: s.step < settings.max_new_tokens,
+                              lambda s: _advance(model, s, settings), state)
+
+
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef",))
+
+
+def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> None:
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    settings = SamplingSettings.make(0.0, None, None, (), steps)
+    w = config.sliding_window
+    print(f"\n(b) time per decoded token vs context, {config.name}, W={w}, batch 1, best of "
+          f"{reps} timings (least disturbed by other processes) of {steps} model steps / "
+          f"{8 * steps} steps of one attention layer")
+    # One attention layer of each kind, timed alone over the same steps.
+    attn = {kind: Attention(config, w if kind == "local" else None, rngs=nnx.Rngs(1))
+            for kind in ("local", "global")}
+
+    rows = []
+    for c in contexts:
+        cache = _synthetic_cache(model.init_cache(1, c + steps), c, seed=c)
+        state = DecodeState(out=jnp.zeros((1, steps), jnp.int32), last=jnp.full((1,), 7, jnp.int32),
+                            positions=jnp.full((1,), c, jnp.int32), done=jnp.zeros((1,), bool),
+                            step=jnp.zeros((), jnp.int32), key=jax.random.key(0), cache=cache)
+        run = lambda: jax.block_until_ready(_decode_loop_jit(graphdef, params, state, settings))
+        run()
+        t_model = min(_timed(run) for _ in range(reps)) / steps
+        per_kind = {}
+        for kind, layer in attn.items():
+            size = min(w, c + steps) if kind == "local" else c + steps
+            lc = _synthetic_cache([LayerCache.empty(1, size, config.num_kv_heads, config.head_dim)],
+                                  c, seed=1)[0]
+            per_kind[kind] = _time_attention(layer, lc, c, 8 * steps, reps, config.d_model)
+        slots = [cl.size for cl in cache]
+        rows.append([str(c), f"{t_model * 1e3:.2f}", f"{per_kind['local'] * 1e6:.0f}",
+                     f"{per_kind['global'] * 1e6:.0f}", f"{min(slots)} / {max(slots)}"])
+    print(_table(["context", "model ms/token", "local attn µs/token", "global attn µs/token",
+                  "cache slots local / global"], rows))
+
+
+def _time_attention(layer: Attention, cache: LayerCache, context: int, steps: int, reps: int,
+                    d_model: int) -> float:
+    """Seconds per step of one attention layer decoding ``steps`` tokens after ``context``."""
+    graphdef, params = nnx.split(layer)
+
+    @jax.jit
+    def loop(params: nnx.State, cache: LayerCache, x: jax.Array) -> jax.Array:
+        layer = nnx.merge(graphdef, params)
+
+        def body(i: jax.Array, carry: tuple[jax.Array, LayerCache]) -> tuple[jax.Array, LayerCache]:
+            h, cache = carry
+            pos = jnp.full((1, 1), context, jnp.int32) + i
+            out, cache = layer(h, pos, jnp.ones((1, 1), bool), cache)
+            return out, cache
+
+        return jax.lax.fori_loop(0, steps, body, (x, cache))[0]
+
+    x = jax.random.normal(jax.random.key(0), (1, 1, d_model))
+    run = lambda: jax.block_until_ready(loop(params, cache, x))
+    run()
+    return min(_timed(run) for _ in range(reps)) / steps
+
+
+# ----------------------------------------------------------------------------- (c)
+def cache_bytes(context: int = 8192) -> None:
+    print(f"\n(c) KV-cache bytes per sequence at {context} context, bfloat16 "
+          "(keys + values + int32 slot positions)")
+    rows = []
+    for name in ("gemma2-2b", "gemma2-9b", "gemma2-27b"):
+        cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16")
+        totals = []
+        # Every layer global = one cache size for all layers; then the real alternating config,
+        # whose local layers get W-slot ring buffers. Abstract models and caches: no memory.
+        for c in (cfg.replace(sliding_window=None), cfg):
+            model = nnx.eval_shape(lambda: Gemma2(c, rngs=nnx.Rngs(0)))
+            cache = jax.eval_shape(lambda: model.init_cache(1, context))
+            totals.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+        full, ring = totals
+        rows.append([name, f"{cfg.num_layers}", f"{cfg.num_kv_heads}x{cfg.head_dim}",
+                     f"{full / 2**20:,.0f} MiB", f"{ring / 2**20:,.0f} MiB",
+                     f"{100 * (1 - ring / full):.0f}%"])
+    print(_table(["config", "L", "K x H", "same size every layer", "local = W-slot ring",
+                  "saved"], rows))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller, faster smoke run")
+    args = parser.parse_args(argv)
+    print(machine())
+    if args.quick:
+        cfg = get_config("tiny", **{**BENCH_CONFIG, "d_model": 96, "num_layers": 4,
+                                    "ffn_dim": 256, "name": "bench-quick"})
+        bench_vs_hf(cfg, prompt_len=16, new_tokens=16, reps=2)
+        bench_context(cfg, [64, 512], steps=8, reps=2)
+    else:
+        cfg = get_config("tiny", **BENCH_CONFIG)
+        bench_vs_hf(cfg, prompt_len=32, new_tokens=64, reps=5)
+        bench_context(cfg, [64, 256, 1024, 2048], steps=32, reps=5)
+    cache_bytes()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

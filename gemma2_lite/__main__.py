@@ -1,0 +1,182 @@
+"""Command line: generate text or chat with a Gemma 2 checkpoint.
+
+    python -m gemma2_lite generate --prompt "ROMEO:" --max-new-tokens 60 --temperature 0.8
+    python -m gemma2_lite chat                     # interactive; an empty line or Ctrl-D ends
+    python -m gemma2_lite chat --prompt "Hello"    # one turn, then exit
+
+By default both use the book's own small model, ``data/tiny-model/`` (a Hugging Face-layout
+folder, made by ``python -m gemma2_lite.experiments train-tiny``) and tokenizer,
+``data/tokenizer.model``. ``--checkpoint DIR`` loads any Gemma 2 checkpoint in that layout
+(``config.json`` + ``*.safetensors``) whose vocabulary matches ``--tokenizer FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from gemma2_lite.profile import data_path
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_CHECKPOINT = "tiny-model"
+DEFAULT_TOKENIZER = "tokenizer.model"
+MAKE_TINY = "python -m gemma2_lite.experiments train-tiny"
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma2_lite",
+        description="Generate text or chat with a Gemma 2 checkpoint (the book's tiny model by "
+                    "default).", epilog=__doc__.split("\n\n", 2)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
+    for name, help_text in (("generate", "continue a prompt, streaming the text as it is made"),
+                            ("chat", "talk to the model in Gemma's chat format")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--checkpoint", type=Path, default=Path(data_path(DEFAULT_CHECKPOINT)),
+                       metavar="DIR", help="Hugging Face-layout folder (config.json + "
+                       "*.safetensors); default: the book's data/tiny-model/")
+        p.add_argument("--tokenizer", type=Path, default=Path(data_path(DEFAULT_TOKENIZER)),
+                       metavar="FILE", help="SentencePiece .model file; default: "
+                       "data/tokenizer.model")
+        p.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="the prompt (generate: default reads stdin; chat: one turn, then exit)")
+        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 128,
+                       metavar="N", help="most tokens to generate (per reply for chat)")
+        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7,
+                       metavar="T", help="0 = greedy; higher = more random")
+        p.add_argument("--top-k", type=int, default=None, metavar="K",
+                       help="sample only among the K most likely tokens")
+        p.add_argument("--top-p", type=float, default=None, metavar="P",
+                       help="sample only from the smallest set of tokens with probability >= P")
+        p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    return parser
+
+
+def _load(checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any]:
+    """The model and tokenizer, or a CliError that says how to get them."""
+    if not (checkpoint / "config.json").is_file():
+        if checkpoint == Path(data_path(DEFAULT_CHECKPOINT)):
+            raise CliError(
+                f"the book's small model is not there yet ({checkpoint} has no config.json).\n"
+                f"Create it with:  {MAKE_TINY}\n"
+                "or point --checkpoint at a Hugging Face-layout Gemma 2 folder "
+                "(config.json + *.safetensors).")
+        what = "does not exist" if not checkpoint.exists() else "has no config.json"
+        raise CliError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging Face-"
+                       "layout Gemma 2 folder (config.json + *.safetensors)")
+    if not tokenizer_file.is_file():
+        raise CliError(f"tokenizer {tokenizer_file} not found; build the book's one with "
+                       "`python -m gemma2_lite.tokenizer train` or pass --tokenizer FILE")
+    from gemma2_lite.checkpoint import CheckpointError, load_hf
+    from gemma2_lite.tokenizer import Tokenizer
+
+    try:
+        model = load_hf(checkpoint)
+    except CheckpointError as e:
+        raise CliError(f"cannot load {checkpoint}: {e}") from e
+    tokenizer = Tokenizer(tokenizer_file)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CliError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                       f"{model.config.vocab_size} embedding rows: they do not belong together")
+    return model, tokenizer
+
+
+class _Streamer:
+    """Prints the text of one row as tokens arrive (decoding everything so far and printing the
+    new characters, because a byte-fallback character can span several tokens)."""
+
+    def __init__(self, tokenizer: Any, stop: set[int], out: TextIO) -> None:
+        self.tokenizer, self.stop, self.out = tokenizer, stop, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, step: int, tokens: Any) -> None:
+        token = int(tokens[0])
+        if token < 0 or token in self.stop:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:
+    from gemma2_lite.sampler import generate
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = tokenizer.encode(prompt, add_bos=True)
+    stop = {tokenizer.eos_id}
+    streamer = _Streamer(tokenizer, stop, out)
+    out.write(prompt)
+    out.flush()
+    start = time.perf_counter()
+    new = generate(model, [ids], max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop_tokens=sorted(stop), callback=streamer)[0]
+    seconds = time.perf_counter() - start
+    out.write("\n")
+    print(f"[{len(new)} tokens in {seconds:.2f} s, prompt {len(ids)} tokens]", file=sys.stderr)
+
+
+def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:
+    from gemma2_lite.chat import ChatSession
+
+    session = ChatSession(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, max_context=model.config.max_seq_len)
+    if args.prompt is not None:
+        out.write(session.send(args.prompt) + "\n")
+        return
+    out.write("Chat with the model (an empty line or Ctrl-D ends).\n")
+    while True:
+        out.write("you> ")
+        out.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        try:
+            reply = session.send(line)
+        except ValueError as e:                 # the conversation outgrew the context
+            out.write(f"[{e}]\n")
+            session.reset()
+            continue
+        out.write(f"model> {reply}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m gemma2_lite`` and the ``gemma2-lite`` script.
+
+    Returns the exit code: 0, or 2 with a message on stderr for a problem the user can fix.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_new_tokens < 1:
+            raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        model, tokenizer = _load(args.checkpoint, args.tokenizer)
+        if args.command == "generate":
+            _generate(args, model, tokenizer, sys.stdout)
+        else:
+            _chat(args, model, tokenizer, sys.stdout)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:                     # e.g. a prompt longer than the context
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

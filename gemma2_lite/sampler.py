@@ -1,0 +1,414 @@
+"""Text generation with Gemma 2: prefill the prompt, then decode one token at a time from a cache.
+
+Generating ``M`` tokens after a prompt of ``T`` tokens naively costs ``M`` forward passes over
+ever longer sequences. With a key/value cache (one :class:`~gemma2_lite.attention.LayerCache`
+per layer, from :meth:`Gemma2.init_cache`) the prompt is processed once (*prefill*) and every
+later step feeds a single token that attends to the cached keys (*decode*):
+
+    logits, cache = prefill(model, tokens, mask, cache)       # (B, V): next-token logits
+    token = sample_logits(logits, key, temperature, top_k, top_p)
+    logits, cache = decode_step(model, token, position, cache) # again and again
+
+Global layers cache the whole context; local (sliding-window) layers keep only the last W
+positions in a ring buffer, so their share of the cost and memory stays flat as the text grows.
+
+Batches mix prompt lengths by *left* padding them to a common length (positions
+``cumsum(mask) - 1``), so the last column is every row's last prompt token and all rows then
+advance in lock-step. Stop tokens end a row; a finished row's later outputs are ignored.
+
+:func:`generate` compiles the prefill (and first token) as one program and all remaining
+decode steps as another: a ``jax.lax.while_loop`` that stops early once every row has
+finished, so the host never waits on the device between tokens. With a streaming ``callback``
+the same step function runs from a Python loop instead (one jitted call per token, the cache
+buffers donated so they are updated in place), so the callback sees each token as it is made.
+Both paths give identical tokens. The sampling settings (temperature, top-k, top-p, stop
+tokens, seed) are traced values, so changing them never recompiles; prompt lengths, cache
+sizes and M are rounded up to buckets so that similar requests share programs too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import LayerCache
+from .model import Gemma2, positions_from_mask
+
+__all__ = ["generate", "sample_logits", "check_sampling", "check_prompts", "pad_prompts",
+           "prefill", "decode_step", "DecodeState", "SamplingSettings", "PAD_ID"]
+
+#: Gemma's ``<pad>`` id: fills the left padding and the outputs of rows that have finished.
+PAD_ID = 0
+# Prompt lengths are padded up to a multiple of this, and default cache sizes to a multiple of
+# _CACHE_BUCKET, so that prompts of similar lengths (a chat growing turn by turn) reuse one
+# compiled program instead of compiling a new one for every length.
+_PROMPT_BUCKET = 16
+_CACHE_BUCKET = 64
+_OUT_BUCKET = 32
+
+
+# ---------------------------------------------------------------------------- sampling
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` for sampling settings that mean nothing."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
+            or not 0 <= temperature < float("inf"):
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None (no top-k), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool)
+                              or not isinstance(top_p, (int, float, np.floating))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p!r}")
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+            top_p: jax.Array) -> jax.Array:
+    """:func:`sample_logits` with the settings as arrays (top_k 0 = off, top_p 1 = off).
+
+    Settings are traced values, not Python constants, so one compiled program serves every
+    temperature / top-k / top-p: changing them never recompiles. ``lax.switch`` runs only the
+    branch needed (greedy needs no random numbers and no sort).
+    """
+    vocab = logits.shape[-1]
+
+    def greedy() -> jax.Array:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def plain() -> jax.Array:
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+    def filtered() -> jax.Array:
+        values, ids = jax.lax.top_k(logits / temperature, vocab)           # (B, V), descending
+        rank = jnp.arange(vocab)
+        keep = rank < jnp.where(top_k > 0, top_k, vocab)                   # top-k by rank: ties
+        values = jnp.where(keep, values, -jnp.inf)                         # can't sneak in
+        probs = jax.nn.softmax(values, axis=-1)                            # renormalised on top-k
+        # Probability mass of the strictly more likely tokens: keep a token while that mass is
+        # still short of top_p. The first token has 0 before it, so it always survives.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(before < top_p, values, -jnp.inf)
+        choice = jax.random.categorical(key, values, axis=-1)              # (B,) index into sorted
+        return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    branch = jnp.where(temperature == 0, 0, jnp.where((top_k > 0) | (top_p < 1), 2, 1))
+    return jax.lax.switch(branch, [greedy, plain, filtered])
+
+
+# Compiled once per logits shape: called eagerly, lax.switch would retrace its branches (new
+# closures) and recompile on every call.
+_sample_jit = jax.jit(_sample)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """Pick one token per row from next-token logits.
+
+    logits: float (B, V). key: a ``jax.random`` key. Returns int32 (B,).
+
+    * ``temperature == 0``: greedy, ``argmax`` (top_k/top_p are then irrelevant).
+    * otherwise sample from ``softmax(logits / temperature)``, restricted to
+      - the ``top_k`` largest logits (by rank, so never more than k tokens, ties included), and/or
+      - the nucleus: the smallest set of most-likely tokens whose probability reaches ``top_p``
+        (probabilities renormalised after top-k; Holtzman et al. 2020, "The Curious Case of
+        Neural Text Degeneration"). The most likely token is always kept, so a tiny ``top_p``
+        is greedy. ``top_p=1`` keeps everything.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, V), got shape {logits.shape}")
+    return _sample_jit(logits, key, np.float32(temperature), np.int32(top_k or 0),
+                       np.float32(1.0 if top_p is None else top_p))
+
+
+# ---------------------------------------------------------------------------- prompts
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """Validate prompts (a non-empty list of non-empty lists of ids in [0, V)); return copies."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError(f"a prompt array must be (B, T) token ids, got shape {prompts.shape}")
+        prompts = np.asarray(prompts).tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+    out: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
+            raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}"
+                            " (tokenize text first)")
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token "
+                             "(e.g. <bos>, id 2)")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5]}"
+                             " — was it tokenized with a different vocabulary?")
+        out.append(ids)
+    return out
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int | None = None,
+                pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts to a common ``length`` (default: the longest).
+
+    Returns tokens int32 (B, T) and mask bool (B, T) (True for real tokens). Left padding puts
+    every row's last prompt token in the last column, where its next-token logits are read.
+    """
+    longest = max(len(p) for p in prompts)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"cannot pad to length {length}: the longest prompt has {longest} tokens")
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, p in enumerate(prompts):
+        if len(p):
+            tokens[row, length - len(p):] = p
+            mask[row, length - len(p):] = True
+    return tokens, mask
+
+
+# ---------------------------------------------------------------------------- model steps
+def prefill(model: Gemma2, tokens: jax.Array, mask: jax.Array,
+            cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
+    """Run the (left-padded) prompts through the model, filling an empty cache.
+
+    tokens: int (B, T); mask: bool (B, T), real tokens True, padding on the left;
+    cache: from ``model.init_cache(B, max_len)``. Returns the next-token logits of each row,
+    float32 (B, V), and the filled cache (padding is never written into it).
+    """
+    if not isinstance(mask, jax.core.Tracer) and not bool(np.asarray(mask)[:, -1].all()):
+        raise ValueError("prompts must be LEFT-padded: the last column must be a real token in "
+                         "every row (its logits predict the first new token); use pad_prompts")
+    positions = positions_from_mask(jnp.asarray(mask))                      # (B, T), pads -1
+    logits, cache = model(tokens, mask, positions=positions, cache=cache)   # (B, T, V)
+    return logits[:, -1], cache
+
+
+def decode_step(model: Gemma2, tokens: jax.Array, positions: jax.Array,
+                cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
+    """Feed one token per row at its absolute position; it attends to the cache and is added.
+
+    tokens, positions: int32 (B,). Returns float32 logits (B, V) and the updated cache.
+    """
+    logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
+    return logits[:, 0], cache
+
+
+# ---------------------------------------------------------------------------- decode loop
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingSettings:
+    """How to pick tokens, as arrays (a pytree), so changing them never recompiles.
+
+    temperature: float32 () (0 = greedy); top_k: int32 () (0 = off); top_p: float32 ()
+    (1 = off); stop_tokens: int32 (S,) padded with -1; max_new_tokens: int32 ().
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    stop_tokens: jax.Array
+    max_new_tokens: jax.Array
+
+    @classmethod
+    def make(cls, temperature: float, top_k: int | None, top_p: float | None,
+             stop_tokens: Sequence[int], max_new_tokens: int) -> "SamplingSettings":
+        # Stop lists are padded to a multiple of 8 ids so their length rarely changes the shape.
+        stops = np.full(_round_up(max(len(stop_tokens), 1), 8), -1, np.int32)
+        stops[:len(stop_tokens)] = stop_tokens
+        return cls(temperature=np.float32(temperature), top_k=np.int32(top_k or 0),
+                   top_p=np.float32(1.0 if top_p is None else top_p), stop_tokens=stops,
+                   max_new_tokens=np.int32(max_new_tokens))
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    """The loop carry of generation (a pytree).
+
+    out: int32 (B, M') the new tokens so far (``PAD_ID`` where not yet made or after a stop;
+    M' >= M is M rounded up); last: int32 (B,) the token to feed next; positions: int32 (B,)
+    its absolute position; done: bool (B,) rows that have produced a stop token; step: int32 ()
+    tokens made so far; key: the base random key (step s samples with ``fold_in(key, s)``);
+    cache: one :class:`LayerCache` per layer.
+    """
+
+    out: jax.Array
+    last: jax.Array
+    positions: jax.Array
+    done: jax.Array
+    step: jax.Array
+    key: jax.Array
+    cache: list[LayerCache]
+
+
+def _record(state: DecodeState, logits: jax.Array, settings: SamplingSettings) -> DecodeState:
+    """Sample the token of step ``state.step`` from logits (B, V) and append it."""
+    key = jax.random.fold_in(state.key, state.step)
+    token = _sample(logits, key, settings.temperature, settings.top_k, settings.top_p)
+    token = jnp.where(state.done, PAD_ID, token)          # finished rows stop changing
+    out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, state.step))
+    done = state.done | jnp.isin(token, settings.stop_tokens)   # -1 padding never matches
+    return dataclasses.replace(state, out=out, last=token, done=done, step=state.step + 1)
+
+
+def _start(model: Gemma2, tokens: jax.Array, mask: jax.Array, key: jax.Array,
+           settings: SamplingSettings, max_len: int, out_len: int) -> DecodeState:
+    """Make an empty cache of ``max_len`` positions, prefill it, sample the first new token."""
+    b = tokens.shape[0]
+    # Made inside the compiled program: nothing to allocate on the host and transfer.
+    cache = model.init_cache(b, max_len)
+    logits, cache = prefill(model, tokens, mask, cache)
+    state = DecodeState(
+        out=jnp.full((b, out_len), PAD_ID, jnp.int32),
+        last=jnp.zeros((b,), jnp.int32),
+        # The first new token sits right after the prompt: position = prompt length.
+        positions=jnp.sum(mask, axis=1).astype(jnp.int32),
+        done=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32), key=key, cache=cache)
+    return _record(state, logits, settings)
+
+
+def _advance(model: Gemma2, state: DecodeState, settings: SamplingSettings) -> DecodeState:
+    """Feed the last token, sample the next."""
+    logits, cache = decode_step(model, state.last, state.positions, state.cache)
+    state = dataclasses.replace(state, cache=cache, positions=state.positions + 1)
+    return _record(state, logits, settings)
+
+
+# The model travels through jit as (graphdef, params): graphdef is static (hashable), params a
+# pytree of arrays, so a second model of the same architecture reuses the compiled programs.
+# Programs are compiled once per (architecture, B, padded prompt length, cache size, padded M).
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "out_len"))
+def _start_jit(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array,
+               key: jax.Array, settings: SamplingSettings, *, max_len: int,
+               out_len: int) -> DecodeState:
+    """Prefill and the first token."""
+    return _start(nnx.merge(graphdef, params), tokens, mask, key, settings, max_len, out_len)
+
+
+# The state (cache included) is donated: XLA writes the new keys into the old buffers instead
+# of copying the whole cache.
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _advance_jit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+                 settings: SamplingSettings) -> DecodeState:
+    """One decode step (the streaming path calls this once per token)."""
+    return _advance(nnx.merge(graphdef, params), state, settings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _finish_jit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+                settings: SamplingSettings) -> DecodeState:
+    """Every remaining decode step in one program: a ``while_loop`` that also stops as soon as
+    every row has finished. The host does not wait on the device between tokens."""
+    model = nnx.merge(graphdef, params)
+
+    def keep_going(s: DecodeState) -> jax.Array:
+        return (s.step < settings.max_new_tokens) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(keep_going, lambda s: _advance(model, s, settings), state)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _truncate(row: np.ndarray, stop_tokens: Sequence[int]) -> list[int]:
+    """A row of new tokens up to and including its first stop token."""
+    ids = row.tolist()
+    for i, t in enumerate(ids):
+        if t in stop_tokens:
+            return ids[:i + 1]
+    return ids
+
+
+def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, stop_tokens: Sequence[int] = (),
+             callback: Callable[[int, np.ndarray], Any] | None = None,
+             max_len: int | None = None) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; return only the new tokens.
+
+    Args:
+      model: a :class:`Gemma2`.
+      prompts: B lists of token ids (any lengths >= 1; include ``<bos>`` yourself).
+      max_new_tokens: M, tokens to generate per prompt (fewer if a stop token comes first).
+      temperature, top_k, top_p: see :func:`sample_logits`; ``temperature=0`` is greedy.
+      seed: seeds ``jax.random``: the same seed gives the same tokens.
+      stop_tokens: ids that end a row (e.g. ``<eos>``, ``<end_of_turn>``). The stop token is
+        included in that row's output; nothing after it is.
+      callback: streaming hook, called after each step as ``callback(step, tokens)`` with the
+        0-based step and the step's tokens, int32 numpy (B,); rows that finished at an earlier
+        step show -1.
+      max_len: cache size (positions it can hold). Default: the longest prompt + M, rounded up
+        for program reuse and capped at the model's context ``max_seq_len``.
+
+    Returns:
+      B lists of new token ids (python ints).
+
+    Raises:
+      ValueError: an empty prompt list or prompt, ids outside the vocabulary, bad sampling
+        settings, or prompt + max_new_tokens longer than the cache / the model's context.
+    """
+    config = model.config
+    prompts = check_prompts(prompts, config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    stops = tuple(int(t) for t in stop_tokens)
+    bad = [t for t in stops if not 0 <= t < config.vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {config.vocab_size})")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")
+
+    longest = max(len(p) for p in prompts)
+    needed = longest + int(max_new_tokens)
+    if needed > config.max_seq_len:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
+            f"exceeds the model's context of {config.max_seq_len} positions; shorten the prompt "
+            "or ask for fewer tokens")
+    if max_len is None:
+        max_len = min(_round_up(needed, _CACHE_BUCKET), config.max_seq_len)
+    elif needed > max_len:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
+            f"does not fit in a cache of max_len={max_len} positions; raise max_len (at most the "
+            f"model's context, {config.max_seq_len}) or ask for fewer tokens")
+
+    # Padding beyond the longest prompt costs a little prefill work but is invisible to the
+    # result: padded slots get position -1 and are never attended to or cached.
+    tokens, mask = pad_prompts(prompts, _round_up(longest, _PROMPT_BUCKET))
+    settings = SamplingSettings.make(temperature, top_k, top_p, stops, max_new_tokens)
+    key = jax.random.key(seed)
+    graphdef, params = nnx.split(model)
+    sizes = dict(max_len=max_len, out_len=_round_up(max_new_tokens, _OUT_BUCKET))
+
+    state = _start_jit(graphdef, params, tokens, mask, key, settings, **sizes)
+    if callback is None:
+        state = _finish_jit(graphdef, params, state, settings)
+    else:
+        was_done = np.zeros(len(prompts), bool)
+        for step in range(max_new_tokens):
+            if step:
+                state = _advance_jit(graphdef, params, state, settings)
+            new = np.asarray(state.out[:, step])
+            callback(step, np.where(was_done, -1, new).astype(np.int32))
+            was_done = np.asarray(state.done)
+            if was_done.all():
+                break
+    out = np.asarray(state.out)[:, :max_new_tokens]
+    return [_truncate(row, stops) for row in out]
