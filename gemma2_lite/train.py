@@ -1,0 +1,596 @@
+"""Training Gemma 2 (and distilling into it): AdamW, a jitted step, evaluation, resumable runs.
+
+    from gemma2_lite.train import TrainConfig, train, evaluate
+    model, history = train(get_config("tiny"), TrainConfig(steps=300), train_ids, valid_ids,
+                           out_dir="runs/tiny")
+
+* **Optimizer**: global-norm gradient clipping, then AdamW (decoupled weight decay on matrices
+  only, not on norm scales) with a linear warm-up and cosine decay to ``min_lr_ratio * lr``.
+* **Step**: one ``jax.jit``-compiled pure function of (params, optimizer state, rng, batch).
+  The model is split once into a static graph and a pytree of parameters (``nnx.split``): the
+  whole training state is then a plain pytree, which Orbax saves and restores directly and
+  which makes a resumed run reproduce an uninterrupted one bit for bit on CPU.
+* **Data**: :class:`TokenBatcher` cuts (B, T + 1) windows from one 1-D token stream in an order
+  fixed by the seed; its position is two integers, saved with every checkpoint.
+* **Precision**: parameters and optimizer state stay float32; ``dtype="bfloat16"`` computes the
+  activations in bfloat16 (``config.replace(dtype="bfloat16")``); losses are float32.
+* **Checkpoints**: Orbax ``CheckpointManager`` (written to a temporary directory and renamed
+  when complete, so a crash mid-save leaves the previous checkpoint intact), holding params,
+  optimizer state, step, rng, the data position and the metrics so far.
+* **Metrics**: ``metrics.csv`` (one row per step) and ``metrics.json`` (configs + all rows).
+
+Shapes: B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import Gemma2Config
+from .distill import cross_entropy_loss, distillation_loss, topk_distillation_loss
+from .model import Gemma2
+
+__all__ = ["TrainConfig", "TokenBatcher", "train", "evaluate", "cross_entropy_loss",
+           "make_optimizer", "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
+           "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError"]
+
+# loss_fn(student_logits (B,T,V) f32, targets (B,T) int32, teacher_logits (B,T,V) f32 | None,
+#         rng uint32 (2,)) -> f32 scalar
+LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None", jax.Array], jax.Array]
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work (bad sizes, too little data, mismatched resume)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run besides the model config and the data.
+
+    steps: optimizer steps in the whole run (the schedule's length; also for a resumed run).
+    batch_size, seq_len: B sequences of T tokens per step (tokens per step = B * T).
+    lr: peak learning rate, reached after ``warmup`` linear steps, then cosine decay to
+      ``min_lr_ratio * lr`` at ``steps``.
+    weight_decay: AdamW's decoupled decay, applied to matrices only (not norm scales).
+    clip: global gradient-norm clip (None = off). b1, b2, eps: Adam moments.
+    seed: initialises the model, the data order and the step rng.
+    eval_every: evaluate every so many steps (0 = only at the end); eval_batches caps the
+      validation batches (None = the whole validation stream).
+    checkpoint_every: save every so many steps (0 = only at the end / at ``stop_at``);
+      keep_checkpoints: how many to keep.
+    dtype: activation dtype, "float32" or "bfloat16" (parameters stay as the model config says).
+    distill_temperature, distill_alpha, distill_topk: the default loss with a teacher (see
+      :func:`make_loss_fn`): temperature tau, weight alpha of the distillation term (None =
+      pure distillation) and top-k sparsification (None = the full distribution).
+    progress: show a tqdm bar with the loss and tokens/s.
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    dtype: str = "float32"
+    distill_temperature: float = 1.0
+    distill_alpha: float | None = None
+    distill_topk: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TrainError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TrainError(f"{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise TrainError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise TrainError(f"clip must be positive or None, got {self.clip!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise TrainError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.eval_batches is not None and self.eval_batches <= 0:
+            raise TrainError(f"eval_batches must be positive or None, got {self.eval_batches!r}")
+        if self.distill_topk is not None and self.distill_topk <= 0:
+            raise TrainError(f"distill_topk must be positive or None, got {self.distill_topk!r}")
+        if not self.distill_temperature > 0:
+            raise TrainError(f"distill_temperature must be positive, got {self.distill_temperature}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+# ----------------------------------------------------------------------------- data
+class TokenBatcher:
+    """Deterministic (B, T + 1) windows from a 1-D token stream.
+
+    Each epoch starts at a random offset in [0, T) (so window boundaries move between epochs)
+    and visits the non-overlapping windows ``stream[o + i*T : o + (i+1)*T + 1]`` in a random
+    order; both come from ``numpy.random.default_rng([seed, epoch])``. A batch may span two
+    epochs. The position is ``{"epoch", "index"}``: :meth:`state` / :meth:`set_state` save and
+    restore it, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int = 0):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise TrainError(f"tokens must be a 1-D integer array of token ids, got "
+                             f"{tokens.dtype} {tokens.shape}")
+        if tokens.size < 2 * seq_len + 1:
+            raise TrainError(f"{tokens.size} tokens are too few for windows of seq_len + 1 = "
+                             f"{seq_len + 1} (need at least {2 * seq_len + 1})")
+        self.tokens = tokens.astype(np.int32)
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.epoch, self.index = 0, 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Window start offsets of ``epoch``, in visiting order."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(self.seq_len))
+            count = (self.tokens.size - 1 - offset) // self.seq_len
+            starts = offset + self.seq_len * np.arange(count)
+            self._order_cache = (epoch, starts[rng.permutation(count)])
+        return self._order_cache[1]
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return len(self._order(self.epoch))
+
+    def next(self) -> np.ndarray:
+        """The next batch: int32 (B, T + 1); inputs are [:, :-1], targets [:, 1:]."""
+        rows = []
+        while len(rows) < self.batch_size:
+            order = self._order(self.epoch)
+            if self.index >= len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                continue
+            start = int(order[self.index])
+            rows.append(self.tokens[start:start + self.seq_len + 1])
+            self.index += 1
+        return np.stack(rows)
+
+    __next__ = next
+
+    def __iter__(self) -> "TokenBatcher":
+        return self
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "num_tokens": int(self.tokens.size)}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        for key in ("seed", "batch_size", "seq_len", "num_tokens"):
+            mine = self.state()[key]
+            if key in state and int(state[key]) != mine:
+                raise TrainError(f"data state was saved with {key}={state[key]}, this batcher has "
+                                 f"{key}={mine}: the checkpoint belongs to a different data setup")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+# ----------------------------------------------------------------------------- optimizer
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio*lr``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup,
+        decay_steps=max(tc.steps, tc.warmup + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip) then AdamW(schedule); weight decay only on >= 2-D parameters.
+
+    Norm scales are left undecayed: decaying them pulls (1 + scale) towards 1, a prior the
+    model never asked for (common practice since GPT-2/T5-era training recipes).
+    """
+    adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                        weight_decay=tc.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    return optax.chain(optax.clip_by_global_norm(tc.clip), adamw) if tc.clip else adamw
+
+
+def make_loss_fn(tc: TrainConfig, has_teacher: bool) -> LossFn:
+    """The default objective: cross-entropy on the next token without a teacher; with one,
+    :func:`~gemma2_lite.distill.distillation_loss` (or its top-k form when
+    ``tc.distill_topk`` is set, the teacher's top-k taken inside the step — the same numbers
+    a stored top-k file would give), mixed with the hard labels when ``tc.distill_alpha`` is set.
+    """
+    if not has_teacher:
+        return lambda logits, targets, teacher_logits, rng: cross_entropy_loss(logits, targets)
+    tau, alpha, k = tc.distill_temperature, tc.distill_alpha, tc.distill_topk
+    extra = {} if alpha is None else {"alpha": alpha}
+
+    def loss(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Array | None,
+             rng: jax.Array) -> jax.Array:
+        assert teacher_logits is not None
+        kw = dict(extra, targets=targets) if extra else {}
+        if k is None:
+            return distillation_loss(logits, teacher_logits, temperature=tau, **kw)
+        values, ids = jax.lax.top_k(teacher_logits, k)                       # (B, T, k)
+        return topk_distillation_loss(logits, values, ids, temperature=tau, **kw)
+
+    return loss
+
+
+_STEP_CACHE: dict[Any, Callable[..., Any]] = {}
+
+
+def _optimizer_key(tc: TrainConfig) -> tuple[Any, ...]:
+    return (tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio, tc.weight_decay, tc.clip, tc.b1, tc.b2,
+            tc.eps)
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    teacher_graph: Any = None) -> Callable[..., Any]:
+    """The jitted training step for a model split as ``nnx.split(model, nnx.Param, ...)``.
+
+    ``step(params, opt_state, rng, rest, teacher_state, batch int32 (B, T + 1))`` returns
+    ``(params, opt_state, rng, {"loss", "grad_norm"})``; the first three inputs are donated
+    (updated in place). With ``teacher_graph`` the teacher (``nnx.merge(teacher_graph,
+    teacher_state)``) runs inside the step and its logits, gradient stopped, go to ``loss_fn``.
+    """
+
+    def step_fn(params: Any, opt_state: Any, rng: jax.Array, rest: Any, teacher_state: Any,
+                batch: jax.Array) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]                        # (B, T) each
+        rng, sub = jax.random.split(rng)
+        teacher_logits = None
+        if teacher_graph is not None:
+            t_model = nnx.merge(teacher_graph, teacher_state)
+            teacher_logits = jax.lax.stop_gradient(t_model(inputs))          # (B, T, V)
+
+        def objective(p: Any) -> jax.Array:
+            logits = nnx.merge(graphdef, p, rest)(inputs)                    # (B, T, V) f32
+            return loss_fn(logits, targets, teacher_logits, sub)
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, rng, {"loss": loss, "grad_norm": grad_norm}
+
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+
+
+# ----------------------------------------------------------------------------- evaluation
+@nnx.jit
+def _eval_batch(model: Gemma2, inputs: jax.Array, targets: jax.Array,
+                weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token NLL and token count of one batch (weights (B, T) 0/1 drop padding rows)."""
+    logp = jax.nn.log_softmax(model(inputs).astype(jnp.float32), axis=-1)   # (B, T, V)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]   # (B, T)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 128,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Mean next-token loss and perplexity of ``model`` on a 1-D token stream.
+
+    The stream is cut, in order, into non-overlapping windows of T + 1 tokens (stride T: every
+    token except the first is predicted once, from up to T - 1 tokens of context); the last
+    partial batch is padded with zero-weight rows so one compiled shape serves all batches.
+    ``max_batches`` evaluates only the first so many batches. Returns
+    ``{"loss": mean nats/token, "perplexity": exp(loss), "tokens": count}``.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise TrainError(f"tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    count = (tokens.size - 1) // seq_len
+    if count == 0:
+        raise TrainError(f"{tokens.size} tokens are fewer than one window of {seq_len + 1}")
+    starts = seq_len * np.arange(count)
+    batches = [starts[i:i + batch_size] for i in range(0, count, batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    total = 0.0
+    n_tokens = 0.0
+    for b in batches:
+        rows = np.stack([tokens[s:s + seq_len + 1] for s in b]).astype(np.int32)
+        weights = np.ones((batch_size, seq_len), np.float32)
+        if len(b) < batch_size:
+            weights[len(b):] = 0.0
+            rows = np.concatenate([rows, np.zeros((batch_size - len(b), seq_len + 1), np.int32)])
+        s, c = _eval_batch(model, jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]),
+                           jnp.asarray(weights))
+        total += float(s)
+        n_tokens += float(c)
+    loss = total / n_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(n_tokens)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Leaves of ``tree`` with readable unique names ('params.layers.0.attn.q.value')."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [re.sub(r"[^A-Za-z0-9_.]", "_", jax.tree_util.keystr(p, simple=True, separator="."))
+             for p, _ in with_path]
+    if len(set(names)) != len(names):
+        raise TrainError("training state has leaves with clashing names")
+    return names, [leaf for _, leaf in with_path], treedef
+
+
+def _manager(directory: Path, keep: int) -> Any:
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
+                    meta: Mapping[str, Any], *, keep: int = 2) -> Path:
+    """Save a pytree of arrays ``state`` plus JSON ``meta`` as step ``step`` under ``directory``.
+
+    Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only when
+    everything is on disk, so an interrupted save never replaces a good checkpoint.
+    Returns the step's directory.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    names, leaves, _ = _flat_names(state)
+    flat = {n: np.asarray(leaf) for n, leaf in zip(names, leaves)}
+    with _manager(directory, keep) as mgr:
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                               meta=ocp.args.JsonSave(dict(meta))), force=True)
+        mgr.wait_until_finished()
+    return directory / str(step)
+
+
+def latest_checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete checkpoint's step under ``directory`` (None if there is none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    with _manager(directory, 1_000_000) as mgr:
+        return mgr.latest_step()
+
+
+def restore_checkpoint(directory: str | os.PathLike, like: Any, step: int | None = None
+                       ) -> tuple[Any, dict[str, Any], int]:
+    """Restore ``(state, meta, step)``; ``like`` is a pytree with the state's structure, shapes
+    and dtypes (arrays or ``jax.ShapeDtypeStruct``). Defaults to the newest complete step."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    names, leaves, treedef = _flat_names(like)
+    abstract = {n: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for n, x in zip(names, leaves)}
+    with _manager(directory, 1_000_000) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint under {directory}")
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as exc:
+            raise TrainError(f"checkpoint {directory}/{step} does not match this model/optimizer "
+                             f"(different config?): {exc}") from exc
+    restored = [jnp.asarray(out["state"][n]) for n in names]
+    return jax.tree_util.tree_unflatten(treedef, restored), dict(out["meta"]), int(step)
+
+
+# ----------------------------------------------------------------------------- metrics
+_TRAIN_FIELDS = ["step", "loss", "grad_norm", "lr", "tokens_seen", "tokens_per_s", "time_s"]
+_EVAL_FIELDS = ["step", "val_loss", "val_perplexity", "val_tokens"]
+
+
+def _write_metrics(out_dir: Path, history: dict[str, list[dict[str, Any]]],
+                   meta: Mapping[str, Any]) -> None:
+    evals = {row["step"]: row for row in history["eval"]}
+    tmp = out_dir / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=_TRAIN_FIELDS + _EVAL_FIELDS[1:])
+        writer.writeheader()
+        for row in history["train"]:
+            e = evals.get(row["step"], {})
+            writer.writerow({**row, **{k: e.get(k, "") for k in _EVAL_FIELDS[1:]}})
+    os.replace(tmp, out_dir / "metrics.csv")
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps({**meta, "history": history}, indent=1))
+    os.replace(tmp, out_dir / "metrics.json")
+
+
+def load_history(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``metrics.json`` of a run: configs and ``history`` (``train`` and ``eval`` rows)."""
+    return json.loads((Path(out_dir) / "metrics.json").read_text())
+
+
+# ----------------------------------------------------------------------------- training
+def _comparable(tc: TrainConfig) -> dict[str, Any]:
+    """The fields that must match to resume (display and checkpoint-cadence fields excluded)."""
+    d = tc.to_dict()
+    for name in ("progress", "checkpoint_every", "keep_checkpoints"):
+        d.pop(name)
+    return d
+
+
+def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: Any,
+          valid_tokens: Any = None, *, out_dir: str | os.PathLike | None = None,
+          loss_fn: LossFn | None = None, teacher: Gemma2 | None = None,
+          model: Gemma2 | None = None, resume: bool = True, stop_at: int | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[Gemma2, dict[str, list[dict]]]:
+    """Train a Gemma 2 model on a token stream; returns ``(model, history)``.
+
+    Args:
+      model_config: the architecture; its activation dtype is replaced by ``train_config.dtype``.
+      train_config: see :class:`TrainConfig`.
+      train_tokens, valid_tokens: 1-D int arrays of token ids (e.g. the tokenized corpus);
+        ``valid_tokens=None`` skips evaluation.
+      out_dir: where checkpoints (``checkpoints/``), ``metrics.csv`` and ``metrics.json`` go.
+        If it already holds a checkpoint of the same run and ``resume`` is true, training
+        continues from it (a different config raises :class:`TrainError`).
+      loss_fn: ``loss_fn(logits (B,T,V), targets (B,T), teacher_logits (B,T,V) | None, rng)``
+        -> scalar; default :func:`make_loss_fn`.
+      teacher: a trained Gemma2 with the same vocabulary; its logits (gradient stopped) are
+        computed inside the step and passed to ``loss_fn``.
+      model: start from these weights instead of a fresh initialisation (seeded by ``seed``).
+      stop_at: stop after this step (saving a checkpoint when ``out_dir`` is set) as if the run
+        were interrupted; the schedule still spans ``steps``.
+      log: where one-line messages go (default: nowhere).
+
+    ``history`` is ``{"train": [{"step", "loss", "grad_norm", "lr", "tokens_seen",
+    "tokens_per_s", "time_s"}, ...], "eval": [{"step", "val_loss", "val_perplexity",
+    "val_tokens"}, ...]}``; ``step`` counts completed steps (1 = after the first update).
+    """
+    from tqdm import tqdm
+
+    tc = train_config
+    say = log or (lambda msg: None)
+    cfg = model_config.replace(dtype=tc.dtype)
+    if cfg.max_seq_len < tc.seq_len:
+        raise TrainError(f"seq_len {tc.seq_len} exceeds the model's context {cfg.max_seq_len}")
+    if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
+        raise TrainError(f"teacher vocabulary {teacher.config.vocab_size} != student's "
+                         f"{cfg.vocab_size}: distillation needs the same token ids")
+    train_tokens = np.asarray(train_tokens)
+    if train_tokens.size and (train_tokens.min() < 0 or train_tokens.max() >= cfg.vocab_size):
+        raise TrainError(f"train token ids must be in [0, {cfg.vocab_size}); found "
+                         f"[{train_tokens.min()}, {train_tokens.max()}]")
+    batcher = TokenBatcher(train_tokens, tc.batch_size, tc.seq_len, tc.seed)
+    stop = tc.steps if stop_at is None else min(stop_at, tc.steps)
+
+    # ---- model, optimizer, state
+    if model is None:
+        model = Gemma2(cfg, rngs=nnx.Rngs(params=tc.seed))
+    elif model.config.replace(dtype=tc.dtype) != cfg:
+        raise TrainError(f"model's config {model.config!r} differs from model_config {cfg!r}")
+    else:
+        # Same weights, this run's activation dtype; copied, because the step donates its inputs.
+        graph = nnx.graphdef(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))))
+        model = nnx.merge(graph, jax.tree.map(jnp.copy, nnx.state(model)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(tc)
+    opt_state = tx.init(params)
+    rng = jax.random.PRNGKey(tc.seed)
+    teacher_graph, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+
+    meta: dict[str, Any] = {"model_config": cfg.to_dict(), "train_config": tc.to_dict(),
+                            "teacher_config": None if teacher is None else
+                            teacher.config.to_dict(), "train_tokens": int(train_tokens.size)}
+    history: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    step = 0
+    ckpt_dir = None if out_dir is None else Path(out_dir) / "checkpoints"
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if ckpt_dir is not None and resume and latest_checkpoint_step(ckpt_dir) is not None:
+        (params, opt_state, rng), saved, step = restore_checkpoint(
+            ckpt_dir, (params, opt_state, rng))
+        if _comparable(TrainConfig(**saved["train_config"])) != _comparable(tc) or \
+                saved["model_config"] != cfg.to_dict():
+            raise TrainError(f"{out_dir} holds a checkpoint of a different run (train or model "
+                             "config differs); use another out_dir or resume=False")
+        batcher.set_state(saved["data_state"])
+        history = saved["history"]
+        say(f"resumed from {ckpt_dir}/{step}")
+
+    if loss_fn is None:
+        # The default objective is fixed by the config: reuse the compiled step of an earlier
+        # run of the same model/optimizer in this process (notebooks and tests train often).
+        key = (graphdef, teacher_graph, _optimizer_key(tc), tc.distill_temperature,
+               tc.distill_alpha, tc.distill_topk)
+        if key not in _STEP_CACHE:
+            _STEP_CACHE[key] = make_train_step(graphdef, tx, make_loss_fn(tc, teacher is not None),
+                                               teacher_graph)
+        jit_step = _STEP_CACHE[key]
+    else:
+        jit_step = make_train_step(graphdef, tx, loss_fn, teacher_graph)
+    schedule = lr_schedule(tc)
+
+    def run_eval() -> None:
+        if valid_tokens is None:
+            return
+        m = nnx.merge(graphdef, params, rest)
+        result = evaluate(m, valid_tokens, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                          max_batches=tc.eval_batches)
+        history["eval"].append({"step": step, "val_loss": result["loss"],
+                                "val_perplexity": result["perplexity"],
+                                "val_tokens": result["tokens"]})
+        say(f"step {step}: val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f})")
+
+    saved_step = step if ckpt_dir is not None and step else None
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        if ckpt_dir is None or saved_step == step:
+            return
+        saved_step = step
+        save_checkpoint(ckpt_dir, step, (params, opt_state, rng),
+                        {**meta, "step": step, "data_state": batcher.state(), "history": history},
+                        keep=tc.keep_checkpoints)
+        _write_metrics(Path(out_dir), history, meta)  # type: ignore[arg-type]
+
+    bar = tqdm(total=stop, initial=step, disable=not tc.progress, unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    t_start = time.perf_counter()
+    t_prev = t_start
+    tokens_seen = history["train"][-1]["tokens_seen"] if history["train"] else 0
+    while step < stop:
+        batch = jnp.asarray(batcher.next())
+        params, opt_state, rng, metrics = jit_step(params, opt_state, rng, rest, teacher_state,
+                                                   batch)
+        loss = float(metrics["loss"])                   # syncs: the timing below is honest
+        step += 1
+        now = time.perf_counter()
+        tokens_seen += tc.tokens_per_step
+        row = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+               "lr": float(schedule(step - 1)), "tokens_seen": tokens_seen,
+               "tokens_per_s": tc.tokens_per_step / max(now - t_prev, 1e-9),
+               "time_s": now - t_start}
+        t_prev = now
+        history["train"].append(row)
+        if not math.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower lr "
+                                     f"({tc.lr}) or check the data")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            run_eval()
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < stop:
+            checkpoint()
+    bar.close()
+    if step == tc.steps and (not history["eval"] or history["eval"][-1]["step"] != step):
+        run_eval()
+    checkpoint()
+    if out_dir is not None:
+        _write_metrics(Path(out_dir), history, meta)
+    return nnx.merge(graphdef, params, rest), history

@@ -1,0 +1,96 @@
+"""Each experiment runs end to end at the micro 'smoke' size and writes its JSON and figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemma2_lite.checkpoint import load_hf
+from gemma2_lite.experiments import (REPORT, corpus_tokens, main, run_deep_vs_wide,
+                                     run_distillation, run_gqa_vs_mha, run_train_tiny, run_window)
+from gemma2_lite.model import param_counts
+from gemma2_lite.tokenizer import Tokenizer
+from gemma2_lite.profile import data_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _outputs(base: Path, name: str) -> dict:
+    out = base / name
+    assert (out / f"{name}.png").stat().st_size > 1000
+    return json.loads((out / "results.json").read_text())
+
+
+def test_corpus_tokens_roundtrip() -> None:
+    ids = corpus_tokens("valid", max_chars=300)
+    tok = Tokenizer(data_path("tokenizer.model"))
+    assert ids.dtype == np.int32 and ids[0] == tok.bos_id
+    first_eos = int(np.argmax(ids == tok.eos_id))
+    from gemma2_lite.data import load_documents
+    assert tok.decode(ids[1:first_eos]) == load_documents("valid")[0]["text"][:300]
+
+
+@pytest.mark.slow   # four models compiled: ~40 s of CPU on 2 cores
+def test_distillation_smoke(tmp_path: Path) -> None:
+    res = run_distillation("smoke", results_dir=tmp_path, quiet=True)
+    saved = _outputs(tmp_path, "distillation")
+    assert set(saved["final_val_perplexity"]) == {"teacher", "one-hot", "teacher (full)",
+                                                  "teacher (top-8)", "teacher (top-8) + labels"}
+    assert all(np.isfinite(v) and v > 1 for v in saved["final_val_perplexity"].values())
+    assert saved["report"]["distillation_2b_avg_benchmark"] == {"from_scratch": 60.3,
+                                                                "distilled": 67.7}
+    assert res["student_params"]["total"] < res["teacher_params"]["total"]
+    rows = (tmp_path / "distillation" / "curves.csv").read_text().splitlines()
+    assert rows[0] == "run,step,tokens,val_loss,val_perplexity" and len(rows) > 8
+
+
+def test_window_smoke(tmp_path: Path) -> None:
+    run_window("smoke", results_dir=tmp_path, quiet=True)
+    saved = _outputs(tmp_path, "window")
+    assert [r["window"] for r in saved["results"]] == [8, 4, 2]
+    assert saved["relative_change"][0] == 0.0
+    # different windows really change the model's predictions
+    assert len({r["val_loss"] for r in saved["results"]}) == 3
+
+
+@pytest.mark.slow   # four models compiled: ~40 s of CPU on 2 cores
+def test_ablations_smoke_have_equal_budgets(tmp_path: Path) -> None:
+    gqa = run_gqa_vs_mha("smoke", results_dir=tmp_path, quiet=True)
+    p = gqa["params"]
+    assert abs(p["GQA"]["non_embedding"] / p["MHA"]["non_embedding"] - 1) < 0.01
+    assert gqa["configs"]["GQA"]["num_kv_heads"] < gqa["configs"]["MHA"]["num_kv_heads"]
+    deep = run_deep_vs_wide("smoke", results_dir=tmp_path, quiet=True)
+    p = deep["params"]
+    assert abs(p["deep"]["non_embedding"] / p["wide"]["non_embedding"] - 1) < 0.01
+    assert deep["configs"]["deep"]["num_layers"] > deep["configs"]["wide"]["num_layers"]
+    for name in ("gqa-vs-mha", "deep-vs-wide"):
+        saved = _outputs(tmp_path, name)
+        assert isinstance(saved["same_trend_as_report"], bool)
+    assert REPORT["gqa_vs_mha_avg"] == {"MHA": 50.3, "GQA": 50.8}
+
+
+def test_train_tiny_smoke_saves_loadable_model(tmp_path: Path) -> None:
+    res = run_train_tiny("smoke", results_dir=tmp_path, quiet=True, out=tmp_path / "model")
+    _outputs(tmp_path, "train-tiny")
+    model = load_hf(tmp_path / "model")
+    assert param_counts(model.config) == {k: res["params"][k] for k in ("embedding",
+                                                                         "non_embedding")}
+    readme = (tmp_path / "model" / "README.md").read_text()
+    assert "--profile smoke" in readme and f"{res['final_val_loss']:.4f}" in readme
+
+
+def test_cli_rejects_unknown_and_misplaced_options(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["no-such-experiment"])
+    with pytest.raises(SystemExit):
+        main(["window", "--profile", "huge"])
+    with pytest.raises(SystemExit):
+        main(["window", "--steps", "3"])
+    help_text = subprocess.run([sys.executable, "-m", "gemma2_lite.experiments", "--help"],
+                               capture_output=True, text=True, cwd=ROOT).stdout
+    assert "distillation" in help_text and "smoke" not in help_text
