@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["edit_distance", "wilson_interval", "Sample", "Rate", "MemorizationResult",
            "memorization_test", "make_canaries", "insert_canaries", "canary_extraction",
-           "PII_PATTERNS", "luhn_valid", "scan_pii", "pii_report"]
+           "PII_PATTERNS", "luhn_valid", "scan_pii", "pii_report", "Canary"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -120,11 +120,11 @@ class MemorizationResult:
         return self.approximate.count - self.exact.count
 
     def table(self) -> str:
-        lines = [f"{'source':<32}{'n':>6}{'exact':>28}{'approximate':>28}"]
+        lines = [f"{'source':<32}{'n':>6}{'exact':>31} {'approximate':>31} "]
         for source, rates in sorted(self.by_source.items()):
-            lines.append(f"{source[:31]:<32}{rates['exact'].n:>6}{rates['exact']!r:>28}"
-                         f"{rates['approximate']!r:>28}")
-        lines.append(f"{'all':<32}{self.exact.n:>6}{self.exact!r:>28}{self.approximate!r:>28}")
+            lines.append(f"{source[:31]:<32}{rates['exact'].n:>6}{rates['exact']!r:>31} "
+                         f"{rates['approximate']!r:>31} ")
+        lines.append(f"{'all':<32}{self.exact.n:>6}{self.exact!r:>31} {self.approximate!r:>31} ")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

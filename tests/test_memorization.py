@@ -1,6 +1,5 @@
 """The memorization test: metrics, the prompt/target split, and real models at both extremes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
-from gemma2_lite import Gemma2, get_config, param_counts
+from gemma2_lite import Gemma2, Gemma2Config, get_config, param_counts
 from gemma2_lite.memory import (CHIPS, GiB, REPORT_SETUPS, activation_bytes, comm_bytes,
                                 kv_cache_bytes, param_shard_elements, plan_memory, plan_table)
 from gemma2_lite.sharding import ShardingError, next_token_loss
@@ -23,7 +23,7 @@ SMALL = dict(vocab_size=211, d_model=46, num_heads=4, num_kv_heads=2, head_dim=1
              query_pre_attn_scalar=14, sliding_window=5, max_seq_len=128)
 
 
-def small(layers: int = 2, dtype: str = "float32") -> "Gemma2Config":  # noqa: F821
+def small(layers: int = 2, dtype: str = "float32") -> Gemma2Config:
     return get_config("tiny", num_layers=layers, dtype=dtype, param_dtype=dtype, **SMALL)
 
 
