@@ -9,7 +9,7 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book venv bench clean help
+.PHONY: test book browser venv bench clean help
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
@@ -24,14 +24,37 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[book,test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q
 
+# The book at the ci profile goes to _build/html; any other profile builds into
+# _build/profile-<name>/_build/html with its own jupyter-cache, so cached outputs of one profile
+# are never served as another's (jupyter-cache keys on the code cells, not the environment).
+# --all re-reads every page on every build (cheap: unchanged notebooks come from the cache), so a
+# warning in a page that has not changed since the last build still fails the build.
+BOOK_OUT   := $(if $(filter ci,$(GEMMA2_LITE_PROFILE)),.,_build/profile-$(GEMMA2_LITE_PROFILE))
+BOOK_FLAGS := --warningiserror --nitpick --keep-going --all
+
 book: $(STAMP)
-	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	$(BIN)/jupyter-book build . --path-output $(BOOK_OUT) $(BOOK_FLAGS)
+
+# tests/test_book.py opens the built book in headless Chromium. Installed here when missing
+# (Debian/Ubuntu, as root); otherwise say what to install and let the tests report it.
+browser:
+	@[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (for tests/test_book.py)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "tests/test_book.py needs headless Chromium: run 'sudo apt-get install chromium'" \
+	         "(Debian/Ubuntu) or put a chromium binary on PATH (or set CHROMIUM=/path/to/chrome)."; \
+	  fi; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/memory_plan.py
 
 clean:
 	rm -rf _build .pytest_cache
