@@ -339,7 +339,7 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        where = f"path={self.path!r}, " if self.path else ""
+        where = f"path={_short_path(self.path)!r}, " if self.path else ""
         sha = hashlib.sha256(self._proto).hexdigest()[:12]
         return (f"Tokenizer({where}vocab_size={self.vocab_size}, pad={self.pad_id}, "
                 f"eos={self.eos_id}, bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id}, "
@@ -384,3 +384,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _short_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (reprs then read the same on
+    every machine: ``data/tokenizer.model``), else as given."""
+    from pathlib import Path
+
+    from .profile import repo_root
+
+    try:
+        return str(Path(path).resolve().relative_to(Path(repo_root())))
+    except ValueError:
+        return str(path)

@@ -248,3 +248,10 @@ def test_rejects_a_non_gemma_layout(small_sample: list[str]) -> None:
                                    vocab_size=400, model_type="bpe", minloglevel=2)
     with pytest.raises(ValueError, match="not a Gemma-layout tokenizer"):
         Tokenizer(model_proto=writer.getvalue())
+
+
+def test_repr_names_the_file_relative_to_the_repository():
+    from gemma2_lite.tokenizer import default_tokenizer
+
+    text = repr(default_tokenizer())
+    assert "path='data/tokenizer.model'" in text and "vocab_size=4096" in text, text
