@@ -98,7 +98,8 @@ class LayerCache:
               dtype: Any = jnp.float32) -> "LayerCache":
         shape = (batch, size, kv_heads, head_dim)
         # Two distinct buffers: sharing one would make donating k and v donate it twice.
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.full((batch, size), -1, jnp.int32))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   pos=jnp.full((batch, size), -1, jnp.int32))
 
     @property
     def size(self) -> int:

@@ -270,6 +270,9 @@ def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_s
                          f"[{ids.min()}, {ids.max()}]")
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"path must end in .npz, got {path.name!r}")
     id_dtype = _id_dtype(vocab_size)
     arrays: dict[str, np.ndarray] = {
         "meta": np.array([values.shape[0], values.shape[1], values.shape[2], vocab_size], np.int64),
@@ -281,9 +284,6 @@ def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_s
             v = v.view(np.uint16)                     # .npz cannot name bfloat16; keep the bits
         arrays[f"values_{j:05d}"] = v
         arrays[f"ids_{j:05d}"] = ids[start:start + chunk_rows].astype(id_dtype)
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"path must end in .npz, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     tokens = int(values.shape[0] * values.shape[1])

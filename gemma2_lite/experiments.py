@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -102,7 +101,7 @@ def _data(profile: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- helpers
 def small_config(d_model: int, layers: int, *, heads: int = 4, kv_heads: int = 2,
-           ffn_dim: int | None = None, window: int = 64) -> Gemma2Config:
+                 ffn_dim: int | None = None, window: int = 64) -> Gemma2Config:
     """A book-vocabulary Gemma 2 of width D (H = D / N, F = 4 D unless given)."""
     head_dim = d_model // heads
     return get_config("tiny", d_model=d_model, num_layers=layers, num_heads=heads,
@@ -118,7 +117,7 @@ def _results_dir(name: str, results_dir: str | os.PathLike | None) -> Path:
     return out
 
 
-def _write(out: Path, name: str, payload: dict[str, Any],
+def _write(out: Path, payload: dict[str, Any],
            curves: dict[str, list[dict[str, Any]]] | None = None) -> None:
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     if curves:
@@ -166,10 +165,10 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
     profile = profile or get_profile()
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
-    teacher_cfg = _pick(profile, smoke=small_config(32, 2), ci=small_config(128, 4), colab=small_config(256, 6),
-                        full=small_config(512, 8))
-    student_cfg = _pick(profile, smoke=small_config(32, 1), ci=small_config(64, 2), colab=small_config(128, 4),
-                        full=small_config(256, 6))
+    teacher_cfg = _pick(profile, smoke=small_config(32, 2), ci=small_config(128, 4),
+                        colab=small_config(256, 6), full=small_config(512, 8))
+    student_cfg = _pick(profile, smoke=small_config(32, 1), ci=small_config(64, 2),
+                        colab=small_config(128, 4), full=small_config(256, 6))
     base = TrainConfig(
         steps=1, seed=seed, progress=not quiet, lr=_pick(profile, smoke=1e-2, ci=1e-2,
                                                        colab=3e-3, full=2e-3),
@@ -218,7 +217,8 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
         "seconds": time.perf_counter() - t0,
     }
     out = _results_dir("distillation", results_dir)
-    _write(out, "distillation", payload, curves)
+    payload["figure"] = str(out / "distillation.png")
+    _write(out, payload, curves)
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for label, rows in curves.items():
@@ -241,7 +241,7 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
     ax2.set_title("Gemma 2 report: 7B teacher, 500B tokens")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "distillation.png", dpi=110)
+    fig.savefig(payload["figure"], dpi=110)
     plt.close(fig)
     say("[distillation] final val perplexity: " +
         ", ".join(f"{k2} {v:.2f}" for k2, v in final.items()) + f" -> {out}")
@@ -263,8 +263,9 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
     window = _pick(profile, smoke=8, ci=64, colab=128, full=512)
-    cfg = _pick(profile, smoke=small_config(32, 2, window=window), ci=small_config(128, 4, window=window),
-                colab=small_config(256, 6, window=window), full=small_config(512, 8, window=window))
+    cfg = _pick(profile, smoke=small_config(32, 2, window=window),
+                ci=small_config(128, 4, window=window), colab=small_config(256, 6, window=window),
+                full=small_config(512, 8, window=window))
     seq = _pick(profile, smoke=32, ci=256, colab=512, full=2048)
     tc = TrainConfig(steps=_pick(profile, smoke=6, ci=150, colab=3000, full=20000),
                      batch_size=_pick(profile, smoke=2, ci=4, colab=16, full=32), seq_len=seq,
@@ -294,7 +295,8 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
                         if rel[-1] > 0.05 else "")),
                "seconds": time.perf_counter() - t0}
     out = _results_dir("window", results_dir)
-    _write(out, "window", payload)
+    payload["figure"] = str(out / "window.png")
+    _write(out, payload)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = ["W", "W/2", "W/4"]
@@ -305,7 +307,7 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     ax.set_xlabel("sliding window at inference (trained with W)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "window.png", dpi=110)
+    fig.savefig(payload["figure"], dpi=110)
     plt.close(fig)
     return payload
 
@@ -339,7 +341,8 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
                "note": _ablation_note(final, winner, better),
                "seconds": time.perf_counter() - t0}
     out = _results_dir(name, results_dir)
-    _write(out, name, payload, curves)
+    payload["figure"] = str(out / f"{name}.png")
+    _write(out, payload, curves)
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
     for label, rows in curves.items():
@@ -356,7 +359,7 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
     ax2.set_ylabel("average benchmark score")
     ax2.set_title("Gemma 2 report")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=110)
+    fig.savefig(payload["figure"], dpi=110)
     plt.close(fig)
     say(f"[{name}] final val perplexity {final} -> {out}")
     return payload
@@ -404,40 +407,13 @@ def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLi
 
 
 # ----------------------------------------------------------------------------- train-tiny
-def _greedy_continue(model: Gemma2, prompt: list[int], new_tokens: int, length: int,
-                     temperature: float = 0.0, seed: int = 0) -> list[int]:
-    """Continue ``prompt`` by ``new_tokens`` tokens with full forward passes over a fixed-size
-    buffer (one compiled shape; no cache: this is only for a short sample in the README)."""
-    buf = np.zeros((1, length), np.int32)
-    n = len(prompt)
-    buf[0, :n] = prompt
-
-    @nnx.jit
-    def next_logits(m: Gemma2, tokens: jax.Array, index: jax.Array) -> jax.Array:
-        # right padding is invisible to earlier positions (causal), so position index-1 is exact
-        return m(tokens)[0, index - 1]
-
-    rng = np.random.default_rng(seed)
-    for _ in range(new_tokens):
-        if n >= length:
-            break
-        logits = np.asarray(next_logits(model, jnp.asarray(buf), jnp.asarray(n)), np.float64)
-        if temperature > 0:
-            p = np.exp((logits - logits.max()) / temperature)
-            token = int(rng.choice(len(p), p=p / p.sum()))
-        else:
-            token = int(np.argmax(logits))
-        buf[0, n] = token
-        n += 1
-    return buf[0, :n].tolist()
-
-
 def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
                    seed: int = 0, quiet: bool = False, out: str | os.PathLike | None = None,
                    steps: int | None = None) -> dict[str, Any]:
     """Train the book's ``tiny`` preset on the corpus and save it in Hugging Face layout to
     ``data/tiny-model/`` (or ``out``), with a README recording how it was made."""
     from .checkpoint import save_hf
+    from .sampler import generate
     from .tokenizer import Tokenizer
 
     profile = profile or get_profile()
@@ -465,8 +441,9 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     tok = Tokenizer(data_path("tokenizer.model"))
     prompt = tok.encode("ROMEO:\n", add_bos=True)
     sample_len = _pick(profile, smoke=24, ci=128, colab=128, full=128)
-    sample = tok.decode(_greedy_continue(model, prompt, sample_len - len(prompt), sample_len,
-                                         temperature=0.7, seed=seed))
+    new = generate(model, [prompt], max_new_tokens=sample_len - len(prompt), temperature=0.7,
+                   seed=seed)[0]
+    sample = tok.decode(prompt + new)
     command = f"python -m gemma2_lite.experiments train-tiny --profile {profile}"
     if steps:
         command += f" --steps {steps}"
@@ -478,8 +455,9 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
                "final_val_loss": final["val_loss"], "final_val_perplexity":
                final["val_perplexity"], "val_tokens": final["val_tokens"],
                "seconds": seconds, "jax": jax.__version__, "devices": str(jax.devices()),
-               "saved_to": str(target), "folder_bytes": size, "sample": sample}
-    _write(run_dir, "train-tiny", payload, {"tiny": _curve(hist, tc)})
+               "saved_to": str(target), "folder_bytes": size, "sample": sample,
+               "figure": str(run_dir / "train-tiny.png")}
+    _write(run_dir, payload, {"tiny": _curve(hist, tc)})
     (target / "README.md").write_text(_tiny_readme(payload))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -491,7 +469,7 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "train-tiny.png", dpi=110)
+    fig.savefig(payload["figure"], dpi=110)
     plt.close(fig)
     say(f"[train-tiny] val loss {final['val_loss']:.3f} (ppl {final['val_perplexity']:.1f}), "
         f"{seconds:.0f} s, saved {size / 1e6:.1f} MB to {target}\n{sample}")

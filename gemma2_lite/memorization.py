@@ -120,11 +120,14 @@ class MemorizationResult:
         return self.approximate.count - self.exact.count
 
     def table(self) -> str:
-        lines = [f"{'source':<32}{'n':>6}{'exact':>31} {'approximate':>31} "]
+        def row(source: str, n: object, exact: str, approximate: str) -> str:
+            return f"{source[:31]:<32}{n:>6} {exact:>31} {approximate:>31}"
+
+        lines = [row("source", "n", "exact", "approximate")]
         for source, rates in sorted(self.by_source.items()):
-            lines.append(f"{source[:31]:<32}{rates['exact'].n:>6}{rates['exact']!r:>31} "
-                         f"{rates['approximate']!r:>31} ")
-        lines.append(f"{'all':<32}{self.exact.n:>6}{self.exact!r:>31} {self.approximate!r:>31} ")
+            lines.append(row(source, rates["exact"].n, repr(rates["exact"]),
+                             repr(rates["approximate"])))
+        lines.append(row("all", self.exact.n, repr(self.exact), repr(self.approximate)))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from gemma2_lite.profile import data_path
+from gemma2_lite.profile import data_path, repo_root
 
 __all__ = [
     "Tokenizer", "train_tokenizer", "gemma_trainer_options", "SPECIAL_PIECES",
@@ -167,6 +167,15 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
     if model_prefix is not None:
         Path(f"{model_prefix}.model").write_bytes(model)
     return Tokenizer(model_proto=model)
+
+
+def _short_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (reprs then read the same on
+    every machine: ``data/tokenizer.model``), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(repo_root())))
+    except ValueError:
+        return str(path)
 
 
 class Tokenizer:
@@ -385,15 +394,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _short_path(path: str) -> str:
-    """``path`` relative to the repository when it lies inside it (reprs then read the same on
-    every machine: ``data/tokenizer.model``), else as given."""
-    from pathlib import Path
-
-    from .profile import repo_root
-
-    try:
-        return str(Path(path).resolve().relative_to(Path(repo_root())))
-    except ValueError:
-        return str(path)

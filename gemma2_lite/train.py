@@ -237,12 +237,11 @@ def make_loss_fn(tc: TrainConfig, has_teacher: bool) -> LossFn:
     if not has_teacher:
         return lambda logits, targets, teacher_logits, rng: cross_entropy_loss(logits, targets)
     tau, alpha, k = tc.distill_temperature, tc.distill_alpha, tc.distill_topk
-    extra = {} if alpha is None else {"alpha": alpha}
 
     def loss(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Array | None,
              rng: jax.Array) -> jax.Array:
         assert teacher_logits is not None
-        kw = dict(extra, targets=targets) if extra else {}
+        kw = {} if alpha is None else {"alpha": alpha, "targets": targets}
         if k is None:
             return distillation_loss(logits, teacher_logits, temperature=tau, **kw)
         values, ids = jax.lax.top_k(teacher_logits, k)                       # (B, T, k)

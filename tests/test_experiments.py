@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _outputs(base: Path, name: str) -> dict:
     out = base / name
+    saved = json.loads((out / "results.json").read_text())
+    # the payload names its figure (the notebooks display it from there)
+    assert Path(saved["figure"]) == out / f"{name}.png"
     assert (out / f"{name}.png").stat().st_size > 1000
-    return json.loads((out / "results.json").read_text())
+    return saved
 
 
 def test_corpus_tokens_roundtrip() -> None:
@@ -82,6 +85,7 @@ def test_train_tiny_smoke_saves_loadable_model(tmp_path: Path) -> None:
                                                                          "non_embedding")}
     readme = (tmp_path / "model" / "README.md").read_text()
     assert "--profile smoke" in readme and f"{res['final_val_loss']:.4f}" in readme
+    assert res["sample"].startswith("ROMEO:") and res["sample"] in readme
 
 
 def test_cli_rejects_unknown_and_misplaced_options(capsys: pytest.CaptureFixture) -> None:
