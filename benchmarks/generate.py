@@ -17,7 +17,7 @@ Prints three tables:
     layer's reads every cached position, so only the global share grows.
 (c) KV-cache bytes of the report's configs at the full 8192 context in bfloat16, with one
     cache size for every layer (as the official sampler does) and with W-slot ring buffers
-    for the local layers (as here), computed from ``Gemma2.init_cache`` by abstract evaluation.
+    for the local layers (as here), from the memory planner (``gemma2_lite.memory``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from flax import nnx
 from gemma2_lite import Gemma2, get_config, param_counts
 from gemma2_lite.attention import Attention, LayerCache
 from gemma2_lite.checkpoint import save_hf
+from gemma2_lite.memory import kv_cache_bytes
 from gemma2_lite.sampler import DecodeState, SamplingSettings, _advance, generate
 
 # ~20M parameters: V matches the book's tokenizer.
@@ -262,14 +263,10 @@ def cache_bytes(context: int = 8192) -> None:
     rows = []
     for name in ("gemma2-2b", "gemma2-9b", "gemma2-27b"):
         cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16")
-        totals = []
-        # Every layer global = one cache size for all layers; then the real alternating config,
-        # whose local layers get W-slot ring buffers. Abstract models and caches: no memory.
-        for c in (cfg.replace(sliding_window=None), cfg):
-            model = nnx.eval_shape(lambda: Gemma2(c, rngs=nnx.Rngs(0)))
-            cache = jax.eval_shape(lambda: model.init_cache(1, context))
-            totals.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
-        full, ring = totals
+        # One cache size for every layer (as the official sampler does) vs W-slot ring buffers
+        # for the local layers (as here); kv_cache_bytes is tested equal to init_cache's arrays.
+        full = kv_cache_bytes(cfg, 1, context, ring_buffer=False)
+        ring = kv_cache_bytes(cfg, 1, context)
         rows.append([name, f"{cfg.num_layers}", f"{cfg.num_kv_heads}x{cfg.head_dim}",
                      f"{full / 2**20:,.0f} MiB", f"{ring / 2**20:,.0f} MiB",
                      f"{100 * (1 - ring / full):.0f}%"])

@@ -169,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args, model, tokenizer, sys.stdout)
         else:
             _chat(args, model, tokenizer, sys.stdout)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:                     # e.g. a prompt longer than the context
+    except (CliError, ValueError) as e:        # ValueError: e.g. a prompt past the context
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
