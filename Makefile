@@ -9,19 +9,22 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book browser venv bench clean help
+.PHONY: test book browser venv bench clean help colab-check
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
 	@echo "make book   - set up .venv, execute every notebook and build the HTML book in _build/html"
 	@echo "make bench  - run the speed/memory benchmarks (prints ratios)"
+	@echo "make colab-check - execute every chapter at the colab profile on this CPU, loops capped"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pyproject.toml says what the package needs (ranges); constraints.txt, the lock, says exactly
+# which versions this venv gets, so every machine tests the same thing.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[book,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[book,test]'
 	touch $(STAMP)
 
 test: $(STAMP) browser
@@ -49,6 +52,12 @@ browser:
 	    echo "tests/test_book.py needs headless Chromium: run 'sudo apt-get install chromium'" \
 	         "(Debian/Ubuntu) or put a chromium binary on PATH (or set CHROMIUM=/path/to/chrome)."; \
 	  fi; }
+
+# Every chapter at the colab profile, on a CPU: the colab shapes with training loops and
+# repetitions capped at LOOP_CAP iterations (GEMMA2_LITE_LOOP_CAP). Prints each chapter's time.
+LOOP_CAP ?= 3
+colab-check: $(STAMP)
+	$(BIN)/python tools/run_notebooks.py --profile colab --loop-cap $(LOOP_CAP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py

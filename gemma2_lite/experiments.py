@@ -37,7 +37,7 @@ from flax import nnx
 
 from .config import Gemma2Config, get_config
 from .model import Gemma2, param_counts
-from .profile import data_path, get_profile, repo_root
+from .profile import capped, data_path, get_profile, repo_root
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
@@ -57,10 +57,11 @@ REPORT: dict[str, Any] = {
 }
 
 
-def _pick(profile: str, **sizes: Any) -> Any:
+def _pick(profile: str, loop: bool = False, **sizes: Any) -> Any:
+    """``sizes[profile]``; ``loop=True`` marks a loop count, capped by ``$GEMMA2_LITE_LOOP_CAP``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    return sizes[profile]
+    return capped(sizes[profile]) if loop else sizes[profile]
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,9 +175,9 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
                                                        colab=3e-3, full=2e-3),
         batch_size=_pick(profile, smoke=4, ci=8, colab=32, full=64),
         seq_len=_pick(profile, smoke=32, ci=64, colab=256, full=512),
-        eval_batches=_pick(profile, smoke=2, ci=16, colab=64, full=None))
-    t_steps = _pick(profile, smoke=8, ci=300, colab=4000, full=20000)
-    s_steps = _pick(profile, smoke=6, ci=200, colab=3000, full=15000)
+        eval_batches=_pick(profile, loop=True, smoke=2, ci=16, colab=64, full=None))
+    t_steps = _pick(profile, loop=True, smoke=8, ci=300, colab=4000, full=20000)
+    s_steps = _pick(profile, loop=True, smoke=6, ci=200, colab=3000, full=15000)
     k = topk or _pick(profile, smoke=8, ci=16, colab=64, full=128)
     tc_teacher = base.replace(steps=t_steps, warmup=max(1, t_steps // 20),
                               eval_every=max(1, t_steps // 5))
@@ -267,16 +268,16 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
                 ci=small_config(128, 4, window=window), colab=small_config(256, 6, window=window),
                 full=small_config(512, 8, window=window))
     seq = _pick(profile, smoke=32, ci=256, colab=512, full=2048)
-    tc = TrainConfig(steps=_pick(profile, smoke=6, ci=150, colab=3000, full=20000),
+    tc = TrainConfig(steps=_pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000),
                      batch_size=_pick(profile, smoke=2, ci=4, colab=16, full=32), seq_len=seq,
                      lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
-                     warmup=_pick(profile, smoke=1, ci=10, colab=150, full=1000), seed=seed,
+                     warmup=_pick(profile, loop=True, smoke=1, ci=10, colab=150, full=1000), seed=seed,
                      progress=not quiet)
     t0 = time.perf_counter()
     say(f"[window] training {cfg.name} with W={window}, T={seq}")
     model, _ = train(cfg.replace(max_seq_len=max(cfg.max_seq_len, seq)), tc, train_ids)
     windows = [window, window // 2, window // 4]
-    eval_batches = _pick(profile, smoke=2, ci=12, colab=64, full=None)
+    eval_batches = _pick(profile, loop=True, smoke=2, ci=12, colab=64, full=None)
     rows = []
     for w in windows:
         r = evaluate(_with_window(model, w), valid_ids, batch_size=tc.batch_size, seq_len=seq,
@@ -317,12 +318,12 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
               profile: str, results_dir: Any, seed: int, quiet: bool) -> dict[str, Any]:
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
-    steps = _pick(profile, smoke=6, ci=150, colab=3000, full=20000)
+    steps = _pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000)
     tc = TrainConfig(steps=steps, warmup=max(1, steps // 20), eval_every=max(1, steps // 6),
                      batch_size=_pick(profile, smoke=4, ci=8, colab=32, full=64),
                      seq_len=_pick(profile, smoke=32, ci=64, colab=256, full=512),
                      lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
-                     eval_batches=_pick(profile, smoke=2, ci=16, colab=64, full=None),
+                     eval_batches=_pick(profile, loop=True, smoke=2, ci=16, colab=64, full=None),
                      seed=seed, progress=not quiet)
     t0 = time.perf_counter()
     curves, final, params = {}, {}, {}
@@ -420,13 +421,13 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
     cfg = get_config("tiny") if profile != "smoke" else small_config(32, 2)
-    tc = TrainConfig(steps=steps or _pick(profile, smoke=6, ci=600, colab=6000, full=20000),
+    tc = TrainConfig(steps=steps or _pick(profile, loop=True, smoke=6, ci=600, colab=6000, full=20000),
                      batch_size=_pick(profile, smoke=4, ci=16, colab=32, full=64),
                      seq_len=_pick(profile, smoke=32, ci=128, colab=256, full=512),
                      lr=_pick(profile, smoke=1e-2, ci=5e-3, colab=3e-3, full=2e-3),
                      seed=seed, progress=not quiet)
     tc = tc.replace(warmup=max(1, tc.steps // 20), eval_every=max(1, tc.steps // 6),
-                    eval_batches=_pick(profile, smoke=2, ci=None, colab=None, full=None))
+                    eval_batches=_pick(profile, loop=True, smoke=2, ci=None, colab=None, full=None))
     t0 = time.perf_counter()
     say(f"[train-tiny] {cfg!r}: {tc.steps} steps of {tc.tokens_per_step} tokens")
     run_dir = _results_dir("train-tiny", results_dir)

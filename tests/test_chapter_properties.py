@@ -147,7 +147,11 @@ def test_query_head_reads_only_its_groups_kv_head(layout, seed, data) -> None:
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                for shape in [(1, 5, n, 4), (1, 5, kv, 4), (1, 5, kv, 4)])
-    changed = np.flatnonzero(np.asarray(_head_movement(q, k, v, jnp.int32(j))) > 1e-6)
+    # A touched head moves by about 1 (every value of head j grew by 1); an untouched one only by
+    # rounding, which differs between CPUs and compilations (1e-6 and above has been seen). So a
+    # head counts as moved when it moves by more than 1e-3 of the largest movement.
+    movement = np.asarray(_head_movement(q, k, v, jnp.int32(j)))
+    changed = np.flatnonzero(movement > 1e-3 * movement.max())
     assert changed.tolist() == list(range(j * g, (j + 1) * g))
 
 
