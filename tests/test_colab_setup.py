@@ -64,6 +64,7 @@ def test_setup_cell_installs_the_book_and_keeps_the_installed_jax(tmp_path: Path
     stand_in = tmp_path / "stand_in" / "google" / "colab"   # google/ stays a namespace package
     stand_in.mkdir(parents=True)
     (stand_in / "__init__.py").write_text('"""A stand-in for Colab\'s google.colab."""\n')
+    (stand_in / "output.py").write_text('"""JAX\'s debugger imports it when google.colab exists."""\n')
 
     cell = _setup_cell()
     assert '"/content/gemma2-lite"' in cell and REPOSITORY in cell
