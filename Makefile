@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[book,test]'
 	touch $(STAMP)
 
+# Two workers: one builds the book (executing every notebook), the other runs the rest.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadgroup --durations=15
 
 # The book at the ci profile goes to _build/html; any other profile builds into
 # _build/profile-<name>/_build/html with its own jupyter-cache, so cached outputs of one profile

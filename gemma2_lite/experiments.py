@@ -89,7 +89,7 @@ def corpus_tokens(split: str = "train", max_chars: int | None = None) -> np.ndar
     out = np.asarray(ids, np.int32)
     if max_chars is None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")   # two processes may race here
         np.save(tmp, out)
         os.replace(tmp, cache)
     return out
