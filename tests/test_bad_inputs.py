@@ -124,6 +124,11 @@ def sharded(env: Env, edit: Callable[[dict[str, Any]], None]) -> Path:
     return path
 
 
+def index_naming(env: Env, shard: str) -> Path:
+    """A sharded save whose index puts ST_TENSOR in the file called ``shard``."""
+    return sharded(env, lambda index: index["weight_map"].update({ST_TENSOR: shard}))
+
+
 def run_cli(args: list[str]) -> None:
     """Run the CLI; raise CliFailure(status, stderr) unless it exits 0."""
     err = io.StringIO()
@@ -371,19 +376,16 @@ ROWS = [
     Row("load-both-layouts", lambda e: load_hf(_both_layouts(e)), CheckpointError,
         r"holds both model.safetensors and model.safetensors.index.json"),
     Row("index-traversal",
-        lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
-            {ST_TENSOR: "../elsewhere.safetensors"}))),
+        lambda e: load_hf(index_naming(e, "../elsewhere.safetensors")),
         CheckpointError, r"tensor 'model.norm.weight' names shard '../elsewhere.safetensors'"),
     Row("index-absolute-path",
-        lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
-            {ST_TENSOR: "/etc/passwd"}))),
+        lambda e: load_hf(index_naming(e, "/etc/passwd")),
         CheckpointError, r"names shard '/etc/passwd'; a shard must be a plain"),
     Row("index-no-weight-map",
         lambda e: load_hf(sharded(e, lambda i: i.pop("weight_map"))), CheckpointError,
         r"model.safetensors.index.json must be a JSON object with a non-empty 'weight_map'"),
     Row("index-missing-shard",
-        lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
-            {ST_TENSOR: "model-00009-of-00009.safetensors"}))),
+        lambda e: load_hf(index_naming(e, "model-00009-of-00009.safetensors")),
         CheckpointError, r"names shard model-00009-of-00009.safetensors .*does not exist"),
     Row("index-wrong-shard",
         lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
@@ -429,8 +431,7 @@ ROWS = [
         lambda e: run_cli(cli_args(e, edit_config(e, lambda c: "just a string"))),
         CliFailure, r"config.json must be a JSON object of fields, got str"),
     Row("cli-index-missing-shard",
-        lambda e: run_cli(cli_args(e, sharded(e, lambda i: i["weight_map"].update(
-            {ST_TENSOR: "gone.safetensors"})))),
+        lambda e: run_cli(cli_args(e, index_naming(e, "gone.safetensors"))),
         CliFailure, r"names shard gone.safetensors .*does not exist"),
     Row("cli-tokenizer-not-sentencepiece",
         lambda e: run_cli(cli_args(e, None, tokenizer=garbage_tokenizer(e, b"\x00" * 64))),
