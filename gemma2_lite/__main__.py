@@ -96,7 +96,7 @@ def _load(checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any]:
         what = "does not exist" if not checkpoint.exists() else "has no config.json"
         raise CliError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging Face-"
                        "layout Gemma 2 folder (config.json + *.safetensors)")
-    if not tokenizer_file.is_file():
+    if not tokenizer_file.exists():   # other kinds of non-file are named by Tokenizer itself
         raise CliError(f"tokenizer {tokenizer_file} not found; build the book's one with "
                        "`python -m gemma2_lite.tokenizer train` or pass --tokenizer FILE")
     from gemma2_lite.checkpoint import CheckpointError, load_hf
