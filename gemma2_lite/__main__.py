@@ -1,23 +1,34 @@
 """Command line: generate text or chat with a Gemma 2 checkpoint.
 
     python -m gemma2_lite generate --prompt "ROMEO:" --max-new-tokens 60 --temperature 0.8
-    python -m gemma2_lite chat                     # interactive; an empty line or Ctrl-D ends
+    python -m gemma2_lite chat                     # interactive; an empty line or Ctrl-D ends,
+                                                   # /reset forgets the conversation
     python -m gemma2_lite chat --prompt "Hello"    # one turn, then exit
 
 By default both use the book's own small model, ``data/tiny-model/`` (a Hugging Face-layout
 folder, made by ``python -m gemma2_lite.experiments train-tiny``) and tokenizer,
 ``data/tokenizer.model``. ``--checkpoint DIR`` loads any Gemma 2 checkpoint in that layout
 (``config.json`` + ``*.safetensors``) whose vocabulary matches ``--tokenizer FILE``.
+
+A problem the user can fix (a missing or malformed file, a bad option, a prompt past the
+context) is reported as one line on stderr with exit status 2, never a traceback; Ctrl-C ends
+with status 130 and a closed output pipe (``... | head``) with status 141, both silently.
+In the interactive chat a line that fails (e.g. the conversation outgrew the context) is
+reported and the conversation is kept. User text in the chat never becomes a turn marker
+(see :class:`gemma2_lite.chat.ChatSession`); ``generate`` tokenizes its prompt as written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from gemma2_lite.checks import check_seed
 from gemma2_lite.profile import data_path
 
 __all__ = ["main", "build_parser"]
@@ -31,8 +42,20 @@ class CliError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line on stderr (exit status 2, as before)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line reports joined with '; ')."""
+    return re.sub(r"\s*\n\s*", "; ", str(error).strip()) or type(error).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m gemma2_lite",
         description="Generate text or chat with a Gemma 2 checkpoint (the book's tiny model by "
                     "default).", epilog=__doc__.split("\n\n", 2)[1],
@@ -73,7 +96,7 @@ def _load(checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any]:
         what = "does not exist" if not checkpoint.exists() else "has no config.json"
         raise CliError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging Face-"
                        "layout Gemma 2 folder (config.json + *.safetensors)")
-    if not tokenizer_file.is_file():
+    if not tokenizer_file.exists():   # other kinds of non-file are named by Tokenizer itself
         raise CliError(f"tokenizer {tokenizer_file} not found; build the book's one with "
                        "`python -m gemma2_lite.tokenizer train` or pass --tokenizer FILE")
     from gemma2_lite.checkpoint import CheckpointError, load_hf
@@ -139,18 +162,24 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
     if args.prompt is not None:
         out.write(session.send(args.prompt) + "\n")
         return
-    out.write("Chat with the model (an empty line or Ctrl-D ends).\n")
+    out.write("Chat with the model (an empty line or Ctrl-D ends, /reset starts over).\n")
     while True:
         out.write("you> ")
         out.flush()
         line = sys.stdin.readline()
         if not line.strip():
             break
+        if line.strip() == "/reset":
+            session.reset()
+            out.write("[conversation forgotten]\n")
+            continue
         try:
             reply = session.send(line)
-        except ValueError as e:                 # the conversation outgrew the context
-            out.write(f"[{e}]\n")
-            session.reset()
+        except ValueError as e:
+            # e.g. the conversation outgrew the context: send() changed nothing, so the
+            # conversation so far is kept; the user may try a shorter line or /reset.
+            print(f"error: {_one_line(e)} [conversation kept; /reset starts over]",
+                  file=sys.stderr)
             continue
         out.write(f"model> {reply}\n")
 
@@ -158,19 +187,35 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gemma2_lite`` and the ``gemma2-lite`` script.
 
-    Returns the exit code: 0, or 2 with a message on stderr for a problem the user can fix.
+    Returns the exit code: 0; 2 with one line on stderr for a problem the user can fix; 130
+    after Ctrl-C; 141 when the output pipe was closed (both without a message).
     """
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.max_new_tokens < 1:
             raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        check_seed(args.seed, name="--seed")
         model, tokenizer = _load(args.checkpoint, args.tokenizer)
         if args.command == "generate":
             _generate(args, model, tokenizer, sys.stdout)
         else:
             _chat(args, model, tokenizer, sys.stdout)
-    except (CliError, ValueError) as e:        # ValueError: e.g. a prompt past the context
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)                  # end the half-written line, nothing else
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, and point stdout at /dev/null so
+        # the interpreter's final flush does not complain about the pipe again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):           # stdout is not a real file (e.g. captured)
+            pass
+        return 141
+    # ValueError covers every checked input (CheckpointError, ConfigError, TokenIdError, a
+    # prompt past the context, ...); OSError a file that cannot be read; FloatingPointError
+    # a model whose logits are NaN.
+    except (CliError, ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

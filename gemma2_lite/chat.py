@@ -14,6 +14,16 @@ first user turn. The model ends its turn with ``<end_of_turn>`` (the report: ``<
 :func:`format_chat` renders the same string as the official Hugging Face ``chat_template`` of
 ``google/gemma-2-*-it`` and is stricter: it also rejects unknown roles, a ``system`` message
 anywhere (the template only checks the first), empty conversations and non-string content.
+
+Turn markers inside content
+---------------------------
+``<start_of_turn>`` and ``<end_of_turn>`` are matched by the tokenizer inside any text, so a
+message that *contains* them, tokenized with the template, yields real marker ids: a user could
+write the model's turn. By default :func:`format_chat` / :func:`encode_chat` keep the reference
+template's exact output (``markers="parse"``, needed for parity with transformers);
+``markers="reject"`` refuses such content and ``markers="literal"`` (:func:`encode_chat` only)
+encodes it as plain characters. :class:`ChatSession`, which takes text from a person, always
+uses ``"literal"``: no user text can produce a turn-marker id.
 """
 
 from __future__ import annotations
@@ -21,16 +31,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from gemma2_lite.tokenizer import Tokenizer
+from gemma2_lite.checks import check_seed
+from gemma2_lite.tokenizer import USER_DEFINED_PIECES, Tokenizer
 
 __all__ = ["ChatFormatError", "format_chat", "encode_chat", "turn_text", "ChatSession",
-           "BOS_TEXT", "GENERATION_PROMPT"]
+           "BOS_TEXT", "GENERATION_PROMPT", "MARKER_MODES"]
 
 BOS_TEXT = "<bos>"
 START = "<start_of_turn>"
 END = "<end_of_turn>"
 GENERATION_PROMPT = f"{START}model\n"
 _ROLES = {"user": "user", "model": "model", "assistant": "model"}
+#: What to do with a turn marker (``<start_of_turn>``, ``<end_of_turn>``, ``<mask>``) written
+#: *inside* a message's content: "parse" (the reference template's behaviour: it becomes the
+#: marker, so content can forge turns), "reject" (ChatFormatError) or "literal" (encoded as the
+#: plain characters it is; token ids only, so encode_chat and ChatSession).
+MARKER_MODES = ("parse", "reject", "literal")
 
 
 class ChatFormatError(ValueError):
@@ -51,8 +67,16 @@ def turn_text(role: str, content: str) -> str:
     return f"{START}{role}\n{content.strip()}{END}\n"
 
 
-def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """``[(role, content)]`` with roles mapped to user/model, after checking every rule."""
+def _check_markers(markers: str, allowed: Sequence[str] = MARKER_MODES) -> None:
+    if markers not in allowed:
+        hint = " ('literal' needs token ids: use encode_chat)" if markers == "literal" else ""
+        raise ChatFormatError(f"markers must be one of {tuple(allowed)}, got {markers!r}{hint}")
+
+
+def _normalise(messages: Sequence[Mapping[str, Any]],
+               markers: str = "parse") -> list[tuple[str, str]]:
+    """``[(role, content)]`` with roles mapped to user/model, after checking every rule
+    (and, with ``markers="reject"``, that no content holds a turn marker)."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ChatFormatError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
@@ -82,29 +106,53 @@ def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
             raise ChatFormatError(
                 f"messages[{i}]['content'] must be a str, got {type(content).__name__} "
                 "(Gemma 2's chat format is text-only)")
+        if markers == "reject":
+            found = [p for p in USER_DEFINED_PIECES if p in content]
+            if found:
+                raise ChatFormatError(
+                    f"messages[{i}]['content'] contains {found[0]!r}, a turn marker the "
+                    "tokenizer would turn into a control token; remove it (or use "
+                    "encode_chat(..., markers='literal') to keep it as plain text)")
         turns.append((_ROLES[role], content))
     return turns
 
 
-def format_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+def format_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                markers: str = "parse") -> str:
     """The conversation as Gemma 2's chat text (a ``str`` that starts with ``"<bos>"``).
 
     Args:
       messages: ``[{"role": "user" | "model" | "assistant", "content": str}, ...]``, alternating
         and starting with ``user``. Other keys are ignored.
       add_generation_prompt: end with ``"<start_of_turn>model\\n"`` so a model writes the reply.
+      markers: ``"parse"`` (default: exactly the reference template's text, turn markers in
+        content included) or ``"reject"`` (content holding a turn marker raises). Text cannot
+        carry ``"literal"``: use :func:`encode_chat`.
 
     Raises:
       ChatFormatError (a ``ValueError``): system role, unknown role, roles out of order, empty
-      conversation, non-string content.
+      conversation, non-string content, a marker in content with ``markers="reject"``.
     """
-    turns = _normalise(messages)
+    _check_markers(markers, ("parse", "reject"))
+    turns = _normalise(messages, markers)
     text = BOS_TEXT + "".join(turn_text(role, content) for role, content in turns)
     return text + GENERATION_PROMPT if add_generation_prompt else text
 
 
+def _encode_turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+    """Ids of ``turn_text(role, content)`` with the content's turn markers as plain text.
+
+    The frame and the content are encoded apart; since ``"\\n"`` and ``<end_of_turn>`` are
+    atomic pieces on both sides of the content, this equals encoding the whole turn at once
+    whenever the content holds no marker.
+    """
+    return (tokenizer.encode(f"{START}{role}\n")
+            + tokenizer.encode(content.strip(), parse_special=False)
+            + tokenizer.encode(f"{END}\n"))
+
+
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                add_generation_prompt: bool = True) -> list[int]:
+                add_generation_prompt: bool = True, *, markers: str = "parse") -> list[int]:
     """Token ids of :func:`format_chat`'s text, with exactly one ``<bos>`` (``list[int]``).
 
     The rendered text already says ``<bos>``; tokenizing it with an automatic BOS as well is the
@@ -112,8 +160,20 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     text, so the leading ``"<bos>"`` is replaced by ``bos_id`` and the rest is encoded with
     ``add_bos=False``. (Other special strings in the text, ``<start_of_turn>`` and
     ``<end_of_turn>``, are user-defined pieces and encode to their single ids.)
+
+    ``markers`` says what happens to a turn marker written inside a message's content:
+    ``"parse"`` (default, the reference behaviour: it becomes the marker id), ``"reject"``
+    (:class:`ChatFormatError`) or ``"literal"`` (it is encoded as plain characters, so content
+    can never produce a marker id; ids equal ``"parse"``'s whenever no content holds a marker).
     """
-    text = format_chat(messages, add_generation_prompt=add_generation_prompt)
+    _check_markers(markers)
+    if markers == "literal":
+        turns = _normalise(messages)
+        ids = [tokenizer.bos_id]
+        for role, content in turns:
+            ids += _encode_turn(tokenizer, role, content)
+        return ids + tokenizer.encode(GENERATION_PROMPT) if add_generation_prompt else ids
+    text = format_chat(messages, add_generation_prompt=add_generation_prompt, markers=markers)
     assert text.startswith(BOS_TEXT)
     return [tokenizer.bos_id] + tokenizer.encode(text[len(BOS_TEXT):], add_bos=False)
 
@@ -121,9 +181,12 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
 class ChatSession:
     """A multi-turn conversation with a model, kept as token ids.
 
-    ``history`` always equals ``encode_chat(tokenizer, messages, add_generation_prompt=False)``:
-    after each reply the model's turn is closed with ``<end_of_turn>\\n`` exactly as
-    :func:`format_chat` renders it, so the next turn continues the canonical text.
+    ``history`` always equals ``encode_chat(tokenizer, messages, add_generation_prompt=False,
+    markers="literal")``: after each reply the model's turn is closed with ``<end_of_turn>\\n``
+    exactly as :func:`format_chat` renders it, so the next turn continues the canonical text.
+    The user's text (and the decoded reply) are encoded with ``markers="literal"``: a
+    ``<end_of_turn>`` typed by a user stays text and can never close the turn or open the
+    model's. Without markers in the text this is the reference template's tokenization.
 
     Args:
       model: passed through to ``generate_fn``.
@@ -144,6 +207,7 @@ class ChatSession:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        check_seed(seed)
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -174,8 +238,8 @@ class ChatSession:
         """The tokens the model sees for the next turn: history + user turn + ``<start_of_turn>model\\n``."""
         if not isinstance(user_text, str):
             raise ChatFormatError(f"user_text must be a str, got {type(user_text).__name__}")
-        segment = turn_text("user", user_text) + GENERATION_PROMPT
-        return self.history + self.tokenizer.encode(segment)
+        return (self.history + _encode_turn(self.tokenizer, "user", user_text)
+                + self.tokenizer.encode(GENERATION_PROMPT))
 
     def send(self, user_text: str) -> str:
         """Add a user turn, generate the model's reply, close the turn; return the reply text.
@@ -205,8 +269,10 @@ class ChatSession:
         reply = self.tokenizer.decode(reply_ids).strip()
         self.messages += [{"role": "user", "content": user_text.strip()},
                           {"role": "model", "content": reply}]
-        # Close the model turn canonically: re-encode the trimmed reply + "<end_of_turn>\n".
-        self.history = prompt + self.tokenizer.encode(reply + f"{END}\n")
+        # Close the model turn canonically: re-encode the trimmed reply + "<end_of_turn>\n"
+        # (a marker the model spelled out in plain characters stays plain text).
+        self.history = prompt + self.tokenizer.encode(reply, parse_special=False) + \
+            self.tokenizer.encode(f"{END}\n")
         return reply
 
     def reset(self) -> None:

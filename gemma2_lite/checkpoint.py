@@ -23,6 +23,7 @@ pre_attn_norm.scale etc.   (D,)         input_layernorm.weight etc.     (D,)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,11 +36,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from .config import Gemma2Config, get_config
+from .checks import check_regular_file
+from .config import ConfigError, Gemma2Config, get_config
 from .model import Gemma2
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
-           "config_to_hf", "load_hf", "save_hf", "load_flax", "save_flax", "to_flax_tree",
+           "config_to_hf", "read_hf_config", "read_hf_tensors", "check_arrays", "load_hf", "save_hf", "load_flax", "save_flax", "to_flax_tree",
            "from_arrays", "to_arrays", "hf_state_dict", "hf_to_arrays"]
 
 Path_ = tuple[Any, ...]   # a parameter path in the model, e.g. ("layers", 0, "attn", "q")
@@ -53,30 +55,128 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- safetensors
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+              "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+              "U8": np.uint8, "BOOL": np.bool_}
+# The dtypes a weight may have: anything else (an int or bool tensor) would be cast to float
+# without meaning anything.
+_WEIGHT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a ``.safetensors`` file as read-only, memory-mapped numpy arrays."""
-    path = Path(path)
+_MAX_HEADER_BYTES = 100_000_000   # the reference implementation's limit
+
+
+def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a name given twice (which one would win?) is an error."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise CheckpointError(f"the key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON value in ``path`` (a regular file, else :class:`CheckpointError` naming it)."""
+    check_regular_file(path, what, CheckpointError)
+    try:
+        return json.loads(path.read_bytes(), object_pairs_hook=_json_object_no_duplicates)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what} {path}: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Not the exception's text: for a non-UTF-8 file it would quote the file's bytes.
+        where = f" ({exc.msg}, line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{what} {path} is not valid JSON{where}") from None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], int]:
+    """The validated header of a safetensors file: ``{name: (dtype, shape, start, end)}`` with
+    offsets relative to the data section, and where that section starts in the file.
+
+    Every field is checked against the file before any byte of tensor data is used: dtype
+    known, shape a list of non-negative integers, ``0 <= start <= end <=`` the data section's
+    size, ``end - start`` exactly the bytes of that dtype and shape, no two tensors sharing
+    bytes. A negative offset would otherwise hand back the file's own header as weights, and a
+    truncated file would fail later with a bare ``cannot reshape``.
+    """
+    check_regular_file(path, "safetensors file", CheckpointError)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len <= 0 or header_len > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (header length {header_len})")
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {}
-    for name, info in header.items():
+        header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        # The length is not quoted in the message: it is the file's first 8 bytes.
+        if not 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path} is not a safetensors file or is truncated: its first 8 bytes are not "
+                f"the length of a JSON header that fits in the file ({size} bytes)")
+        header = f.read(header_len)
+    try:
+        info_all = json.loads(header, object_pairs_hook=_json_object_no_duplicates)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: header: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON") from None
+    if not isinstance(info_all, dict):
+        raise CheckpointError(f"{path}: the header must be a JSON object of tensors, got "
+                              f"{type(info_all).__name__}")
+    data_size = size - 8 - header_len
+    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    for name, info in info_all.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        tensors[name] = raw[base + start: base + end].view(dtype).reshape(info["shape"])
-    return tensors
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: expected {{'dtype', 'shape', 'data_offsets'}}, got "
+                                  f"{type(info).__name__}")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype_name!r}; "
+                                  f"expected one of {sorted(_ST_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, "
+                                  f"got {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or \
+                not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets must be [start, end] integers, got "
+                                  f"{offsets!r}")
+        start, end = offsets
+        if not 0 <= start <= end <= data_size:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} lie outside the file's {data_size} data bytes "
+                "(need 0 <= start <= end <= that); the file is truncated or corrupt")
+        dtype = np.dtype(_ST_DTYPES[dtype_name])
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - start != nbytes:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} span {end - start} bytes, but {dtype_name} "
+                f"{shape} needs {nbytes}; the file is corrupt")
+        entries[name] = (dtype, tuple(shape), start, end)
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items()
+                   if end > start)
+    for (_, end1, name1), (start2, _, name2) in zip(spans, spans[1:]):
+        if start2 < end1:
+            raise CheckpointError(f"{path}: tensors {name1!r} and {name2!r} share bytes "
+                                  "(overlapping data_offsets); the file is corrupt")
+    return entries, 8 + header_len
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file as read-only, memory-mapped numpy arrays.
+
+    The header is validated first (see :func:`_read_header`); any problem is a
+    :class:`CheckpointError` naming the file and tensor. Tensors keep their stored dtype
+    (integer and bool tensors too: :func:`from_arrays` refuses them as weights).
+    """
+    path = Path(path)
+    entries, base = _read_header(path)
+    if not entries:
+        return {}
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    return {name: raw[base + start: base + end].view(dtype).reshape(shape)
+            for name, (dtype, shape, start, end) in entries.items()}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -116,34 +216,79 @@ def _path_name(path: Path_) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _param_shapes(config: Gemma2Config) -> dict[Path_, tuple[int, ...]]:
+    """Every parameter's path and shape, from an abstract *one-layer* model (all layers share
+    their shapes): cheap for any ``num_layers``, unlike tracing the whole model."""
+    one = nnx.eval_shape(lambda: Gemma2(config.replace(num_layers=1), rngs=nnx.Rngs(0)))
+    shapes: dict[Path_, tuple[int, ...]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param)):
+        path = tuple(path)
+        if path[0] == "layers":
+            shapes.update({("layers", i, *path[2:]): tuple(var.shape)
+                           for i in range(config.num_layers)})
+        else:
+            shapes[path] = tuple(var.shape)
+    return shapes
+
+
+def _listing(names: list[str]) -> str:
+    return f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+
+
+def check_arrays(config: Gemma2Config, arrays: Mapping[Path_, Any], *,
+                 source: str = "checkpoint") -> None:
+    """Check parameter arrays against ``config`` without building the model.
+
+    In this order, each step cheap whatever the config claims: the layer indices (a
+    config.json claiming 200 layers over a 2-layer file is refused before anything is traced),
+    then every name and shape, then the dtypes (weights must be floating point: an integer or
+    bool tensor would be cast silently). Raises :class:`CheckpointError` naming ``source``
+    and the tensors.
+    """
+    layers = sorted({p[1] for p in arrays if p and p[0] == "layers"}, key=str)
+    if len(layers) != config.num_layers or not all(
+            isinstance(i, int) and 0 <= i < config.num_layers for i in layers):
+        found = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
+        raise CheckpointError(
+            f"{source} does not match {config!r}: the config has num_layers="
+            f"{config.num_layers}, the checkpoint holds {len(layers)} ({found})")
+    shapes = _param_shapes(config)
+    missing = sorted(_path_name(p) for p in shapes.keys() - arrays.keys())
+    extra = sorted(_path_name(p) for p in arrays.keys() - shapes.keys())
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {_listing(extra)}")
+    for path in sorted(shapes.keys() & arrays.keys(), key=_path_name):
+        want, got = shapes[path], tuple(np.shape(arrays[path]))
+        if want != got:
+            problems.append(f"{_path_name(path)}: expected shape {want}, found {got}")
+        dtype = getattr(arrays[path], "dtype", None)
+        dtype = np.asarray(arrays[path]).dtype if dtype is None else np.dtype(dtype)
+        if dtype not in _WEIGHT_DTYPES:
+            problems.append(f"{_path_name(path)}: dtype {dtype} is not a floating-point weight "
+                            f"(expected one of {sorted(str(d) for d in _WEIGHT_DTYPES)})")
+    if problems:
+        raise CheckpointError(f"{source} does not match {config!r}:\n  " + "\n  ".join(problems))
+
+
 def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
                 source: str = "checkpoint", place: Placer | None = None) -> Gemma2:
     """Build a :class:`Gemma2` from parameter arrays, checking every name and shape first.
 
-    The model is created abstractly (no random initialisation, no memory) and each array is
+    The arrays are checked by :func:`check_arrays` before the model is even traced; then the
+    model is created abstractly (no random initialisation, no memory) and each array is
     placed on device by ``place`` (default: ``jnp.asarray``; :mod:`gemma2_lite.sharding` passes
     one that puts each shard where it belongs) and cast to ``config.param_dtype``.
     """
+    check_arrays(config, arrays, source=source)
     abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = dict(nnx.to_flat_state(state))
-    wanted = {p for p, v in expected.items() if isinstance(v, nnx.Param)}
-    missing = sorted(_path_name(p) for p in wanted - set(arrays))
-    extra = sorted(_path_name(p) for p in set(arrays) - wanted)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if extra:
-        problems.append(f"unexpected tensors: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    for path in sorted(wanted & set(arrays), key=_path_name):
-        want, got = tuple(expected[path].shape), tuple(np.shape(arrays[path]))
-        if want != got:
-            problems.append(f"{_path_name(path)}: expected shape {want}, found {got}")
-    if problems:
-        raise CheckpointError(f"{source} does not match {config!r}:\n  " + "\n  ".join(problems))
     dtype = config.jnp_param_dtype
     for path, var in expected.items():
-        if path in wanted:
+        if isinstance(var, nnx.Param):
             if place is None:
                 value = jnp.asarray(np.asarray(arrays[path]).astype(dtype))
             else:
@@ -160,40 +305,88 @@ _HF_NORMS = {"input_layernorm": "pre_attn_norm", "post_attention_layernorm": "po
              "post_feedforward_layernorm": "post_ffw_norm"}
 
 
+# Our config field <- the Hugging Face config.json field it is read from (required fields).
+_HF_REQUIRED = {"vocab_size": "vocab_size", "d_model": "hidden_size",
+                "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                "ffn_dim": "intermediate_size", "query_pre_attn_scalar": "query_pre_attn_scalar"}
+_HF_OPTIONAL = {"sliding_window": "sliding_window", "attn_logit_softcap": "attn_logit_softcapping",
+                "final_logit_softcap": "final_logit_softcapping", "rope_base": "rope_theta",
+                "max_seq_len": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps"}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
-    """A :class:`Gemma2Config` from a Hugging Face ``config.json`` (transformers 4.x or 5.x)."""
+    """A :class:`Gemma2Config` from a Hugging Face ``config.json`` (transformers 4.x or 5.x).
+
+    Raises :class:`CheckpointError` naming the config.json field that is missing or invalid.
+    """
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"config.json must be a JSON object of fields, got "
+                              f"{type(hf).__name__}")
     if hf.get("model_type") not in (None, "gemma2"):
         raise CheckpointError(f"config.json is for model_type {hf.get('model_type')!r}, "
                               f"expected 'gemma2'")
+    missing = [name for name in _HF_REQUIRED.values() if name not in hf]
+    if missing:
+        raise CheckpointError(f"config.json lacks the field(s) {missing} that a Gemma 2 "
+                              "config needs")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, Mapping):
+        raise CheckpointError(f"config.json field 'rope_parameters' must be an object, got "
+                              f"{type(rope).__name__}")
     rope_base = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
     n_layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
     window = hf.get("sliding_window")
     if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise CheckpointError(f"config.json field 'layer_types' must be a list, got "
+                                  f"{type(layer_types).__name__}")
         if all(t == "full_attention" for t in layer_types):
             window = None
         else:
             alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                           for i in range(n_layers)]
-            if list(layer_types) != alternating:
+                           for i in range(len(layer_types))]
+            if list(layer_types) != alternating or len(layer_types) != n_layers:
                 raise CheckpointError(
                     "config.json layer_types must alternate sliding/full starting with sliding "
-                    f"(Gemma 2's pattern) or be all full; got {layer_types}")
+                    f"(Gemma 2's pattern), one per layer, or be all full; got {layer_types[:8]}")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise CheckpointError(f"activation {act!r} is not Gemma 2's tanh GELU")
-    fields = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=n_layers,
-        num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
-        head_dim=hf["head_dim"], ffn_dim=hf["intermediate_size"],
-        query_pre_attn_scalar=hf["query_pre_attn_scalar"], sliding_window=window,
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"), rope_base=float(rope_base),
+    fields = {ours: hf[theirs] for ours, theirs in _HF_REQUIRED.items()}
+    fields.update(
+        sliding_window=window, attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"), rope_base=rope_base,
         max_seq_len=hf.get("max_position_embeddings", 8192),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), name=hf.get("_name_or_path") or "hf")
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), name=str(hf.get("_name_or_path") or "hf"))
     fields.update(overrides)
-    return Gemma2Config(**fields)
+    try:
+        return Gemma2Config(**fields)
+    except ConfigError as exc:
+        field = str(exc).split(" ", 1)[0]
+        theirs = {**_HF_REQUIRED, **_HF_OPTIONAL}.get(field)
+        where = f" (config.json field {theirs!r})" if theirs and field not in overrides else ""
+        raise CheckpointError(f"config.json describes no valid Gemma 2: {exc}{where}") from None
+
+
+def read_hf_config(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None,
+                   **overrides: Any) -> Gemma2Config:
+    """The :class:`Gemma2Config` of a Hugging Face checkpoint folder's ``config.json``.
+
+    ``dtype`` is the activation dtype and, unless ``param_dtype`` is given, the parameter
+    dtype. Every problem is a :class:`CheckpointError` naming the file and field.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+    hf = _read_json(cfg_file, "config")
+    try:
+        return config_from_hf(hf, dtype=jnp.dtype(dtype).name,
+                              param_dtype=jnp.dtype(param_dtype or dtype).name, **overrides)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{cfg_file}: {exc}") from None
 
 
 def config_to_hf(config: Gemma2Config) -> dict[str, Any]:
@@ -293,21 +486,90 @@ def hf_state_dict(model: Gemma2) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(v) for name, v in sd.items()}
 
 
-def _hf_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# The names save_hf gives shards (the hub's convention); only such files are ever deleted.
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _is_plain_shard_name(name: Any) -> bool:
+    """A file name inside the checkpoint folder: no directory part, no '..', not absolute."""
+    return (isinstance(name, str) and name.endswith(".safetensors") and name not in ("", ".", "..")
+            and "/" not in name and "\\" not in name and Path(name).name == name
+            and not os.path.isabs(name))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, every shard name checked to stay in ``path``.
+
+    An index is untrusted input: a shard called ``../elsewhere.safetensors`` or
+    ``/etc/passwd`` would make the loader read a file outside the checkpoint.
+    """
+    index = path / INDEX_FILE
+    data = _read_json(index, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"shard index {index} must be a JSON object with a non-empty "
+                              "'weight_map' of {tensor name: shard file name}")
+    for tensor, shard in weight_map.items():
+        if not _is_plain_shard_name(shard):
+            raise CheckpointError(
+                f"shard index {index}: tensor {tensor!r} names shard {shard!r}; a shard must be "
+                f"a plain *.safetensors file name inside {path} (no directories, no '..')")
+    return weight_map
+
+
+def _hf_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder, and the index's weight_map if sharded."""
+    index, single = path / INDEX_FILE, path / SINGLE_FILE
+    if index.exists() and single.exists():
+        raise CheckpointError(
+            f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}, two different saves: remove the "
+            "stale one (save_hf removes it when it writes)")
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
-    single = path / "model.safetensors"
+        weight_map = _read_index(path)
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                first = next(t for t, s in weight_map.items() if s == shard)
+                raise CheckpointError(f"shard index {index} names shard {shard} (e.g. for "
+                                      f"{first!r}), but {path / shard} does not exist")
+            files.append(path / shard)
+        return files, weight_map
     if single.exists():
-        return [single]
+        return [single], None
     found = sorted(path.glob("*.safetensors"))
     if not found:
         pickles = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found {pickles}: pickle files are not loaded; convert them to safetensors)" \
             if pickles else ""
         raise CheckpointError(f"no *.safetensors files in {path}{hint}")
-    return found
+    return found, None
+
+
+def read_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a Hugging Face checkpoint folder (memory-mapped), by its HF name.
+
+    A tensor found in two files, or missing from the shard the index names for it, is a
+    :class:`CheckpointError`: which copy is meant would be a guess.
+    """
+    path = Path(path)
+    files, weight_map = _hf_files(path)
+    tensors: dict[str, np.ndarray] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        for name, value in read_safetensors(file).items():
+            if name in origin:
+                raise CheckpointError(f"tensor {name!r} is in both {origin[name]} and {file}")
+            tensors[name], origin[name] = value, file
+    for name, shard in (weight_map or {}).items():
+        if origin.get(name, path / shard) != path / shard:
+            raise CheckpointError(f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
+                                  f"but it is in {origin.get(name, 'no shard')}")
+        if name not in origin:
+            raise CheckpointError(f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
+                                  "but that shard does not hold it")
+    return tensors
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = None,
@@ -317,33 +579,48 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: A
     Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``) layouts
     are both read. ``dtype`` is the activation dtype and, unless ``param_dtype`` is given, the
     parameter dtype. ``model.config`` holds the config read from ``config.json``.
+
+    Everything read is treated as untrusted and checked before the model is built (see the
+    book's page on untrusted weights): config fields, the index's shard names, every
+    safetensors header, then tensor names, shapes and dtypes against the config.
     """
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
-    dname = jnp.dtype(dtype).name
-    pname = jnp.dtype(param_dtype or dtype).name
-    config = config_from_hf(json.loads(cfg_file.read_text()), dtype=dname, param_dtype=pname,
-                            **config_overrides)
-    tensors: dict[str, np.ndarray] = {}
-    for file in _hf_files(path):
-        tensors.update(read_safetensors(file))
+    config = read_hf_config(path, dtype, param_dtype, **config_overrides)
+    tensors = read_hf_tensors(path)
     return from_arrays(config, hf_to_arrays(config, tensors), source=str(path), place=place)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove_stale(path: Path, keep: set[str]) -> None:
+    """Delete files of an earlier save_hf that the new save does not use: the other layout's
+    file or index and our own shard names not in ``keep``. Nothing else is touched."""
+    for file in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        if file.name in keep or not file.exists():
+            continue
+        if file.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(file.name):
+            file.unlink()
 
 
 def save_hf(model: Gemma2, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
     """Write ``model`` as a Hugging Face checkpoint (config.json + safetensors).
 
     With ``max_shard_bytes`` the weights are split into several files with an index, as the
-    hub does for large models.
+    hub does for large models. Files of an earlier save into the same folder that this one does
+    not use (a stale index, old shards, the other layout's file) are removed after the new
+    files are in place, so the folder never loads the old weights.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    _write_text_atomic(path / "config.json", json.dumps(config_to_hf(model.config), indent=2))
     sd = hf_state_dict(model)
     if max_shard_bytes is None:
-        write_safetensors(path / "model.safetensors", sd)
+        write_safetensors(path / SINGLE_FILE, sd)
+        _remove_stale(path, keep={SINGLE_FILE})
         return
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -360,7 +637,8 @@ def save_hf(model: Gemma2, path: str | os.PathLike, *, max_shard_bytes: int | No
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": sum(a.nbytes for a in sd.values())},
              "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _write_text_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
+    _remove_stale(path, keep={INDEX_FILE, *weight_map.values()})
 
 
 # ----------------------------------------------------------------------------- official Flax
@@ -399,9 +677,21 @@ def to_flax_tree(model: Gemma2) -> dict[str, Any]:
                             "final_norm": {"scale": arrays[("final_norm", "scale")]}}}
 
 
+def _unstack(key: str, w: np.ndarray, count: int) -> list[np.ndarray]:
+    """The ``count`` parts stacked on axis 0 of ``w`` (e.g. kv_einsum's k and v), or a
+    :class:`CheckpointError` naming ``key`` when the tensor is not stacked that way."""
+    if np.ndim(w) < 2 or np.shape(w)[0] != count:
+        raise CheckpointError(f"{key}: expected {count} tensors stacked on the first axis, "
+                              f"found shape {np.shape(w)}")
+    return [w[j] for j in range(count)]
+
+
 def _infer_flax_config(flat: Mapping[str, np.ndarray]) -> Gemma2Config:
     """Match the checkpoint's shapes against the presets (needed for the 27B query scale)."""
     emb = flat["transformer/embedder/input_embedding"]
+    if len(emb.shape) != 2:
+        raise CheckpointError(f"transformer/embedder/input_embedding: expected shape (V, D), "
+                              f"found {emb.shape}")
     n_layers = len({m.group(1) for k in flat if (m := re.match(r"transformer/layer_(\d+)/", k))})
     for name in ("gemma2-2b", "gemma2-9b", "gemma2-27b"):
         preset = get_config(name)
@@ -430,6 +720,8 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
         source = str(path_or_tree)
         tree = ocp.PyTreeCheckpointer().restore(os.fspath(Path(path_or_tree).resolve()))
     flat = {k: np.asarray(v) for k, v in _flatten(tree).items()}
+    if not flat:
+        raise CheckpointError(f"{source} holds no tensors")
     flat = {k if k.startswith("transformer/") else f"transformer/{k}": v for k, v in flat.items()}
     if "transformer/embedder/input_embedding" not in flat:
         raise CheckpointError(f"{source} has no transformer/embedder/input_embedding; "
@@ -442,8 +734,9 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
     unused = []
     for key, w in flat.items():
         if key == "transformer/embedder/input_embedding":
-            if w.shape[0] < c.vocab_size:
-                raise CheckpointError(f"{key}: {w.shape[0]} rows, config wants {c.vocab_size}")
+            if w.ndim != 2 or w.shape[0] < c.vocab_size:
+                raise CheckpointError(f"{key}: expected (V, D) with at least {c.vocab_size} rows, "
+                                      f"found shape {w.shape}")
             arrays[("embedder", "embedding")] = w[: c.vocab_size]
         elif key == "transformer/final_norm/scale":
             arrays[("final_norm", "scale")] = w
@@ -452,10 +745,11 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
             if rest == "attn/q_einsum/w":
                 arrays[("layers", i, "attn", "q")] = w
             elif rest == "attn/kv_einsum/w":
-                arrays[("layers", i, "attn", "k")], arrays[("layers", i, "attn", "v")] = w[0], w[1]
+                for part, value in zip("kv", _unstack(key, w, 2)):
+                    arrays[("layers", i, "attn", part)] = value
             elif rest == "attn/qkv_einsum/w":   # the layout used when N == K
-                for j, part in enumerate("qkv"):
-                    arrays[("layers", i, "attn", part)] = w[j]
+                for part, value in zip("qkv", _unstack(key, w, 3)):
+                    arrays[("layers", i, "attn", part)] = value
             elif rest == "attn/attn_vec_einsum/w":
                 arrays[("layers", i, "attn", "o")] = w
             elif rest == "mlp/gating_einsum":
@@ -465,7 +759,8 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
                 elif w.shape != (2, c.d_model, c.ffn_dim):
                     raise CheckpointError(f"{key}: expected (2, {c.ffn_dim}, {c.d_model}) or "
                                           f"(2, {c.d_model}, {c.ffn_dim}), found {w.shape}")
-                arrays[("layers", i, "mlp", "gate")], arrays[("layers", i, "mlp", "up")] = w[0], w[1]
+                for part, value in zip(("gate", "up"), _unstack(key, w, 2)):
+                    arrays[("layers", i, "mlp", part)] = value
             elif rest == "mlp/linear":
                 arrays[("layers", i, "mlp", "down")] = w
             elif (norm := rest.removesuffix("/scale")) in _FLAX_NORMS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,16 +89,23 @@ class Gemma2Config:
                 f"sliding_window must be a positive integer or None (all layers global), "
                 f"got {self.sliding_window!r}")
         for field in ("attn_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, field)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{field} must be positive or None (no cap), got {value!r}")
+            if getattr(self, field) is not None:
+                self._check_positive_finite(field, " or None (no cap)")
         for field in ("query_pre_attn_scalar", "rope_base", "rms_norm_eps"):
-            if not getattr(self, field) > 0:
-                raise ConfigError(f"{field} must be positive, got {getattr(self, field)!r}")
+            self._check_positive_finite(field)
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ConfigError(
                     f"{field} must be one of {sorted(_DTYPES)}, got {getattr(self, field)!r}")
+
+    def _check_positive_finite(self, field: str, alternative: str = "") -> None:
+        # Finite, not just positive: an infinite soft-cap passes "> 0" but computes
+        # inf * tanh(x / inf) = inf * 0 = NaN for every logit.
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not 0 < value < math.inf:
+            raise ConfigError(f"{field} must be a positive finite number{alternative}, "
+                              f"got {value!r}")
 
     # ------------------------------------------------------------------ derived quantities
     @property

@@ -89,9 +89,17 @@ class Embedder(nnx.Module):
                                    logical_axes=("vocab", "embed"))
 
     def encode(self, tokens: jax.Array, dtype: Any) -> jax.Array:
-        """int (B, T) -> (B, T, D) in ``dtype``, times sqrt(D) rounded to ``dtype`` first."""
-        d_model = self.embedding.shape[1]
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        """int (B, T) -> (B, T, D) in ``dtype``, times sqrt(D) rounded to ``dtype`` first.
+
+        An id outside [0, V) gives a row of NaN (never another token's row).
+        """
+        vocab, d_model = self.embedding.shape
+        # Ids outside [0, V) can only reach here under jit (concrete ids are checked by the
+        # model): they embed as NaN, which poisons the output visibly, rather than wrapping
+        # (numpy-style, id -1 would read row V-1) or clamping to another token's row.
+        tokens = jnp.where(tokens < 0, vocab, tokens)
+        x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill",
+                     fill_value=jnp.nan).astype(dtype)
         # The reference casts sqrt(D) to the activation dtype before multiplying
         # (48.0 for 2B in bfloat16, not 48.0000...).
         return x * jnp.asarray(d_model ** 0.5, dtype=dtype)

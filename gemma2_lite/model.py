@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention, LayerCache
+from .checks import check_token_ids
 from .config import Gemma2Config
 from .layers import Embedder, FeedForward, RMSNorm, soft_cap
 
@@ -78,29 +79,70 @@ class Gemma2(nnx.Module):
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, tokens: jax.Array, positions: jax.Array | None,
-                      cache: list[LayerCache] | None) -> None:
+    def _check_inputs(self, tokens: Any, positions: Any,
+                      cache: list[LayerCache] | None) -> jax.Array:
+        """Check the call's inputs; return ``tokens`` as a JAX integer array.
+
+        Shapes are checked always (they are static, even under ``jit``); token ids and
+        positions only when they are concrete (see :mod:`gemma2_lite.checks`): inside ``jit``
+        an out-of-range id embeds as NaN (:meth:`Embedder.encode`) instead of being refused.
+        """
         c = self.config
+        if not hasattr(tokens, "ndim"):
+            tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T) integers, got shape {tokens.shape}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-        if cache is None and tokens.shape[1] > c.max_seq_len:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's "
+        # Before jnp.asarray: with 64-bit mode off an int64 id of 2**32 + 5 would become 5.
+        check_token_ids(tokens, c.vocab_size, name="tokens")
+        b, t = tokens.shape
+        if t == 0:
+            raise ValueError(f"tokens has shape {tokens.shape}: every row needs at least one "
+                             "token (T >= 1)")
+        if cache is None and t > c.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens is longer than the model's "
                              f"context ({c.max_seq_len}); truncate it or use a larger max_seq_len")
-        if cache is not None and len(cache) != c.num_layers:
+        if positions is not None:
+            if np.shape(positions) != (b, t):
+                raise ValueError(f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
+                                 "pass one position per token")
+            if not isinstance(positions, jax.core.Tracer):
+                p = np.asarray(positions)
+                if p.size and p.max() >= c.max_seq_len:
+                    raise ValueError(f"position {int(p.max())} is past the model's context "
+                                     f"({c.max_seq_len} positions, 0..{c.max_seq_len - 1})")
+        if cache is not None:
+            self._check_cache(cache, b, positions)
+        return jnp.asarray(tokens)
+
+    def _check_cache(self, cache: list[LayerCache], batch: int, positions: Any) -> None:
+        """A cache must have one entry per layer, the batch's rows, and room for the positions.
+
+        A layer whose cache has fewer slots than it attends to (a global layer: all positions;
+        a local one: W) is a ring buffer that overwrites keys it still needs once a position
+        reaches its size: refused here when positions are concrete, since the logits would be
+        silently wrong.
+        """
+        c = self.config
+        if len(cache) != c.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
-        if not isinstance(tokens, jax.core.Tracer):
-            ids = np.asarray(tokens)
-            if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-                bad = ids[(ids < 0) | (ids >= c.vocab_size)]
-                raise ValueError(f"token ids must be in [0, {c.vocab_size}); found {bad[:5].tolist()}"
-                                 f" — was the text tokenized with a different vocabulary?")
-        if positions is not None and not isinstance(positions, jax.core.Tracer):
-            p = np.asarray(positions)
-            if p.size and p.max() >= c.max_seq_len:
-                raise ValueError(f"position {int(p.max())} is past the model's context "
-                                 f"({c.max_seq_len} positions, 0..{c.max_seq_len - 1})")
+        for i, layer in enumerate(cache):
+            if layer.k.shape[0] != batch:
+                raise ValueError(f"cache[{i}] holds {layer.k.shape[0]} rows but tokens has "
+                                 f"{batch}: make the cache with init_cache(batch={batch}, ...)")
+        if positions is None or isinstance(positions, jax.core.Tracer):
+            return
+        p = np.asarray(positions)
+        if not p.size:
+            return
+        for i, layer in enumerate(cache):
+            window = c.window_for_layer(i)
+            if (window is None or layer.size < window) and p.max() >= layer.size:
+                raise ValueError(
+                    f"position {int(p.max())} does not fit in the cache: layer {i} has "
+                    f"{layer.size} slots (positions 0..{layer.size - 1}); make a larger cache "
+                    "with init_cache(batch, max_len)")
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -108,7 +150,9 @@ class Gemma2(nnx.Module):
                  return_hidden: bool = False) -> Any:
         """Next-token logits.
 
-        tokens: int (B, T). attention_mask: (B, T), 1 for real tokens and 0 for padding
+        tokens: int (B, T), ids in [0, V): checked when concrete (a
+        :class:`~gemma2_lite.checks.TokenIdError` names the bad ids); under ``jit`` they cannot
+        be checked and an out-of-range id turns its position's logits into NaN. attention_mask: (B, T), 1 for real tokens and 0 for padding
         (left padding); default all ones. positions: int (B, T); default cumsum(mask) - 1.
         cache: a list of L :class:`LayerCache` (see :meth:`init_cache`) for incremental decoding.
 
@@ -116,8 +160,7 @@ class Gemma2(nnx.Module):
         with ``return_hidden`` also the residual stream after the embedding and after every layer
         (L + 1 arrays (B, T, D); the last one after the final norm, as Hugging Face reports it).
         """
-        tokens = jnp.asarray(tokens)
-        self._check_inputs(tokens, positions, cache)
+        tokens = self._check_inputs(tokens, positions, cache)
         c = self.config
         if attention_mask is None:
             valid = jnp.ones(tokens.shape, bool)

@@ -40,19 +40,38 @@ import numpy as np
 from flax import nnx
 
 from .attention import LayerCache
+from .checks import check_seed, check_token_ids
 from .model import Gemma2, positions_from_mask
 
 __all__ = ["generate", "sample_logits", "check_sampling", "check_prompts", "pad_prompts",
-           "prefill", "decode_step", "DecodeState", "SamplingSettings", "PAD_ID"]
+           "prefill", "decode_step", "DecodeState", "SamplingSettings", "PAD_ID", "BAD_LOGITS",
+           "NonFiniteLogitsError"]
 
 #: Gemma's ``<pad>`` id: fills the left padding and the outputs of rows that have finished.
 PAD_ID = 0
+#: What the sampler returns, inside compiled code, for a row whose logits hold NaN or +inf or
+#: no finite value; the public functions turn it into :class:`NonFiniteLogitsError`.
+BAD_LOGITS = -1
 # Prompt lengths are padded up to a multiple of this, and default cache sizes to a multiple of
 # _CACHE_BUCKET, so that prompts of similar lengths (a chat growing turn by turn) reuse one
 # compiled program instead of compiling a new one for every length.
 _PROMPT_BUCKET = 16
 _CACHE_BUCKET = 64
 _OUT_BUCKET = 32
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN or infinite logits: there is no distribution to sample from."""
+
+
+def _raise_bad_logits(tokens: np.ndarray, where: str) -> None:
+    """Raise :class:`NonFiniteLogitsError` if ``tokens`` (B,) or (B, M) holds ``BAD_LOGITS``."""
+    rows = np.flatnonzero(np.any(np.asarray(tokens).reshape(len(tokens), -1) == BAD_LOGITS,
+                                 axis=1))
+    if rows.size:
+        raise NonFiniteLogitsError(
+            f"{where}: the logits of row(s) {rows[:8].tolist()} contain NaN or +inf (or no "
+            "finite value), so no token can be sampled; check the model's weights and inputs")
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -101,7 +120,12 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
         return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
     branch = jnp.where(temperature == 0, 0, jnp.where((top_k > 0) | (top_p < 1), 2, 1))
-    return jax.lax.switch(branch, [greedy, plain, filtered])
+    token = jax.lax.switch(branch, [greedy, plain, filtered])
+    # A row with NaN or +inf, or nothing finite, has no distribution to sample from (argmax
+    # would quietly answer token 0): mark it BAD_LOGITS for the caller to report.
+    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1) | \
+        jnp.all(logits == -jnp.inf, axis=-1)
+    return jnp.where(bad, BAD_LOGITS, token)
 
 
 # Compiled once per logits shape: called eagerly, lax.switch would retrace its branches (new
@@ -113,7 +137,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None) -> jax.Array:
     """Pick one token per row from next-token logits.
 
-    logits: float (B, V). key: a ``jax.random`` key. Returns int32 (B,).
+    logits: float (B, V). key: a ``jax.random`` key. Returns int32 (B,). Raises
+    :class:`NonFiniteLogitsError` for a row with NaN or +inf logits or none finite (``-inf``
+    alone is fine: it bans a token); under ``jit`` such a row gets ``BAD_LOGITS`` (-1) instead.
 
     * ``temperature == 0``: greedy, ``argmax`` (top_k/top_p are then irrelevant).
     * otherwise sample from ``softmax(logits / temperature)``, restricted to
@@ -127,13 +153,19 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
     logits = jnp.asarray(logits).astype(jnp.float32)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (B, V), got shape {logits.shape}")
-    return _sample_jit(logits, key, np.float32(temperature), np.int32(top_k or 0),
-                       np.float32(1.0 if top_p is None else top_p))
+    token = _sample_jit(logits, key, np.float32(temperature), np.int32(top_k or 0),
+                        np.float32(1.0 if top_p is None else top_p))
+    if not isinstance(token, jax.core.Tracer):
+        _raise_bad_logits(np.asarray(token), "sample_logits")
+    return token
 
 
 # ---------------------------------------------------------------------------- prompts
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
-    """Validate prompts (a non-empty list of non-empty lists of ids in [0, V)); return copies."""
+    """Validate prompts (a non-empty list of non-empty lists of integer ids in [0, V)); return
+    copies as lists of Python ints. Raises ``TypeError`` for non-integer ids and
+    :class:`~gemma2_lite.checks.TokenIdError` (a ``ValueError``) naming the prompt for ids
+    outside the vocabulary."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
         if prompts.ndim != 2:
             raise ValueError(f"a prompt array must be (B, T) token ids, got shape {prompts.shape}")
@@ -147,15 +179,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[lis
         if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
             raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}"
                             " (tokenize text first)")
-        ids = [int(t) for t in p]
-        if not ids:
+        if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token "
                              "(e.g. <bos>, id 2)")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5]}"
-                             " — was it tokenized with a different vocabulary?")
-        out.append(ids)
+        # Checked as given, before int(): a float id 7.9 must not quietly become token 7.
+        ids = check_token_ids(p, vocab_size, name=f"prompts[{i}]")
+        if ids.ndim != 1:
+            raise ValueError(f"prompts[{i}] must be a flat list of token ids, got shape "
+                             f"{ids.shape}")
+        out.append([int(t) for t in ids])
     return out
 
 
@@ -260,7 +292,8 @@ def _record(state: DecodeState, logits: jax.Array, settings: SamplingSettings) -
     token = _sample(logits, key, settings.temperature, settings.top_k, settings.top_p)
     token = jnp.where(state.done, PAD_ID, token)          # finished rows stop changing
     out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, state.step))
-    done = state.done | jnp.isin(token, settings.stop_tokens)   # -1 padding never matches
+    # A row whose logits went bad (BAD_LOGITS) stops too; generate() reports it.
+    done = state.done | jnp.isin(token, settings.stop_tokens) | (token == BAD_LOGITS)
     return dataclasses.replace(state, out=out, last=token, done=done, step=state.step + 1)
 
 
@@ -359,7 +392,11 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
 
     Raises:
       ValueError: an empty prompt list or prompt, ids outside the vocabulary, bad sampling
-        settings, or prompt + max_new_tokens longer than the cache / the model's context.
+        settings, a seed outside [0, 2**32), or prompt + max_new_tokens longer than the cache /
+        the model's context.
+      TypeError: prompts that are not lists of integer ids (float ids are refused, not
+        truncated).
+      NonFiniteLogitsError: the model's logits became NaN/inf for some row (e.g. NaN weights).
     """
     config = model.config
     prompts = check_prompts(prompts, config.vocab_size)
@@ -367,10 +404,9 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    stops = tuple(int(t) for t in stop_tokens)
-    bad = [t for t in stops if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {config.vocab_size})")
+    stops = tuple(int(t) for t in check_token_ids(list(stop_tokens), config.vocab_size,
+                                                  name="stop_tokens").reshape(-1))
+    seed = check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")
 
@@ -406,9 +442,11 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
             if step:
                 state = _advance_jit(graphdef, params, state, settings)
             new = np.asarray(state.out[:, step])
+            _raise_bad_logits(np.where(was_done, PAD_ID, new), f"generate, step {step}")
             callback(step, np.where(was_done, -1, new).astype(np.int32))
             was_done = np.asarray(state.done)
             if was_done.all():
                 break
     out = np.asarray(state.out)[:, :max_new_tokens]
+    _raise_bad_logits(out, "generate")
     return [_truncate(row, stops) for row in out]

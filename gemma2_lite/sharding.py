@@ -30,11 +30,9 @@ JAX call); on one host it does nothing.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -332,13 +330,9 @@ def load_hf_sharded(path: str | os.PathLike, mesh: Mesh, rules: Mapping[str, Rul
                     dtype: Any = jnp.float32, *, param_dtype: Any = None,
                     **config_overrides: Any) -> Gemma2:
     """:func:`gemma2_lite.checkpoint.load_hf` with every parameter put straight onto its shards."""
-    from .checkpoint import CheckpointError, config_from_hf, load_hf
+    from .checkpoint import load_hf, read_hf_config
 
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
-    config = config_from_hf(json.loads(cfg_file.read_text()), dtype=jnp.dtype(dtype).name,
-                            param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
+    config = read_hf_config(path, dtype, param_dtype, **config_overrides)
     return load_hf(path, dtype, param_dtype=param_dtype,
                    place=make_placer(config, mesh, rules), **config_overrides)
 

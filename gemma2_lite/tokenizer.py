@@ -42,12 +42,15 @@ import argparse
 import hashlib
 import io
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
+from gemma2_lite.checks import check_regular_file, check_token_ids
 from gemma2_lite.profile import data_path, repo_root
 
 __all__ = [
@@ -64,7 +67,10 @@ USER_DEFINED_PIECES = ("<mask>", "<start_of_turn>", "<end_of_turn>")
 #: with the text around it, so ``"model\n"`` tokenizes the same whatever follows it.
 NEWLINE_PIECES = tuple("\n" * k for k in range(1, 9))
 _SPACE_SYMBOL = "\u2581"  # ▁, SentencePiece's visible space
-_SPACE_SYMBOL_BYTES = tuple(f"<0x{b:02X}>" for b in _SPACE_SYMBOL.encode("utf-8"))
+# What Tokenizer.encode spells as byte pieces (a capturing group: re.split keeps the matches).
+_LITERAL = re.compile(f"({re.escape(_SPACE_SYMBOL)})")
+_LITERAL_AND_SPECIAL = re.compile(
+    "(" + "|".join(re.escape(p) for p in (_SPACE_SYMBOL, *USER_DEFINED_PIECES)) + ")")
 # SentencePiece skips training "sentences" longer than this many bytes; we chunk below it.
 _MAX_SENTENCE_BYTES = 8192
 _CHUNK_CHARS = 2000
@@ -189,16 +195,26 @@ class Tokenizer:
                  model_proto: bytes | None = None) -> None:
         if (path is None) == (model_proto is None):
             raise ValueError("give exactly one of path (a .model file) or model_proto (its bytes)")
+        where = "model_proto"
         if path is not None:
             file = Path(path)
-            if not file.is_file():
+            if not file.exists():
                 raise FileNotFoundError(
                     f"tokenizer model {file} not found; build the book's one with "
                     "`python -m gemma2_lite.tokenizer train`")
+            check_regular_file(file, "tokenizer model")   # a FIFO would hang read_bytes
             model_proto = file.read_bytes()
+            where = f"tokenizer model {file}"
         self.path = None if path is None else str(path)
         self._proto = bytes(model_proto)  # type: ignore[arg-type]
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            if not self._proto:
+                raise RuntimeError("it is empty")
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError as exc:   # sentencepiece's only complaint: the protobuf won't parse
+            reason = str(exc) if str(exc) == "it is empty" else "it does not parse"
+            raise ValueError(f"{where} is not a SentencePiece model ({reason}); expected a "
+                             ".model file such as data/tokenizer.model") from None
         for piece, expected in SPECIAL_PIECES.items():
             got = self._sp.piece_to_id(piece)
             if got != expected:
@@ -208,8 +224,9 @@ class Tokenizer:
             if self._sp.id_to_piece(self._sp.piece_to_id(piece)) != piece:
                 raise ValueError(f"the model has no {piece} piece; a Gemma tokenizer needs "
                                  f"{USER_DEFINED_PIECES}")
-        self._space_bytes = [self._sp.piece_to_id(p) for p in _SPACE_SYMBOL_BYTES]
-        if any(self._sp.id_to_piece(i) != p for i, p in zip(self._space_bytes, _SPACE_SYMBOL_BYTES)):
+        byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+        self._byte_ids = [int(self._sp.piece_to_id(p)) for p in byte_pieces]
+        if any(self._sp.id_to_piece(i) != p for i, p in zip(self._byte_ids, byte_pieces)):
             raise ValueError("the model has no byte-fallback pieces <0x00>..<0xFF>; "
                              "train it with byte_fallback=True")
 
@@ -285,20 +302,20 @@ class Tokenizer:
         return bool(self._sp.is_byte(int(token_id)))
 
     def _check_id(self, token_id: int) -> None:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            try:  # accept numpy / jax integer scalars
-                token_id = int(token_id.__index__())  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                raise TypeError(f"token id must be an int, got {type(token_id).__name__}") from None
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} out of range [0, {self.vocab_size})")
+        if np.ndim(token_id) != 0:
+            raise TypeError(f"token id must be one int, got {type(token_id).__name__}")
+        check_token_ids(token_id, self.vocab_size, name="token id")
 
     # ------------------------------------------------------- encode/decode
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *,
+               parse_special: bool = True) -> list[int]:
         """Token ids of ``text`` (a ``list[int]``, length ≥ 0), optionally framed by bos/eos.
 
-        ``<start_of_turn>``/``<end_of_turn>``/``<mask>`` in the text become their single ids;
-        ``<bos>``/``<eos>``/``<pad>`` written in the text stay ordinary characters.
+        ``<start_of_turn>``/``<end_of_turn>``/``<mask>`` in the text become their single ids
+        (``parse_special=True``, the default, as Gemma's tokenizer does); with
+        ``parse_special=False`` they are encoded as the plain characters they are (byte
+        pieces), so untrusted text can never produce those ids, and still decode to the same
+        text. ``<bos>``/``<eos>``/``<pad>`` written in the text are always ordinary characters.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}"
@@ -309,20 +326,24 @@ class Tokenizer:
             raise ValueError(f"text is not valid Unicode (it has a lone surrogate at index "
                              f"{exc.start}: {text[exc.start]!r}); it cannot be written as UTF-8") from None
         ids: list[int] = [self.bos_id] if add_bos else []
-        parts = text.split(_SPACE_SYMBOL)
-        for i, part in enumerate(parts):
-            if i:
-                ids.extend(self._space_bytes)
-            if part:
+        # Strings that must come back as written are cut out and spelled as UTF-8 byte pieces:
+        # always a literal "▁" (else it decodes as a space), and with parse_special=False the
+        # special pieces (else they become control ids). The text between is encoded normally.
+        literal = _LITERAL if parse_special else _LITERAL_AND_SPECIAL
+        for i, part in enumerate(literal.split(text)):
+            if i % 2:
+                ids.extend(self._byte_ids[b] for b in part.encode("utf-8"))
+            elif part:
                 ids.extend(int(t) for t in self._sp.encode(part, out_type=int))
         if add_eos:
             ids.append(self.eos_id)
         return ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
+                     add_eos: bool = False, *, parse_special: bool = True) -> list[list[int]]:
         """:meth:`encode` of each text."""
-        return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+        return [self.encode(t, add_bos=add_bos, add_eos=add_eos, parse_special=parse_special)
+                for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of a sequence of ids (control ids such as ``<bos>`` decode to "").
@@ -336,7 +357,7 @@ class Tokenizer:
             if isinstance(t, list):
                 raise TypeError(f"decode expects a flat sequence of ids; element {i} is a list "
                                 "(decode each row separately)")
-            self._check_id(t)
+        check_token_ids(ids, self.vocab_size, name="ids")
         return str(self._sp.decode([int(t) for t in ids]))
 
     def pieces(self, text: str) -> list[str]:

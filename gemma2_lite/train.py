@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +44,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .checks import check_token_ids
 from .config import Gemma2Config
 from .distill import cross_entropy_loss, distillation_loss, topk_distillation_loss
 from .model import Gemma2
 
 __all__ = ["TrainConfig", "TokenBatcher", "train", "evaluate", "cross_entropy_loss",
            "make_optimizer", "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
-           "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError"]
+           "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
+           "checkpoint_steps", "verify_checkpoint", "data_fingerprint", "SkippedCheckpointWarning"]
 
 # loss_fn(student_logits (B,T,V) f32, targets (B,T) int32, teacher_logits (B,T,V) f32 | None,
 #         rng uint32 (2,)) -> f32 scalar
@@ -57,6 +61,11 @@ LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None", jax.Array], jax.Arr
 
 class TrainError(ValueError):
     """A training setup that cannot work (bad sizes, too little data, mismatched resume)."""
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise TrainError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TrainError(f"{name} must be a positive integer, got {value!r}")
+            _positive_int(getattr(self, name), name)
         for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -291,6 +298,19 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: Lo
 
 
 # ----------------------------------------------------------------------------- evaluation
+def _token_stream(tokens: Any, vocab_size: int, name: str) -> np.ndarray:
+    """``tokens`` as a 1-D integer numpy stream of ids in [0, V), else :class:`TrainError`
+    naming ``name`` (the shared check of :mod:`gemma2_lite.checks`, in the trainer's error)."""
+    try:
+        ids = check_token_ids(tokens, vocab_size, name=name)
+    except (TypeError, ValueError) as exc:
+        raise TrainError(str(exc)) from None
+    if ids.ndim != 1:
+        raise TrainError(f"{name} must be a 1-D integer array of token ids, got shape {ids.shape}")
+    return ids
+
+
+
 @nnx.jit
 def _eval_batch(model: Gemma2, inputs: jax.Array, targets: jax.Array,
                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -308,11 +328,17 @@ def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 
     token except the first is predicted once, from up to T - 1 tokens of context); the last
     partial batch is padded with zero-weight rows so one compiled shape serves all batches.
     ``max_batches`` evaluates only the first so many batches. Returns
-    ``{"loss": mean nats/token, "perplexity": exp(loss), "tokens": count}``.
+    ``{"loss": mean nats/token, "perplexity": exp(loss), "tokens": count}``. Raises
+    :class:`TrainError` for ids outside the model's vocabulary or sizes that are not positive.
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise TrainError(f"tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    _positive_int(batch_size, "batch_size")
+    _positive_int(seq_len, "seq_len")
+    if max_batches is not None:
+        _positive_int(max_batches, "max_batches")
+    if seq_len > model.config.max_seq_len:
+        raise TrainError(f"seq_len {seq_len} exceeds the model's context {model.config.max_seq_len}")
+    # Out-of-vocabulary ids would be NaN inside the compiled batch: "val_loss: nan".
+    tokens = _token_stream(tokens, model.config.vocab_size, "tokens")
     count = (tokens.size - 1) // seq_len
     if count == 0:
         raise TrainError(f"{tokens.size} tokens are fewer than one window of {seq_len + 1}")
@@ -355,56 +381,162 @@ def _manager(directory: Path, keep: int) -> Any:
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
+CHECKSUMS_FILE = "checksums.json"
+SKIPPED_DIR = "skipped"   # broken steps are moved here (not an integer: Orbax ignores it)
+_EMPTY = "the step folder is empty"
+
+
+class SkippedCheckpointWarning(UserWarning):
+    """A saved step failed its integrity check and an older one was used instead."""
+
+
+def _step_files(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file under ``step_dir`` (but the checksum file), by relative path."""
+    out = {}
+    for file in sorted(step_dir.rglob("*")):
+        if file.is_file() and file.name != CHECKSUMS_FILE:
+            out[file.relative_to(step_dir).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return out
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Every step folder under ``directory`` (intact or not), oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def verify_checkpoint(directory: str | os.PathLike, step: int) -> str | None:
+    """Why step ``step`` under ``directory`` cannot be trusted, or None if it is intact.
+
+    Intact means: every file listed in its ``checksums.json`` is there with the same sha256,
+    and no file was added. A step saved before checksums existed (Orbax's commit metadata but
+    no checksum file) cannot be verified and is accepted as Orbax committed it.
+    """
+    step_dir = Path(directory) / str(step)
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return _EMPTY
+    sums_file = step_dir / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        if (step_dir / "_CHECKPOINT_METADATA").is_file():
+            return None
+        return f"it has no {CHECKSUMS_FILE} and no commit metadata (an unfinished save)"
+    try:
+        expected = json.loads(sums_file.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {CHECKSUMS_FILE} is unreadable"
+    found = _step_files(step_dir)
+    missing = sorted(set(expected) - set(found))
+    changed = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+    extra = sorted(set(found) - set(expected))
+    for what, names in (("missing", missing), ("changed (checksum differs)", changed),
+                        ("not part of the save", extra)):
+        if names:
+            return f"file(s) {what}: {names[:3]}"
+    return None
+
+
+def _set_aside(directory: Path, step: int) -> Path:
+    """Move step ``step`` into ``directory/skipped/`` (kept for inspection, out of the way of
+    the step that will be saved under that number again). Returns its new place."""
+    target = directory / SKIPPED_DIR / str(step)
+    n = 1
+    while target.exists():
+        target, n = directory / SKIPPED_DIR / f"{step}-{n}", n + 1
+    target.parent.mkdir(exist_ok=True)
+    os.replace(directory / str(step), target)
+    return target
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
                     meta: Mapping[str, Any], *, keep: int = 2) -> Path:
     """Save a pytree of arrays ``state`` plus JSON ``meta`` as step ``step`` under ``directory``.
 
     Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only when
-    everything is on disk, so an interrupted save never replaces a good checkpoint.
-    Returns the step's directory.
+    everything is on disk, so an interrupted save never replaces a good checkpoint. Then the
+    sha256 of every file goes into ``<step>/checksums.json`` (written to a temporary file and
+    renamed), which :func:`verify_checkpoint` checks before a restore. A broken folder already
+    holding this step number is moved to ``skipped/`` first. Returns the step's directory.
     """
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
     names, leaves, _ = _flat_names(state)
     flat = {n: np.asarray(leaf) for n, leaf in zip(names, leaves)}
+    if (directory / str(step)).exists():
+        _set_aside(directory, step)
     with _manager(directory, keep) as mgr:
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
                                                meta=ocp.args.JsonSave(dict(meta))), force=True)
         mgr.wait_until_finished()
-    return directory / str(step)
+    step_dir = directory / str(step)
+    tmp = step_dir / (CHECKSUMS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": _step_files(step_dir)}, indent=1))
+    os.replace(tmp, step_dir / CHECKSUMS_FILE)
+    return step_dir
 
 
 def latest_checkpoint_step(directory: str | os.PathLike) -> int | None:
-    """The newest complete checkpoint's step under ``directory`` (None if there is none)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    with _manager(directory, 1_000_000) as mgr:
-        return mgr.latest_step()
+    """The newest step under ``directory`` that passes :func:`verify_checkpoint` (None if none)."""
+    return next((s for s in reversed(checkpoint_steps(directory))
+                 if verify_checkpoint(directory, s) is None), None)
 
 
-def restore_checkpoint(directory: str | os.PathLike, like: Any, step: int | None = None
+def restore_checkpoint(directory: str | os.PathLike, like: Any, step: int | None = None, *,
+                       on_skip: Callable[[str], None] | None = None
                        ) -> tuple[Any, dict[str, Any], int]:
     """Restore ``(state, meta, step)``; ``like`` is a pytree with the state's structure, shapes
-    and dtypes (arrays or ``jax.ShapeDtypeStruct``). Defaults to the newest complete step."""
+    and dtypes (arrays or ``jax.ShapeDtypeStruct``).
+
+    Without ``step``, the newest *intact* step: a step that fails :func:`verify_checkpoint`
+    (a flipped bit, a truncated or deleted file, an empty folder) is skipped with a
+    :class:`SkippedCheckpointWarning` naming it and why (also passed to ``on_skip``), and the
+    next older one is tried. An explicit ``step`` that fails is an error.
+
+    Raises:
+      FileNotFoundError: no step folder at all. TrainError: no intact step (each named with its
+      problem), or an intact step whose arrays do not fit ``like`` (a different config).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
     names, leaves, treedef = _flat_names(like)
     abstract = {n: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for n, x in zip(names, leaves)}
-    with _manager(directory, 1_000_000) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint under {directory}")
-        try:
-            out = mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError) as exc:
-            raise TrainError(f"checkpoint {directory}/{step} does not match this model/optimizer "
-                             f"(different config?): {exc}") from exc
-    restored = [jnp.asarray(out["state"][n]) for n in names]
-    return jax.tree_util.tree_unflatten(treedef, restored), dict(out["meta"]), int(step)
+    candidates = [step] if step is not None else list(reversed(checkpoint_steps(directory)))
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    problems = []
+    for candidate in candidates:
+        problem = verify_checkpoint(directory, candidate)
+        if problem is not None:
+            if problem != _EMPTY:   # an empty folder is no checkpoint, not a broken one
+                problems.append(f"step {candidate}: {problem}")
+            if step is None:
+                message = (f"skipping checkpoint step {candidate} in {directory}: {problem}; "
+                           "trying the previous step")
+                warnings.warn(message, SkippedCheckpointWarning, stacklevel=2)
+                if on_skip is not None:
+                    on_skip(message)
+            continue
+        with _manager(directory, 1_000_000) as mgr:
+            try:
+                out = mgr.restore(candidate, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except (ValueError, KeyError) as exc:
+                raise TrainError(f"checkpoint {directory}/{candidate} is intact but does not "
+                                 f"match this model/optimizer (different config?): "
+                                 f"{str(exc)[:300]}") from exc
+        restored = [jnp.asarray(out["state"][n]) for n in names]
+        return jax.tree_util.tree_unflatten(treedef, restored), dict(out["meta"]), int(candidate)
+    if not problems:
+        raise FileNotFoundError(f"no checkpoint under {directory} (only empty step folders)")
+    raise TrainError(f"no intact checkpoint under {directory}: " + "; ".join(problems))
+
+
+def data_fingerprint(tokens: np.ndarray) -> str:
+    """sha256 of a token stream as int32 (what the batcher reads): resuming checks it."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -434,6 +566,22 @@ def load_history(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training
+def _check_resume(saved: Mapping[str, Any], tc: TrainConfig, cfg: Gemma2Config,
+                  meta: Mapping[str, Any], out_dir: Any, allow_data_change: bool) -> None:
+    """A checkpoint may be resumed only by the same run: configs equal, and the same training
+    data (its sha256; same-length different data would otherwise go on silently)."""
+    if _comparable(TrainConfig(**saved["train_config"])) != _comparable(tc) or \
+            saved["model_config"] != cfg.to_dict():
+        raise TrainError(f"{out_dir} holds a checkpoint of a different run (train or model "
+                         "config differs); use another out_dir or resume=False")
+    before = saved.get("train_tokens_sha256")   # absent in checkpoints from before the check
+    if before is not None and before != meta["train_tokens_sha256"] and not allow_data_change:
+        raise TrainError(
+            f"{out_dir} was trained on different train_tokens (sha256 {before[:12]}..., now "
+            f"{meta['train_tokens_sha256'][:12]}...): the data order would not continue; use "
+            "another out_dir, resume=False, or allow_data_change=True to go on with the new data")
+
+
 def _comparable(tc: TrainConfig) -> dict[str, Any]:
     """The fields that must match to resume (display and checkpoint-cadence fields excluded)."""
     d = tc.to_dict()
@@ -446,7 +594,8 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
           valid_tokens: Any = None, *, out_dir: str | os.PathLike | None = None,
           loss_fn: LossFn | None = None, teacher: Gemma2 | None = None,
           model: Gemma2 | None = None, resume: bool = True, stop_at: int | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[Gemma2, dict[str, list[dict]]]:
+          log: Callable[[str], None] | None = None,
+          allow_data_change: bool = False) -> tuple[Gemma2, dict[str, list[dict]]]:
     """Train a Gemma 2 model on a token stream; returns ``(model, history)``.
 
     Args:
@@ -456,7 +605,9 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
         ``valid_tokens=None`` skips evaluation.
       out_dir: where checkpoints (``checkpoints/``), ``metrics.csv`` and ``metrics.json`` go.
         If it already holds a checkpoint of the same run and ``resume`` is true, training
-        continues from it (a different config raises :class:`TrainError`).
+        continues from the newest intact step (a step failing its checksums is skipped with a
+        warning naming it; a different config, or different ``train_tokens``, raises
+        :class:`TrainError`).
       loss_fn: ``loss_fn(logits (B,T,V), targets (B,T), teacher_logits (B,T,V) | None, rng)``
         -> scalar; default :func:`make_loss_fn`.
       teacher: a trained Gemma2 with the same vocabulary; its logits (gradient stopped) are
@@ -465,6 +616,8 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
       stop_at: stop after this step (saving a checkpoint when ``out_dir`` is set) as if the run
         were interrupted; the schedule still spans ``steps``.
       log: where one-line messages go (default: nowhere).
+      allow_data_change: resume even though ``train_tokens`` differ from the checkpoint's
+        (their sha256 is saved with every step); the batcher's position is kept as saved.
 
     ``history`` is ``{"train": [{"step", "loss", "grad_norm", "lr", "tokens_seen",
     "tokens_per_s", "time_s"}, ...], "eval": [{"step", "val_loss", "val_perplexity",
@@ -480,10 +633,12 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
     if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
         raise TrainError(f"teacher vocabulary {teacher.config.vocab_size} != student's "
                          f"{cfg.vocab_size}: distillation needs the same token ids")
-    train_tokens = np.asarray(train_tokens)
-    if train_tokens.size and (train_tokens.min() < 0 or train_tokens.max() >= cfg.vocab_size):
-        raise TrainError(f"train token ids must be in [0, {cfg.vocab_size}); found "
-                         f"[{train_tokens.min()}, {train_tokens.max()}]")
+    train_tokens = _token_stream(train_tokens, cfg.vocab_size, "train_tokens")
+    if valid_tokens is not None:   # checked now, not after the first eval_every steps
+        valid_tokens = _token_stream(valid_tokens, cfg.vocab_size, "valid_tokens")
+        if valid_tokens.size < tc.seq_len + 1:
+            raise TrainError(f"valid_tokens has {valid_tokens.size} tokens, fewer than one "
+                             f"window of seq_len + 1 = {tc.seq_len + 1}")
     batcher = TokenBatcher(train_tokens, tc.batch_size, tc.seq_len, tc.seed)
     stop = tc.steps if stop_at is None else min(stop_at, tc.steps)
 
@@ -504,22 +659,32 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
 
     meta: dict[str, Any] = {"model_config": cfg.to_dict(), "train_config": tc.to_dict(),
                             "teacher_config": None if teacher is None else
-                            teacher.config.to_dict(), "train_tokens": int(train_tokens.size)}
+                            teacher.config.to_dict(), "train_tokens": int(train_tokens.size),
+                            "train_tokens_sha256": data_fingerprint(batcher.tokens)}
     history: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     step = 0
     ckpt_dir = None if out_dir is None else Path(out_dir) / "checkpoints"
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if ckpt_dir is not None and resume and latest_checkpoint_step(ckpt_dir) is not None:
-        (params, opt_state, rng), saved, step = restore_checkpoint(
-            ckpt_dir, (params, opt_state, rng))
-        if _comparable(TrainConfig(**saved["train_config"])) != _comparable(tc) or \
-                saved["model_config"] != cfg.to_dict():
-            raise TrainError(f"{out_dir} holds a checkpoint of a different run (train or model "
-                             "config differs); use another out_dir or resume=False")
-        batcher.set_state(saved["data_state"])
-        history = saved["history"]
-        say(f"resumed from {ckpt_dir}/{step}")
+    if ckpt_dir is not None and resume and checkpoint_steps(ckpt_dir):
+        try:
+            (params, opt_state, rng), saved, step = restore_checkpoint(
+                ckpt_dir, (params, opt_state, rng), on_skip=say)
+        except FileNotFoundError:              # only empty step folders: nothing to resume
+            saved = None
+        if saved is not None:
+            _check_resume(saved, tc, cfg, meta, out_dir, allow_data_change)
+            data_state = dict(saved["data_state"])
+            if allow_data_change:               # a new stream: keep the position, not its size
+                data_state.pop("num_tokens", None)
+            batcher.set_state(data_state)
+            history = saved["history"]
+            say(f"resumed from {ckpt_dir}/{step}")
+        # Newer step folders were skipped as broken (or are empty): move them out of the way
+        # of the steps this run will save under the same numbers.
+        for later in checkpoint_steps(ckpt_dir):
+            if later > step:
+                say(f"moved the skipped step {later} to {_set_aside(ckpt_dir, later)}")
 
     if loss_fn is None:
         # The default objective is fixed by the config: reuse the compiled step of an earlier

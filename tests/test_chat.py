@@ -230,7 +230,10 @@ def test_session_history_generated(turns: list[tuple[str, str]]) -> None:
     for user, reply in turns:
         assert chat.send(user) == TOK.decode(TOK.encode(reply)).strip() == reply.strip() or \
             "<end_of_turn>" in reply  # a literal <end_of_turn> in a reply ends it early
-    assert chat.history == encode_chat(TOK, chat.messages, add_generation_prompt=False)
+    # A session encodes markers in user text as plain text (it never forges a turn).
+    assert chat.history == encode_chat(TOK, chat.messages, add_generation_prompt=False,
+                                       markers="literal")
+    assert chat.history.count(TOK.start_of_turn_id) == len(chat.messages)
 
 
 def test_session_limits_and_reset() -> None:

@@ -245,7 +245,7 @@ def test_errors(model: Gemma2) -> None:
         generate(model, [[2, 3], []])
     with pytest.raises(ValueError, match="at least one prompt"):
         generate(model, [])
-    with pytest.raises(ValueError, match=r"outside \[0, 97\): \[97, -1\]"):
+    with pytest.raises(ValueError, match=r"prompts\[0\]: token ids must be in \[0, 97\); found \[97, -1\]"):
         generate(model, [[2, 97, -1]])
     with pytest.raises(TypeError, match="tokenize text first"):
         generate(model, ["hello"])
