@@ -25,6 +25,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from gemma2_lite.profile import REPOSITORY
 
@@ -68,6 +69,20 @@ def test_every_locked_version_satisfies_pyproject() -> None:
         assert name in lock, f"{req.name} is in pyproject.toml but not locked in constraints.txt"
         assert req.specifier.contains(lock[name], prereleases=True), (
             f"constraints.txt locks {req.name}=={lock[name]}, outside pyproject's {req}")
+
+
+def test_lower_bounds_are_the_tested_lowest_versions() -> None:
+    """pyproject's lower bounds are exactly constraints-lowest.txt, the set the tests passed with."""
+    lowest = {}
+    for line in (ROOT / "constraints-lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, v = line.partition("==")
+            lowest[canonicalize_name(name)] = v
+    for req in (Requirement(r) for r in PROJECT["dependencies"]):
+        floor = next(s.version for s in req.specifier if s.operator == ">=")
+        tested = lowest.get(canonicalize_name(req.name))
+        assert tested is not None and Version(tested) == Version(floor), (
+            f"{req}: its lower bound is not the version constraints-lowest.txt was tested with")
 
 
 def test_environment_yml_follows_the_lock() -> None:
