@@ -68,13 +68,14 @@ _TOKENIZER_TEXT_CHARS = 120_000
 def fixture_config(*, flax: bool = False) -> Gemma2Config:
     """The fixtures' tiny architecture (bf16 weights), shaped so orientation bugs show.
 
-    D=48 differs from N*H=64 and from F=128, so a transposed or mis-reshaped tensor cannot
-    slip through with a matching shape. ``flax=True`` gives the Flax checkpoint's vocabulary
-    (:data:`FLAX_EXTRA_ROWS` longer). Layers alternate local (window 8) / global as in Gemma 2.
+    The 2B's head counts (8 query, 4 key/value heads: a mesh that shards the real model's heads
+    shards these too), but D=48, F=96 and N*H=128 all differ, so a transposed or mis-reshaped
+    tensor cannot slip through with a matching shape. ``flax=True`` gives the Flax checkpoint's
+    vocabulary (:data:`FLAX_EXTRA_ROWS` longer). Layers alternate local (window 8) / global.
     """
     return Gemma2Config(
         name="gemma-2-2b-fixture", vocab_size=TOKENIZER_VOCAB + (FLAX_EXTRA_ROWS if flax else 0),
-        d_model=48, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=128,
+        d_model=48, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16, ffn_dim=96,
         query_pre_attn_scalar=16, sliding_window=8, param_dtype="bfloat16")
 
 

@@ -204,9 +204,9 @@ def test_fixture_layouts_are_the_released_ones(release):
         flax = model_dir(name, "flax", release)
         raw = ocp.PyTreeCheckpointer().restore(str(flax / name.replace("gemma-2-", "gemma2-")))
         assert "transformer/layer_0/mlp/gating_einsum" in raw     # flat module-path keys
-        assert raw["transformer/layer_0/mlp/gating_einsum"]["w"].shape == (2, D, 128)   # (2, D, F)
-        assert raw["transformer/layer_3/mlp/linear"]["w"].shape == (128, D)
-        assert raw["transformer/layer_1/attn/kv_einsum"]["w"].shape == (2, 2, D, 16)
+        assert raw["transformer/layer_0/mlp/gating_einsum"]["w"].shape == (2, D, 96)    # (2, D, F)
+        assert raw["transformer/layer_3/mlp/linear"]["w"].shape == (96, D)
+        assert raw["transformer/layer_1/attn/kv_einsum"]["w"].shape == (2, 4, D, 16)
         assert raw["transformer/embedder"]["input_embedding"].shape == \
             (TOKENIZER_VOCAB + FLAX_EXTRA_ROWS, D)
         assert raw["transformer/final_norm"]["scale"].dtype == ml_dtypes.bfloat16
