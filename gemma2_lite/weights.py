@@ -264,9 +264,9 @@ class Weights:
         if self.is_real:
             return f"{self.name} ({self.layout}): the real released weights, from {self.path}"
         return (f"{self.name} ({self.layout}): FIXTURE, tiny random weights in the released "
-                f"layout (not Gemma: its text is noise), from {self.path}. For the real model "
-                f"put the files in {model_dir(self.name, self.layout)} (see "
-                f"gemma2_lite.weights) and use the colab or full profile.")
+                f"layout, not Gemma (its text is noise), from {self.path}. For the real "
+                f"model put its files in {model_dir(self.name, self.layout)} "
+                f"(see gemma2_lite.weights).")
 
     def __str__(self) -> str:
         return self.describe()
