@@ -42,7 +42,7 @@ from .model import Gemma2
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
            "config_to_hf", "read_hf_config", "read_hf_tensors", "check_arrays", "load_hf", "save_hf", "load_flax", "save_flax", "to_flax_tree",
-           "to_released_flax_tree", "from_arrays", "to_arrays", "hf_state_dict", "hf_to_arrays"]
+           "to_released_flax_tree", "is_orbax_checkpoint", "from_arrays", "to_arrays", "hf_state_dict", "hf_to_arrays"]
 
 Path_ = tuple[Any, ...]   # a parameter path in the model, e.g. ("layers", 0, "attn", "q")
 Placer = Callable[[Path_, np.ndarray], jax.Array]
@@ -719,13 +719,18 @@ def to_released_flax_tree(model: Gemma2, *, gating: str = "DF") -> dict[str, dic
     return flat
 
 
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an Orbax checkpoint directory (old or new Orbax: any of its files)."""
+    markers = ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+    return Path(path).is_dir() and any((Path(path) / m).exists() for m in markers)
+
+
 def _orbax_dir(path: Path) -> Path:
     """``path``, or the one Orbax checkpoint inside it (Kaggle's folder holds the checkpoint
     directory, e.g. ``gemma2-2b/``, next to ``tokenizer.model``)."""
-    markers = ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")
-    if not path.is_dir() or any((path / m).exists() for m in markers):
+    if not path.is_dir() or is_orbax_checkpoint(path):
         return path
-    inner = [d for d in path.iterdir() if d.is_dir() and any((d / m).exists() for m in markers)]
+    inner = [d for d in path.iterdir() if is_orbax_checkpoint(d)]
     return inner[0] if len(inner) == 1 else path
 
 

@@ -33,7 +33,6 @@ which of the two it found, and the :class:`Weights` it returns says it again
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -54,7 +53,6 @@ MODELS = ("gemma-2-2b", "gemma-2-2b-it", "gemma-2-9b", "gemma-2-9b-it", "gemma-2
 LAYOUTS = ("hf", "flax")
 #: A file that only :mod:`gemma2_lite.fixtures` writes: its folders are never "real weights".
 FIXTURE_MARKER = "FIXTURE.md"
-_ORBAX_MARKERS = ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
              "model.safetensors.index.json", "model-*.safetensors")
@@ -91,24 +89,25 @@ def flax_checkpoint_name(name: str) -> str:
 
 def missing_files(path: str | os.PathLike, name: str, layout: str = "hf") -> list[str]:
     """The files a complete ``name``/``layout`` folder needs that ``path`` lacks (empty: complete)."""
+    from .checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, _read_index,
+                             is_orbax_checkpoint)
+
     _check(name, layout)
     path = Path(path)
     missing = [f for f in ("tokenizer.model",) + (("config.json",) if layout == "hf" else ())
                if not (path / f).is_file()]
     if layout == "flax":
-        ckpt = path / flax_checkpoint_name(name)
-        if not any((ckpt / m).exists() for m in _ORBAX_MARKERS):
-            missing.append(f"{ckpt.name}/ (the Orbax checkpoint directory)")
+        if not is_orbax_checkpoint(path / flax_checkpoint_name(name)):
+            missing.append(f"{flax_checkpoint_name(name)}/ (the Orbax checkpoint directory)")
         return missing
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if (path / INDEX_FILE).is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            return missing + [f"a valid model.safetensors.index.json ({exc!r})"]
+            shards = sorted(set(_read_index(path).values()))
+        except CheckpointError as exc:
+            return missing + [f"a valid {INDEX_FILE} ({exc})"]
         missing += [s for s in shards if not (path / s).is_file()]
-    elif not (path / "model.safetensors").is_file():
-        missing.append("model.safetensors.index.json and the model-*.safetensors shards it lists")
+    elif not (path / SINGLE_FILE).is_file():
+        missing.append(f"{INDEX_FILE} and the model-*.safetensors shards it lists")
     return missing
 
 
