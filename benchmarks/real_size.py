@@ -1,6 +1,6 @@
 """Gemma 2 2B at its real size on the CPU: memory and speed, ours next to transformers.
 
-    python benchmarks/real_size.py                     # the real 2B (several minutes, ~11 GB RAM)
+    python benchmarks/real_size.py                     # the real 2B (~10 min, ~17 GB of RAM)
     python benchmarks/real_size.py --layers 2 --vocab 32000   # a quick smoke run
 
 1. Writes the gemma2-2b configuration with random bf16 weights as a released Hugging Face
