@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--keep", metavar="DIR", help="write the folder here and keep it")
     parser.add_argument("--xla-default", action="store_true",
                         help=f"run our side without {NO_HOIST} (needs ~6x the weights' bytes)")
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -221,15 +222,16 @@ def main() -> None:
             env = dict(os.environ)
             if side == "ours" and not args.xla_default:
                 env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {NO_HOIST}".strip()
-            proc = subprocess.run([sys.executable, __file__, "--child", side, str(folder), str(out)],
-                                  capture_output=True, text=True, env=env)
+            command = [sys.executable, __file__, "--child", side, str(folder), str(out)]
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
             if proc.returncode:
                 killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
                 print(f"{side} failed with exit code {proc.returncode}{killed}:\n"
                       f"{proc.stderr[-3000:]}")
                 continue
             results[side] = json.loads(out.read_text())
-            flags = f", XLA_FLAGS={env['XLA_FLAGS']}" if side == "ours" and env.get("XLA_FLAGS") else ""
+            flags = env.get("XLA_FLAGS") if side == "ours" else None
+            flags = f", XLA_FLAGS={flags}" if flags else ""
             print(f"  {side}: {results[side]['version']}{flags}")
         report(results, weight_bytes)
     finally:

@@ -176,7 +176,8 @@ def _write_flax(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) ->
     ckpt = folder / flax_checkpoint_name(name)
     if ckpt.exists():
         shutil.rmtree(ckpt)     # Orbax refuses to overwrite a checkpoint
-    ocp.PyTreeCheckpointer().save(os.fspath(ckpt.resolve()), to_released_flax_tree(model, gating="DF"))
+    tree = to_released_flax_tree(model, gating="DF")      # the 2B's (2, D, F)
+    ocp.PyTreeCheckpointer().save(os.fspath(ckpt.resolve()), tree)
     (folder / "tokenizer.model").write_bytes(tokenizer.model_proto)
     _marker(folder, name)
 

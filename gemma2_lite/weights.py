@@ -83,12 +83,12 @@ def model_dir(name: str, layout: str = "hf", root: str | os.PathLike | None = No
 
 
 def flax_checkpoint_name(name: str) -> str:
-    """The Orbax checkpoint's folder (and Kaggle variant) name: 'gemma-2-2b-it' -> 'gemma2-2b-it'."""
+    """The Orbax checkpoint's folder (and Kaggle variant) name: 'gemma-2-2b' -> 'gemma2-2b'."""
     return name.replace("gemma-2-", "gemma2-", 1)
 
 
 def missing_files(path: str | os.PathLike, name: str, layout: str = "hf") -> list[str]:
-    """The files a complete ``name``/``layout`` folder needs that ``path`` lacks (empty: complete)."""
+    """The files a complete ``name``/``layout`` folder needs that ``path`` lacks ([]: none)."""
     from .checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, _read_index,
                              is_orbax_checkpoint)
 

@@ -93,14 +93,17 @@ def hf_from_official(raw, hf_config):
     model = Gemma2ForCausalLM(hf_config).eval().to(torch.float32)
     sd = official_to_hf(raw, hf_config.hidden_size, hf_config.vocab_size)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and not [k for k in missing if k != "lm_head.weight"], (missing, unexpected)
+    missing = [k for k in missing if k != "lm_head.weight"]     # tied: set with the embedding
+    assert not unexpected and not missing, (missing, unexpected)
     return model
 
 
 def random_official_tree(seed: int, gating: str, *, V=97, L=3, N=4, K=2, H=12, F=40):
     """A raw released-layout tree drawn directly (no model, no writer of ours), float32."""
     rng = np.random.default_rng(seed)
-    normal = lambda shape, fan_in: rng.normal(0, fan_in ** -0.5, shape).astype(np.float32)  # noqa: E731
+    def normal(shape, fan_in):
+        return rng.normal(0, fan_in ** -0.5, shape).astype(np.float32)
+
     raw = {"transformer/embedder": {"input_embedding": normal((V + 7, D), D)},
            "transformer/final_norm": {"scale": rng.normal(0, 0.3, D).astype(np.float32)}}
     for i in range(L):
@@ -191,7 +194,8 @@ def test_fixture_layouts_are_the_released_ones(release):
         assert cfg["hidden_act"] == cfg["hidden_activation"] == "gelu_pytorch_tanh"
         assert cfg["eos_token_id"] == ([1, 107] if name.endswith("-it") else 1)
         assert cfg["vocab_size"] == TOKENIZER_VOCAB
-        assert config_from_hf(cfg, name="x") == fixture_config().replace(name="x", param_dtype="float32")
+        assert config_from_hf(cfg, name="x") == \
+            fixture_config().replace(name="x", param_dtype="float32")
 
         flax = model_dir(name, "flax", release)
         raw = ocp.PyTreeCheckpointer().restore(str(flax / name.replace("gemma-2-", "gemma2-")))
