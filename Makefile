@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/memory_plan.py
+	$(BIN)/python benchmarks/real_size.py
 
 clean:
 	rm -rf _build .pytest_cache

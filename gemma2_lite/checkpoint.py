@@ -42,7 +42,7 @@ from .model import Gemma2
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
            "config_to_hf", "read_hf_config", "read_hf_tensors", "check_arrays", "load_hf", "save_hf", "load_flax", "save_flax", "to_flax_tree",
-           "from_arrays", "to_arrays", "hf_state_dict", "hf_to_arrays"]
+           "to_released_flax_tree", "is_orbax_checkpoint", "from_arrays", "to_arrays", "hf_state_dict", "hf_to_arrays"]
 
 Path_ = tuple[Any, ...]   # a parameter path in the model, e.g. ("layers", 0, "attn", "q")
 Placer = Callable[[Path_, np.ndarray], jax.Array]
@@ -318,6 +318,13 @@ _HF_OPTIONAL = {"sliding_window": "sliding_window", "attn_logit_softcap": "attn_
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
     """A :class:`Gemma2Config` from a Hugging Face ``config.json`` (transformers 4.x or 5.x).
 
+    Both generations of the file are read. The released Gemma 2 folders were written by
+    transformers 4.42: ``rope_theta`` at the top level, no ``layer_types`` (the alternation is
+    implied), ``hidden_act`` next to ``hidden_activation``, ``eos_token_id`` ``[1, 107]`` on the
+    -it models, and keys the model does not need (``cache_implementation``, ``use_cache``,
+    ``torch_dtype``...), which are ignored. transformers 5.x writes ``rope_parameters`` and
+    ``layer_types`` instead.
+
     Raises :class:`CheckpointError` naming the config.json field that is missing or invalid.
     """
     if not isinstance(hf, Mapping):
@@ -337,7 +344,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
     rope_base = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
     n_layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
-    window = hf.get("sliding_window")
+    # sliding_window_size: the name some early Gemma 2 configs and ports used for it.
+    window = hf.get("sliding_window", hf.get("sliding_window_size"))
     if layer_types is not None:
         if not isinstance(layer_types, list):
             raise CheckpointError(f"config.json field 'layer_types' must be a list, got "
@@ -577,7 +585,8 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: A
     """Load a Hugging Face Gemma 2 checkpoint directory (``config.json`` + safetensors).
 
     Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``) layouts
-    are both read. ``dtype`` is the activation dtype and, unless ``param_dtype`` is given, the
+    are both read, as are the released folders (bf16 shards, a transformers-4.42 config.json,
+    vocabulary 256000). ``dtype`` is the activation dtype and, unless ``param_dtype`` is given, the
     parameter dtype. ``model.config`` holds the config read from ``config.json``.
 
     Everything read is treated as untrusted and checked before the model is built (see the
@@ -686,6 +695,45 @@ def _unstack(key: str, w: np.ndarray, count: int) -> list[np.ndarray]:
     return [w[j] for j in range(count)]
 
 
+def to_released_flax_tree(model: Gemma2, *, gating: str = "DF") -> dict[str, dict[str, np.ndarray]]:
+    """Our parameters exactly as the official Orbax checkpoints were released (numpy arrays).
+
+    The released trees are flat: each key is a whole module path, each value that module's
+    parameters, e.g. ``"transformer/layer_0/attn/q_einsum" -> {"w": (N, D, H)}`` and
+    ``"transformer/embedder" -> {"input_embedding": (V, D)}``. The MLP weights sit one level
+    deeper than the official Flax module declares them (``.../mlp/gating_einsum -> {"w": ...}``,
+    ``.../mlp/linear -> {"w": (F, D)}``; the official library remaps them on load).
+    ``gating`` picks the orientation of ``gating_einsum``: ``"DF"`` stores (2, D, F) as the 2B
+    does, ``"FD"`` stores (2, F, D) as the 9B and 27B do.
+    """
+    if gating not in ("DF", "FD"):
+        raise ValueError(f"gating must be 'DF' (2B) or 'FD' (9B/27B), got {gating!r}")
+    flat: dict[str, dict[str, np.ndarray]] = {}
+    for key, leaf in _flatten(to_flax_tree(model)).items():
+        module, name = key.rsplit("/", 1)
+        if module.endswith("/mlp"):
+            if name == "gating_einsum" and gating == "DF":
+                leaf = leaf.transpose(0, 2, 1)          # to_flax_tree writes (2, F, D)
+            module, name = f"{module}/{name}", "w"
+        flat.setdefault(module, {})[name] = leaf
+    return flat
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an Orbax checkpoint directory (old or new Orbax: any of its files)."""
+    markers = ("_METADATA", "checkpoint", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+    return Path(path).is_dir() and any((Path(path) / m).exists() for m in markers)
+
+
+def _orbax_dir(path: Path) -> Path:
+    """``path``, or the one Orbax checkpoint inside it (Kaggle's folder holds the checkpoint
+    directory, e.g. ``gemma2-2b/``, next to ``tokenizer.model``)."""
+    if not path.is_dir() or is_orbax_checkpoint(path):
+        return path
+    inner = [d for d in path.iterdir() if is_orbax_checkpoint(d)]
+    return inner[0] if len(inner) == 1 else path
+
+
 def _infer_flax_config(flat: Mapping[str, np.ndarray]) -> Gemma2Config:
     """Match the checkpoint's shapes against the presets (needed for the 27B query scale)."""
     emb = flat["transformer/embedder/input_embedding"]
@@ -707,6 +755,13 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
               param_dtype: Any = None, place: Placer | None = None) -> Gemma2:
     """Load the official Flax (Orbax) checkpoint of Gemma 2, or its already-restored params tree.
 
+    Every form the official weights come in is read: the tree as released (flat module-path
+    keys, ``"transformer/layer_0/mlp/gating_einsum" -> {"w": ...}``, see
+    :func:`to_released_flax_tree`), the official library's remapped one (``.../mlp ->
+    {"gating_einsum", "linear"}``), either of them nested, and ``gating_einsum`` in both
+    orientations ((2, D, F) in the 2B, (2, F, D) in the 9B/27B). ``path_or_tree`` is an Orbax
+    directory (or Kaggle's folder holding one), or an in-memory tree of arrays.
+
     Without ``config`` the shapes pick the 2B/9B/27B preset. If ``config.vocab_size`` is smaller
     than the checkpoint's 256128 rows (e.g. 256000 to pair with Hugging Face's tokenizer), the
     unused rows at the end are dropped.
@@ -717,8 +772,11 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
     else:
         import orbax.checkpoint as ocp
 
-        source = str(path_or_tree)
-        tree = ocp.PyTreeCheckpointer().restore(os.fspath(Path(path_or_tree).resolve()))
+        directory = _orbax_dir(Path(path_or_tree).resolve())
+        source = str(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{source} is not a directory; expected an Orbax checkpoint")
+        tree = ocp.PyTreeCheckpointer().restore(os.fspath(directory))
     flat = {k: np.asarray(v) for k, v in _flatten(tree).items()}
     if not flat:
         raise CheckpointError(f"{source} holds no tensors")
@@ -752,7 +810,7 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
                     arrays[("layers", i, "attn", part)] = value
             elif rest == "attn/attn_vec_einsum/w":
                 arrays[("layers", i, "attn", "o")] = w
-            elif rest == "mlp/gating_einsum":
+            elif rest in ("mlp/gating_einsum", "mlp/gating_einsum/w"):
                 # 2B stores (2, D, F), 9B/27B (2, F, D): orient by the config's D and F.
                 if w.shape == (2, c.ffn_dim, c.d_model):
                     w = w.transpose(0, 2, 1)
@@ -761,7 +819,7 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
                                           f"(2, {c.d_model}, {c.ffn_dim}), found {w.shape}")
                 for part, value in zip(("gate", "up"), _unstack(key, w, 2)):
                     arrays[("layers", i, "mlp", part)] = value
-            elif rest == "mlp/linear":
+            elif rest in ("mlp/linear", "mlp/linear/w"):
                 arrays[("layers", i, "mlp", "down")] = w
             elif (norm := rest.removesuffix("/scale")) in _FLAX_NORMS:
                 arrays[("layers", i, _FLAX_NORMS[norm], "scale")] = w
