@@ -282,7 +282,9 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
     Real files in :func:`model_dir` are used whenever they are complete. Otherwise, at the
     ``ci`` profile, the release-layout fixture (written by :func:`gemma2_lite.fixtures.ensure`
     into ``fixture_dir``, default a folder under the system's temporary directory); at
-    ``colab``/``full``, :func:`pretrained` (downloads, or raises :class:`WeightsNotFound`).
+    ``colab``/``full``, :func:`pretrained` (downloads, or raises :class:`WeightsNotFound`),
+    except when offline (``GEMMA2_LITE_OFFLINE`` or ``HF_HUB_OFFLINE`` set: ``make colab-check``
+    runs the colab profile on a CPU that way), where the fixture stands in, announced as such.
     Nothing touches the network at ``ci``. Prints :meth:`Weights.describe` when ``verbose``.
     """
     _check(name, layout)
@@ -290,7 +292,7 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
     path = model_dir(name, layout)
     if not missing_files(path, name, layout):
         found = Weights(name, layout, path, is_real=not _is_fixture(path))
-    elif profile == "ci":
+    elif profile == "ci" or _offline():
         from . import fixtures
 
         if name not in fixtures.FIXTURE_NAMES:

@@ -155,3 +155,13 @@ def test_fixtures_are_written_once(fixtures_dir):
     before = stamp.stat().st_mtime_ns
     assert ensure(fixtures_dir) == fixtures_dir and stamp.stat().st_mtime_ns == before
     assert stamp.read_text().strip() == str(FIXTURE_VERSION)
+
+
+def test_locate_offline_beyond_ci_runs_on_the_fixture_and_says_so(offline, fixtures_dir,
+                                                                  monkeypatch, capsys):
+    """make colab-check: the colab profile on a CPU, offline, without the real files."""
+    monkeypatch.setenv("GEMMA2_LITE_OFFLINE", "1")
+    w = locate("gemma-2-2b", profile="colab", fixture_dir=fixtures_dir)
+    assert not w.is_real and "FIXTURE" in capsys.readouterr().out
+    install(fixtures_dir, offline)                  # real files present: they win, offline too
+    assert locate("gemma-2-2b", profile="colab").is_real
