@@ -1,7 +1,7 @@
 """Grouped-query attention with Gemma 2's soft-capped logits and sliding-window / global masks.
 
-Shapes (notation.md): B batch, T queries, S keys, D width, N query heads, K key/value heads,
-G = N / K query heads per key/value head, H head dimension.
+Shapes (the book's Notation page, ``book/notation.md``): B batch, T queries, S keys, D width,
+N query heads, K key/value heads, G = N / K query heads per key/value head, H head dimension.
 
 Keys and values are never repeated to N heads: queries are viewed as (B, T, K, G, H) and each
 group of G query heads attends to its one key/value head ('BTKGH,BSKH->BTKGS').

@@ -1,8 +1,8 @@
 """Gemma 2 configuration: one frozen dataclass and the report's presets.
 
-Letters follow the book's notation (``notation.md``): D model width, L layers, N query heads,
-K key/value heads, H head dimension, F feed-forward width, V vocabulary, W sliding window,
-C context length.
+Letters follow the book's Notation page (``book/notation.md``): D model width, L layers,
+N query heads, K key/value heads, H head dimension, F feed-forward width, V vocabulary,
+W sliding window, C context length.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ the collectives. Three mesh axes, as in MaxText and *How to Scale Your Model*:
 Parameters carry *logical* axis names in their ``nnx.Param`` metadata (``logical_axes``, e.g.
 attn.q is ("heads", "embed", "head_dim")); :data:`DEFAULT_RULES` maps logical names to mesh axes
 (embed -> fsdp; heads, kv_heads, mlp, vocab -> model; head_dim, norm -> replicated). In the
-book's notation attn.q is then ``W[N_model, D_fsdp, H]`` = ``P("model", "fsdp", None)``.
+book's notation (its Notation page, ``book/notation.md``) attn.q is then ``W[N_model, D_fsdp, H]``
+= ``P("model", "fsdp", None)``.
 
 Typical use (8 devices)::
 
