@@ -1,6 +1,8 @@
 """Shared pytest set-up."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -8,5 +10,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The book build executes every notebook (the bulk of the suite's time). Alone, run it last,
     # so a broken unit test is reported within minutes. Under xdist (make test: -n 2 --dist
     # loadgroup) run it first: its worker builds the book while the other runs everything else.
-    parallel = bool(getattr(config.option, "numprocesses", None))
+    # (xdist workers collect too, and they see PYTEST_XDIST_WORKER rather than -n)
+    parallel = bool(os.environ.get("PYTEST_XDIST_WORKER")
+                    or getattr(config.option, "numprocesses", None))
     items.sort(key=lambda item: (item.path.name == "test_book.py") != parallel)
