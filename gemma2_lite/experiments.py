@@ -239,7 +239,7 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
     ax2.bar(x + 0.2, rp["distilled"], 0.4, label="distilled")
     ax2.set_xticks(x, rp["sizes"])
     ax2.set_ylabel("perplexity")
-    ax2.set_title("Gemma 2 report: 7B teacher, 500B tokens")
+    ax2.set_title("Gemma 2 report: students of a 7B teacher")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(payload["figure"], dpi=110)
@@ -371,7 +371,8 @@ def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
     gap = final[loser] / final[winner] - 1
     verdict = ("as in the report" if winner == better else
                f"unlike the report ({better} wins there)")
-    caveat = (" - a gap this small is within seed-to-seed variation at this scale" if gap < 0.02
+    caveat = (" - one seed, and a gap this small may not survive another; the spread between "
+              "seeds was not measured" if gap < 0.02
               else " - one seed, tiny models and few steps: a trend at this scale, not a "
               "reproduction of the report's ablation")
     return (f"{winner} wins here ({loser}'s perplexity is {gap:.1%} higher), {verdict}"
