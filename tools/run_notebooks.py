@@ -64,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cap = loop_cap()
     print(f"profile={profile}, loops capped at {cap}" if cap else f"profile={profile}", flush=True)
-    rows, failed = [], 0
+    rows, failed, total = [], 0, 0.0
     for path in paths:
         seconds, error = run(path.resolve(), out_dir, args.timeout)
         status = "FAILED" if error else "ok"
         failed += bool(error)
+        total += seconds
         print(f"{path.name:40s} {seconds:7.0f} s  {status}", flush=True)
         if error:
             print(error[-3000:], flush=True)
         rows.append(f"| {path.stem} | {seconds:.0f} | {status} |")
-    total = sum(float(r.split("|")[2]) for r in rows)
     table = ["| chapter | seconds | result |", "|---|---:|---|", *rows, f"| all | {total:.0f} | |"]
     (out_dir / "times.md").write_text(
         f"profile={profile}, loop cap {cap}\n\n" + "\n".join(table) + "\n")
