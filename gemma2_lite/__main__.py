@@ -114,25 +114,38 @@ def _load(checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any]:
 
 
 class _Streamer:
-    """Prints the text of one row as tokens arrive (decoding everything so far and printing the
-    new characters, because a byte-fallback character can span several tokens)."""
+    """Prints the text of one row as tokens arrive, in time linear in the tokens.
+
+    Each step decodes only the tokens not yet printed, after an *anchor*: the last group of
+    tokens printed (SentencePiece drops a piece's leading space at the start of a decode, so
+    text is taken as ``decode(anchor + new)`` minus ``decode(anchor)``). Tokens are held back
+    while they end in an incomplete UTF-8 sequence (a byte-fallback character spans several).
+    """
 
     def __init__(self, tokenizer: Any, stop: set[int], out: TextIO) -> None:
         self.tokenizer, self.stop, self.out = tokenizer, stop, out
         self.ids: list[int] = []
-        self.printed = ""
+        self.anchor: list[int] = []
+        self.pending: list[int] = []
 
     def __call__(self, step: int, tokens: Any) -> None:
         token = int(tokens[0])
         if token < 0 or token in self.stop:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self.pending.append(token)
+        head = self.tokenizer.decode(self.anchor) if self.anchor else ""
+        text = self.tokenizer.decode(self.anchor + self.pending)
         if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
             return
-        self.out.write(text[len(self.printed):])
+        if text.startswith(head):
+            new = text[len(head):]
+        else:                                # never seen; decode everything to stay right
+            before = self.tokenizer.decode(self.ids[:len(self.ids) - len(self.pending)])
+            new = self.tokenizer.decode(self.ids)[len(before):]
+        self.out.write(new)
         self.out.flush()
-        self.printed = text
+        self.anchor, self.pending = self.pending, []
 
 
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:

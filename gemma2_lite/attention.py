@@ -12,6 +12,8 @@ batches (positions = cumsum(mask) - 1) and key/value caches whose slots are a ri
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +23,10 @@ from flax import nnx
 
 from .config import Gemma2Config
 from .layers import dense_init, soft_cap
-from .rope import apply_rope
+from .rope import rotate
 
 __all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "gqa_attention"]
+           "gqa_attention", "cached_keys", "cached_key_positions"]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
 # visible key (a padding query) yields a uniform softmax instead of NaN.
@@ -79,19 +81,26 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     return out.reshape(b, t, n, h), probs.reshape(b, t, n, -1)
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "end"],
+                   meta_fields=["fresh"])
 @dataclass
 class LayerCache:
-    """One layer's key/value cache: ``S`` slots, written at slot = position mod S.
+    """One layer's key/value cache: ``S`` slots that every row fills in lock-step.
 
-    k, v: (B, S, K, H); pos: int32 (B, S), the absolute position held by each slot, -1 if empty.
-    A global layer gets S = the longest sequence to decode; a local (sliding-window) layer needs
-    only S = W slots, a ring buffer, since older keys are outside its window anyway.
+    k, v: (B, S, K, H); pos: int32 (B, S), the absolute position held by each slot, -1 if empty
+    or padding; end: int32 (), how many columns have been written (the next goes to slot
+    ``end mod S``). Rows advance together (a left-padded batch shares its columns), so a write is
+    one ``dynamic_update_slice`` at a slot shared by all rows. A global layer gets S = the most
+    columns to decode; a local (sliding-window) layer needs only S = W slots, a ring buffer,
+    since older keys are outside its window anyway. ``fresh`` (static) marks a cache nothing has
+    been written to: a prompt then attends within itself and is copied in afterwards.
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
+    end: jax.Array
+    fresh: bool = False
 
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int,
@@ -99,7 +108,8 @@ class LayerCache:
         shape = (batch, size, kv_heads, head_dim)
         # Two distinct buffers: sharing one would make donating k and v donate it twice.
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.full((batch, size), -1, jnp.int32))
+                   pos=jnp.full((batch, size), -1, jnp.int32), end=jnp.zeros((), jnp.int32),
+                   fresh=True)
 
     @property
     def size(self) -> int:
@@ -112,32 +122,87 @@ class LayerCache:
     def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
         """Write new keys/values k, v (B, T, K, H) at positions pos (B, T; -1 = padding).
 
-        Of a chunk longer than the cache only the last S positions are kept; writing them at
-        pos mod S never collides because S consecutive positions have distinct residues.
+        Column c of the chunk goes to slot ``(end + c) mod S``; of a chunk longer than the cache
+        only the last S columns are kept. Three cases, chosen while tracing:
+
+        * one token (decode): a ``dynamic_update_slice`` at slot ``end mod S``;
+        * a prompt into a fresh cache: its last min(T, S) columns, rolled into place and copied;
+        * a chunk into a used cache (a chat's next turn): leading columns that are padding in
+          every row are dropped, the rest scattered to their slots.
         """
-        size = self.size
-        last = jnp.max(pos, axis=1, keepdims=True)                           # (B, 1)
-        keep = (pos >= 0) & (pos > last - size)
-        slot = jnp.where(keep, pos % size, size)                             # size -> dropped
-        rows = jnp.arange(pos.shape[0])[:, None]
+        size, t = self.size, pos.shape[1]
+        k, v, pos = k.astype(self.k.dtype), v.astype(self.v.dtype), pos.astype(jnp.int32)
+        if t == 1 and not self.fresh:
+            slot = self.end % size
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
+            return LayerCache(k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos),
+                              end=self.end + 1)
+        if self.fresh:
+            keep = min(t, size)                       # static: the last `keep` columns survive
+            shift = (t - keep) % size                 # column t-keep lands in slot (t-keep) % S
+            roll = lambda x: jnp.roll(x[:, t - keep:], shift, axis=1)
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, 0, axis=1)
+            return LayerCache(k=put(self.k, roll(k)), v=put(self.v, roll(v)),
+                              pos=put(self.pos, roll(pos)), end=jnp.asarray(t, jnp.int32))
+        lead = jnp.argmax(jnp.any(pos >= 0, axis=0))                        # all-pad columns
+        col = jnp.arange(t) - lead                                           # (T,)
+        new = t - lead
+        keep = (col >= 0) & (col >= new - size)
+        slot = jnp.where(keep, (self.end + col) % size, size)               # size -> dropped
         return LayerCache(
-            k=self.k.at[rows, slot].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[rows, slot].set(v.astype(self.v.dtype), mode="drop"),
-            pos=self.pos.at[rows, slot].set(pos.astype(jnp.int32), mode="drop"),
-        )
+            k=self.k.at[:, slot].set(k, mode="drop"),
+            v=self.v.at[:, slot].set(v, mode="drop"),
+            pos=self.pos.at[:, slot].set(pos, mode="drop"),
+            end=self.end + new.astype(jnp.int32))
+
+
+def cached_keys(cache: LayerCache | None, k: jax.Array, v: jax.Array, k_pos: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array, LayerCache | None]:
+    """The keys, values and key positions a layer attends to, and its updated cache.
+
+    k, v: the new (B, T, K, H); k_pos: int32 (B, T), -1 for padding. Without a cache, or into a
+    fresh one, the chunk attends to itself (never to empty slots). One new token is written
+    first and attends to the cache (S keys, no copy). A chunk into a used cache attends to the
+    old slots and itself (S + T keys), then is written.
+    """
+    if cache is None:
+        return k, v, k_pos, None
+    new_cache = cache.update(k, v, k_pos)
+    if cache.fresh:
+        return k, v, k_pos, new_cache
+    if k.shape[1] == 1:
+        return new_cache.k, new_cache.v, new_cache.pos, new_cache
+    keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)            # (B, S+T, K, H)
+    values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+    return keys, values, jnp.concatenate([cache.pos, k_pos], axis=1), new_cache
+
+
+def cached_key_positions(cache: LayerCache | None, k_pos: jax.Array) -> jax.Array:
+    """Only the key positions of :func:`cached_keys` (B, S'), for building a mask once."""
+    if cache is None or cache.fresh:
+        return k_pos
+    if k_pos.shape[1] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(cache.pos, k_pos.astype(jnp.int32),
+                                                   cache.end % cache.size, axis=1)
+    return jnp.concatenate([cache.pos, k_pos], axis=1)
 
 
 class Attention(nnx.Module):
     """Gemma 2 self-attention for one layer (local if ``window`` is set, else global).
 
     Weights follow the official checkpoint's einsum layout:
-    q (N, D, H), k (K, D, H), v (K, D, H), o (N, H, D).
+    q (N, D, H), k (K, D, H), v (K, D, H), o (N, H, D). ``attention_fn`` (default
+    :func:`gqa_attention`) and ``rotate_fn`` (default :func:`~gemma2_lite.rope.rotate`) are the
+    seams a chapter swaps to try another version (see :class:`gemma2_lite.model.Components`).
     """
 
-    def __init__(self, config: Gemma2Config, window: int | None, *, rngs: nnx.Rngs):
+    def __init__(self, config: Gemma2Config, window: int | None, *, rngs: nnx.Rngs,
+                 attention_fn: Callable[..., tuple[jax.Array, jax.Array]] = gqa_attention,
+                 rotate_fn: Callable[[jax.Array, Any], jax.Array] = rotate):
         c = config
         pd = c.jnp_param_dtype
         self.window = window
+        self.attention_fn, self.rotate_fn = attention_fn, rotate_fn
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.query_scale = c.query_scale
         self.softcap = c.attn_logit_softcap
@@ -153,31 +218,22 @@ class Attention(nnx.Module):
         self.o = nnx.Param(dense_init((0, 1), 2)(rngs.params(), (n, h, d), pd),
                            logical_axes=("heads", "head_dim", "embed"))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+    def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """x: (B, T, D); positions: int (B, T); valid: bool (B, T), False for padding.
+        """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
+        mask: bool (B, T, S') over the keys :func:`cached_keys` gives (built once per forward by
+        the model); k_pos: int32 (B, T), the new keys' positions (-1 for padding).
 
-        With a cache, the new keys attend together with the cached ones, then are written into
-        it. Returns the output (B, T, D) and the updated cache (or None).
+        Returns the output (B, T, D) and the updated cache (or None).
         """
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("BTD,NDH->BTNH", x, self.q[...].astype(dt))
         k = jnp.einsum("BSD,KDH->BSKH", x, self.k[...].astype(dt))
         v = jnp.einsum("BSD,KDH->BSKH", x, self.v[...].astype(dt))
-        q = apply_rope(q, positions, self.rope_base) * jnp.asarray(self.query_scale, dt)
-        k = apply_rope(k, positions, self.rope_base)
-
-        k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)            # (B, T)
-        if cache is None:
-            keys, values, key_pos, new_cache = k, v, k_pos, None
-        else:
-            keys = jnp.concatenate([cache.k.astype(dt), k], axis=1)           # (B, S+T, K, H)
-            values = jnp.concatenate([cache.v.astype(dt), v], axis=1)
-            key_pos = jnp.concatenate([cache.pos, k_pos], axis=1)            # (B, S+T)
-            new_cache = cache.update(k, v, k_pos)
-
-        mask = attention_mask(positions, key_pos, self.window)              # (B, T, S)
-        out, _ = gqa_attention(q, keys, values, mask, softcap=self.softcap)  # (B, T, N, H)
+        q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)      # (B, T, N, H)
+        k = self.rotate_fn(k, rope)                                          # (B, T, K, H)
+        keys, values, _, new_cache = cached_keys(cache, k, v, k_pos)         # (B, S', K, H)
+        out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
         return out, new_cache

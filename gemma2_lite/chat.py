@@ -196,7 +196,10 @@ class ChatSession:
       seed: turn ``i`` (0-based) samples with ``seed + i``, so a session is reproducible.
       max_context: if given, :meth:`send` raises when prompt + ``max_new_tokens`` would exceed it
         (e.g. the model's ``max_seq_len``).
-      generate_fn: the sampler; default ``gemma2_lite.sampler.generate`` (imported on first use).
+      generate_fn: the sampler, called as ``generate(model, [prompt], ...)`` with the whole
+        conversation every turn. Default: a :class:`~gemma2_lite.sampler.PromptCache` keeps the
+        conversation's key/value cache between turns, so each turn prefills only its new tokens
+        (``session.prefilled`` says how many) and gives the tokens ``generate`` would.
     """
 
     def __init__(self, model: Any, tokenizer: Tokenizer, *, max_new_tokens: int = 128,
@@ -217,6 +220,7 @@ class ChatSession:
         self.seed = seed
         self.max_context = max_context
         self._generate_fn = generate_fn
+        self._cache: Any = None                    # a sampler.PromptCache, made on first use
         self.messages: list[dict[str, str]] = []
         self.history: list[int] = [tokenizer.bos_id]
         self.last_reply_ids: list[int] = []
@@ -227,12 +231,27 @@ class ChatSession:
         """``(end_of_turn_id, eos_id)``: a reply ends at whichever comes first."""
         return (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id)
 
-    def _generate(self) -> GenerateFn:
+    def _reply(self, prompt: list[int], seed: int) -> list[int]:
+        """The new tokens after ``prompt``, from the cached conversation or ``generate_fn``."""
+        sampling = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                        top_k=self.top_k, top_p=self.top_p, seed=seed,
+                        stop_tokens=self.stop_tokens)
         if self._generate_fn is None:
-            from gemma2_lite.sampler import generate  # lazy: the model code is optional here
+            if self._cache is None:
+                from gemma2_lite.sampler import PromptCache  # lazy: the model code is optional
 
-            self._generate_fn = generate
-        return self._generate_fn
+                self._cache = PromptCache(self.model, self.max_context)
+            return self._cache.generate(prompt, **sampling)
+        outputs = self._generate_fn(self.model, [prompt], **sampling)
+        if not isinstance(outputs, list) or len(outputs) != 1:
+            raise TypeError(f"generate_fn must return one list of new tokens per prompt (1 here), "
+                            f"got {type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'}")
+        return [int(t) for t in outputs[0]]
+
+    @property
+    def prefilled(self) -> int | None:
+        """Tokens the last turn prefilled (with the default cached sampler), else None."""
+        return None if self._cache is None else self._cache.prefilled
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The tokens the model sees for the next turn: history + user turn + ``<start_of_turn>model\\n``."""
@@ -254,14 +273,7 @@ class ChatSession:
                 f"{self.max_new_tokens} it would exceed max_context={self.max_context}. "
                 "Start a new session (or call reset())")
         turn = len(self.messages) // 2
-        outputs = self._generate()(
-            self.model, [prompt], max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            seed=self.seed + turn, stop_tokens=self.stop_tokens)
-        if not isinstance(outputs, list) or len(outputs) != 1:
-            raise TypeError(f"generate_fn must return one list of new tokens per prompt (1 here), "
-                            f"got {type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'}")
-        new = [int(t) for t in outputs[0]]
+        new = self._reply(prompt, self.seed + turn)
         stop_at = next((i for i, t in enumerate(new) if t in self.stop_tokens), None)
         self.last_stopped = stop_at is not None
         reply_ids = new if stop_at is None else new[:stop_at]
@@ -281,6 +293,8 @@ class ChatSession:
         self.history = [self.tokenizer.bos_id]
         self.last_reply_ids = []
         self.last_stopped = False
+        if self._cache is not None:
+            self._cache.reset()
 
     def text(self) -> str:
         """The conversation so far as chat text (``format_chat`` without a generation prompt)."""

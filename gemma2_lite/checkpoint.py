@@ -38,7 +38,7 @@ from flax import nnx
 
 from .checks import check_regular_file
 from .config import ConfigError, Gemma2Config, get_config
-from .model import Gemma2
+from .model import Gemma2, abstract_model
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
            "config_to_hf", "read_hf_config", "read_hf_tensors", "check_arrays", "load_hf", "save_hf", "load_flax", "save_flax", "to_flax_tree",
@@ -219,7 +219,7 @@ def _path_name(path: Path_) -> str:
 def _param_shapes(config: Gemma2Config) -> dict[Path_, tuple[int, ...]]:
     """Every parameter's path and shape, from an abstract *one-layer* model (all layers share
     their shapes): cheap for any ``num_layers``, unlike tracing the whole model."""
-    one = nnx.eval_shape(lambda: Gemma2(config.replace(num_layers=1), rngs=nnx.Rngs(0)))
+    one = abstract_model(config.replace(num_layers=1))
     shapes: dict[Path_, tuple[int, ...]] = {}
     for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param)):
         path = tuple(path)
@@ -283,7 +283,7 @@ def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
     one that puts each shard where it belongs) and cast to ``config.param_dtype``.
     """
     check_arrays(config, arrays, source=source)
-    abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     graphdef, state = nnx.split(abstract)
     expected = dict(nnx.to_flat_state(state))
     dtype = config.jnp_param_dtype

@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 from .config import Gemma2Config, get_config
-from .model import Gemma2, param_counts
-from .profile import capped, data_path, get_profile, repo_root
+from .model import Gemma2, abstract_model, param_counts
+from .profile import data_path, get_profile, pick, repo_root
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
@@ -58,10 +58,9 @@ REPORT: dict[str, Any] = {
 
 
 def _pick(profile: str, loop: bool = False, **sizes: Any) -> Any:
-    """``sizes[profile]``; ``loop=True`` marks a loop count, capped by ``$GEMMA2_LITE_LOOP_CAP``."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    return capped(sizes[profile]) if loop else sizes[profile]
+    """:func:`gemma2_lite.profile.pick` with this module's extra ``smoke`` profile (the unit
+    tests' tiny runs, never a book profile)."""
+    return pick(profile=profile, loop=loop, **sizes)
 
 
 # ----------------------------------------------------------------------------- data
@@ -253,7 +252,7 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
 def _with_window(model: Gemma2, window: int | None) -> Gemma2:
     """The same weights with the local layers' sliding window changed (for evaluation)."""
     cfg = model.config.replace(sliding_window=window)
-    graph = nnx.graphdef(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))))
+    graph = nnx.graphdef(abstract_model(cfg))
     return nnx.merge(graph, nnx.state(model))
 
 

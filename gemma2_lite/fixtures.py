@@ -44,7 +44,7 @@ from flax import nnx
 
 from .checkpoint import Path_, from_arrays, hf_state_dict, save_hf, to_released_flax_tree
 from .config import Gemma2Config
-from .model import Gemma2
+from .model import Gemma2, abstract_model
 from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
 from .weights import FIXTURE_MARKER, flax_checkpoint_name, model_dir
 
@@ -88,7 +88,7 @@ def random_arrays(config: Gemma2Config, seed: int, *, qk_gain: float = 1.0
     scales query/key weights up so attention is peaky, which makes a wrong mask or cache slot
     change the logits by far more than a test's tolerance.
     """
-    abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     rng = np.random.default_rng(seed)
     arrays = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):

@@ -7,6 +7,7 @@ Parameters carry ``logical_axes`` metadata (names such as ``"embed"`` or ``"mlp"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,11 +58,13 @@ class RMSNorm(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """GeGLU: ``down(gelu_tanh(x @ gate) * (x @ up))`` with D -> F -> D."""
+    """GeGLU: ``down(activation(x @ gate) * (x @ up))`` with D -> F -> D (tanh GELU)."""
 
     def __init__(self, d_model: int, ffn_dim: int, *, rngs: nnx.Rngs,
-                 param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
+                 param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+                 activation: Callable[[jax.Array], jax.Array] = gelu_tanh):
         self.dtype = dtype
+        self.activation = activation     # the seam chapter 5 swaps (Components.activation)
         init = dense_init(0, 1)
         self.gate = nnx.Param(init(rngs.params(), (d_model, ffn_dim), param_dtype),
                               logical_axes=("embed", "mlp"))
@@ -75,7 +78,7 @@ class FeedForward(nnx.Module):
         x = x.astype(dt)
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
         up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, self.down[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", self.activation(gate) * up, self.down[...].astype(dt))
 
 
 class Embedder(nnx.Module):

@@ -18,15 +18,17 @@ m the ``model`` axis size (heads, F and V are split by it, D is not)::
 
     per token, per layer:  (48 + 2a) D                      four RMSNorms (fp32 inside) + residuals
                          + a (2 N H + 2 K H + 8 F) / m      q, k, v, attention out; GeGLU's 8 F-wide
-                         + 8 H + 32                         RoPE sin/cos; RMSNorm row statistics
+                         + 32                               RMSNorm row statistics
                          + ((17 + a) S + 8) N / m           soft-capped scores: 4 fp32 + mask + probs
-    per token, once:       (12 + a) D + 12 V / m + 25       final norm; logits, soft-cap and softmax
+    per token, once:       (12 + a) D + 12 V / m + 20       final norm; logits, soft-cap and softmax
+                         + 4 H                              RoPE sin/cos, built once, shared
     per layer, once:       16 D                             the four norm scales, broadcast
-    once:                  4 D + 8                          final norm scale; loss scalars
+    once:                  4 D                              final norm scale
 
 With every block rematerialised only the block inputs are kept: a D per token per layer, plus
-5 bytes per token (the bool mask and int32 positions the blocks are called with), and, at the
-peak, one block's residuals while it is recomputed during the backward pass.
+S bytes per token for each kind of layer (the bool masks, built once per forward, that the blocks
+are called with), and, at the peak, one block's residuals while it is recomputed during the
+backward pass.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Gemma2Config, get_config
-from .model import Gemma2
+from .model import Gemma2, abstract_model
 from .sharding import BATCH_AXES, MESH_AXES, Rule, ShardingError, logical_to_spec
 
 __all__ = ["GiB", "Chip", "CHIPS", "Setup", "REPORT_SETUPS", "MemoryPlan", "param_shard_elements",
@@ -131,7 +133,7 @@ def _param_shapes(config: Gemma2Config) -> tuple[tuple[str, tuple[int, ...], tup
     weights are counted L times (tracing all 46 layers of 27B takes ~10x longer, same answer).
     """
     one = config.replace(num_layers=1)
-    abstract = nnx.eval_shape(lambda: Gemma2(one, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(one)
     out = []
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
@@ -191,17 +193,20 @@ def activation_bytes(config: Gemma2Config, tokens: int, seq: int, *, model_ways:
     m = model_ways
     scores = 4 * n / m if flash else ((17 + a) * seq + 8) * n / m
     per_token_layer = ((48 + 2 * a) * d + a * (2 * n * h + 2 * k * h + 8 * f) / m
-                       + 8 * h + 32 + scores)
-    per_token_once = (12 + a) * d + 25
+                       + 32 + scores)
+    # The rotation table (sin, cos: 4 H bytes) is built once per forward and shared by layers.
+    per_token_once = (12 + a) * d + 20 + 4 * h
     logit_tokens = tokens if logits_chunk is None else min(tokens, logits_chunk)
     logits = logit_tokens * 12 * v / m                # fp32 logits, soft-capped, softmax
     per_layer_once = 16 * d
-    once = 4 * d + 8 + logits             # the final norm's broadcast scale; two loss scalars
+    once = 4 * d + logits                 # the final norm's broadcast scale
     if not remat:
         return int(round(tokens * (layers * per_token_layer + per_token_once)
                          + layers * per_layer_once + once))
-    # Block inputs (a D per token per layer) + the bool mask and int32 positions (5 bytes).
-    kept = tokens * (layers * a * d + per_token_once + 5) + once
+    # Block inputs (a D per token per layer) + the bool masks the blocks are called with: one
+    # (T, S) mask per kind of layer (global, local), built once per forward.
+    kinds = len(set(c.layer_types))
+    kept = tokens * (layers * a * d + per_token_once + kinds * seq) + once
     if peak:
         kept += tokens * per_token_layer + per_layer_once
     return int(round(kept))
@@ -211,7 +216,8 @@ def kv_cache_bytes(config: Gemma2Config, batch: int, length: int, *, ring_buffer
                    cache_dtype: Any = None, batch_ways: int = 1, model_ways: int = 1) -> int:
     """Bytes per device of a KV cache for ``batch`` sequences of up to ``length`` positions.
 
-    Each layer keeps k and v (B, S, K, H) plus int32 positions (B, S); global layers have
+    Each layer keeps k and v (B, S, K, H) plus int32 positions (B, S) and an int32 count of
+    the columns written (4 bytes per layer, on every device); global layers have
     S = length, local layers S = min(W, length) with a ring buffer (S = length without).
     The batch is split ``batch_ways`` ways and the K heads ``model_ways`` ways.
     """
@@ -223,7 +229,7 @@ def kv_cache_bytes(config: Gemma2Config, batch: int, length: int, *, ring_buffer
     for i in range(c.num_layers):
         w = c.window_for_layer(i)
         slots = min(w, length) if (w is not None and ring_buffer) else length
-        total += b * slots * (2 * kv * c.head_dim * itemsize + 4)
+        total += b * slots * (2 * kv * c.head_dim * itemsize + 4) + 4
     return total
 
 
@@ -293,7 +299,7 @@ def plan_memory(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, ba
     the same batch and the model's context).
 
     Parameters and gradients take ``param_dtype`` (default the config's); AdamW keeps two fp32
-    moments and 8 bytes of step counters (optax's and nnx.Optimizer's); ``master_fp32`` (default:
+    moments and 8 bytes of step counters (Adam's and the learning-rate schedule's); ``master_fp32`` (default:
     on when the parameters are not fp32) adds an fp32 copy for the update. ``flash`` and
     ``logits_chunk`` are passed to :func:`activation_bytes`.
     """

@@ -5,10 +5,18 @@ tied unembedding and final logit soft-cap.
     for each layer:  h = h + post_attn_norm(attn(pre_attn_norm(h)))
                      h = h + post_ffw_norm(mlp(pre_ffw_norm(h)))
     logits = c_f * tanh((final_norm(h) @ E.T) / c_f)
+
+``model(tokens)`` returns the logits; ``model.forward(...)`` returns a :class:`Gemma2Output`
+(logits, the updated cache, the hidden states). The functions a chapter may want to swap (the
+attention kernel, the mask, the rotation, the activation) are :class:`Components`:
+``model.replace(activation=...)`` gives the same weights with another component, no patching.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -16,12 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import Attention, LayerCache
+from .attention import (Attention, LayerCache, attention_mask, cached_key_positions,
+                        gqa_attention)
 from .checks import check_token_ids
 from .config import Gemma2Config
-from .layers import Embedder, FeedForward, RMSNorm, soft_cap
+from .layers import Embedder, FeedForward, RMSNorm, gelu_tanh, soft_cap
+from .rope import rope_table, rotate
 
-__all__ = ["Block", "Gemma2", "positions_from_mask", "param_counts"]
+__all__ = ["Block", "Components", "Gemma2", "Gemma2Output", "abstract_model",
+           "positions_from_mask", "param_counts"]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -33,24 +44,60 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.cumsum(mask, axis=-1) - 1
 
 
+@dataclass(frozen=True)
+class Components:
+    """The functions the model is built from, each replaceable (the chapters' seam).
+
+    attention: ``(q (B,T,N,H), k, v (B,S,K,H), mask (B,T,S), *, softcap) -> (out (B,T,N,H),
+    probs)``; mask: ``(q_pos (B,T), k_pos (B,S), window) -> bool (B,T,S)``; rope_table:
+    ``(positions (B,T), H, base) -> table``; rotate: ``(x (B,T,N,H), table) -> x``;
+    activation: the GeGLU gate's ``x -> x``.
+    """
+
+    attention: Callable[..., tuple[jax.Array, jax.Array]] = gqa_attention
+    mask: Callable[[jax.Array, jax.Array, int | None], jax.Array] = attention_mask
+    rope_table: Callable[[jax.Array, int, float], Any] = rope_table
+    rotate: Callable[[jax.Array, Any], jax.Array] = rotate
+    activation: Callable[[jax.Array], jax.Array] = gelu_tanh
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Gemma2Output:
+    """What :meth:`Gemma2.forward` returns (a pytree, so it passes through ``jit``).
+
+    logits: float32 (B, T, V), or (B, 1, V) with ``last_only``; cache: the updated list of L
+    :class:`LayerCache` when one was given, else None; hidden: with ``return_hidden``, the
+    residual stream after the embedding and after every layer (L + 1 arrays (B, T, D), the last
+    one after the final norm, as Hugging Face reports it), else None.
+    """
+
+    logits: jax.Array
+    cache: list[LayerCache] | None = None
+    hidden: list[jax.Array] | None = None
+
+
 class Block(nnx.Module):
     """One decoder layer, with Gemma 2's four norms (pre and post, around each sub-block)."""
 
-    def __init__(self, config: Gemma2Config, layer_index: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: Gemma2Config, layer_index: int, *, rngs: nnx.Rngs,
+                 components: Components = Components()):
         c = config
         pd = c.jnp_param_dtype
         self.kind = c.layer_types[layer_index]
         self.pre_attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
-        self.attn = Attention(c, c.window_for_layer(layer_index), rngs=rngs)
+        self.attn = Attention(c, c.window_for_layer(layer_index), rngs=rngs,
+                              attention_fn=components.attention, rotate_fn=components.rotate)
         self.post_attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
         self.pre_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
-        self.mlp = FeedForward(c.d_model, c.ffn_dim, rngs=rngs, param_dtype=pd, dtype=c.jnp_dtype)
+        self.mlp = FeedForward(c.d_model, c.ffn_dim, rngs=rngs, param_dtype=pd, dtype=c.jnp_dtype,
+                               activation=components.activation)
         self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+    def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """x: (B, T, D) -> (B, T, D), plus the layer's updated cache."""
-        a, cache = self.attn(self.pre_attn_norm(x), positions, valid, cache)
+        """x: (B, T, D) -> (B, T, D), plus the layer's updated cache (see :class:`Attention`)."""
+        a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache)
         x = x + self.post_attn_norm(a)
         m = self.mlp(self.pre_ffw_norm(x))
         x = x + self.post_ffw_norm(m)
@@ -61,14 +108,23 @@ class Gemma2(nnx.Module):
     """Gemma 2 as a Flax NNX module.
 
     >>> model = Gemma2(get_config("tiny"), rngs=nnx.Rngs(0))
-    >>> logits = model(tokens)                 # int32 (B, T) -> float32 (B, T, V)
+    >>> logits = model(tokens)                       # int32 (B, T) -> float32 (B, T, V)
+    >>> out = model.forward(tokens, cache=model.init_cache(B, 64))   # Gemma2Output
+    >>> exact = model.replace(activation=gelu_exact)  # same weights, another component
+
+    ``remat=True`` recomputes each block in the backward pass instead of storing its
+    activations (``nnx.remat``): the same numbers for ~1/3 more FLOPs and far less memory.
     """
 
-    def __init__(self, config: Gemma2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: Gemma2Config, *, rngs: nnx.Rngs,
+                 components: Components | None = None, remat: bool = False):
         self.config = config
+        self.components = components or Components()
+        self.remat = bool(remat)
         self.embedder = Embedder(config.vocab_size, config.d_model, rngs=rngs,
                                  param_dtype=config.jnp_param_dtype)
-        self.layers = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, i, rngs=rngs, components=self.components)
+                                for i in range(config.num_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps,
                                   param_dtype=config.jnp_param_dtype)
 
@@ -77,6 +133,21 @@ class Gemma2(nnx.Module):
         return f"Gemma2({self.config!r}, {n:,} parameters)"
 
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
+
+    def replace(self, *, remat: bool | None = None, **components: Any) -> "Gemma2":
+        """The same parameters (shared, not copied) with other :class:`Components` or remat.
+
+        ``model.replace(attention=my_attention)`` runs ``my_attention`` in every layer;
+        ``model.replace(remat=True)`` trains with rematerialised blocks.
+        """
+        unknown = set(components) - {f.name for f in dataclasses.fields(Components)}
+        if unknown:
+            raise TypeError(f"unknown component(s) {sorted(unknown)}; the components are "
+                            f"{[f.name for f in dataclasses.fields(Components)]}")
+        comps = dataclasses.replace(self.components, **components)
+        abstract = abstract_model(self.config, components=comps,
+                                  remat=self.remat if remat is None else remat)
+        return nnx.merge(nnx.graphdef(abstract), nnx.state(self))
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, tokens: Any, positions: Any,
@@ -113,55 +184,68 @@ class Gemma2(nnx.Module):
                     raise ValueError(f"position {int(p.max())} is past the model's context "
                                      f"({c.max_seq_len} positions, 0..{c.max_seq_len - 1})")
         if cache is not None:
-            self._check_cache(cache, b, positions)
+            self._check_cache(cache, b, t)
         return jnp.asarray(tokens)
 
-    def _check_cache(self, cache: list[LayerCache], batch: int, positions: Any) -> None:
-        """A cache must have one entry per layer, the batch's rows, and room for the positions.
+    def _check_cache(self, cache: list[LayerCache], batch: int, tokens_len: int) -> None:
+        """A cache must have one entry per layer, the batch's rows, and room for the new columns.
 
-        A layer whose cache has fewer slots than it attends to (a global layer: all positions;
-        a local one: W) is a ring buffer that overwrites keys it still needs once a position
-        reaches its size: refused here when positions are concrete, since the logits would be
-        silently wrong.
+        Rows share columns (:class:`LayerCache`). A layer whose cache has fewer slots than it
+        attends to (a global layer: every column; a local one: W) would overwrite keys it still
+        needs once the columns pass its size: refused here when the cache's ``end`` is concrete,
+        since the logits would be silently wrong.
         """
         c = self.config
-        if len(cache) != c.num_layers:
-            raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
+        if not isinstance(cache, (list, tuple)) or len(cache) != c.num_layers:
+            got = len(cache) if hasattr(cache, "__len__") else type(cache).__name__
+            raise ValueError(f"cache has {got} layers, the model {c.num_layers}")
         for i, layer in enumerate(cache):
             if layer.k.shape[0] != batch:
                 raise ValueError(f"cache[{i}] holds {layer.k.shape[0]} rows but tokens has "
                                  f"{batch}: make the cache with init_cache(batch={batch}, ...)")
-        if positions is None or isinstance(positions, jax.core.Tracer):
-            return
-        p = np.asarray(positions)
-        if not p.size:
-            return
         for i, layer in enumerate(cache):
+            if isinstance(layer.end, jax.core.Tracer):
+                return
             window = c.window_for_layer(i)
-            if (window is None or layer.size < window) and p.max() >= layer.size:
+            end = int(layer.end) + tokens_len
+            if (window is None or layer.size < window) and end > layer.size:
                 raise ValueError(
-                    f"position {int(p.max())} does not fit in the cache: layer {i} has "
-                    f"{layer.size} slots (positions 0..{layer.size - 1}); make a larger cache "
-                    "with init_cache(batch, max_len)")
+                    f"{end} columns do not fit in the cache: layer {i} has {layer.size} slots "
+                    f"({int(layer.end)} used); make a larger cache with init_cache(batch, max_len)")
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
-                 positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
-                 return_hidden: bool = False) -> Any:
-        """Next-token logits.
+                 positions: jax.Array | None = None, **unexpected: Any) -> jax.Array:
+        """Next-token logits, float32 (B, T, V): ``self.forward(...).logits``.
+
+        tokens: int (B, T); attention_mask: (B, T), 1 for real tokens, 0 for (left) padding;
+        positions: int (B, T), default cumsum(mask) - 1. For a cache or the hidden states use
+        :meth:`forward`, which returns a :class:`Gemma2Output`.
+        """
+        if unexpected:
+            raise TypeError(f"Gemma2.__call__ got {sorted(unexpected)}: calling the model gives "
+                            "logits only; use model.forward(tokens, ..., cache=..., "
+                            "return_hidden=...), which returns a Gemma2Output")
+        return self.forward(tokens, attention_mask, positions=positions).logits
+
+    def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
+                positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
+                return_hidden: bool = False, last_only: bool = False) -> Gemma2Output:
+        """The forward pass, with everything it can give.
 
         tokens: int (B, T), ids in [0, V): checked when concrete (a
         :class:`~gemma2_lite.checks.TokenIdError` names the bad ids); under ``jit`` they cannot
-        be checked and an out-of-range id turns its position's logits into NaN. attention_mask: (B, T), 1 for real tokens and 0 for padding
-        (left padding); default all ones. positions: int (B, T); default cumsum(mask) - 1.
-        cache: a list of L :class:`LayerCache` (see :meth:`init_cache`) for incremental decoding.
-
-        Returns float32 logits (B, T, V); ``(logits, new_cache)`` when a cache is given; and
-        with ``return_hidden`` also the residual stream after the embedding and after every layer
-        (L + 1 arrays (B, T, D); the last one after the final norm, as Hugging Face reports it).
+        be checked and an out-of-range id turns its position's logits into NaN.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding); default all
+        ones. positions: int (B, T); default cumsum(mask) - 1 (required with a used cache).
+        cache: L :class:`LayerCache` (:meth:`init_cache`) for incremental decoding; the new
+        tokens are written into it (rows in lock-step: a chunk's padding, if any, on the left).
+        return_hidden: also return the residual streams. last_only: unembed only the last
+        column (B, 1, V): all that sampling needs after a prefill (with left padding the last
+        column is every row's last token), and V / (T·V) of the logits' memory.
         """
         tokens = self._check_inputs(tokens, positions, cache)
-        c = self.config
+        c, comps = self.config, self.components
         if attention_mask is None:
             valid = jnp.ones(tokens.shape, bool)
         else:
@@ -169,32 +253,52 @@ class Gemma2(nnx.Module):
             if valid.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
         if positions is None:
-            if cache is not None:
-                raise ValueError("with a cache, pass the absolute positions of the new tokens")
+            if cache is not None and not all(layer.fresh for layer in cache):
+                raise ValueError("with a used cache, pass the absolute positions of the new tokens")
             positions = positions_from_mask(valid)
-        positions = jnp.asarray(positions, jnp.int32)
+        positions = jnp.asarray(positions, jnp.int32)                       # (B, T)
+        k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)           # (B, T), pads -1
+
+        # Built once per forward, shared by the layers: the rotation table, and one mask per
+        # kind of layer (global / local), over the keys each kind attends to.
+        rope = comps.rope_table(positions, c.head_dim, c.rope_base)
+        masks: dict[int | None, jax.Array] = {}
+        for i, block in enumerate(self.layers):
+            w = block.attn.window
+            if w not in masks:
+                key_pos = cached_key_positions(None if cache is None else cache[i], k_pos)
+                masks[w] = comps.mask(positions, key_pos, w)                # (B, T, S')
+
+        def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
+                ) -> tuple[jax.Array, LayerCache | None]:
+            return block(x, rope, masks[block.attn.window], k_pos, layer_cache)
+
+        if self.remat and cache is None:
+            # Keep only each block's input for the backward pass; recompute the rest.
+            run = nnx.remat(run)
 
         x = self.embedder.encode(tokens, c.jnp_dtype)                        # (B, T, D)
         hidden = [x]
         new_cache = []
         for i, block in enumerate(self.layers):
-            x, layer_cache = block(x, positions, valid, None if cache is None else cache[i])
+            x, layer_cache = run(block, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             hidden.append(x)
+        if last_only:
+            x = x[:, -1:]                                                    # (B, 1, D)
         x = self.final_norm(x)
-        hidden[-1] = x
+        hidden[-1] = self.final_norm(hidden[-1]) if last_only else x
         logits = self.embedder.decode(x).astype(jnp.float32)                 # (B, T, V)
         logits = soft_cap(logits, c.final_logit_softcap)
-
-        out: Any = logits if cache is None else (logits, new_cache)
-        if return_hidden:
-            out = (*out, hidden) if isinstance(out, tuple) else (out, hidden)
-        return out
+        return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
+                            hidden=hidden if return_hidden else None)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[LayerCache]:
         """An empty cache for ``batch`` sequences of up to ``max_len`` positions.
 
         Global layers get ``max_len`` slots; local layers min(W, max_len) slots (a ring buffer).
+        Columns count padding too: a left-padded prompt of T columns leaves max_len - T to
+        generate.
         """
         c = self.config
         if max_len > c.max_seq_len:
@@ -211,8 +315,14 @@ def param_counts(config: Gemma2Config) -> dict[str, int]:
     For the report's configs (256128-row embedding) this gives its table exactly, e.g.
     gemma2-2b: {"embedding": 590118912, "non_embedding": 2024517888}.
     """
-    abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     state = nnx.state(abstract, nnx.Param)
     embedding = int(np.prod(abstract.embedder.embedding.shape))
     total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
     return {"embedding": embedding, "non_embedding": total - embedding}
+
+
+def abstract_model(config: Gemma2Config, **kwargs: Any) -> Gemma2:
+    """``Gemma2(config, ...)`` with shapes and dtypes but no memory (``nnx.eval_shape``): for
+    counting, for a graphdef, for shardings. ``kwargs`` go to :class:`Gemma2` (e.g. remat)."""
+    return nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0), **kwargs))

@@ -42,8 +42,9 @@ def compare_layers(model: Gemma2, hf_model, tokens, attention_mask=None,
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
     if positions is None:
         positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    ours_logits, ours_hidden = model(jnp.asarray(tokens), jnp.asarray(mask),
-                                     positions=jnp.asarray(positions), return_hidden=True)
+    ours = model.forward(jnp.asarray(tokens), jnp.asarray(mask),
+                         positions=jnp.asarray(positions), return_hidden=True)
+    ours_logits, ours_hidden = ours.logits, ours.hidden
     with torch.no_grad():
         out = hf_model(torch.tensor(tokens, dtype=torch.long),
                        attention_mask=torch.tensor(mask, dtype=torch.long),

@@ -76,16 +76,23 @@ def loop_cap() -> int | None:
     return cap
 
 
-def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = False) -> T:
+def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = False,
+         smoke: T | None = None) -> T:
     """The value for the active (or given) profile.
 
     ``loop=True`` marks a loop count (an int): it is capped at ``$GEMMA2_LITE_LOOP_CAP`` when that
     is set. Shapes are never marked, so a capped run still computes on the profile's shapes.
+    ``smoke`` is the value for ``profile="smoke"``, the unit tests' tiny runs of the experiments
+    (asked for explicitly; never the environment's profile).
     """
     profile = profile or get_profile()
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    value = {"ci": ci, "colab": colab, "full": full}[profile]
+    values = {"ci": ci, "colab": colab, "full": full}
+    if smoke is not None:
+        values["smoke"] = smoke
+    if profile not in values:
+        raise ValueError(f"unknown profile {profile!r}; choose one of "
+                         f"{PROFILES + (('smoke',) if smoke is not None else ())}")
+    value = values[profile]
     return capped(value) if loop else value  # type: ignore[return-value]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["rope_frequencies", "rope_angles", "apply_rope"]
+__all__ = ["rope_frequencies", "rope_angles", "rope_table", "rotate", "apply_rope"]
 
 
 def rope_frequencies(head_dim: int, base: float = 10_000.0) -> jax.Array:
@@ -28,15 +28,28 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float = 10_000.0) -> 
     return positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, base)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
-    """Rotate queries or keys by their positions.
+def rope_table(positions: jax.Array, head_dim: int, base: float = 10_000.0
+               ) -> tuple[jax.Array, jax.Array]:
+    """The rotation of every position, built once per forward and shared by all layers:
+    int (B, T) -> (sin, cos), float32 (B, T, 1, H/2) each (the 1 broadcasts over heads)."""
+    angles = rope_angles(positions, head_dim, base)[:, :, None, :]  # (B, T, 1, H/2)
+    return jnp.sin(angles), jnp.cos(angles)
 
-    x: (B, T, N, H) any float dtype; positions: int (B, T). Returns (B, T, N, H) in x's dtype.
+
+def rotate(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate queries or keys x (B, T, N, H) by a :func:`rope_table`; returns x's dtype.
+
     The rotation is computed in float32 (as the reference does) and cast back.
     """
-    head_dim = x.shape[-1]
-    angles = rope_angles(positions, head_dim, base)[:, :, None, :]  # (B, T, 1, H/2)
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    sin, cos = table                                                # (B, T, 1, H/2) each
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)          # (B, T, N, H/2) each
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotate queries or keys by their positions: ``rotate(x, rope_table(positions, H, base))``.
+
+    x: (B, T, N, H) any float dtype; positions: int (B, T). Returns (B, T, N, H) in x's dtype.
+    """
+    return rotate(x, rope_table(positions, x.shape[-1], base))

@@ -43,7 +43,7 @@ from .attention import LayerCache
 from .checks import check_seed, check_token_ids
 from .model import Gemma2, positions_from_mask
 
-__all__ = ["generate", "sample_logits", "check_sampling", "check_prompts", "pad_prompts",
+__all__ = ["generate", "PromptCache", "sample_logits", "check_sampling", "check_prompts", "pad_prompts",
            "prefill", "decode_step", "DecodeState", "SamplingSettings", "PAD_ID", "BAD_LOGITS",
            "NonFiniteLogitsError"]
 
@@ -90,6 +90,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p!r}")
 
 
+# Top-k and top-p look at the SHORTLIST most likely tokens (``lax.top_k``, not a sort of the
+# whole vocabulary); a nucleus that needs more (top_k > SHORTLIST, or top_p reaching past it)
+# falls back to the full sort.
+SHORTLIST = 256
+
+
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
             top_p: jax.Array) -> jax.Array:
     """:func:`sample_logits` with the settings as arrays (top_k 0 = off, top_p 1 = off).
@@ -97,8 +103,13 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
     Settings are traced values, not Python constants, so one compiled program serves every
     temperature / top-k / top-p: changing them never recompiles. ``lax.switch`` runs only the
     branch needed (greedy needs no random numbers and no sort).
+
+    Sampling is ``argmax(values + gumbel noise)`` over the tokens in descending order (what
+    ``jax.random.categorical`` does); the noise is drawn for all V ranks and cut to the
+    shortlist, so the shortlist and the full sort pick the same token from the same key.
     """
-    vocab = logits.shape[-1]
+    b, vocab = logits.shape
+    short = min(SHORTLIST, vocab)
 
     def greedy() -> jax.Array:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -106,18 +117,39 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
     def plain() -> jax.Array:
         return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
-    def filtered() -> jax.Array:
-        values, ids = jax.lax.top_k(logits / temperature, vocab)           # (B, V), descending
-        rank = jnp.arange(vocab)
+    def nucleus(values: jax.Array, ids: jax.Array, log_norm: jax.Array | None) -> jax.Array:
+        """Sample among the first L ranks of values/ids (B, L), descending."""
+        size = values.shape[-1]
+        rank = jnp.arange(size)
         keep = rank < jnp.where(top_k > 0, top_k, vocab)                   # top-k by rank: ties
         values = jnp.where(keep, values, -jnp.inf)                         # can't sneak in
-        probs = jax.nn.softmax(values, axis=-1)                            # renormalised on top-k
+        if log_norm is None:
+            probs = jax.nn.softmax(values, axis=-1)                        # renormalised on top-k
+        else:                                                              # no top-k: the whole
+            probs = jnp.exp(values - log_norm)                             # vocabulary's softmax
         # Probability mass of the strictly more likely tokens: keep a token while that mass is
         # still short of top_p. The first token has 0 before it, so it always survives.
         before = jnp.cumsum(probs, axis=-1) - probs
         values = jnp.where(before < top_p, values, -jnp.inf)
-        choice = jax.random.categorical(key, values, axis=-1)              # (B,) index into sorted
+        noise = jax.random.gumbel(key, (b, vocab), jnp.float32)[:, :size]
+        choice = jnp.argmax(values + noise, axis=-1)                       # (B,) into sorted
         return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def full() -> jax.Array:
+        values, ids = jax.lax.top_k(logits / temperature, vocab)           # (B, V): a sort
+        return nucleus(values, ids, None)
+
+    def filtered() -> jax.Array:
+        scaled = logits / temperature
+        values, ids = jax.lax.top_k(scaled, short)                         # (B, L)
+        # Without top-k the nucleus is measured against the whole vocabulary's softmax; it fits
+        # in the shortlist when the shortlist's mass reaches top_p in every row.
+        log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)        # (B, 1)
+        mass = jnp.sum(jnp.exp(values - log_norm), axis=-1)                # (B,)
+        fits = jnp.where(top_k > 0, top_k <= short, jnp.all(mass >= top_p))
+        in_shortlist = lambda: jax.lax.cond(top_k > 0, lambda: nucleus(values, ids, None),
+                                            lambda: nucleus(values, ids, log_norm))
+        return jax.lax.cond(fits, in_shortlist, full)
 
     branch = jnp.where(temperature == 0, 0, jnp.where((top_k > 0) | (top_p < 1), 2, 1))
     token = jax.lax.switch(branch, [greedy, plain, filtered])
@@ -212,30 +244,34 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int | None = None,
 
 
 # ---------------------------------------------------------------------------- model steps
-def prefill(model: Gemma2, tokens: jax.Array, mask: jax.Array,
-            cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
+def prefill(model: Gemma2, tokens: jax.Array, mask: jax.Array, cache: list[LayerCache],
+            start: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
     """Run the (left-padded) prompts through the model, filling an empty cache.
 
     tokens: int (B, T); mask: bool (B, T), real tokens True, padding on the left;
-    cache: from ``model.init_cache(B, max_len)``. Returns the next-token logits of each row,
-    float32 (B, V), and the filled cache (padding is never written into it).
+    cache: from ``model.init_cache(B, max_len)`` (or, with ``start``, one that already holds
+    ``start`` (B,) positions per row: a chat's next turn). Returns the next-token logits of
+    each row, float32 (B, V) (only the last column is unembedded), and the filled cache (padding
+    columns hold position -1: never attended).
     """
     if not isinstance(mask, jax.core.Tracer) and not bool(np.asarray(mask)[:, -1].all()):
         raise ValueError("prompts must be LEFT-padded: the last column must be a real token in "
                          "every row (its logits predict the first new token); use pad_prompts")
     positions = positions_from_mask(jnp.asarray(mask))                      # (B, T), pads -1
-    logits, cache = model(tokens, mask, positions=positions, cache=cache)   # (B, T, V)
-    return logits[:, -1], cache
+    if start is not None:
+        positions = jnp.where(positions >= 0, positions + jnp.asarray(start)[:, None], -1)
+    out = model.forward(tokens, mask, positions=positions, cache=cache, last_only=True)
+    return out.logits[:, -1], out.cache                                     # (B, V)
 
 
 def decode_step(model: Gemma2, tokens: jax.Array, positions: jax.Array,
                 cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
-    """Feed one token per row at its absolute position; it attends to the cache and is added.
+    """Feed one token per row at its absolute position; it is written, then attends the cache.
 
     tokens, positions: int32 (B,). Returns float32 logits (B, V) and the updated cache.
     """
-    logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
-    return logits[:, 0], cache
+    out = model.forward(tokens[:, None], positions=positions[:, None], cache=cache)
+    return out.logits[:, 0], out.cache
 
 
 # ---------------------------------------------------------------------------- decode loop
@@ -298,17 +334,16 @@ def _record(state: DecodeState, logits: jax.Array, settings: SamplingSettings) -
 
 
 def _start(model: Gemma2, tokens: jax.Array, mask: jax.Array, key: jax.Array,
-           settings: SamplingSettings, max_len: int, out_len: int) -> DecodeState:
-    """Make an empty cache of ``max_len`` positions, prefill it, sample the first new token."""
+           settings: SamplingSettings, cache: list[LayerCache], start: jax.Array,
+           out_len: int) -> DecodeState:
+    """Prefill ``cache`` with the prompts (after ``start`` (B,) positions), sample a token."""
     b = tokens.shape[0]
-    # Made inside the compiled program: nothing to allocate on the host and transfer.
-    cache = model.init_cache(b, max_len)
-    logits, cache = prefill(model, tokens, mask, cache)
+    logits, cache = prefill(model, tokens, mask, cache, start)
     state = DecodeState(
         out=jnp.full((b, out_len), PAD_ID, jnp.int32),
         last=jnp.zeros((b,), jnp.int32),
         # The first new token sits right after the prompt: position = prompt length.
-        positions=jnp.sum(mask, axis=1).astype(jnp.int32),
+        positions=(jnp.sum(mask, axis=1) + start).astype(jnp.int32),
         done=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32), key=key, cache=cache)
     return _record(state, logits, settings)
 
@@ -327,12 +362,23 @@ def _advance(model: Gemma2, state: DecodeState, settings: SamplingSettings) -> D
 def _start_jit(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array,
                key: jax.Array, settings: SamplingSettings, *, max_len: int,
                out_len: int) -> DecodeState:
-    """Prefill and the first token."""
-    return _start(nnx.merge(graphdef, params), tokens, mask, key, settings, max_len, out_len)
+    """Prefill and the first token, into a cache made inside the program (nothing to allocate
+    on the host and transfer)."""
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(tokens.shape[0], max_len)
+    start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return _start(model, tokens, mask, key, settings, cache, start, out_len)
 
 
-# The state (cache included) is donated: XLA writes the new keys into the old buffers instead
-# of copying the whole cache.
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len"), donate_argnames=("cache",))
+def _continue_jit(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
+                  mask: jax.Array, key: jax.Array, settings: SamplingSettings,
+                  cache: list[LayerCache], start: jax.Array, *, out_len: int) -> DecodeState:
+    """Prefill only the new tokens into a cache that holds ``start`` positions; first token."""
+    return _start(nnx.merge(graphdef, params), tokens, mask, key, settings, cache, start,
+                  out_len)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
 def _advance_jit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
                  settings: SamplingSettings) -> DecodeState:
@@ -399,17 +445,8 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
       NonFiniteLogitsError: the model's logits became NaN/inf for some row (e.g. NaN weights).
     """
     config = model.config
-    prompts = check_prompts(prompts, config.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    check_sampling(temperature, top_k, top_p)
-    stops = tuple(int(t) for t in check_token_ids(list(stop_tokens), config.vocab_size,
-                                                  name="stop_tokens").reshape(-1))
-    seed = check_seed(seed)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")
-
+    prompts, stops, seed = _check_request(model, prompts, max_new_tokens, temperature, top_k,
+                                          top_p, seed, stop_tokens, callback)
     longest = max(len(p) for p in prompts)
     needed = longest + int(max_new_tokens)
     if needed > config.max_seq_len:
@@ -426,27 +463,129 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
             f"model's context, {config.max_seq_len}) or ask for fewer tokens")
 
     # Padding beyond the longest prompt costs a little prefill work but is invisible to the
-    # result: padded slots get position -1 and are never attended to or cached.
-    tokens, mask = pad_prompts(prompts, _round_up(longest, _PROMPT_BUCKET))
+    # result: padded columns get position -1 and are never attended to. They do take cache
+    # columns (rows advance in lock-step), so the padding never pushes prompt + M past max_len.
+    tokens, mask = pad_prompts(prompts, min(_round_up(longest, _PROMPT_BUCKET),
+                                            max_len - int(max_new_tokens)))
     settings = SamplingSettings.make(temperature, top_k, top_p, stops, max_new_tokens)
     key = jax.random.key(seed)
     graphdef, params = nnx.split(model)
-    sizes = dict(max_len=max_len, out_len=_round_up(max_new_tokens, _OUT_BUCKET))
-
-    state = _start_jit(graphdef, params, tokens, mask, key, settings, **sizes)
-    if callback is None:
-        state = _finish_jit(graphdef, params, state, settings)
-    else:
-        was_done = np.zeros(len(prompts), bool)
-        for step in range(max_new_tokens):
-            if step:
-                state = _advance_jit(graphdef, params, state, settings)
-            new = np.asarray(state.out[:, step])
-            _raise_bad_logits(np.where(was_done, PAD_ID, new), f"generate, step {step}")
-            callback(step, np.where(was_done, -1, new).astype(np.int32))
-            was_done = np.asarray(state.done)
-            if was_done.all():
-                break
+    state = _start_jit(graphdef, params, tokens, mask, key, settings, max_len=max_len,
+                       out_len=_round_up(max_new_tokens, _OUT_BUCKET))
+    state = _decode(graphdef, params, state, settings, max_new_tokens, callback)
     out = np.asarray(state.out)[:, :max_new_tokens]
     _raise_bad_logits(out, "generate")
     return [_truncate(row, stops) for row in out]
+
+
+def _check_request(model: Gemma2, prompts: Any, max_new_tokens: Any, temperature: Any,
+                   top_k: Any, top_p: Any, seed: Any, stop_tokens: Any, callback: Any
+                   ) -> tuple[list[list[int]], tuple[int, ...], int]:
+    """Validate a generation request; return the prompts, stop ids and seed, checked."""
+    config = model.config
+    prompts = check_prompts(prompts, config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    stops = tuple(int(t) for t in check_token_ids(list(stop_tokens), config.vocab_size,
+                                                  name="stop_tokens").reshape(-1))
+    seed = check_seed(seed)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")
+    return prompts, stops, seed
+
+
+def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+            settings: SamplingSettings, max_new_tokens: int,
+            callback: Callable[[int, np.ndarray], Any] | None) -> DecodeState:
+    """Every decode step after the first token: one while-loop program, or (streaming) one
+    jitted step per token with the callback in between."""
+    if callback is None:
+        return _finish_jit(graphdef, params, state, settings)
+    was_done = np.zeros(state.out.shape[0], bool)
+    for step in range(max_new_tokens):
+        if step:
+            state = _advance_jit(graphdef, params, state, settings)
+        new = np.asarray(state.out[:, step])
+        _raise_bad_logits(np.where(was_done, PAD_ID, new), f"generate, step {step}")
+        callback(step, np.where(was_done, -1, new).astype(np.int32))
+        was_done = np.asarray(state.done)
+        if was_done.all():
+            break
+    return state
+
+
+class PromptCache:
+    """One conversation's key/value cache, kept between calls so only new tokens are prefilled.
+
+    ``generate(prompt)`` reuses the cache when the tokens it holds are a prefix of ``prompt``
+    (a chat's next turn: history + the new user turn): only the rest is prefilled, at the
+    positions after the cached ones. Otherwise it starts over from an empty cache. After the
+    call the cache holds the prompt and the new tokens that were fed back (all but the last).
+    The tokens are those :func:`generate` gives for the whole prompt (same seed, same
+    sampling), up to float rounding in the logits. Batch of one; ``size`` is the most cache
+    columns (default the model's context).
+
+    Attributes: ``ids`` the tokens the cache holds; ``prefilled`` how many tokens the last call
+    had to prefill (the new turn, or everything after a restart).
+    """
+
+    def __init__(self, model: Gemma2, size: int | None = None):
+        self.model = model
+        self.size = int(size or model.config.max_seq_len)
+        if not 0 < self.size <= model.config.max_seq_len:
+            raise ValueError(f"size must be in [1, {model.config.max_seq_len}] (the model's "
+                             f"context), got {size}")
+        self.cache: list[LayerCache] | None = None
+        self.ids: list[int] = []
+        self.prefilled = 0
+
+    def reset(self) -> None:
+        self.cache, self.ids, self.prefilled = None, [], 0
+
+    def generate(self, prompt: Sequence[int], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
+                 callback: Callable[[int, np.ndarray], Any] | None = None) -> list[int]:
+        """Continue ``prompt`` (one list of ids) as :func:`generate` would; return the new ids."""
+        (prompt,), stops, seed = _check_request(self.model, [prompt], max_new_tokens,
+                                                temperature, top_k, top_p, seed, stop_tokens,
+                                                callback)
+        m = int(max_new_tokens)
+        if len(prompt) + m > self.size:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_new_tokens ({m}) exceeds "
+                             f"the cache's {self.size} positions")
+        held = len(self.ids)
+        columns = 0 if self.cache is None else int(self.cache[0].end)
+        reuse = (self.cache is not None and held < len(prompt) and prompt[:held] == self.ids
+                 and columns + (len(prompt) - held) + m <= self.size)
+        settings = SamplingSettings.make(temperature, top_k, top_p, stops, m)
+        key = jax.random.key(seed)
+        graphdef, params = nnx.split(self.model)
+        out_len = _round_up(m, _OUT_BUCKET)
+        if reuse:
+            new = prompt[held:]
+            # Left padding to a bucket (fewer programs); a used cache drops padding columns.
+            tokens, mask = pad_prompts([new], _round_up(len(new), _PROMPT_BUCKET))
+            cache, self.cache = self.cache, None          # donated to the program
+            state = _continue_jit(graphdef, params, tokens, mask, key, settings, cache,
+                                  np.full((1,), held, np.int32), out_len=out_len)
+        else:
+            new = prompt
+            tokens, mask = pad_prompts([new], min(_round_up(len(new), _PROMPT_BUCKET),
+                                                  self.size - m))
+            state = _start_jit(graphdef, params, tokens, mask, key, settings,
+                               max_len=self.size, out_len=out_len)
+        self.prefilled = len(new)
+        state = _decode(graphdef, params, state, settings, m, callback)
+        out = np.asarray(state.out)[:, :m]
+        try:
+            _raise_bad_logits(out, "generate")
+        except NonFiniteLogitsError:
+            self.reset()
+            raise
+        reply = _truncate(out[0], stops)
+        self.cache = state.cache
+        self.ids = list(prompt) + reply[:-1]              # the last token was never fed
+        return reply

@@ -16,13 +16,14 @@ attn.q is ("heads", "embed", "head_dim")); :data:`DEFAULT_RULES` maps logical na
 book's notation (its Notation page, ``book/notation.md``) attn.q is then ``W[N_model, D_fsdp, H]``
 = ``P("model", "fsdp", None)``.
 
-Typical use (8 devices)::
+This module annotates and places; it never re-implements the model or the training step.
+Training on a mesh is :func:`gemma2_lite.train.train` (or its step) given the mesh: the same
+step as on one device, with :func:`train_shardings` as its in/out shardings. Typical use
+(8 devices)::
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
     model = sharded_init(get_config("tiny"), mesh)          # never whole on one device
-    optimizer = make_optimizer(model, optax.adamw(1e-3), mesh)  # moments sharded like params
-    step = make_train_step(model, optimizer, mesh)
-    loss = step(model, optimizer, tokens, mask)              # batch split over (data, fsdp)
+    model, history = train(cfg, TrainConfig(...), tokens, model=model, mesh=mesh)
     model = load_hf_sharded("/path/to/gemma-2-2b", mesh)     # each device reads its slice
 
 Multi-host TPU slices must call :func:`maybe_initialize_distributed` first (before any other
@@ -44,13 +45,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import Gemma2Config
-from .model import Gemma2
+from .model import Gemma2, abstract_model
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh",
            "resolve_rules", "logical_to_spec", "param_specs", "state_shardings", "shard_state",
-           "shard_model", "make_sharded_init", "sharded_init", "make_optimizer", "batch_sharding", "shard_batch",
-           "make_placer", "load_hf_sharded", "next_token_loss", "forward_with_remat",
-           "make_train_step", "sharded_forward", "shard_shape", "maybe_initialize_distributed"]
+           "shard_model", "make_sharded_init", "sharded_init", "tree_shardings",
+           "sharded_opt_init", "train_shardings", "batch_sharding", "shard_batch",
+           "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
+           "maybe_initialize_distributed"]
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
 # The batch dimension of activations is split over both data-parallel axes.
@@ -249,8 +251,7 @@ def make_sharded_init(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule
     """The pieces of :func:`sharded_init`: the model's graphdef and a jitted ``create()`` that
     returns its state already sharded (``create.lower().compile().memory_analysis()`` shows
     each device allocating only its shards)."""
-    abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
     shardings = state_shardings(abstract_state, mesh, rules)
 
     def create() -> nnx.State:
@@ -273,17 +274,41 @@ def sharded_init(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | N
     return nnx.merge(graphdef, create())
 
 
-def make_optimizer(model: Gemma2, tx: optax.GradientTransformation, mesh: Mesh,
-                   rules: Mapping[str, Rule] | None = None) -> nnx.Optimizer:
-    """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` with its state sharded like the parameters.
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Rule] | None = None) -> Any:
+    """A ``NamedSharding`` for every array of any pytree holding nnx Variables: parameters,
+    and an optax state built from them (AdamW's mu and nu are ``zeros_like`` copies of the
+    parameters and keep their ``logical_axes``, so the rules shard them like the parameters:
+    with ``embed -> fsdp`` that is ZeRO-3's partitioned optimizer state). Arrays without
+    logical axes (a step counter, an rng key) are replicated. The result is a tree prefix of
+    ``tree``, usable as ``jax.jit``'s in/out shardings."""
+    rules = resolve_rules(rules)
 
-    AdamW's moments mu and nu mirror each parameter (and inherit its ``logical_axes``), so the
-    same rules shard them: with ``embed -> fsdp`` that is ZeRO-3's partitioned optimizer state.
-    The moments start as ``zeros_like`` of already-sharded params, so they are born sharded.
-    """
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    nnx.update(optimizer, shard_state(nnx.state(optimizer), mesh, rules))
-    return optimizer
+    def one(path: Sequence[Any], x: Any) -> NamedSharding:
+        spec = _spec_for(path, x, mesh, rules) if isinstance(x, nnx.Variable) else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
+
+
+def sharded_opt_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh,
+                     rules: Mapping[str, Rule] | None = None) -> Any:
+    """``tx.init(params)`` computed on the mesh, each moment born in its parameter's layout."""
+    shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
+                    rules: Mapping[str, Rule] | None = None) -> Any:
+    """The :class:`~gemma2_lite.train.StepShardings` that make
+    :func:`~gemma2_lite.train.make_train_step` a sharded step: parameters and optimizer state
+    in their rule-given layout (in and out, so the donated buffers are reused), the batch
+    split over ("data", "fsdp"), the rng and the metrics replicated."""
+    from .train import StepShardings
+
+    return StepShardings(params=tree_shardings(params, mesh, rules),
+                         opt_state=tree_shardings(opt_state, mesh, rules),
+                         rest=tree_shardings(rest, mesh, rules), batch=batch_sharding(mesh),
+                         replicated=NamedSharding(mesh, P()))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -311,7 +336,7 @@ def make_placer(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | No
     ``jax.make_array_from_callback``: every device asks only for its own slice of the (possibly
     memory-mapped) numpy array, so a host reads only what its devices hold.
     """
-    abstract = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(abstract, nnx.Param), mesh,
                                                        rules)))
     dtype = config.jnp_param_dtype
@@ -338,87 +363,7 @@ def load_hf_sharded(path: str | os.PathLike, mesh: Mesh, rules: Mapping[str, Rul
                    place=make_placer(config, mesh, rules), **config_overrides)
 
 
-# ----------------------------------------------------------------------------- training
-def forward_with_remat(model: Gemma2, tokens: jax.Array, attention_mask: jax.Array | None = None,
-                       ) -> jax.Array:
-    """The model's forward pass with every block rematerialised (``nnx.remat``).
-
-    Same logits as ``model(tokens, attention_mask)``; the backward pass keeps only each block's
-    input (B, T, D) and recomputes the rest, trading ~1/3 more FLOPs for far less memory.
-    """
-    from .layers import soft_cap
-    from .model import positions_from_mask
-
-    c = model.config
-    valid = (jnp.ones(tokens.shape, bool) if attention_mask is None
-             else jnp.asarray(attention_mask).astype(bool))
-    positions = positions_from_mask(valid)
-    x = model.embedder.encode(tokens, c.jnp_dtype)                               # (B, T, D)
-
-    @nnx.remat
-    def run_block(block: nnx.Module, x: jax.Array) -> jax.Array:
-        return block(x, positions, valid)[0]
-
-    for block in model.layers:
-        x = run_block(block, x)
-    logits = model.embedder.decode(model.final_norm(x)).astype(jnp.float32)     # (B, T, V)
-    return soft_cap(logits, c.final_logit_softcap)
-
-
-def next_token_loss(model: Gemma2, tokens: jax.Array, mask: jax.Array,
-                    remat: bool = False) -> jax.Array:
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (padding ignored).
-
-    tokens: int (B, T); mask: (B, T), 1 for real tokens. Returns a float32 scalar.
-    """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    in_mask, weights = mask[:, :-1], mask[:, 1:].astype(jnp.float32)
-    logits = (forward_with_remat(model, inputs, in_mask) if remat
-              else model(inputs, in_mask))                                       # (B, T-1, V)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)        # (B, T-1)
-    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def make_train_step(model: Gemma2, optimizer: nnx.Optimizer, mesh: Mesh,
-                    rules: Mapping[str, Rule] | None = None, *, remat: bool = False,
-                    ) -> Callable[[Gemma2, nnx.Optimizer, jax.Array, jax.Array], jax.Array]:
-    """A jitted AdamW step with explicit shardings: ``step(model, optimizer, tokens, mask)``.
-
-    Parameters and optimizer state go in and come out in their rule-given layout (the old
-    buffers are donated); tokens/mask (B, T) are split over ("data", "fsdp"). XLA inserts the
-    all-gathers of fsdp-sharded weights and the reduce-scatter of their gradients. The model and
-    optimizer are updated in place; the step returns the loss (float32 scalar).
-    """
-    graphdef, state = nnx.split((model, optimizer))
-    shardings = state_shardings(state, mesh, rules)
-    grad_shardings = state_shardings(nnx.state(model, nnx.Param), mesh, rules)
-    data = batch_sharding(mesh)
-
-    def step(state: nnx.State, tokens: jax.Array, mask: jax.Array
-             ) -> tuple[nnx.State, jax.Array]:
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens, mask, remat)
-        # Gradients in their parameters' layout: fsdp-split weights get reduce-scattered
-        # gradients, and the partitioner is not left to guess an intermediate layout.
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    jitted = jax.jit(step, in_shardings=(shardings, data, data),
-                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-
-    def run(model: Gemma2, optimizer: nnx.Optimizer, tokens: jax.Array, mask: jax.Array
-            ) -> jax.Array:
-        tokens, mask = shard_batch(tokens, mesh), shard_batch(mask, mesh)
-        new_state, loss = jitted(nnx.state((model, optimizer)), tokens, mask)
-        nnx.update((model, optimizer), new_state)
-        return loss
-
-    run.jitted = jitted          # for .lower(...).compile().memory_analysis() / cost_analysis()
-    run.shardings = shardings
-    return run
-
-
+# ----------------------------------------------------------------------------- forward
 @nnx.jit
 def _forward(model: Gemma2, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return model(tokens, mask)

@@ -46,17 +46,20 @@ from flax import nnx
 
 from .checks import check_token_ids
 from .config import Gemma2Config
-from .distill import cross_entropy_loss, distillation_loss, topk_distillation_loss
-from .model import Gemma2
+from .distill import distillation_loss, topk_distillation_loss
+from .losses import cross_entropy_loss, token_nll
+from .model import Gemma2, abstract_model
 
 __all__ = ["TrainConfig", "TokenBatcher", "train", "evaluate", "cross_entropy_loss",
            "make_optimizer", "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
            "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
-           "checkpoint_steps", "verify_checkpoint", "data_fingerprint", "SkippedCheckpointWarning"]
+           "checkpoint_steps", "verify_checkpoint", "data_fingerprint", "SkippedCheckpointWarning",
+           "StepShardings"]
 
 # loss_fn(student_logits (B,T,V) f32, targets (B,T) int32, teacher_logits (B,T,V) f32 | None,
-#         rng uint32 (2,)) -> f32 scalar
-LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None", jax.Array], jax.Array]
+#         rng uint32 (2,), mask (B,T) f32 | None: 1 = count the position) -> f32 scalar
+LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None", jax.Array, "jax.Array | None"],
+                  jax.Array]
 
 
 class TrainError(ValueError):
@@ -242,13 +245,16 @@ def make_loss_fn(tc: TrainConfig, has_teacher: bool) -> LossFn:
     a stored top-k file would give), mixed with the hard labels when ``tc.distill_alpha`` is set.
     """
     if not has_teacher:
-        return lambda logits, targets, teacher_logits, rng: cross_entropy_loss(logits, targets)
+        return lambda logits, targets, teacher_logits, rng, mask=None: \
+            cross_entropy_loss(logits, targets, mask)
     tau, alpha, k = tc.distill_temperature, tc.distill_alpha, tc.distill_topk
 
     def loss(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Array | None,
-             rng: jax.Array) -> jax.Array:
+             rng: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         assert teacher_logits is not None
-        kw = {} if alpha is None else {"alpha": alpha, "targets": targets}
+        kw: dict[str, Any] = {"mask": mask}
+        if alpha is not None:
+            kw.update(alpha=alpha, targets=targets)
         if k is None:
             return distillation_loss(logits, teacher_logits, temperature=tau, **kw)
         values, ids = jax.lax.top_k(teacher_logits, k)                       # (B, T, k)
@@ -265,18 +271,44 @@ def _optimizer_key(tc: TrainConfig) -> tuple[Any, ...]:
             tc.eps)
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    teacher_graph: Any = None) -> Callable[..., Any]:
-    """The jitted training step for a model split as ``nnx.split(model, nnx.Param, ...)``.
+@dataclass(frozen=True)
+class StepShardings:
+    """Where the training state lives on a mesh (see :func:`gemma2_lite.sharding.train_shardings`).
 
-    ``step(params, opt_state, rng, rest, teacher_state, batch int32 (B, T + 1))`` returns
-    ``(params, opt_state, rng, {"loss", "grad_norm"})``; the first three inputs are donated
-    (updated in place). With ``teacher_graph`` the teacher (``nnx.merge(teacher_graph,
-    teacher_state)``) runs inside the step and its logits, gradient stopped, go to ``loss_fn``.
+    params, opt_state, rest: ``NamedSharding`` trees (prefixes of those pytrees); batch: the
+    (B, ...) batch's sharding; replicated: for the rng and the metrics.
+    """
+
+    params: Any
+    opt_state: Any
+    rest: Any
+    batch: Any
+    replicated: Any
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    teacher_graph: Any = None, *, shardings: StepShardings | None = None,
+                    teacher_shardings: Any = None) -> Callable[..., Any]:
+    """The one jitted training step, for one device or a mesh.
+
+    For a model split as ``nnx.split(model, nnx.Param, ...)``:
+    ``step(params, opt_state, rng, rest, teacher_state, batch int32 (B, T + 1), mask=None)``
+    returns ``(params, opt_state, rng, {"loss", "grad_norm"})``; the first three inputs are
+    donated (updated in place). ``mask`` (B, T), 1 = count the position, restricts the loss
+    (e.g. to a chat's model turns). With ``teacher_graph`` the teacher (``nnx.merge(
+    teacher_graph, teacher_state)``) runs inside the step and its logits, gradient stopped, go
+    to ``loss_fn``.
+
+    With ``shardings`` the same function is compiled with explicit in/out shardings: parameters
+    and optimizer state go in and come out in their rule-given layout (so donation reuses the
+    buffers), the batch is split over the data axes, and the gradients are constrained to the
+    parameters' layout (fsdp-split weights get reduce-scattered gradients). XLA inserts the
+    collectives; the arithmetic is the single-device step's.
     """
 
     def step_fn(params: Any, opt_state: Any, rng: jax.Array, rest: Any, teacher_state: Any,
-                batch: jax.Array) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
+                batch: jax.Array, mask: jax.Array | None = None
+                ) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
         inputs, targets = batch[:, :-1], batch[:, 1:]                        # (B, T) each
         rng, sub = jax.random.split(rng)
         teacher_logits = None
@@ -286,15 +318,23 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: Lo
 
         def objective(p: Any) -> jax.Array:
             logits = nnx.merge(graphdef, p, rest)(inputs)                    # (B, T, V) f32
-            return loss_fn(logits, targets, teacher_logits, sub)
+            return loss_fn(logits, targets, teacher_logits, sub, mask)
 
         loss, grads = jax.value_and_grad(objective)(params)
+        if shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, shardings.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, rng, {"loss": loss, "grad_norm": grad_norm}
 
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    s = shardings
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2),
+                   in_shardings=(s.params, s.opt_state, s.replicated, s.rest, teacher_shardings,
+                                 s.batch, s.batch),
+                   out_shardings=(s.params, s.opt_state, s.replicated, s.replicated))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -315,8 +355,7 @@ def _token_stream(tokens: Any, vocab_size: int, name: str) -> np.ndarray:
 def _eval_batch(model: Gemma2, inputs: jax.Array, targets: jax.Array,
                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed token NLL and token count of one batch (weights (B, T) 0/1 drop padding rows)."""
-    logp = jax.nn.log_softmax(model(inputs).astype(jnp.float32), axis=-1)   # (B, T, V)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]   # (B, T)
+    nll = token_nll(model(inputs), targets)                                 # (B, T)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -595,7 +634,8 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
           loss_fn: LossFn | None = None, teacher: Gemma2 | None = None,
           model: Gemma2 | None = None, resume: bool = True, stop_at: int | None = None,
           log: Callable[[str], None] | None = None,
-          allow_data_change: bool = False) -> tuple[Gemma2, dict[str, list[dict]]]:
+          allow_data_change: bool = False, mesh: Any = None,
+          rules: Mapping[str, Any] | None = None) -> tuple[Gemma2, dict[str, list[dict]]]:
     """Train a Gemma 2 model on a token stream; returns ``(model, history)``.
 
     Args:
@@ -618,6 +658,10 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
       log: where one-line messages go (default: nowhere).
       allow_data_change: resume even though ``train_tokens`` differ from the checkpoint's
         (their sha256 is saved with every step); the batcher's position is kept as saved.
+      mesh, rules: train on a device mesh (:func:`gemma2_lite.sharding.make_mesh`): the same
+        step, compiled with :func:`gemma2_lite.sharding.train_shardings` (parameters and
+        optimizer moments laid out by the logical-axis ``rules``, the batch split over the
+        data axes). ``batch_size`` must divide by the data axes' size.
 
     ``history`` is ``{"train": [{"step", "loss", "grad_norm", "lr", "tokens_seen",
     "tokens_per_s", "time_s"}, ...], "eval": [{"step", "val_loss", "val_perplexity",
@@ -649,13 +693,26 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
         raise TrainError(f"model's config {model.config!r} differs from model_config {cfg!r}")
     else:
         # Same weights, this run's activation dtype; copied, because the step donates its inputs.
-        graph = nnx.graphdef(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))))
-        model = nnx.merge(graph, jax.tree.map(jnp.copy, nnx.state(model)))
+        model = nnx.merge(nnx.graphdef(abstract_model(cfg)),
+                          jax.tree.map(jnp.copy, nnx.state(model)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(tc)
-    opt_state = tx.init(params)
     rng = jax.random.PRNGKey(tc.seed)
     teacher_graph, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    shardings = teacher_shardings = None
+    if mesh is None:
+        opt_state = tx.init(params)
+    else:
+        from . import sharding as sh
+
+        params = sh.shard_state(params, mesh, rules)
+        rest = sh.shard_state(rest, mesh, rules)
+        opt_state = sh.sharded_opt_init(tx, params, mesh, rules)
+        shardings = sh.train_shardings(params, opt_state, rest, mesh, rules)
+        rng = jax.device_put(rng, shardings.replicated)
+        if teacher_state is not None:
+            teacher_state = sh.shard_state(teacher_state, mesh, rules)
+            teacher_shardings = sh.tree_shardings(teacher_state, mesh, rules)
 
     meta: dict[str, Any] = {"model_config": cfg.to_dict(), "train_config": tc.to_dict(),
                             "teacher_config": None if teacher is None else
@@ -686,7 +743,11 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
             if later > step:
                 say(f"moved the skipped step {later} to {_set_aside(ckpt_dir, later)}")
 
-    if loss_fn is None:
+    if shardings is not None:        # a restored state comes back on one device: lay it out
+        params = jax.device_put(params, shardings.params)
+        opt_state = jax.device_put(opt_state, shardings.opt_state)
+        rng = jax.device_put(rng, shardings.replicated)
+    if loss_fn is None and mesh is None:
         # The default objective is fixed by the config: reuse the compiled step of an earlier
         # run of the same model/optimizer in this process (notebooks and tests train often).
         key = (graphdef, teacher_graph, _optimizer_key(tc), tc.distill_temperature,
@@ -696,7 +757,10 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
                                                teacher_graph)
         jit_step = _STEP_CACHE[key]
     else:
-        jit_step = make_train_step(graphdef, tx, loss_fn, teacher_graph)
+        jit_step = make_train_step(graphdef, tx,
+                                   loss_fn or make_loss_fn(tc, teacher is not None),
+                                   teacher_graph, shardings=shardings,
+                                   teacher_shardings=teacher_shardings)
     schedule = lr_schedule(tc)
 
     def run_eval() -> None:
@@ -728,9 +792,10 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
     t_prev = t_start
     tokens_seen = history["train"][-1]["tokens_seen"] if history["train"] else 0
     while step < stop:
-        batch = jnp.asarray(batcher.next())
+        batch = batcher.next()                                              # (B, T + 1)
+        batch = jnp.asarray(batch) if mesh is None else sh.shard_batch(batch, mesh)
         params, opt_state, rng, metrics = jit_step(params, opt_state, rng, rest, teacher_state,
-                                                   batch)
+                                                   batch, None)
         loss = float(metrics["loss"])                   # syncs: the timing below is honest
         step += 1
         now = time.perf_counter()

@@ -245,19 +245,21 @@ ROWS = [
     Row("model-3d-tokens", lambda e: e.model(np.zeros((1, 2, 3), np.int32)), ValueError,
         r"tokens must be \(B, T\)"),
     Row("model-positions-shape",
-        lambda e: e.model(np.zeros((1, 3), np.int32), positions=np.zeros((1, 4), np.int32),
+        lambda e: e.model.forward(np.zeros((1, 3), np.int32), positions=np.zeros((1, 4), np.int32),
                           cache=tiny_cache(e, 1, 8)),
         ValueError, r"positions has shape \(1, 4\), tokens \(1, 3\)"),
     Row("model-cache-batch",
-        lambda e: e.model(np.zeros((2, 3), np.int32), positions=np.zeros((2, 3), np.int32),
+        lambda e: e.model.forward(np.zeros((2, 3), np.int32), positions=np.zeros((2, 3), np.int32),
                           cache=tiny_cache(e, 1, 8)),
         ValueError, r"cache\[0\] holds 1 rows but tokens has 2"),
     Row("model-cache-past-size",
-        lambda e: e.model(np.zeros((1, 1), np.int32), positions=np.array([[8]]),
-                          cache=tiny_cache(e, 1, 8)),
-        ValueError, r"position 8 does not fit in the cache: layer 1 has 8 slots"),
+        lambda e: e.model.forward(np.zeros((1, 9), np.int32), cache=tiny_cache(e, 1, 8)),
+        ValueError, r"9 columns do not fit in the cache: layer 1 has 8 slots"),
+    Row("model-call-with-cache",
+        lambda e: e.model(np.zeros((1, 1), np.int32), cache=tiny_cache(e, 1, 8)),
+        TypeError, r"use model.forward"),
     Row("model-cache-layers",
-        lambda e: e.model(np.zeros((1, 1), np.int32), positions=np.array([[0]]),
+        lambda e: e.model.forward(np.zeros((1, 1), np.int32), positions=np.array([[0]]),
                           cache=tiny_cache(e, 1, 8)[:1]),
         ValueError, r"cache has 1 layers, the model 2"),
     Row("model-position-past-context",
@@ -539,6 +541,24 @@ class RecordingGenerate:
         return [TOK.encode(self.reply) + [TOK.end_of_turn_id]]
 
 
+def recording_cache(fake: RecordingGenerate) -> type:
+    """A stand-in for sampler.PromptCache (ChatSession's default sampler) that records."""
+
+    class _Cache:
+        prefilled = 0
+
+        def __init__(self, model: Any, size: int | None = None) -> None:
+            pass
+
+        def reset(self) -> None:
+            pass
+
+        def generate(self, prompt: list[int], **kw: Any) -> list[int]:
+            return fake(None, [prompt], **kw)[0]
+
+    return _Cache
+
+
 def test_chat_session_user_text_never_makes_turn_markers() -> None:
     fake = RecordingGenerate()
     chat = ChatSession(None, TOK, generate_fn=fake)
@@ -561,7 +581,7 @@ def test_chat_session_user_text_never_makes_turn_markers() -> None:
 
 def test_cli_chat_prompt_cannot_inject(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = RecordingGenerate()
-    monkeypatch.setattr("gemma2_lite.sampler.generate", fake)
+    monkeypatch.setattr("gemma2_lite.sampler.PromptCache", recording_cache(fake))
     run_cli(["chat", "--checkpoint", str(env.ckpt), "--tokenizer", str(TOK.path),
              "--prompt", INJECTION, "--max-new-tokens", "4"])
     assert fake.prompts[0].count(TOK.start_of_turn_id) == 2
@@ -571,7 +591,7 @@ def test_cli_chat_prompt_cannot_inject(env: Env, monkeypatch: pytest.MonkeyPatch
 def test_interactive_chat_keeps_the_conversation_on_a_bad_line(
         env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     fake = RecordingGenerate("Good morrow")
-    monkeypatch.setattr("gemma2_lite.sampler.generate", fake)
+    monkeypatch.setattr("gemma2_lite.sampler.PromptCache", recording_cache(fake))
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nbad \udcff line\nAgain\n\n"))
     assert cli.main(["chat", "--checkpoint", str(env.ckpt), "--tokenizer", str(TOK.path),
                      "--max-new-tokens", "4"]) == 0

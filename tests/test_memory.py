@@ -16,7 +16,14 @@ from jax._src.ad_checkpoint import saved_residuals
 from gemma2_lite import Gemma2, Gemma2Config, get_config, param_counts
 from gemma2_lite.memory import (CHIPS, GiB, REPORT_SETUPS, activation_bytes, comm_bytes,
                                 kv_cache_bytes, param_shard_elements, plan_memory, plan_table)
-from gemma2_lite.sharding import ShardingError, next_token_loss
+from gemma2_lite.losses import cross_entropy_loss
+from gemma2_lite.model import abstract_model
+from gemma2_lite.sharding import ShardingError
+
+
+def next_token_loss(model: Gemma2, tokens: jax.Array) -> jax.Array:
+    """The training objective: (B, T + 1) windows -> mean next-token cross-entropy."""
+    return cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
 # Small and prime-ish: V 211, D 46, N 4 / K 2, H 14, F 94, W 5.
 SMALL = dict(vocab_size=211, d_model=46, num_heads=4, num_kv_heads=2, head_dim=14, ffn_dim=94,
@@ -54,11 +61,11 @@ def test_activation_formula_equals_jax_saved_residuals(dtype: str, remat: bool) 
     batch, length = 3, 11
     for layers in (1, 3):
         cfg = small(layers, dtype)
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))))
+        graphdef, params = nnx.split(abstract_model(cfg, remat=remat))
         tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
 
         def loss(p, t):
-            return next_token_loss(nnx.merge(graphdef, p), t, jnp.ones_like(t), remat)
+            return next_token_loss(nnx.merge(graphdef, p), t)
 
         residuals = saved_residuals(loss, params, tokens)
         got = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, where in residuals
@@ -88,11 +95,11 @@ def test_activation_estimate_against_xla_compiled_temp() -> None:
     """
     cfg = small(4)
     batch, length = 4, 37
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))))
+    graphdef, params = nnx.split(abstract_model(cfg))
     tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
 
     def grads(p, t):
-        return jax.grad(lambda q: next_token_loss(nnx.merge(graphdef, q), t, jnp.ones_like(t)))(p)
+        return jax.grad(lambda q: next_token_loss(nnx.merge(graphdef, q), t))(p)
 
     stats = jax.jit(grads).lower(params, tokens).compile().memory_analysis()
     planned = activation_bytes(cfg, batch * length, length)

@@ -219,7 +219,63 @@ def test_cache_gives_the_same_logits_as_a_full_forward(tiny):
     outs = []
     for start, stop in [(0, 6), (6, 7), (7, 13), (13, 17)]:
         pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
-        logits, cache = tiny(tokens[:, start:stop], positions=pos, cache=cache)
-        outs.append(logits)
+        out = tiny.forward(tokens[:, start:stop], positions=pos, cache=cache)
+        outs.append(out.logits)
+        cache = out.cache
     assert_close(jnp.concatenate(outs, 1), full, rel=2e-5, what="chunked prefill vs full")
     assert sorted(np.asarray(cache[0].pos[0]).tolist()) == [12, 13, 14, 15, 16]
+
+
+# ----------------------------------------------------------------------------- one model
+def test_forward_gives_a_structured_output(tiny):
+    tokens = jnp.asarray(random_tokens((2, 9), 257, seed=3))
+    out = tiny.forward(tokens, return_hidden=True)
+    assert out.cache is None and len(out.hidden) == tiny.config.num_layers + 1
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(tiny(tokens)))
+    last = tiny.forward(tokens, last_only=True)
+    assert last.logits.shape == (2, 1, 257) and last.hidden is None
+    assert_close(last.logits[:, 0], out.logits[:, -1], rel=1e-6, what="last_only")
+    with pytest.raises(TypeError, match="model.forward"):
+        tiny(tokens, return_hidden=True)
+
+
+def test_components_are_swapped_without_patching(tiny):
+    """replace() keeps the weights (shared) and changes only the named component; the mask
+    and the rotation table are built once per forward, not once per layer."""
+    from gemma2_lite.attention import attention_mask
+    from gemma2_lite.rope import rope_table
+
+    tokens = jnp.asarray(random_tokens((1, 11), 257, seed=4))
+    calls = {"mask": 0, "table": 0}
+
+    def counting_mask(q, k, w):
+        calls["mask"] += 1
+        return attention_mask(q, k, w)
+
+    def counting_table(p, h, b):
+        calls["table"] += 1
+        return rope_table(p, h, b)
+
+    same = tiny.replace(mask=counting_mask, rope_table=counting_table)
+    assert same.embedder.embedding[...] is tiny.embedder.embedding[...]
+    assert_close(same(tokens), tiny(tokens), rel=1e-6, what="counting components")
+    kinds = len(set(tiny.config.layer_types))
+    assert calls == {"mask": kinds, "table": 1}, calls
+    exact = tiny.replace(activation=lambda x: jax.nn.gelu(x, approximate=False))
+    assert float(jnp.abs(exact(tokens) - tiny(tokens)).max()) > 1e-7
+    assert tiny.components.activation is not exact.components.activation
+    with pytest.raises(TypeError, match="unknown component"):
+        tiny.replace(softmax=jax.nn.softmax)
+
+
+def test_remat_gives_the_same_loss_and_gradients(tiny):
+    tokens = jnp.asarray(random_tokens((2, 12), 257, seed=5))
+
+    def loss(model):
+        return jnp.mean(jax.nn.logsumexp(model(tokens), axis=-1))
+
+    plain = nnx.value_and_grad(loss)(tiny)
+    remat = nnx.value_and_grad(loss)(tiny.replace(remat=True))
+    assert_close(remat[0], plain[0], rel=1e-5, what="remat loss")
+    for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
+        assert_close(a, b, rel=1e-4, what="remat gradient")

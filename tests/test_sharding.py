@@ -195,48 +195,86 @@ else:
             sh.shard_batch(np.zeros((6, 3), np.int32), mesh)
 
     # ------------------------------------------------------------------ training
-    def test_sharded_adamw_steps_equal_unsharded(models, mesh, batch) -> None:
+    def test_sharded_train_step_equals_the_single_device_step(models, mesh, batch) -> None:
+        """train.make_train_step, the one step: given train_shardings it runs on the mesh and
+        gives the single-device step's losses and weights."""
+        from gemma2_lite.train import (TrainConfig, make_loss_fn, make_optimizer,
+                                       make_train_step)
+
         plain, sharded = models
         tokens, mask = batch
-        one = sh.make_mesh({}, devices=jax.devices()[:1])
+        windows = jnp.asarray(tokens)                          # (B, T): inputs T - 1 long
+        loss_mask = jnp.asarray(mask[:, 1:], jnp.float32)     # the loss skips the padding
         # eps well above float noise: Adam divides by |g|, so for a weight whose gradient is ~0
         # the update would be the sign of rounding noise, sharded or not.
-        tx = optax.adamw(1e-3, eps=1e-6, weight_decay=0.1)
-        opt_1 = sh.make_optimizer(plain, tx, one)
-        opt_8 = sh.make_optimizer(sharded, tx, mesh)
+        tc = TrainConfig(steps=10, lr=1e-3, warmup=0, eps=1e-6, weight_decay=0.1)
+        tx, loss_fn = make_optimizer(tc), make_loss_fn(tc, False)
+        copy = lambda m: nnx.split(nnx.merge(*nnx.split(m)[:1], jax.tree.map(jnp.copy,
+                                                                            nnx.state(m))),
+                                   nnx.Param, ...)
+        g1, p1, r1 = copy(plain)
+        g8, p8, r8 = copy(sharded)
+        o1, o8 = tx.init(p1), sh.sharded_opt_init(tx, p8, mesh)
+        shardings = sh.train_shardings(p8, o8, r8, mesh)
 
         # optimizer moments are sharded exactly like their parameters (ZeRO-3)
-        params = {p: v.get_value().sharding for p, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
-        moments = [(p, v) for p, v in nnx.to_flat_state(nnx.state(opt_8))
-                   if p[0] == "opt_state" and p[2] in ("mu", "nu")]
-        assert len(moments) == 2 * len(params)
-        for p, v in moments:
-            sharding = v.get_value().sharding
-            assert sharding.is_equivalent_to(params[tuple(p[3:])], v.get_value().ndim), p
+        layouts = {path: v.get_value().sharding for path, v in nnx.to_flat_state(p8)}
+        moments = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+            o8, is_leaf=lambda x: isinstance(x, nnx.Variable))[0] if isinstance(leaf, nnx.Variable)]
+        assert len(moments) == 2 * len(layouts)
+        for path, v in moments:
+            key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+            match = [p for p in layouts if key[-len(p):] == p]
+            assert match and v.get_value().sharding.is_equivalent_to(
+                layouts[match[0]], v.get_value().ndim), path
 
-        before = {p: np.asarray(v) for p, v in _leaves(nnx.state(plain, nnx.Param)).items()}
-        step_1 = sh.make_train_step(plain, opt_1, one)
-        step_8 = sh.make_train_step(sharded, opt_8, mesh)
+        before = {p: np.asarray(v) for p, v in _leaves(p1).items()}
+        step_1 = make_train_step(g1, tx, loss_fn)
+        step_8 = make_train_step(g8, tx, loss_fn, shardings=shardings)
+        # Two keys, not one placed twice: device_put may alias device 0's buffer, and each
+        # step donates its key.
+        rng_1 = jax.random.PRNGKey(0)
+        rng_8 = jax.device_put(jax.random.PRNGKey(0), shardings.replicated)
+        batch_8, mask_8 = sh.shard_batch(windows, mesh), sh.shard_batch(loss_mask, mesh)
+        stats = step_8.lower(p8, o8, rng_8, r8, None, batch_8, mask_8).compile(
+            ).memory_analysis()
         for _ in range(2):
-            loss_1 = step_1(plain, opt_1, tokens, mask)
-            loss_8 = step_8(sharded, opt_8, tokens, mask)
-            np.testing.assert_allclose(float(loss_8), float(loss_1), rtol=1e-5)
-        a, b = _leaves(nnx.state(plain, nnx.Param)), _leaves(nnx.state(sharded, nnx.Param))
+            p1, o1, rng_1, m1 = step_1(p1, o1, rng_1, r1, None, windows, loss_mask)
+            p8, o8, rng_8, m8 = step_8(p8, o8, rng_8, r8, None, batch_8, mask_8)
+            np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+        a, b = _leaves(p1), _leaves(p8)
         moved = 0.0
         for path in a:
             np.testing.assert_allclose(np.asarray(b[path]), np.asarray(a[path]), atol=1e-5,
                                        err_msg=str(path))
-            assert b[path].sharding.is_equivalent_to(params[path], b[path].ndim), path
+            assert b[path].sharding.is_equivalent_to(layouts[path], b[path].ndim), path
             moved = max(moved, float(np.abs(np.asarray(a[path]) - before[path]).max()))
         assert moved > 1e-3                     # two steps of lr 1e-3 really moved the weights
 
         # XLA's own accounting of the step's inputs on one device equals the planner's
-        # per-device parameters + AdamW state, plus the two (B, T) int32 inputs of 1/4 the batch.
-        stats = step_8.jitted.lower(nnx.state((sharded, opt_8)), sh.shard_batch(tokens, mesh),
-                                    sh.shard_batch(mask, mesh)).compile().memory_analysis()
+        # per-device parameters + AdamW state (moments and two step counters), plus the rng
+        # key and this device's quarter of the (B, T) int32 windows and (B, T - 1) f32 mask.
         plan = plan_memory(sharded.config, mesh, batch=B, seq=T)
-        batch_bytes = 2 * (B // 4) * T * 4
-        assert stats.argument_size_in_bytes == plan.params + plan.optimizer + batch_bytes
+        batch_bytes = (B // 4) * T * 4 + (B // 4) * (T - 1) * 4
+        assert stats.argument_size_in_bytes == plan.params + plan.optimizer + 8 + batch_bytes
+
+    def test_train_on_a_mesh_equals_train_on_one_device(mesh) -> None:
+        """train(..., mesh=mesh) runs the same loop with the sharded step: same losses."""
+        from gemma2_lite import get_config
+        from gemma2_lite.train import TrainConfig, train
+
+        cfg = get_config("tiny", vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=32)
+        tokens = np.random.default_rng(1).integers(0, 64, 4000).astype(np.int32)
+        tc = TrainConfig(steps=4, batch_size=8, seq_len=16, lr=3e-3, warmup=1,
+                         eps=1e-6, progress=False)
+        model_1, hist_1 = train(cfg, tc, tokens, tokens[:600])
+        model_8, hist_8 = train(cfg, tc, tokens, tokens[:600], mesh=mesh)
+        losses = lambda h: [row["loss"] for row in h["train"]]
+        np.testing.assert_allclose(losses(hist_8), losses(hist_1), rtol=1e-5)
+        assert model_8.layers[0].mlp.gate.get_value().sharding.spec == P("fsdp", "model")
+        assert hist_8["eval"][-1]["val_loss"] == pytest.approx(hist_1["eval"][-1]["val_loss"],
+                                                              rel=1e-5)
 
     # ------------------------------------------------------------------ multi-host guard
     def test_maybe_initialize_distributed_is_a_no_op_on_one_host() -> None:

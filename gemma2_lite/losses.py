@@ -1,0 +1,63 @@
+"""The losses every trainer in the book shares: next-token negative log-likelihood, its masked
+mean, and the hard-label cross-entropy. Distillation's soft losses build on these in
+:mod:`gemma2_lite.distill`; :mod:`gemma2_lite.train` uses them for training and evaluation.
+
+Shapes: B batch, T positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["token_nll", "masked_mean", "cross_entropy_loss"]
+
+
+def _check_logits(name: str, x: jax.Array, ndim: int = 3) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D (B, T, V or k), got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of ``values`` (B, T) over positions where ``mask`` (B, T) is true; float32 scalar.
+
+    A fully masked batch gives 0 (not NaN), and its gradient is 0, so padding-only batches are
+    harmless. Masked entries are zeroed with ``where`` (not multiplied), so even a NaN/inf in a
+    masked position cannot leak into the result.
+    """
+    values = values.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(values)
+    mask = jnp.asarray(mask)
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the loss shape "
+                         f"{tuple(values.shape)} (B, T)")
+    mask = mask.astype(bool)
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    count = jnp.sum(mask.astype(jnp.float32))
+    return total / jnp.maximum(count, 1.0)
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array,
+                       mask: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy (the one-hot / hard-label loss), float32 scalar.
+
+    logits: float (B, T, V); targets: int (B, T) in [0, V); mask: (B, T), 1 = count the position.
+    """
+    _check_logits("logits", logits)
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must be logits' (B, T) = "
+                         f"{tuple(logits.shape[:2])}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    return masked_mean(token_nll(logits, targets), mask)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position negative log-likelihood -log softmax(logits)[target]: float (B, T, V) and
+    int (B, T) -> float32 (B, T). Training's loss, evaluation's perplexity and the post-training
+    loss on model turns are all masked means or sums of this."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)          # (B, T, V)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
