@@ -179,3 +179,27 @@ def test_student_copy_refuses_a_solution_without_stub(tmp_path: Path) -> None:
     with pytest.raises(student_copy.ExerciseError, match="no metadata 'exercise'"):
         student_copy.write_student_copies(tmp_path / "out", [bad])
     assert not (tmp_path / "out").exists()
+
+
+def test_runner_catches_a_check_that_cannot_fail(tmp_path: Path) -> None:
+    import check_exercises
+
+    def nb(check: str) -> dict:
+        def code(src, tags, meta=None):
+            return {"cell_type": "code", "id": tags[0], "execution_count": None,
+                    "outputs": [], "source": src,
+                    "metadata": {"tags": tags, **({"exercise": meta} if meta else {})}}
+        return {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+            code("two = 2\n", ["exercise-context"]),
+            code("answer_1 = two\n", ["solution", "hide-cell"],
+                 {"id": "99-1", "stub": "answer_1 = None  # your answer\n"}),
+            code(check, ["check"], {"id": "99-1"})]}
+
+    good, bad, chatty = (tmp_path / f"{n}.ipynb" for n in ("good", "bad", "chatty"))
+    good.write_text(json.dumps(nb('assert answer_1 == 2\nprint("Exercise 1: correct")\n')))
+    bad.write_text(json.dumps(nb('print("Exercise 1: correct")\n')))
+    chatty.write_text(json.dumps(nb('assert answer_1 == 2\nprint("Exercise 1: correct",'
+                                    ' answer_1)\n')))
+    assert check_exercises.check_notebook(good) == []
+    assert any("passed after the stub" in p for p in check_exercises.check_notebook(bad))
+    assert any("printed" in p for p in check_exercises.check_notebook(chatty))
