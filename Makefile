@@ -9,13 +9,14 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book browser venv bench clean help colab-check
+.PHONY: test book browser venv bench clean help colab-check student
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
 	@echo "make book   - set up .venv, execute every notebook and build the HTML book in _build/html"
 	@echo "make bench  - run the speed/memory benchmarks (prints ratios)"
 	@echo "make colab-check - execute every chapter at the colab profile on this CPU, loops capped"
+	@echo "make student - write the chapters without the exercise solutions into _build/student"
 
 venv: $(STAMP)
 
@@ -68,6 +69,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/real_size.py
+
+# The chapters with each exercise's solution replaced by its stub (standard library only).
+student:
+	$(PYTHON) tools/student_copy.py _build/student
 
 clean:
 	rm -rf _build .pytest_cache
