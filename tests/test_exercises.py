@@ -26,10 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import student_copy  # noqa: E402
 
-# Chapters converted on another branch: xfail here until it is merged. The lead empties this
-# set at the merge, after which every chapter must pass.
-PENDING = {"06_assembling_gemma2", "07_distillation", "08_chat_format", "09_memorization",
-           "10_scaling_up"}
 # Chapters that may have no exercises yet (new chapters still being written).
 NEW_CHAPTERS = {"00_jax_and_nnx", "06a_training", "06b_decoding", "08a_post_training"}
 MIN_EXERCISES = 2
@@ -41,9 +37,7 @@ INTRO = "`make student`"
 
 def _params():
     for path in NOTEBOOKS:
-        marks = [pytest.mark.xfail(reason="converted on branch exB", strict=False)] \
-            if path.stem in PENDING else []
-        yield pytest.param(path, id=path.stem, marks=marks)
+        yield pytest.param(path, id=path.stem)
 
 
 def _cells(path: Path) -> list[dict]:
