@@ -1,6 +1,6 @@
 """Generation benchmark: gemma2_lite's sampler against Hugging Face transformers, on CPU.
 
-    python benchmarks/generate.py            # full run (about 3 minutes on a 2-core CPU)
+    python benchmarks/generate.py            # full run (several minutes on a 2-core CPU)
     python benchmarks/generate.py --quick    # smoke run (smaller, fewer repetitions)
 
 Prints three tables:
@@ -38,15 +38,17 @@ import numpy as np
 from flax import nnx
 
 from gemma2_lite import Gemma2, get_config, param_counts
-from gemma2_lite.attention import Attention, LayerCache
+from gemma2_lite.attention import Attention, LayerCache, attention_mask, cached_key_positions
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.memory import kv_cache_bytes
-from gemma2_lite.sampler import DecodeState, SamplingSettings, _advance, generate
+from gemma2_lite.rope import rope_table
+from gemma2_lite.sampler import (DecodeState, PromptCache, SamplingSettings, _advance, generate,
+                                 pad_prompts, prefill)
 
 # ~20M parameters: V matches the book's tokenizer.
 BENCH_CONFIG = dict(vocab_size=4096, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
                     head_dim=64, ffn_dim=1536, query_pre_attn_scalar=64, sliding_window=64,
-                    max_seq_len=4096, name="bench-20m")
+                    max_seq_len=8192, name="bench-20m")
 
 
 def machine() -> str:
@@ -80,7 +82,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # ----------------------------------------------------------------------------- (a)
-def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> None:
+def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> float | None:
     model = Gemma2(config, rngs=nnx.Rngs(0))
     counts = param_counts(config)
     print(f"\n(a) decode speed, {config.name}: {sum(counts.values()) / 1e6:.1f}M parameters "
@@ -165,8 +167,10 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> Non
     print(f"{reps} interleaved repetitions; decode = (time({new_tokens} new) - time(1 new)) "
           f"/ {new_tokens - 1}")
     hf_names = [n for n in contestants if n.startswith("transformers")]
+    ratio = None
     if hf_names:
         ref_name = max(hf_names, key=lambda n: speed[n][1])
+        ratio = speed["gemma2_lite (while_loop)"][1] / speed[ref_name][1]
         ref = outputs[ref_name]
         for name in contestants:
             if name.startswith("gemma2_lite"):
@@ -174,6 +178,7 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> Non
                 print(f"{name}: greedy tokens equal to transformers' at {same}/{len(ref)} steps; "
                       f"decode speed vs {ref_name}: {speed[name][0] / speed[ref_name][0]:.1f}x "
                       f"(best), {speed[name][1] / speed[ref_name][1]:.1f}x (median)")
+    return ratio
 
 
 # ----------------------------------------------------------------------------- (b)
@@ -199,7 +204,7 @@ def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
 _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef",))
 
 
-def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> None:
+def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> float:
     model = Gemma2(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     settings = SamplingSettings.make(0.0, None, None, (), steps)
@@ -231,6 +236,8 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> No
                      f"{per_kind['global'] * 1e6:.0f}", f"{min(slots)} / {max(slots)}"])
     print(_table(["context", "model ms/token", "local attn µs/token", "global attn µs/token",
                   "cache slots local / global"], rows))
+    local = [float(r[2]) for r in rows]
+    return local[-1] / local[0]
 
 
 def _time_attention(layer: Attention, cache: LayerCache, context: int, steps: int, reps: int,
@@ -245,7 +252,10 @@ def _time_attention(layer: Attention, cache: LayerCache, context: int, steps: in
         def body(i: jax.Array, carry: tuple[jax.Array, LayerCache]) -> tuple[jax.Array, LayerCache]:
             h, cache = carry
             pos = jnp.full((1, 1), context, jnp.int32) + i
-            out, cache = layer(h, pos, jnp.ones((1, 1), bool), cache)
+            # What the model builds once per forward: the rotation table and the mask.
+            rope = rope_table(pos, layer.head_dim, layer.rope_base)
+            mask = attention_mask(pos, cached_key_positions(cache, pos), layer.window)
+            out, cache = layer(h, rope, mask, pos, cache)
             return out, cache
 
         return jax.lax.fori_loop(0, steps, body, (x, cache))[0]
@@ -254,6 +264,93 @@ def _time_attention(layer: Attention, cache: LayerCache, context: int, steps: in
     run = lambda: jax.block_until_ready(loop(params, cache, x))
     run()
     return min(_timed(run) for _ in range(reps)) / steps
+
+
+# ----------------------------------------------------------------------------- (d)
+def bench_prefill(config: Any, batch: int, seq: int, reps: int) -> float | None:
+    """Prefill as each library's generate does it: the prompt through the model, the cache
+    filled, logits for the last position only (transformers: ``logits_to_keep=1``)."""
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = np.random.default_rng(1).integers(10, config.vocab_size, (batch, seq))
+    tokens_j, mask_j = jnp.asarray(tokens, jnp.int32), jnp.ones((batch, seq), bool)
+
+    @jax.jit
+    def ours_fn(params: nnx.State, tokens: jax.Array, mask: jax.Array) -> Any:
+        m = nnx.merge(graphdef, params)
+        return prefill(m, tokens, mask, m.init_cache(batch, seq))
+
+    print(f"\n(d) prefill, {config.name}, B={batch} T={seq}, float32, last-position logits")
+    ours = lambda: jax.block_until_ready(ours_fn(params, tokens_j, mask_j))
+    try:
+        import torch
+        from transformers import Gemma2ForCausalLM
+    except ImportError:
+        print("transformers not installed: no reference")
+        return None
+    tmp = tempfile.TemporaryDirectory()
+    save_hf(model, tmp.name)
+    hf = Gemma2ForCausalLM.from_pretrained(tmp.name, attn_implementation="eager",
+                                           dtype=torch.float32).eval()
+    ids = torch.tensor(tokens)
+
+    def theirs() -> Any:
+        with torch.no_grad():
+            return hf(ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                      logits_to_keep=1).logits
+
+    mine, ref = np.asarray(ours()[0]), theirs()[:, -1].numpy()
+    print(f"max |last logits, ours - transformers| = {np.abs(mine - ref).max():.1e}")
+    t_ours, t_theirs = [], []
+    for _ in range(reps):                   # interleaved: both see the same machine load
+        t_ours.append(_timed(ours))
+        t_theirs.append(_timed(theirs))
+    ratio = statistics.median(t_theirs) / statistics.median(t_ours)
+    n = batch * seq
+    print(_table(["", "median ms", "tokens/s"],
+                 [["gemma2_lite prefill (jit)", f"{statistics.median(t_ours) * 1e3:.1f}",
+                   f"{n / statistics.median(t_ours):,.0f}"],
+                  ["transformers eager", f"{statistics.median(t_theirs) * 1e3:.1f}",
+                   f"{n / statistics.median(t_theirs):,.0f}"]]))
+    print(f"prefill speed vs transformers: {ratio:.2f}x (median of {reps})")
+    return ratio
+
+
+# ----------------------------------------------------------------------------- (e)
+def bench_chat(config: Any, turns: int, user_len: int, reply_len: int, reps: int,
+               cache_size: int) -> float:
+    """Latency of each turn of a conversation: PromptCache (the conversation's cache kept, only
+    the new turn prefilled) against re-running generate on the whole history each turn."""
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    users = [rng.integers(10, config.vocab_size, user_len).tolist() for _ in range(turns)]
+
+    def session(kept: bool) -> list[float]:
+        cache = PromptCache(model, size=cache_size)
+        history, times = [2], []
+        for user in users:
+            history = history + user
+            t0 = time.perf_counter()
+            if kept:
+                reply = cache.generate(history, max_new_tokens=reply_len)
+            else:
+                reply = generate(model, [history], max_new_tokens=reply_len)[0]
+            times.append(time.perf_counter() - t0)
+            history = history + reply
+        return times
+
+    print(f"\n(e) chat, {config.name}: {turns} turns of {user_len} user tokens and {reply_len} "
+          f"generated, batch 1, greedy; cache of {cache_size} positions; best of {reps}")
+    session(True), session(False)                       # compile every shape once
+    kept = [min(col) for col in zip(*[session(True) for _ in range(reps)])]
+    redo = [min(col) for col in zip(*[session(False) for _ in range(reps)])]
+    rows = [[str(i + 1), f"{k * 1e3:.0f}", f"{r * 1e3:.0f}"] for i, (k, r) in
+            enumerate(zip(kept, redo))]
+    print(_table(["turn", "cache kept ms", "whole history re-prefilled ms"], rows))
+    ratio = kept[-1] / kept[0]
+    print(f"turn {turns} / turn 1 latency: {ratio:.2f} with the cache kept, "
+          f"{redo[-1] / redo[0]:.2f} re-prefilling")
+    return ratio
 
 
 # ----------------------------------------------------------------------------- (c)
@@ -275,6 +372,20 @@ def cache_bytes(context: int = 8192) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def _targets(decode: float | None, prefill_ratio: float | None, local_growth: float,
+             chat: float) -> None:
+    """Issue 13's targets, each a ratio measured side by side in this run."""
+    fmt = lambda x: "n/a (no transformers)" if x is None else f"{x:.2f}"
+    print("\nsummary (ratios measured in this run):")
+    print(_table(["measure", "this run", "target"], [
+        ["decode tok/s, ours / transformers", fmt(decode), ">= 3"],
+        ["prefill tok/s, ours / transformers", fmt(prefill_ratio), ">= 2"],
+        ["local-attention time per token, longest / shortest context", f"{local_growth:.2f}",
+         "flat (~1)"],
+        ["chat latency, last turn / first turn (cache kept)", f"{chat:.2f}", "<= 1"]]))
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,13 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg = get_config("tiny", **{**BENCH_CONFIG, "d_model": 96, "num_layers": 4,
                                     "ffn_dim": 256, "name": "bench-quick"})
-        bench_vs_hf(cfg, prompt_len=16, new_tokens=16, reps=2)
-        bench_context(cfg, [64, 512], steps=8, reps=2)
+        decode = bench_vs_hf(cfg, prompt_len=16, new_tokens=16, reps=2)
+        local = bench_context(cfg, [64, 512], steps=8, reps=2)
+        pre = bench_prefill(cfg, batch=2, seq=128, reps=2)
+        chat = bench_chat(cfg, turns=4, user_len=12, reply_len=8, reps=1, cache_size=256)
     else:
         cfg = get_config("tiny", **BENCH_CONFIG)
-        bench_vs_hf(cfg, prompt_len=32, new_tokens=64, reps=5)
-        bench_context(cfg, [64, 256, 1024, 2048], steps=32, reps=5)
+        decode = bench_vs_hf(cfg, prompt_len=32, new_tokens=64, reps=5)
+        local = bench_context(cfg, [64, 512, 2048, 8000], steps=32, reps=5)
+        pre = bench_prefill(cfg, batch=4, seq=512, reps=5)
+        chat = bench_chat(cfg, turns=10, user_len=24, reply_len=32, reps=3, cache_size=1024)
     cache_bytes()
+    _targets(decode, pre, local, chat)
     return 0
 
 
