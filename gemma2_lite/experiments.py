@@ -42,7 +42,7 @@ from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
            "run_gqa_vs_mha", "run_deep_vs_wide", "run_train_tiny", "main", "PROFILES",
-           "small_config"]
+           "small_config", "run_seeds", "seed_summary", "final_numbers", "ABLATIONS"]
 
 PROFILES = ("smoke", "ci", "colab", "full")
 
@@ -520,6 +520,78 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+# ----------------------------------------------------------------------------- seeds
+SEED_RECORDS = "ablations"          # data/ablations/<name>-<profile>.json
+ABLATIONS = ("distillation", "window", "gqa-vs-mha", "deep-vs-wide")
+
+
+def final_numbers(payload: dict[str, Any]) -> dict[str, float]:
+    """An experiment's headline numbers: final validation perplexity per variant."""
+    if payload["experiment"] == "window":
+        return {f"W={r['window']}": r["val_perplexity"] for r in payload["results"]}
+    return dict(payload["final_val_perplexity"])
+
+
+def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None = None, *,
+              out: str | os.PathLike | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Run one ablation once per seed and record every seed's numbers, their mean and spread
+    (sample standard deviation, min, max) in ``data/ablations/<name>-<profile>.json``."""
+    import statistics
+    import tempfile
+
+    if name not in ABLATIONS:
+        raise ValueError(f"{name!r} is not an ablation; choose one of {ABLATIONS}")
+    profile = profile or get_profile()
+    t0 = time.perf_counter()
+    per_seed: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            per_seed[seed] = final_numbers(EXPERIMENTS[name](profile, seed=seed, quiet=quiet,
+                                                             results_dir=tmp))
+    labels = list(per_seed[seeds[0]])
+    summary = {}
+    for label in labels:
+        values = [per_seed[s][label] for s in seeds]
+        summary[label] = {"mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                          "min": min(values), "max": max(values)}
+    record = {"experiment": name, "profile": profile, "seeds": list(seeds),
+              "per_seed": {str(s): v for s, v in per_seed.items()}, "summary": summary,
+              "command": f"python -m gemma2_lite.experiments {name} --profile {profile} "
+                         f"--seeds {' '.join(map(str, seeds))}",
+              "loop_cap": os.environ.get("GEMMA2_LITE_LOOP_CAP"),
+              "jax": jax.__version__, "devices": str(jax.devices()),
+              "seconds": time.perf_counter() - t0}
+    target = Path(out) if out is not None else Path(data_path(SEED_RECORDS))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}-{profile}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] | None:
+    """This run beside the recorded seeds of the same experiment and profile.
+
+    Returns None when there is no record for this profile (or the loops are capped: the record
+    is of full runs). Otherwise ``{"record", "rows": [(label, this run, mean, std, min, max)],
+    "matches": bool}``, where ``matches`` says this run reproduces the record's own run of
+    the same seed within ``rel`` (float rounding differs between CPUs; a different code or
+    data would not stay within it).
+    """
+    from .profile import loop_cap
+
+    path = Path(data_path(SEED_RECORDS)) / f"{payload['experiment']}-{payload['profile']}.json"
+    if loop_cap() is not None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    mine = final_numbers(payload)
+    recorded = record["per_seed"].get(str(payload["seed"]))
+    matches = recorded is not None and all(
+        abs(mine[k] / recorded[k] - 1) <= rel for k in mine)
+    rows = [(k, mine[k], v["mean"], v["std"], v["min"], v["max"])
+            for k, v in record["summary"].items()]
+    return {"record": record, "rows": rows, "matches": matches}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma2_lite.experiments",
                                      description="Run one of the book's training experiments.")
@@ -528,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=PROFILES, default=None, metavar="{ci,colab,full}",
                         help="run size (default: $GEMMA2_LITE_PROFILE or ci)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="ablations: run these seeds and record mean and spread in "
+                             "data/ablations/")
     parser.add_argument("--results-dir", default=None, help="default: results/ in the checkout")
     parser.add_argument("--out", default=None, help="train-tiny only: where to save the model")
     parser.add_argument("--steps", type=int, default=None, help="train-tiny only: override steps")
@@ -540,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.update(out=args.out, steps=args.steps)
     elif args.out or args.steps:
         parser.error("--out and --steps apply to train-tiny only")
+    if args.seeds:
+        record = run_seeds(args.name, tuple(args.seeds), profile, quiet=args.quiet)
+        print(json.dumps(record["summary"], indent=1))
+        return 0
     result = EXPERIMENTS[args.name](profile, **kwargs)
     print(json.dumps({k: v for k, v in result.items() if k in
                       ("experiment", "profile", "final_val_perplexity", "results", "note",
