@@ -37,14 +37,15 @@ from flax import nnx
 
 from .config import Gemma2Config, get_config
 from .model import Gemma2, abstract_model, param_counts
-from .profile import data_path, get_profile, pick, repo_root
+from .profile import PROFILES as BOOK_PROFILES, data_path, get_profile, pick, repo_root
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
            "run_gqa_vs_mha", "run_deep_vs_wide", "run_train_tiny", "main", "PROFILES",
-           "small_config", "run_seeds", "seed_summary", "final_numbers", "ABLATIONS"]
+           "small_config", "run_seeds", "seed_summary", "seed_report", "final_numbers",
+           "ABLATIONS"]
 
-PROFILES = ("smoke", "ci", "colab", "full")
+PROFILES = ("smoke", *BOOK_PROFILES)     # smoke: the unit tests' tiny runs
 
 # Numbers quoted from the Gemma 2 report (arXiv 2408.00118).
 REPORT: dict[str, Any] = {
@@ -590,6 +591,35 @@ def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] |
     rows = [(k, mine[k], v["mean"], v["std"], v["min"], v["max"])
             for k, v in record["summary"].items()]
     return {"record": record, "rows": rows, "matches": matches}
+
+
+def seed_report(payload: dict[str, Any]) -> str:
+    """Lines for a chapter: this run, the recorded seeds' mean and spread, and whether the gap
+    between two variants is larger than that spread. Raises if this run does not reproduce the
+    record's own run of its seed (the record would be stale)."""
+    from .profile import loop_cap
+
+    summary = seed_summary(payload)
+    if summary is None:
+        name = f"{payload['experiment']}-{payload['profile']}.json"
+        why = ("its loops are capped" if loop_cap() is not None
+               else f"data/{SEED_RECORDS}/{name} has not been recorded")
+        return f"(no seed record to compare with: {why})"
+    record = summary["record"]
+    if not summary["matches"]:
+        raise AssertionError(f"this run's numbers differ from the record's run of seed "
+                             f"{payload['seed']} by more than 2%: rerun `{record['command']}`")
+    lines = [f"{len(record['seeds'])} seeds ({record['command']}):"]
+    for label, mine, mean, std, lo, hi in summary["rows"]:
+        lines.append(f"  {label:>8}: this run {mine:8.3f}; over the seeds {mean:8.3f} "
+                     f"+- {std:.3f} (min {lo:.3f}, max {hi:.3f})")
+    if len(summary["rows"]) == 2:
+        (a_label, _, a_mean, a_std, *_), (b_label, _, b_mean, b_std, *_) = summary["rows"]
+        gap, spread = abs(a_mean - b_mean), max(a_std, b_std)
+        verdict = ("larger than" if gap > 2 * spread else "within two standard deviations of")
+        lines.append(f"  gap between the means {gap:.3f}: {verdict} the seed-to-seed spread "
+                     f"({spread:.3f})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

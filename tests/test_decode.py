@@ -123,9 +123,9 @@ def test_chat_session_keeps_its_cache_and_its_replies() -> None:
     from gemma2_lite.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
-    config = CONFIG.replace(vocab_size=tok.vocab_size, max_seq_len=256, name="chat-test")
+    config = CONFIG.replace(vocab_size=tok.vocab_size, max_seq_len=128, name="chat-test")
     chat_model = random_model(config, seed=1, qk_gain=3.0)
-    kw = dict(max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    kw = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=7)
     cached = ChatSession(chat_model, tok, **kw)
     recomputed = ChatSession(chat_model, tok, generate_fn=generate, **kw)
     for line in ["Good morrow.", "What news?", "Speak again, bright angel."]:

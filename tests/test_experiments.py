@@ -98,3 +98,30 @@ def test_cli_rejects_unknown_and_misplaced_options(capsys: pytest.CaptureFixture
     help_text = subprocess.run([sys.executable, "-m", "gemma2_lite.experiments", "--help"],
                                capture_output=True, text=True, cwd=ROOT).stdout
     assert "distillation" in help_text and "smoke" not in help_text
+
+
+def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
+    """run_seeds records every seed; seed_report sets a run beside the record, and refuses a
+    record that its own seed's run no longer reproduces."""
+    import json
+
+    from gemma2_lite import experiments as ex
+
+    real = ex.data_path
+    monkeypatch.setattr(ex, "data_path", lambda *parts: tmp_path.joinpath(*parts)
+                        if parts[:1] == (ex.SEED_RECORDS,) else real(*parts))
+    record = ex.run_seeds("gqa-vs-mha", (0, 1), "smoke")
+    path = tmp_path / "ablations" / "gqa-vs-mha-smoke.json"
+    assert json.loads(path.read_text())["seeds"] == [0, 1]
+    for label, s in record["summary"].items():
+        values = [record["per_seed"][k][label] for k in ("0", "1")]
+        assert s["min"] == min(values) and s["max"] == max(values)
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+    run = ex.run_gqa_vs_mha("smoke", seed=0, quiet=True, results_dir=tmp_path / "r")
+    text = ex.seed_report(run)
+    assert "2 seeds" in text and "gap between the means" in text
+    stale = json.loads(path.read_text())
+    stale["per_seed"]["0"] = {k: 2 * v for k, v in stale["per_seed"]["0"].items()}
+    path.write_text(json.dumps(stale))
+    with pytest.raises(AssertionError, match="differ from the record"):
+        ex.seed_report(run)
