@@ -11,6 +11,12 @@ later step feeds a single token that attends to the cached keys (*decode*):
 
 Global layers cache the whole context; local (sliding-window) layers keep only the last W
 positions in a ring buffer, so their share of the cost and memory stays flat as the text grows.
+Nothing is done twice: the prompt attends within itself and is copied into the empty cache;
+each new token is written into its slot first (one ``dynamic_update_slice``, the same slot for
+every row) and then attends to the cache in place; only the last position's logits are computed
+after the prompt; top-k and top-p look at a ``lax.top_k`` shortlist, not a sort of the whole
+vocabulary. :class:`PromptCache` keeps a conversation's cache between calls, so a chat's next
+turn prefills only its own tokens.
 
 Batches mix prompt lengths by *left* padding them to a common length (positions
 ``cumsum(mask) - 1``), so the last column is every row's last prompt token and all rows then
