@@ -155,21 +155,27 @@ def sft_batch(tok: Tokenizer, examples: Sequence[Mapping[str, Any]], seq_len: in
 
 @nnx.jit
 def _sft_sums(model: Any, batch: jax.Array, mask: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Masked NLL sum, masked token count and per-row 'every masked token is the argmax'."""
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Masked NLL sum, masked token count, per row 'every masked target is the argmax' and
+    per row 'the last masked target (the closing <end_of_turn>) is the argmax'."""
     logits = model(batch[:, :-1])                                            # (B, T, V)
     targets = batch[:, 1:]
     nll = token_nll(logits, targets)                                         # (B, T)
     keep = mask > 0
-    hit = (jnp.argmax(logits, axis=-1) == targets) | ~keep                   # (B, T)
-    return jnp.sum(jnp.where(keep, nll, 0.0)), jnp.sum(keep), jnp.all(hit, axis=-1)
+    right = jnp.argmax(logits, axis=-1) == targets                           # (B, T)
+    last = jnp.argmax(jnp.where(keep, jnp.arange(keep.shape[1]), -1), axis=-1)   # (B,)
+    ends = jnp.take_along_axis(right, last[:, None], axis=1)[:, 0] & jnp.any(keep, axis=-1)
+    return (jnp.sum(jnp.where(keep, nll, 0.0)), jnp.sum(keep),
+            jnp.all(right | ~keep, axis=-1), ends)
 
 
 def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict[str, float]:
     """Held-out numbers of ``model`` on ``(batch, mask)`` from :func:`sft_batch`:
     ``{"loss": mean nats per masked target (the answer tokens, or every real token for a
     mask made with everything=True), "exact": share of rows whose masked targets are all the
-    greedy choice given the true prefix (teacher forcing), "tokens": masked targets}``.
+    greedy choice given the true prefix (teacher forcing), "ends": share of rows whose last
+    masked target (for a model-turn mask: the ``<end_of_turn>`` closing the last model turn)
+    is the greedy choice, "tokens": masked targets}``.
     Rows are taken ``batch_size`` at a time; the last chunk is padded with rows of mask 0, so
     one compiled shape serves every chunk."""
     batch, mask = np.asarray(batch, np.int32), np.asarray(mask, np.float32)
@@ -181,13 +187,16 @@ def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict
     batch = np.concatenate([batch, np.repeat(batch[:1], pad, axis=0)])
     mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
     total = count = 0.0
-    right = 0
+    right = ends = 0
     for i in range(0, rows + pad, batch_size):
-        s, c, hit = _sft_sums(model, jnp.asarray(batch[i:i + batch_size]),
-                              jnp.asarray(mask[i:i + batch_size]))
+        s, c, hit, end = _sft_sums(model, jnp.asarray(batch[i:i + batch_size]),
+                                   jnp.asarray(mask[i:i + batch_size]))
+        real = max(0, min(batch_size, rows - i))
         total, count = total + float(s), count + float(c)
-        right += int(np.sum(np.asarray(hit)[:max(0, min(batch_size, rows - i))]))
-    return {"loss": total / max(count, 1.0), "exact": right / rows, "tokens": count}
+        right += int(np.sum(np.asarray(hit)[:real]))
+        ends += int(np.sum(np.asarray(end)[:real]))
+    return {"loss": total / max(count, 1.0), "exact": right / rows, "ends": ends / rows,
+            "tokens": count}
 
 
 def average_states(states: Sequence[Any], weights: Sequence[float] | None = None) -> Any:

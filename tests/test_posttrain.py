@@ -93,6 +93,10 @@ def test_sft_eval_matches_a_direct_computation() -> None:
     assert np.isclose(got["loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5)
     hits = (np.asarray(jnp.argmax(logits, -1)) == batch[:, 1:]) | (mask == 0)
     assert np.isclose(got["exact"], hits.all(-1).mean())
+    last = [np.nonzero(m)[0][-1] for m in mask]          # the closing <end_of_turn>
+    assert all(batch[r, 1 + last[r]] == TOK.end_of_turn_id for r in range(5))
+    ends = [np.argmax(np.asarray(logits[r, last[r]])) == TOK.end_of_turn_id for r in range(5)]
+    assert np.isclose(got["ends"], np.mean(ends))
 
 
 def test_average_and_interpolate() -> None:
