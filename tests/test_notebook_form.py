@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 COLUMN = 88   # characters of code the rendered book shows without a horizontal scrollbar
 SETUP = re.search(r"```python\n(.*?)```", (ROOT / "notebooks" / "SETUP_CELL.md").read_text(),
                   re.S).group(1)

@@ -19,7 +19,7 @@ from gemma2_lite import profile
 from gemma2_lite.profile import PROFILES, pick
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def _code_cells(path: Path) -> list[dict]:

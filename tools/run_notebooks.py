@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from gemma2_lite.profile import get_profile, loop_cap
 
     profile = get_profile()
-    paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
     out_dir = ROOT / "_build" / f"executed-{profile}"
     out_dir.mkdir(parents=True, exist_ok=True)
     cap = loop_cap()
