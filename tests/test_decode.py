@@ -25,6 +25,9 @@ from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate
 
 from random_models import random_model
 
+# One worker runs this file: the compiled programs are shared by its tests.
+pytestmark = pytest.mark.xdist_group("decode")
+
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_generate.json").read_text())
 CONFIG = get_config("tiny", vocab_size=701, d_model=48, num_layers=4, num_heads=6,
                     num_kv_heads=2, head_dim=14, ffn_dim=88, query_pre_attn_scalar=23,
@@ -76,8 +79,8 @@ def test_shortlist_picks_what_a_full_sort_picks(top_k: int, top_p: float) -> Non
 def test_prompt_cache_prefills_only_the_new_turn(model) -> None:
     cache = PromptCache(model, size=96)
     conversation = list(PROMPTS[0])
-    kw = dict(max_new_tokens=9, temperature=0.9, top_k=50, stop_tokens=[3])
-    for turn in range(4):
+    kw = dict(max_new_tokens=5, temperature=0.9, top_k=50, stop_tokens=[3])
+    for turn in range(3):
         reply = cache.generate(conversation, seed=turn, **kw)
         # What generate gives for the whole conversation at once, with no cache kept.
         assert reply == generate(model, [conversation], seed=turn, **kw)[0]
@@ -128,7 +131,7 @@ def test_chat_session_keeps_its_cache_and_its_replies() -> None:
     kw = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=7)
     cached = ChatSession(chat_model, tok, **kw)
     recomputed = ChatSession(chat_model, tok, generate_fn=generate, **kw)
-    for line in ["Good morrow.", "What news?", "Speak again, bright angel."]:
+    for line in ["Good morrow.", "What news?"]:
         held = list(cached._cache.ids) if cached._cache is not None else []
         prompt = cached.prompt_ids(line)
         assert cached.send(line) == recomputed.send(line)

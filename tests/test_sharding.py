@@ -266,15 +266,13 @@ else:
         cfg = get_config("tiny", vocab_size=64, d_model=32, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, ffn_dim=48, max_seq_len=32)
         tokens = np.random.default_rng(1).integers(0, 64, 4000).astype(np.int32)
-        tc = TrainConfig(steps=4, batch_size=8, seq_len=16, lr=3e-3, warmup=1,
+        tc = TrainConfig(steps=3, batch_size=8, seq_len=16, lr=3e-3, warmup=1,
                          eps=1e-6, progress=False)
-        model_1, hist_1 = train(cfg, tc, tokens, tokens[:600])
-        model_8, hist_8 = train(cfg, tc, tokens, tokens[:600], mesh=mesh)
+        model_1, hist_1 = train(cfg, tc, tokens)
+        model_8, hist_8 = train(cfg, tc, tokens, mesh=mesh)
         losses = lambda h: [row["loss"] for row in h["train"]]
         np.testing.assert_allclose(losses(hist_8), losses(hist_1), rtol=1e-5)
         assert model_8.layers[0].mlp.gate.get_value().sharding.spec == P("fsdp", "model")
-        assert hist_8["eval"][-1]["val_loss"] == pytest.approx(hist_1["eval"][-1]["val_loss"],
-                                                              rel=1e-5)
 
     # ------------------------------------------------------------------ multi-host guard
     def test_maybe_initialize_distributed_is_a_no_op_on_one_host() -> None:
