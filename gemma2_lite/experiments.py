@@ -371,9 +371,8 @@ def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
     gap = final[loser] / final[winner] - 1
     verdict = ("as in the report" if winner == better else
                f"unlike the report ({better} wins there)")
-    caveat = (" - one seed, and a gap this small may not survive another; the spread between "
-              "seeds was not measured" if gap < 0.02
-              else " - one seed, tiny models and few steps: a trend at this scale, not a "
+    caveat = (" - in this run; seed_report() compares the gap with the spread between seeds"
+              if gap < 0.02 else " - tiny models and few steps: a trend at this scale, not a "
               "reproduction of the report's ablation")
     return (f"{winner} wins here ({loser}'s perplexity is {gap:.1%} higher), {verdict}"
             f"{caveat}")
