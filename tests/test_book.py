@@ -37,8 +37,9 @@ SCREENSHOTS = BUILD / "screenshots"
 LOG = BUILD / "book-build.log"
 COLAB = "https://colab.research.google.com/github/gemma2-lite/gemma2-lite/blob/main/"
 
-# Slow, and all in one process: an xdist run with --dist loadgroup keeps them on one worker, and
-# a file lock serialises the build if workers are split anyway.
+# Slow, and all in one process: make test's --dist loadscope keeps a file's tests on one worker
+# (the xdist_group mark does the same under --dist loadgroup), and a file lock serialises the
+# build if workers are split anyway.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("book")]
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
