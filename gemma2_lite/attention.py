@@ -157,28 +157,29 @@ class LayerCache:
 
 
 def cached_keys(cache: LayerCache | None, k: jax.Array, v: jax.Array, k_pos: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array, LayerCache | None]:
-    """The keys, values and key positions a layer attends to, and its updated cache.
+                ) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+    """The keys and values a layer attends to, and its updated cache.
 
     k, v: the new (B, T, K, H); k_pos: int32 (B, T), -1 for padding. Without a cache, or into a
     fresh one, the chunk attends to itself (never to empty slots). One new token is written
     first and attends to the cache (S keys, no copy). A chunk into a used cache attends to the
-    old slots and itself (S + T keys), then is written.
+    old slots and itself (S + T keys), then is written. The keys' positions, for the mask, are
+    :func:`cached_key_positions` (the model builds the mask once per forward from them).
     """
     if cache is None:
-        return k, v, k_pos, None
+        return k, v, None
     new_cache = cache.update(k, v, k_pos)
     if cache.fresh:
-        return k, v, k_pos, new_cache
+        return k, v, new_cache
     if k.shape[1] == 1:
-        return new_cache.k, new_cache.v, new_cache.pos, new_cache
+        return new_cache.k, new_cache.v, new_cache
     keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)            # (B, S+T, K, H)
     values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-    return keys, values, jnp.concatenate([cache.pos, k_pos], axis=1), new_cache
+    return keys, values, new_cache
 
 
 def cached_key_positions(cache: LayerCache | None, k_pos: jax.Array) -> jax.Array:
-    """Only the key positions of :func:`cached_keys` (B, S'), for building a mask once."""
+    """The positions (B, S') of the keys :func:`cached_keys` gives, -1 for empty or padding."""
     if cache is None or cache.fresh:
         return k_pos
     if k_pos.shape[1] == 1:
@@ -233,7 +234,7 @@ class Attention(nnx.Module):
         v = jnp.einsum("BSD,KDH->BSKH", x, self.v[...].astype(dt))
         q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)      # (B, T, N, H)
         k = self.rotate_fn(k, rope)                                          # (B, T, K, H)
-        keys, values, _, new_cache = cached_keys(cache, k, v, k_pos)         # (B, S', K, H)
+        keys, values, new_cache = cached_keys(cache, k, v, k_pos)            # (B, S', K, H)
         out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
         return out, new_cache
