@@ -73,12 +73,16 @@ class FeedForward(nnx.Module):
         self.down = nnx.Param(init(rngs.params(), (ffn_dim, d_model), param_dtype),
                               logical_axes=("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
         dt = self.dtype
-        x = x.astype(dt)
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", self.activation(gate) * up, self.down[...].astype(dt))
+        # Tokens as one axis M = B·T: the same products, but the backward pass's weight
+        # gradients become plain 2-D matmuls, which XLA's CPU backend runs ~3x faster than a
+        # contraction over both B and T.
+        m = x.astype(dt).reshape(-1, x.shape[-1])                               # (M, D)
+        gate = jnp.einsum("MD,DF->MF", m, self.gate[...].astype(dt))            # (M, F)
+        up = jnp.einsum("MD,DF->MF", m, self.up[...].astype(dt))                # (M, F)
+        out = jnp.einsum("MF,FD->MD", self.activation(gate) * up, self.down[...].astype(dt))
+        return out.reshape(x.shape)                                             # (..., D)
 
 
 class Embedder(nnx.Module):
@@ -109,4 +113,6 @@ class Embedder(nnx.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits with the same table (no sqrt(D) factor)."""
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype))
+        m = x.reshape(-1, x.shape[-1])                   # (M, D), M = B·T: see FeedForward
+        logits = jnp.einsum("MD,VD->MV", m, self.embedding[...].astype(x.dtype))
+        return logits.reshape(*x.shape[:-1], -1)                                # (B, T, V)
