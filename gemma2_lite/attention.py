@@ -26,7 +26,8 @@ from .layers import dense_init, soft_cap
 from .rope import rotate
 
 __all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "gqa_attention", "cached_keys", "cached_key_positions"]
+           "gqa_attention", "banded_attention", "band_chunks", "band_keys", "cached_keys",
+           "cached_key_positions"]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
 # visible key (a padding query) yields a uniform softmax instead of NaN.
@@ -79,6 +80,43 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     probs = jax.nn.softmax(logits, axis=-1)                                 # (B, T, K, G, S)
     out = jnp.einsum("BTKGS,BSKH->BTKGH", probs.astype(v.dtype), v)
     return out.reshape(b, t, n, h), probs.reshape(b, t, n, -1)
+
+
+def band_chunks(x: jax.Array, size: int, fill: Any = 0) -> jax.Array:
+    """(B, T, ...) -> (B, n, size, ...), n = ceil(T / size): the columns in chunks of ``size``,
+    the last chunk padded at the end with ``fill``."""
+    b, t = x.shape[:2]
+    n = -(-t // size)
+    pad = [(0, 0), (0, n * size - t)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad, constant_values=fill).reshape(b, n, size, *x.shape[2:])
+
+
+def band_keys(x: jax.Array, size: int, fill: Any = 0) -> jax.Array:
+    """(B, T, ...) -> (B, n, 2 size, ...): chunk i's keys are the columns of chunks i - 1 and i
+    (before chunk 0: ``fill``). With ``size >= W`` they hold every key a sliding window of W lets
+    chunk i's queries see, when positions advance one per column."""
+    c = band_chunks(x, size, fill)                                           # (B, n, C, ...)
+    before = jnp.concatenate([jnp.full_like(c[:, :1], fill), c[:, :-1]], axis=1)
+    return jnp.concatenate([before, c], axis=2)                              # (B, n, 2C, ...)
+
+
+def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q: jax.Array,
+                     k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                     softcap: float | None = None) -> jax.Array:
+    """Sliding-window self-attention over a whole sequence in chunks of C >= W columns: each
+    chunk's queries against its own and the previous chunk's keys, 2C keys, not T.
+
+    q: (B, T, N, H); k, v: (B, T, K, H) (the same columns as q); mask: bool (B, n, C, 2C) over
+    :func:`band_keys` (the model builds it once per forward). Returns the output (B, T, N, H),
+    equal to ``attention_fn`` on the full (B, T, T) problem, in T·2C scores instead of T².
+    """
+    b, t, n, h = q.shape
+    _, chunks, size, _ = mask.shape
+    qc = band_chunks(q, size).reshape(b * chunks, size, n, h)               # (B·n, C, N, H)
+    kc = band_keys(k, size).reshape(b * chunks, 2 * size, *k.shape[2:])     # (B·n, 2C, K, H)
+    vc = band_keys(v, size).reshape(b * chunks, 2 * size, *v.shape[2:])
+    out, _ = attention_fn(qc, kc, vc, mask.reshape(b * chunks, size, 2 * size), softcap=softcap)
+    return out.reshape(b, chunks * size, n, h)[:, :t]                        # (B, T, N, H)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "end"],
@@ -223,7 +261,7 @@ class Attention(nnx.Module):
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
         mask: bool (B, T, S') over the keys :func:`cached_keys` gives (built once per forward by
-        the model); k_pos: int32 (B, T), the new keys' positions (-1 for padding).
+        the model), or (B, n, C, 2C) for :func:`banded_attention`; k_pos: int32 (B, T), the new keys' positions (-1 for padding).
 
         Returns the output (B, T, D) and the updated cache (or None).
         """
@@ -235,6 +273,10 @@ class Attention(nnx.Module):
         q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)      # (B, T, N, H)
         k = self.rotate_fn(k, rope)                                          # (B, T, K, H)
         keys, values, new_cache = cached_keys(cache, k, v, k_pos)            # (B, S', K, H)
-        out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
+        if mask.ndim == 4:     # a local layer over a whole sequence, in bands (the model's call)
+            out = banded_attention(self.attention_fn, q, keys, values, mask,
+                                   softcap=self.softcap)
+        else:
+            out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
         return out, new_cache

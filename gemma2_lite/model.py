@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import (Attention, LayerCache, attention_mask, cached_key_positions,
-                        gqa_attention)
+from .attention import (Attention, LayerCache, attention_mask, band_chunks, band_keys,
+                        cached_key_positions, gqa_attention)
 from .checks import check_token_ids
 from .config import Gemma2Config
 from .layers import Embedder, FeedForward, RMSNorm, gelu_tanh, soft_cap
@@ -252,6 +252,7 @@ class Gemma2(nnx.Module):
             valid = jnp.asarray(attention_mask).astype(bool)
             if valid.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
+        contiguous = positions is None          # one position per column: see _band below
         if positions is None:
             if cache is not None and not all(layer.fresh for layer in cache):
                 raise ValueError("with a used cache, pass the absolute positions of the new tokens")
@@ -265,8 +266,19 @@ class Gemma2(nnx.Module):
         masks: dict[int | None, jax.Array] = {}
         for i, block in enumerate(self.layers):
             w = block.attn.window
-            if w not in masks:
-                key_pos = cached_key_positions(None if cache is None else cache[i], k_pos)
+            if w in masks:
+                continue
+            layer_cache = None if cache is None else cache[i]
+            if self._band(w, tokens.shape[1], layer_cache, contiguous):
+                # A local layer over a whole sequence attends in chunks of W columns, each to
+                # its own and the previous chunk's keys (attention.banded_attention).
+                b, n = tokens.shape[0], -(-tokens.shape[1] // w)
+                q_pos = band_chunks(jnp.where(valid, positions, -1), w, -1)   # (B, n, W)
+                key_pos = band_keys(k_pos, w, -1)                             # (B, n, 2W)
+                band = comps.mask(q_pos.reshape(b * n, w), key_pos.reshape(b * n, 2 * w), w)
+                masks[w] = band.reshape(b, n, w, 2 * w)                     # (B, n, W, 2W)
+            else:
+                key_pos = cached_key_positions(layer_cache, k_pos)
                 masks[w] = comps.mask(positions, key_pos, w)                # (B, T, S')
 
         def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
@@ -292,6 +304,20 @@ class Gemma2(nnx.Module):
         logits = soft_cap(logits, c.final_logit_softcap)
         return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
                             hidden=hidden if return_hidden else None)
+
+    def _band(self, window: int | None, length: int, cache: LayerCache | None,
+              contiguous: bool) -> bool:
+        """Whether a local layer attends in bands of W columns (see banded_attention): the
+        same numbers in T·2W scores instead of T². Only when that is exact and saves work: a
+        prompt going into a fresh cache (a prefill; training and ``model(tokens)`` keep the
+        plain path, whose saved activations :mod:`gemma2_lite.memory` counts), positions
+        advancing one per column (the default, cumsum(mask) - 1 over left padding: then a key W
+        positions back is W columns back), T > 2W, and the default attention and mask (a
+        swapped component sees the whole (B, T, S) problem, as the chapters expect)."""
+        comps = self.components
+        return (window is not None and length > 2 * window and contiguous
+                and cache is not None and cache.fresh
+                and comps.attention is gqa_attention and comps.mask is attention_mask)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[LayerCache]:
         """An empty cache for ``batch`` sequences of up to ``max_len`` positions.

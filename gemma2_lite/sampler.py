@@ -263,8 +263,9 @@ def prefill(model: Gemma2, tokens: jax.Array, mask: jax.Array, cache: list[Layer
     if not isinstance(mask, jax.core.Tracer) and not bool(np.asarray(mask)[:, -1].all()):
         raise ValueError("prompts must be LEFT-padded: the last column must be a real token in "
                          "every row (its logits predict the first new token); use pad_prompts")
-    positions = positions_from_mask(jnp.asarray(mask))                      # (B, T), pads -1
+    positions = None                        # the model's default, cumsum(mask) - 1
     if start is not None:
+        positions = positions_from_mask(jnp.asarray(mask))                  # (B, T), pads -1
         positions = jnp.where(positions >= 0, positions + jnp.asarray(start)[:, None], -1)
     out = model.forward(tokens, mask, positions=positions, cache=cache, last_only=True)
     return out.logits[:, -1], out.cache                                     # (B, V)

@@ -7,6 +7,8 @@
 * ``PromptCache`` / ``ChatSession`` keep the cache between turns, prefill only the new turn, and
   give the tokens ``generate`` gives for the whole conversation.
 * The CLI's streamer decodes each token once (linear time) and prints exactly the full decode.
+* A prefill attends in its local layers in bands of W columns (T·2W scores, not T²) and gives
+  the logits and the cache the plain (B, T, T) path gives.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gemma2_lite.attention as attention
 from gemma2_lite import get_config
-from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate
+from gemma2_lite.attention import attention_mask, band_keys, banded_attention, gqa_attention
+from gemma2_lite.model import positions_from_mask
+from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate, prefill
 
 from random_models import random_model
+from tolerance import assert_close
 
 # One worker runs this file: the compiled programs are shared by its tests.
 pytestmark = pytest.mark.xdist_group("decode")
@@ -140,3 +146,55 @@ def test_chat_session_keeps_its_cache_and_its_replies() -> None:
         # to the tokens generated); then only the rest is prefilled.
         reused = bool(held) and prompt[:len(held)] == held
         assert cached.prefilled == (len(prompt) - len(held) if reused else len(prompt))
+
+
+@pytest.mark.parametrize("length", [11, 15, 23])       # T = 2W + 1, a multiple of W, neither
+def test_banded_attention_equals_the_full_window(length: int) -> None:
+    window, (b, n, k, h) = 5, (3, 6, 2, 7)
+    rng = np.random.default_rng(length)
+    q, key, v = (jnp.asarray(rng.normal(0, 3, (b, length, heads, h)), jnp.float32)
+                 for heads in (n, k, k))
+    valid = np.ones((b, length), bool)
+    valid[1, :4], valid[2, :length - 2] = False, False                  # left padding
+    pos = positions_from_mask(jnp.asarray(valid))
+    k_pos = jnp.where(jnp.asarray(valid), pos, -1)
+    full, _ = gqa_attention(q, key, v, attention_mask(pos, k_pos, window), softcap=5.0)
+    chunks = -(-length // window)
+    q_pos = jnp.pad(k_pos, ((0, 0), (0, chunks * window - length)), constant_values=-1)
+    band = attention_mask(q_pos.reshape(b * chunks, window),
+                          band_keys(k_pos, window, -1).reshape(b * chunks, 2 * window), window)
+    got = banded_attention(gqa_attention, q, key, v,
+                           band.reshape(b, chunks, window, 2 * window), softcap=5.0)
+    # Padding queries see no key (a uniform softmax over what each path holds): compare the
+    # real ones, which are all that is ever read.
+    assert_close(np.asarray(got)[valid], np.asarray(full)[valid], 1e-5, "banded vs full")
+
+
+def test_prefill_attends_in_bands_and_fills_the_same_cache(model, monkeypatch) -> None:
+    calls = []
+    real = attention.banded_attention
+    monkeypatch.setattr(attention, "banded_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # Any mask but the default's own function takes the plain (B, T, T) path.
+    plain = model.replace(mask=lambda q_pos, k_pos, w: attention_mask(q_pos, k_pos, w))
+    tokens = np.asarray(np.random.default_rng(0).integers(3, 700, (3, 17)), np.int32)
+    valid = np.ones(tokens.shape, bool)
+    valid[1, :6], valid[2, :12] = False, False
+    got, got_cache = prefill(model, jnp.asarray(tokens), jnp.asarray(valid),
+                             model.init_cache(3, 40))
+    locals_ = sum(w is not None for w in map(CONFIG.window_for_layer, range(CONFIG.num_layers)))
+    assert len(calls) == locals_ > 0              # every local layer, none of the global ones
+    calls.clear()
+    want, want_cache = prefill(plain, jnp.asarray(tokens), jnp.asarray(valid),
+                               plain.init_cache(3, 40))
+    assert not calls
+    assert_close(got, want, 1e-5, "last-position logits")
+    for mine, theirs in zip(got_cache, want_cache):
+        np.testing.assert_array_equal(mine.pos, theirs.pos)
+        real_slots = np.asarray(theirs.pos) >= 0
+        assert_close(np.asarray(mine.k)[real_slots], np.asarray(theirs.k)[real_slots], 1e-5, "k")
+        assert_close(np.asarray(mine.v)[real_slots], np.asarray(theirs.v)[real_slots], 1e-5, "v")
+    # And the tokens generated from a long prompt are the plain path's.
+    prompt = [2] + list(range(40, 70))
+    assert generate(model, [prompt], max_new_tokens=12) == \
+        generate(plain, [prompt], max_new_tokens=12)
