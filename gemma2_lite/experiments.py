@@ -43,7 +43,7 @@ from .train import TrainConfig, evaluate, train
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
            "run_gqa_vs_mha", "run_deep_vs_wide", "run_train_tiny", "main", "PROFILES",
            "small_config", "run_seeds", "seed_summary", "seed_report", "final_numbers",
-           "ABLATIONS"]
+           "ABLATIONS", "replay_line"]
 
 PROFILES = ("smoke", *BOOK_PROFILES)     # smoke: the unit tests' tiny runs
 
@@ -258,8 +258,11 @@ def _with_window(model: Gemma2, window: int | None) -> Gemma2:
 
 
 def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-               seed: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """Train one model with sliding window W, then evaluate it with W, W/2 and W/4."""
+               seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
+    """Train one model with sliding window W, then evaluate it with W, W/2 and W/4.
+
+    With a seed record for this profile (and ``live`` false), seed 0 is replayed from it after
+    its first steps are re-run and checked (see :func:`_replay`)."""
     profile = profile or get_profile()
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
@@ -273,10 +276,15 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
                      lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
                      warmup=_pick(profile, loop=True, smoke=1, ci=10, colab=150, full=1000), seed=seed,
                      progress=not quiet)
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq))
+    windows = [window, window // 2, window // 4]
+    check = lambda: _check_prefix(cfg, tc, train_ids, valid_ids, windows)
+    replayed = None if live else _replay("window", profile, seed, results_dir, check)
+    if replayed is not None:
+        return replayed
     t0 = time.perf_counter()
     say(f"[window] training {cfg.name} with W={window}, T={seq}")
-    model, _ = train(cfg.replace(max_seq_len=max(cfg.max_seq_len, seq)), tc, train_ids)
-    windows = [window, window // 2, window // 4]
+    model, _ = train(cfg, tc, train_ids)
     eval_batches = _pick(profile, loop=True, smoke=2, ci=12, colab=64, full=None)
     rows = []
     for w in windows:
@@ -294,10 +302,14 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
                         f"{rel[-1]:+.1%}" + (" (a much larger loss: with W only "
                         f"{window} tokens, a quarter window removes most of the context)"
                         if rel[-1] > 0.05 else "")),
-               "seconds": time.perf_counter() - t0}
-    out = _results_dir("window", results_dir)
-    payload["figure"] = str(out / "window.png")
-    _write(out, payload)
+               "seconds": time.perf_counter() - t0, "check": check()}
+    return _finish(payload, results_dir)
+
+
+def _window_figure(payload: dict[str, Any], path: Path) -> None:
+    ppl = [r["val_perplexity"] for r in payload["results"]]
+    window = payload["model_config"]["sliding_window"]
+    seq = payload["train_config"]["seq_len"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = ["W", "W/2", "W/4"]
@@ -308,14 +320,14 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     ax.set_xlabel("sliding window at inference (trained with W)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(payload["figure"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return payload
 
 
 # ----------------------------------------------------------------------------- ablations
 def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, better: str,
-              profile: str, results_dir: Any, seed: int, quiet: bool) -> dict[str, Any]:
+              profile: str, results_dir: Any, seed: int, quiet: bool,
+              live: bool) -> dict[str, Any]:
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
     steps = _pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000)
@@ -325,6 +337,11 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
                      lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
                      eval_batches=_pick(profile, loop=True, smoke=2, ci=16, colab=64, full=None),
                      seed=seed, progress=not quiet)
+    first = next(iter(variants.values()))
+    check = lambda: _check_prefix(first, tc, train_ids, valid_ids)
+    replayed = None if live else _replay(name, profile, seed, results_dir, check)
+    if replayed is not None:
+        return replayed
     t0 = time.perf_counter()
     curves, final, params = {}, {}, {}
     for label, cfg in variants.items():
@@ -339,31 +356,108 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
                "final_val_perplexity": final, "report": REPORT[report_key],
                "report_better": better, "this_run_better": winner,
                "same_trend_as_report": winner == better,
-               "note": _ablation_note(final, winner, better),
-               "seconds": time.perf_counter() - t0}
-    out = _results_dir(name, results_dir)
-    payload["figure"] = str(out / f"{name}.png")
-    _write(out, payload, curves)
+               "note": _ablation_note(final, winner, better), "curves": curves,
+               "seconds": time.perf_counter() - t0, "check": check()}
+    say(f"[{name}] final val perplexity {final}")
+    return _finish(payload, results_dir)
+
+
+def _ablation_figure(payload: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for label, rows in curves.items():
+    for label, rows in payload["curves"].items():
+        n = payload["params"][label]["non_embedding"]
         ax.plot([r["tokens"] for r in rows], [r["val_perplexity"] for r in rows], "o-",
-                label=f"{label} ({params[label]['non_embedding'] / 1e6:.2f}M non-emb.)")
+                label=f"{label} ({n / 1e6:.2f}M non-emb.)")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
-    ax.set_title(f"This run ({profile})")
+    ax.set_title(f"This run ({payload['profile']})" if "replayed" not in payload
+                 else f"The recorded run ({payload['profile']}, seed {payload['seed']})")
     ax.legend(fontsize=8)
-    rep = REPORT[report_key]
+    rep = payload["report"]
     ax2.bar(list(rep), list(rep.values()), color=["C0", "C1"])
     ax2.set_ylim(min(rep.values()) - 3, max(rep.values()) + 1)
     ax2.set_ylabel("average benchmark score")
     ax2.set_title("Gemma 2 report")
     fig.tight_layout()
-    fig.savefig(payload["figure"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    say(f"[{name}] final val perplexity {final} -> {out}")
+
+
+# The first steps of a recorded run, re-run before the record is replayed: enough to catch a
+# change to the model, the initialisation, the data order, the optimizer or the evaluation.
+CHECK_STEPS = 8
+CHECK_BATCHES = 2
+CHECK_REL = 2e-3      # rounding moves these losses by ~1e-6 across CPUs; a change, by far more
+
+
+def _check_prefix(cfg: Gemma2Config, tc: TrainConfig, train_ids: np.ndarray,
+                  valid_ids: np.ndarray, windows: list[int] | None = None) -> dict[str, Any]:
+    """A run's fingerprint: its first CHECK_STEPS training losses (the same run, stopped early:
+    the schedule still spans ``tc.steps``) and the validation loss of those weights on
+    CHECK_BATCHES batches (with each of ``windows``, for the window experiment)."""
+    model, hist = train(cfg, tc.replace(progress=False), train_ids,
+                        stop_at=min(CHECK_STEPS, tc.steps))
+    val = [evaluate(model if w is None else _with_window(model, w), valid_ids,
+                    batch_size=tc.batch_size, seq_len=tc.seq_len,
+                    max_batches=CHECK_BATCHES)["loss"] for w in (windows or [None])]
+    return {"steps": len(hist["train"]), "train_loss": [r["loss"] for r in hist["train"]],
+            "val_loss": val}
+
+
+def _replay(name: str, profile: str, seed: int, results_dir: Any,
+            check: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The recorded run of ``seed`` (``data/ablations/<name>-<profile>.json``), after its first
+    steps are re-run here and found equal to the record's; None when there is nothing to
+    replay (no record for this profile, another seed, or capped loops), so the caller trains.
+
+    The chapters show the ablations at the ``ci`` profile this way: the record was made by the
+    command it names (every number in it is from that run), and the check re-runs the part
+    that any change to the code or data would move. A mismatch raises: rerun the command."""
+    from .profile import loop_cap
+
+    path = Path(data_path(SEED_RECORDS)) / f"{name}-{profile}.json"
+    if loop_cap() is not None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    recorded = record.get("replay")
+    if recorded is None or recorded["payload"]["seed"] != seed:
+        return None
+    want, got = recorded["payload"]["check"], check()
+    pairs = list(zip(want["train_loss"] + want["val_loss"], got["train_loss"] + got["val_loss"]))
+    if (got["steps"] != want["steps"] or len(pairs) != len(want["train_loss"] + want["val_loss"])
+            or any(abs(g / w - 1) > CHECK_REL for w, g in pairs)):
+        raise AssertionError(
+            f"{path.name} is stale: the first {want['steps']} steps of seed {seed} give losses "
+            f"{got['train_loss']} / validation {got['val_loss']} here, the record "
+            f"{want['train_loss']} / {want['val_loss']}; rerun `{record['command']}`")
+    payload = dict(recorded["payload"])
+    payload["replayed"] = {"record": f"data/{SEED_RECORDS}/{path.name}",
+                           "command": record["command"], "checked_steps": got["steps"],
+                           "max_rel_difference": max(abs(g / w - 1) for w, g in pairs)}
+    return _finish(payload, results_dir)
+
+
+def _finish(payload: dict[str, Any], results_dir: Any) -> dict[str, Any]:
+    """Write ``results/<name>/`` (results.json, curves.csv, the figure); return the payload."""
+    name = payload["experiment"]
+    out = _results_dir(name, results_dir)
+    payload["figure"] = str(out / f"{name}.png")
+    _write(out, payload, payload.get("curves"))
+    (_window_figure if name == "window" else _ablation_figure)(payload, Path(payload["figure"]))
     return payload
+
+
+def replay_line(payload: dict[str, Any]) -> str:
+    """One line for a chapter: whether this payload was trained here or replayed (and how it
+    was checked)."""
+    r = payload.get("replayed")
+    if r is None:
+        return f"trained here in {payload['seconds']:.0f} s"
+    return (f"the recorded run of seed {payload['seed']} ({r['record']}, made by `{r['command']}`"
+            f"); its first {r['checked_steps']} steps were re-run here and match it to "
+            f"{r['max_rel_difference']:.1e} (pass live=True to train it here)")
 
 
 def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
@@ -379,7 +473,7 @@ def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
 
 
 def run_gqa_vs_mha(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-                   seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+                   seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
     """Multi-head (K = N) vs grouped-query attention (K = N/2) at equal parameter count: the
     key/value weights GQA saves go into a wider feed-forward block."""
     profile = profile or get_profile()
@@ -391,11 +485,11 @@ def run_gqa_vs_mha(profile: str | None = None, *, results_dir: str | os.PathLike
     extra_ffn = round(2 * (heads - heads // 2) * d * h / (3 * d))
     gqa = small_config(d, layers, heads=heads, kv_heads=heads // 2, ffn_dim=4 * d + extra_ffn)
     return _ablation("gqa-vs-mha", {"MHA": mha, "GQA": gqa}, "gqa_vs_mha_avg", "GQA",
-                     profile, results_dir, seed, quiet)
+                     profile, results_dir, seed, quiet, live)
 
 
 def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-                     seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+                     seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
     """A wide-shallow vs a narrow-deep model with the same non-embedding parameters
     (15 D^2 per layer with F = 4D, N = 4, K = 2: L D^2 is kept equal). The wide model's
     embedding table is larger (V x D), an advantage at this tiny scale where the embedding is a
@@ -404,7 +498,7 @@ def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLi
     (dw, lw), (dd, ld) = _pick(profile, smoke=((32, 1), (16, 4)), ci=((192, 2), (96, 8)),
                                colab=((384, 2), (192, 8)), full=((768, 4), (384, 16)))
     return _ablation("deep-vs-wide", {"wide": small_config(dw, lw), "deep": small_config(dd, ld)},
-                     "deep_vs_wide_avg", "deep", profile, results_dir, seed, quiet)
+                     "deep_vs_wide_avg", "deep", profile, results_dir, seed, quiet, live)
 
 
 # ----------------------------------------------------------------------------- train-tiny
@@ -544,10 +638,13 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
     profile = profile or get_profile()
     t0 = time.perf_counter()
     per_seed: dict[int, dict[str, float]] = {}
+    first: dict[str, Any] = {}
+    live = {} if name == "distillation" else {"live": True}     # never replay a record here
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            per_seed[seed] = final_numbers(EXPERIMENTS[name](profile, seed=seed, quiet=quiet,
-                                                             results_dir=tmp))
+            payload = EXPERIMENTS[name](profile, seed=seed, quiet=quiet, results_dir=tmp, **live)
+            per_seed[seed] = final_numbers(payload)
+            first = first or payload
     labels = list(per_seed[seeds[0]])
     summary = {}
     for label in labels:
@@ -562,6 +659,9 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
               "loop_cap": os.environ.get("GEMMA2_LITE_LOOP_CAP"),
               "jax": jax.__version__, "devices": str(jax.devices()),
               "seconds": time.perf_counter() - t0}
+    if "check" in first:
+        # The first seed's whole result, for the chapters to replay (see _replay).
+        record["replay"] = {"payload": {k: v for k, v in first.items() if k != "figure"}}
     target = Path(out) if out is not None else Path(data_path(SEED_RECORDS))
     target.mkdir(parents=True, exist_ok=True)
     (target / f"{name}-{profile}.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -609,8 +709,9 @@ def seed_report(payload: dict[str, Any]) -> str:
         raise AssertionError(f"this run's numbers differ from the record's run of seed "
                              f"{payload['seed']} by more than 2%: rerun `{record['command']}`")
     lines = [f"{len(record['seeds'])} seeds ({record['command']}):"]
+    shown = "seed 0" if "replayed" in payload else "this run"
     for label, mine, mean, std, lo, hi in summary["rows"]:
-        lines.append(f"  {label:>8}: this run {mine:8.3f}; over the seeds {mean:8.3f} "
+        lines.append(f"  {label:>8}: {shown} {mine:8.3f}; over the seeds {mean:8.3f} "
                      f"+- {std:.3f} (min {lo:.3f}, max {hi:.3f})")
     if len(summary["rows"]) == 2:
         (a_label, _, a_mean, a_std, *_), (b_label, _, b_mean, b_std, *_) = summary["rows"]
@@ -642,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
                               "quiet": args.quiet}
     if args.name == "train-tiny":
         kwargs.update(out=args.out, steps=args.steps)
+    elif args.name != "distillation":
+        kwargs.update(live=True)            # the command trains; only the chapters replay
     elif args.out or args.steps:
         parser.error("--out and --steps apply to train-tiny only")
     if args.seeds:

@@ -127,3 +127,31 @@ def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
     path.write_text(json.dumps(stale))
     with pytest.raises(AssertionError, match="differ from the record"):
         ex.seed_report(run)
+
+
+def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path,
+                                                                      monkeypatch) -> None:
+    """With a seed record, seed 0 is replayed from it (the chapters' ci build) once its first
+    steps, re-run, give the recorded losses; a record those steps no longer reproduce raises."""
+    import json
+
+    from gemma2_lite import experiments as ex
+
+    real = ex.data_path
+    monkeypatch.setattr(ex, "data_path", lambda *parts: tmp_path.joinpath(*parts)
+                        if parts[:1] == (ex.SEED_RECORDS,) else real(*parts))
+    results = tmp_path / "results"
+    record = ex.run_seeds("window", (0, 1), "smoke")
+    replayed = ex.run_window("smoke", results_dir=results, quiet=True)
+    assert replayed["replayed"]["checked_steps"] == replayed["check"]["steps"] > 0
+    assert ex.final_numbers(replayed) == record["per_seed"]["0"]
+    assert (results / "window" / "window.png").exists()
+    assert "re-run here" in ex.replay_line(replayed)
+    assert "replayed" not in ex.run_window("smoke", results_dir=results, quiet=True, live=True)
+    assert "replayed" not in ex.run_window("smoke", results_dir=results, quiet=True, seed=1)
+    path = tmp_path / "ablations" / "window-smoke.json"
+    stale = json.loads(path.read_text())
+    stale["replay"]["payload"]["check"]["train_loss"][-1] *= 1.01
+    path.write_text(json.dumps(stale))
+    with pytest.raises(AssertionError, match="stale"):
+        ex.run_window("smoke", results_dir=results, quiet=True)
