@@ -743,10 +743,10 @@ def main(argv: list[str] | None = None) -> int:
                               "quiet": args.quiet}
     if args.name == "train-tiny":
         kwargs.update(out=args.out, steps=args.steps)
-    elif args.name != "distillation":
-        kwargs.update(live=True)            # the command trains; only the chapters replay
     elif args.out or args.steps:
         parser.error("--out and --steps apply to train-tiny only")
+    elif args.name != "distillation":
+        kwargs.update(live=True)            # the command trains; only the chapters replay
     if args.seeds:
         record = run_seeds(args.name, tuple(args.seeds), profile, quiet=args.quiet)
         print(json.dumps(record["summary"], indent=1))
