@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml constraints.txt
 # --dist loadscope keeps each test file on one worker (the book's tests share one build).
 # (--dist loadgroup would be finer, but with pytest 9.2 and xdist 3.8 it ignores xdist_group
 # marks and split the book's tests: one worker then sat out the build waiting on its lock.)
+# --no-loadscope-reorder hands the files out in collection order, which tests/conftest.py makes
+# book first: by default xdist sends the files with the most tests first, and the book's build,
+# the longest job, started five minutes late.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest tests -q -n 2 --dist loadscope --durations=15
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 # The book at the ci profile goes to _build/html; any other profile builds into
 # _build/profile-<name>/_build/html with its own jupyter-cache, so cached outputs of one profile
