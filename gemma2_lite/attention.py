@@ -26,8 +26,8 @@ from .layers import dense_init, soft_cap
 from .rope import rotate
 
 __all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "gqa_attention", "banded_attention", "band_chunks", "band_keys", "cached_keys",
-           "cached_key_positions"]
+           "gqa_attention", "banded_attention", "band_chunks", "band_keys", "band_mask",
+           "cached_keys", "cached_key_positions"]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
 # visible key (a padding query) yields a uniform softmax instead of NaN.
@@ -100,14 +100,29 @@ def band_keys(x: jax.Array, size: int, fill: Any = 0) -> jax.Array:
     return jnp.concatenate([before, c], axis=2)                              # (B, n, 2C, ...)
 
 
+def band_mask(mask_fn: Callable[[jax.Array, jax.Array, int | None], jax.Array],
+              positions: jax.Array, window: int) -> jax.Array:
+    """bool (B, n, W, 2W): which of :func:`band_keys`' keys each chunk's queries may see.
+
+    positions: int32 (B, T) of the sequence's columns, -1 for padding (queries and keys alike);
+    mask_fn: the model's mask component, :func:`attention_mask`.
+    """
+    b = positions.shape[0]
+    q_pos = band_chunks(positions, window, -1)                               # (B, n, W)
+    k_pos = band_keys(positions, window, -1)                                 # (B, n, 2W)
+    n = q_pos.shape[1]
+    mask = mask_fn(q_pos.reshape(b * n, window), k_pos.reshape(b * n, 2 * window), window)
+    return mask.reshape(b, n, window, 2 * window)
+
+
 def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q: jax.Array,
                      k: jax.Array, v: jax.Array, mask: jax.Array, *,
                      softcap: float | None = None) -> jax.Array:
     """Sliding-window self-attention over a whole sequence in chunks of C >= W columns: each
     chunk's queries against its own and the previous chunk's keys, 2C keys, not T.
 
-    q: (B, T, N, H); k, v: (B, T, K, H) (the same columns as q); mask: bool (B, n, C, 2C) over
-    :func:`band_keys` (the model builds it once per forward). Returns the output (B, T, N, H),
+    q: (B, T, N, H); k, v: (B, T, K, H) (the same columns as q); mask: bool (B, n, C, 2C), from
+    :func:`band_mask` (the model builds it once per forward). Returns the output (B, T, N, H),
     equal to ``attention_fn`` on the full (B, T, T) problem, in T·2C scores instead of T².
     """
     b, t, n, h = q.shape
@@ -261,7 +276,8 @@ class Attention(nnx.Module):
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
         mask: bool (B, T, S') over the keys :func:`cached_keys` gives (built once per forward by
-        the model), or (B, n, C, 2C) for :func:`banded_attention`; k_pos: int32 (B, T), the new keys' positions (-1 for padding).
+        the model), or (B, n, C, 2C) for :func:`banded_attention`; k_pos: int32 (B, T), the new
+        keys' positions (-1 for padding).
 
         Returns the output (B, T, D) and the updated cache (or None).
         """

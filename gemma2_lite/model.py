@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import (Attention, LayerCache, attention_mask, band_chunks, band_keys,
+from .attention import (Attention, LayerCache, attention_mask, band_mask,
                         cached_key_positions, gqa_attention)
 from .checks import check_token_ids
 from .config import Gemma2Config
@@ -272,11 +272,7 @@ class Gemma2(nnx.Module):
             if self._band(w, tokens.shape[1], layer_cache, contiguous):
                 # A local layer over a whole sequence attends in chunks of W columns, each to
                 # its own and the previous chunk's keys (attention.banded_attention).
-                b, n = tokens.shape[0], -(-tokens.shape[1] // w)
-                q_pos = band_chunks(jnp.where(valid, positions, -1), w, -1)   # (B, n, W)
-                key_pos = band_keys(k_pos, w, -1)                             # (B, n, 2W)
-                band = comps.mask(q_pos.reshape(b * n, w), key_pos.reshape(b * n, 2 * w), w)
-                masks[w] = band.reshape(b, n, w, 2 * w)                     # (B, n, W, 2W)
+                masks[w] = band_mask(comps.mask, k_pos, w)                  # (B, n, W, 2W)
             else:
                 key_pos = cached_key_positions(layer_cache, k_pos)
                 masks[w] = comps.mask(positions, key_pos, w)                # (B, T, S')

@@ -24,7 +24,7 @@ import pytest
 
 import gemma2_lite.attention as attention
 from gemma2_lite import get_config
-from gemma2_lite.attention import attention_mask, band_keys, banded_attention, gqa_attention
+from gemma2_lite.attention import attention_mask, band_mask, banded_attention, gqa_attention
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate, prefill
 
@@ -159,12 +159,9 @@ def test_banded_attention_equals_the_full_window(length: int) -> None:
     pos = positions_from_mask(jnp.asarray(valid))
     k_pos = jnp.where(jnp.asarray(valid), pos, -1)
     full, _ = gqa_attention(q, key, v, attention_mask(pos, k_pos, window), softcap=5.0)
-    chunks = -(-length // window)
-    q_pos = jnp.pad(k_pos, ((0, 0), (0, chunks * window - length)), constant_values=-1)
-    band = attention_mask(q_pos.reshape(b * chunks, window),
-                          band_keys(k_pos, window, -1).reshape(b * chunks, 2 * window), window)
-    got = banded_attention(gqa_attention, q, key, v,
-                           band.reshape(b, chunks, window, 2 * window), softcap=5.0)
+    band = band_mask(attention_mask, k_pos, window)                    # (B, n, W, 2W)
+    assert band.shape == (b, -(-length // window), window, 2 * window)
+    got = banded_attention(gqa_attention, q, key, v, band, softcap=5.0)
     # Padding queries see no key (a uniform softmax over what each path holds): compare the
     # real ones, which are all that is ever read.
     assert_close(np.asarray(got)[valid], np.asarray(full)[valid], 1e-5, "banded vs full")
