@@ -258,11 +258,13 @@ def _with_window(model: Gemma2, window: int | None) -> Gemma2:
 
 
 def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-               seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
+               seed: int = 0, quiet: bool = False, live: bool = False,
+               fingerprint: bool = False) -> dict[str, Any]:
     """Train one model with sliding window W, then evaluate it with W, W/2 and W/4.
 
     With a seed record for this profile (and ``live`` false), seed 0 is replayed from it after
-    its first steps are re-run and checked (see :func:`_replay`)."""
+    its first steps are re-run and checked (see :func:`_replay`). ``fingerprint`` adds those
+    first steps' losses to the result (``check``), for a record (:func:`run_seeds`)."""
     profile = profile or get_profile()
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
@@ -302,7 +304,9 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
                         f"{rel[-1]:+.1%}" + (" (a much larger loss: with W only "
                         f"{window} tokens, a quarter window removes most of the context)"
                         if rel[-1] > 0.05 else "")),
-               "seconds": time.perf_counter() - t0, "check": check()}
+               "seconds": time.perf_counter() - t0}
+    if fingerprint:
+        payload["check"] = check()
     return _finish(payload, results_dir)
 
 
@@ -326,8 +330,8 @@ def _window_figure(payload: dict[str, Any], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- ablations
 def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, better: str,
-              profile: str, results_dir: Any, seed: int, quiet: bool,
-              live: bool) -> dict[str, Any]:
+              profile: str, results_dir: Any, seed: int, quiet: bool, live: bool,
+              fingerprint: bool) -> dict[str, Any]:
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
     steps = _pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000)
@@ -357,7 +361,9 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
                "report_better": better, "this_run_better": winner,
                "same_trend_as_report": winner == better,
                "note": _ablation_note(final, winner, better), "curves": curves,
-               "seconds": time.perf_counter() - t0, "check": check()}
+               "seconds": time.perf_counter() - t0}
+    if fingerprint:
+        payload["check"] = check()
     say(f"[{name}] final val perplexity {final}")
     return _finish(payload, results_dir)
 
@@ -415,27 +421,26 @@ def _replay(name: str, profile: str, seed: int, results_dir: Any,
     The chapters show the ablations at the ``ci`` profile this way: the record was made by the
     command it names (every number in it is from that run), and the check re-runs the part
     that any change to the code or data would move. A mismatch raises: rerun the command."""
-    from .profile import loop_cap
-
-    path = Path(data_path(SEED_RECORDS)) / f"{name}-{profile}.json"
-    if loop_cap() is not None or not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    recorded = record.get("replay")
+    record = _seed_record(name, profile)
+    recorded = None if record is None else record.get("replay")
     if recorded is None or recorded["payload"]["seed"] != seed:
         return None
+    file = _record_file(name, profile)
     want, got = recorded["payload"]["check"], check()
-    pairs = list(zip(want["train_loss"] + want["val_loss"], got["train_loss"] + got["val_loss"]))
-    if (got["steps"] != want["steps"] or len(pairs) != len(want["train_loss"] + want["val_loss"])
-            or any(abs(g / w - 1) > CHECK_REL for w, g in pairs)):
+    same_shape = (got["steps"] == want["steps"]
+                  and len(got["train_loss"]) == len(want["train_loss"])
+                  and len(got["val_loss"]) == len(want["val_loss"]))
+    rel = [abs(g / w - 1) for w, g in zip(want["train_loss"] + want["val_loss"],
+                                          got["train_loss"] + got["val_loss"])]
+    if not same_shape or max(rel) > CHECK_REL:
         raise AssertionError(
-            f"{path.name} is stale: the first {want['steps']} steps of seed {seed} give losses "
+            f"{file} is stale: the first {want['steps']} steps of seed {seed} give losses "
             f"{got['train_loss']} / validation {got['val_loss']} here, the record "
             f"{want['train_loss']} / {want['val_loss']}; rerun `{record['command']}`")
     payload = dict(recorded["payload"])
-    payload["replayed"] = {"record": f"data/{SEED_RECORDS}/{path.name}",
+    payload["replayed"] = {"record": f"data/{SEED_RECORDS}/{file}",
                            "command": record["command"], "checked_steps": got["steps"],
-                           "max_rel_difference": max(abs(g / w - 1) for w, g in pairs)}
+                           "max_rel_difference": max(rel)}
     return _finish(payload, results_dir)
 
 
@@ -473,7 +478,8 @@ def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
 
 
 def run_gqa_vs_mha(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-                   seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
+                   seed: int = 0, quiet: bool = False, live: bool = False,
+                   fingerprint: bool = False) -> dict[str, Any]:
     """Multi-head (K = N) vs grouped-query attention (K = N/2) at equal parameter count: the
     key/value weights GQA saves go into a wider feed-forward block."""
     profile = profile or get_profile()
@@ -485,11 +491,12 @@ def run_gqa_vs_mha(profile: str | None = None, *, results_dir: str | os.PathLike
     extra_ffn = round(2 * (heads - heads // 2) * d * h / (3 * d))
     gqa = small_config(d, layers, heads=heads, kv_heads=heads // 2, ffn_dim=4 * d + extra_ffn)
     return _ablation("gqa-vs-mha", {"MHA": mha, "GQA": gqa}, "gqa_vs_mha_avg", "GQA",
-                     profile, results_dir, seed, quiet, live)
+                     profile, results_dir, seed, quiet, live, fingerprint)
 
 
 def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLike | None = None,
-                     seed: int = 0, quiet: bool = False, live: bool = False) -> dict[str, Any]:
+                     seed: int = 0, quiet: bool = False, live: bool = False,
+                     fingerprint: bool = False) -> dict[str, Any]:
     """A wide-shallow vs a narrow-deep model with the same non-embedding parameters
     (15 D^2 per layer with F = 4D, N = 4, K = 2: L D^2 is kept equal). The wide model's
     embedding table is larger (V x D), an advantage at this tiny scale where the embedding is a
@@ -498,7 +505,8 @@ def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLi
     (dw, lw), (dd, ld) = _pick(profile, smoke=((32, 1), (16, 4)), ci=((192, 2), (96, 8)),
                                colab=((384, 2), (192, 8)), full=((768, 4), (384, 16)))
     return _ablation("deep-vs-wide", {"wide": small_config(dw, lw), "deep": small_config(dd, ld)},
-                     "deep_vs_wide_avg", "deep", profile, results_dir, seed, quiet, live)
+                     "deep_vs_wide_avg", "deep", profile, results_dir, seed, quiet, live,
+                     fingerprint)
 
 
 # ----------------------------------------------------------------------------- train-tiny
@@ -639,10 +647,11 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
     t0 = time.perf_counter()
     per_seed: dict[int, dict[str, float]] = {}
     first: dict[str, Any] = {}
-    live = {} if name == "distillation" else {"live": True}     # never replay a record here
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            payload = EXPERIMENTS[name](profile, seed=seed, quiet=quiet, results_dir=tmp, **live)
+            # Never replay a record here; fingerprint the first seed, for the chapters' replay.
+            kw = {} if name == "distillation" else {"live": True, "fingerprint": not first}
+            payload = EXPERIMENTS[name](profile, seed=seed, quiet=quiet, results_dir=tmp, **kw)
             per_seed[seed] = final_numbers(payload)
             first = first or payload
     labels = list(per_seed[seeds[0]])
@@ -664,8 +673,23 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
         record["replay"] = {"payload": {k: v for k, v in first.items() if k != "figure"}}
     target = Path(out) if out is not None else Path(data_path(SEED_RECORDS))
     target.mkdir(parents=True, exist_ok=True)
-    (target / f"{name}-{profile}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (target / _record_file(name, profile)).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _record_file(name: str, profile: str) -> str:
+    return f"{name}-{profile}.json"
+
+
+def _seed_record(name: str, profile: str) -> dict[str, Any] | None:
+    """``data/ablations/<name>-<profile>.json``, or None when there is none or the loops are
+    capped (a record is of full runs)."""
+    from .profile import loop_cap
+
+    path = Path(data_path(SEED_RECORDS)) / _record_file(name, profile)
+    if loop_cap() is not None or not path.exists():
+        return None
+    return json.loads(path.read_text())
 
 
 def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] | None:
@@ -677,12 +701,9 @@ def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] |
     the same seed within ``rel`` (float rounding differs between CPUs; a different code or
     data would not stay within it).
     """
-    from .profile import loop_cap
-
-    path = Path(data_path(SEED_RECORDS)) / f"{payload['experiment']}-{payload['profile']}.json"
-    if loop_cap() is not None or not path.exists():
+    record = _seed_record(payload["experiment"], payload["profile"])
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     mine = final_numbers(payload)
     recorded = record["per_seed"].get(str(payload["seed"]))
     matches = recorded is not None and all(
