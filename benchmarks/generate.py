@@ -11,7 +11,9 @@ Prints three tables:
     KV cache), on the same weights (written with ``save_hf``, read with ``from_pretrained``),
     greedy, same prompt, same number of new tokens. Repetitions are interleaved so that load
     from other processes hits every contestant alike; medians are reported. Decode speed
-    excludes the prompt: (N - 1) / (time(N new tokens) - time(1 new token)).
+    excludes the prompt: (N - 1) / (time(N new tokens) - time(1 new token)). Then the bytes
+    XLA copies inside the decode loop on every step, read from the compiled program, with
+    plain parameters and with the sampler's decode layout (``sampler._DECODE_LAYOUT``).
 (b) time per decoded token at several context lengths for a model with a small window W:
     a local layer's attention reads its W-slot ring buffer whatever the context, a global
     layer's reads every cached position, so only the global share grows.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -42,8 +45,9 @@ from gemma2_lite.attention import Attention, LayerCache, attention_mask, cached_
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.memory import kv_cache_bytes
 from gemma2_lite.rope import rope_table
-from gemma2_lite.sampler import (DecodeState, PromptCache, SamplingSettings, _advance, generate,
-                                 pad_prompts, prefill)
+from gemma2_lite.sampler import (DecodeState, PromptCache, SamplingSettings, _advance,
+                                 _decode_layout_jit, _decode_model, generate, pad_prompts,
+                                 prefill)
 
 # ~20M parameters: V matches the book's tokenizer.
 BENCH_CONFIG = dict(vocab_size=4096, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
@@ -195,18 +199,60 @@ def _synthetic_cache(cache: list[LayerCache], context: int, seed: int) -> list[L
 
 
 def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
-                 settings: SamplingSettings) -> DecodeState:
-    model = nnx.merge(graphdef, params)
-    return jax.lax.while_loop(lambda s: s.step < settings.max_new_tokens,
-                              lambda s: _advance(model, s, settings), state)
+                 settings: SamplingSettings, laid: bool = True) -> DecodeState:
+    """The sampler's decode loop without its early stop (the sampler's own program donates the
+    cache, so it cannot be timed over and over on one). ``laid``: ``params`` are in the
+    sampler's decode layout, as :func:`generate` passes them; ``False``: plain parameters."""
+    def step(s: DecodeState) -> DecodeState:
+        model = _decode_model(graphdef, params) if laid else nnx.merge(graphdef, params)
+        return _advance(model, s, settings)
+    return jax.lax.while_loop(lambda s: s.step < settings.max_new_tokens, step, state)
 
 
-_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef",))
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "laid"))
+
+
+def loop_copies(hlo: str) -> tuple[int, int]:
+    """Copies (and transposes) that XLA placed inside the while-loop bodies of a compiled
+    program's text, and the bytes they write: work repeated on every decode step."""
+    bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+    count = size = 0
+    for block in hlo.split("\n\n"):
+        head = re.match(r"\s*(?:ENTRY )?%([\w.\-]+) ", block)
+        if not head or head.group(1) not in bodies:
+            continue
+        for name, dtype, dims in re.findall(
+                r"\n\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", block):
+            if "copy" in name or "transpose" in name:
+                count += 1
+                bits = int(re.sub(r"\D", "", dtype) or 8)          # f32 -> 32, pred -> 8
+                size += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+    return count, size
+
+
+def report_loop_copies(config: Any) -> None:
+    """How many bytes the decode loop copies per token, with plain parameters and with the
+    sampler's decode layout (the compiled programs' text, no timing)."""
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    settings = SamplingSettings.make(0.0, None, None, (), 8)
+    state = DecodeState(out=jnp.zeros((1, 8), jnp.int32), last=jnp.full((1,), 7, jnp.int32),
+                        positions=jnp.full((1,), 64, jnp.int32), done=jnp.zeros((1,), bool),
+                        step=jnp.zeros((), jnp.int32), key=jax.random.key(0),
+                        cache=_synthetic_cache(model.init_cache(1, 256), 64, seed=0))
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    for laid in (False, True):
+        p = _decode_layout_jit(params) if laid else params
+        hlo = _decode_loop_jit.lower(graphdef, p, state, settings, laid=laid).compile().as_text()
+        n, size = loop_copies(hlo)
+        print(f"decode loop, {'decode layout' if laid else 'plain parameters'}: {n} copies per "
+              f"step writing {size / 2**20:.2f} MiB (the weights are {weights / 2**20:.1f} MiB)")
 
 
 def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> float:
     model = Gemma2(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
+    params = _decode_layout_jit(params)         # as generate() hands them to its decode loop
     settings = SamplingSettings.make(0.0, None, None, (), steps)
     w = config.sliding_window
     print(f"\n(b) time per decoded token vs context, {config.name}, W={w}, batch 1, best of "
@@ -396,12 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = get_config("tiny", **{**BENCH_CONFIG, "d_model": 96, "num_layers": 4,
                                     "ffn_dim": 256, "name": "bench-quick"})
         decode = bench_vs_hf(cfg, prompt_len=16, new_tokens=16, reps=2)
+        report_loop_copies(cfg)
         local = bench_context(cfg, [64, 512], steps=8, reps=2)
         pre = bench_prefill(cfg, batch=2, seq=128, reps=2)
         chat = bench_chat(cfg, turns=4, user_len=12, reply_len=8, reps=1, cache_size=256)
     else:
         cfg = get_config("tiny", **BENCH_CONFIG)
         decode = bench_vs_hf(cfg, prompt_len=32, new_tokens=64, reps=5)
+        report_loop_copies(cfg)
         local = bench_context(cfg, [64, 512, 2048, 8000], steps=32, reps=5)
         pre = bench_prefill(cfg, batch=4, seq=512, reps=5)
         chat = bench_chat(cfg, turns=10, user_len=24, reply_len=32, reps=3, cache_size=1024)

@@ -15,7 +15,8 @@ Nothing is done twice: the prompt attends within itself and is copied into the e
 each new token is written into its slot first (one ``dynamic_update_slice``, the same slot for
 every row) and then attends to the cache in place; only the last position's logits are computed
 after the prompt; top-k and top-p look at a ``lax.top_k`` shortlist, not a sort of the whole
-vocabulary. :class:`PromptCache` keeps a conversation's cache between calls, so a chat's next
+vocabulary; the attention weights enter the decode loop already in the layout its products
+read (:data:`_DECODE_LAYOUT`), so they are not copied again for every token. :class:`PromptCache` keeps a conversation's cache between calls, so a chat's next
 turn prefills only its own tokens.
 
 Batches mix prompt lengths by *left* padding them to a common length (positions
@@ -386,24 +387,63 @@ def _continue_jit(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
                   out_len)
 
 
+# The decode steps read the attention weights in the layout their products want.
+# A matmul reads its weight as a matrix (contracted axis, kept axes). q, k and v are stored
+# (N, D, H), as in the official checkpoints: the contracted D sits between N and H, so before
+# every product XLA copies the weight into (D, N, H). On a CPU that copy sits inside the decode
+# loop, and it costs one write and one read of every attention weight per token, which is
+# about a third of the bytes a step moves. So the weights are put in (D, N, H) once per
+# request; inside the loop each is transposed back, and XLA folds that transpose into the
+# product's dimension numbers, with no copy. The same holds for o, (N, H, D): XLA:CPU reads it
+# as (H, N, D), which was seen in the compiled program. The numbers do not change, since the
+# same products are computed. ``benchmarks/generate.py`` prints how many weight copies are
+# left in the loop.
+_DECODE_LAYOUT = {"q": (1, 0, 2), "k": (1, 0, 2), "v": (1, 0, 2), "o": (1, 0, 2)}
+
+
+def _relayout(params: nnx.State, inverse: bool = False) -> nnx.State:
+    """The attention weights of ``params`` permuted to the decode layout (``inverse``: back)."""
+    def move(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        perm = _DECODE_LAYOUT.get(names[-2]) if len(names) >= 3 and names[-3] == "attn" else None
+        if perm is None or x.ndim != len(perm):
+            return x
+        return jnp.transpose(x, tuple(np.argsort(perm)) if inverse else perm)
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
+_decode_layout_jit = jax.jit(_relayout)
+
+
+def _decode_model(graphdef: nnx.GraphDef, laid: nnx.State) -> Gemma2:
+    """The model, from parameters in the decode layout. The optimization barrier keeps XLA from
+    moving the transposes back out of the loop body, where they would cancel the ones made
+    before the loop and the copies would return."""
+    return nnx.merge(graphdef, _relayout(jax.lax.optimization_barrier(laid), inverse=True))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _advance_jit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+def _advance_jit(graphdef: nnx.GraphDef, laid: nnx.State, state: DecodeState,
                  settings: SamplingSettings) -> DecodeState:
-    """One decode step (the streaming path calls this once per token)."""
-    return _advance(nnx.merge(graphdef, params), state, settings)
+    """One decode step (the streaming path calls this once per token); ``laid``: the
+    parameters in the decode layout (:func:`_relayout`)."""
+    return _advance(_decode_model(graphdef, laid), state, settings)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _finish_jit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+def _finish_jit(graphdef: nnx.GraphDef, laid: nnx.State, state: DecodeState,
                 settings: SamplingSettings) -> DecodeState:
     """Every remaining decode step in one program: a ``while_loop`` that also stops as soon as
-    every row has finished. The host does not wait on the device between tokens."""
-    model = nnx.merge(graphdef, params)
+    every row has finished. The host does not wait on the device between tokens. ``laid``:
+    the parameters in the decode layout (:func:`_relayout`)."""
 
     def keep_going(s: DecodeState) -> jax.Array:
         return (s.step < settings.max_new_tokens) & ~jnp.all(s.done)
 
-    return jax.lax.while_loop(keep_going, lambda s: _advance(model, s, settings), state)
+    def step(s: DecodeState) -> DecodeState:
+        return _advance(_decode_model(graphdef, laid), s, settings)
+
+    return jax.lax.while_loop(keep_going, step, state)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -508,12 +548,14 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
             callback: Callable[[int, np.ndarray], Any] | None) -> DecodeState:
     """Every decode step after the first token: one while-loop program, or (streaming) one
     jitted step per token with the callback in between."""
+    # The first token came with the prefill: with one token there is no decode step to lay out.
+    laid = _decode_layout_jit(params) if max_new_tokens > 1 else None
     if callback is None:
-        return _finish_jit(graphdef, params, state, settings)
+        return state if laid is None else _finish_jit(graphdef, laid, state, settings)
     was_done = np.zeros(state.out.shape[0], bool)
     for step in range(max_new_tokens):
         if step:
-            state = _advance_jit(graphdef, params, state, settings)
+            state = _advance_jit(graphdef, laid, state, settings)
         new = np.asarray(state.out[:, step])
         _raise_bad_logits(np.where(was_done, PAD_ID, new), f"generate, step {step}")
         callback(step, np.where(was_done, -1, new).astype(np.int32))

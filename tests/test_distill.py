@@ -16,6 +16,7 @@ from gemma2_lite import Gemma2, get_config
 from gemma2_lite.distill import (compute_teacher_topk, cross_entropy_loss, distillation_loss,
                                  kl_divergence, load_teacher_topk, masked_mean, mixed_loss,
                                  save_teacher_topk, topk_bytes_per_token, topk_distillation_loss)
+from gemma2_lite.losses import token_nll
 
 B, T, V = 3, 5, 13
 
@@ -55,6 +56,32 @@ def test_hard_label_cross_entropy_by_hand() -> None:
             row = [float(v) for v in logits[b, t]]
             ref -= math.log(_softmax(row)[int(targets[b, t])])
     assert float(cross_entropy_loss(logits, targets)) == pytest.approx(ref / (B * T), rel=1e-5)
+
+
+def test_token_nll_hand_written_gradient_equals_autodiff() -> None:
+    """losses.token_nll carries a hand-written backward pass (softmax - onehot); it must equal
+    jax.grad of the plain formula -log_softmax(z)[target], weighted per position."""
+    logits = _logits(20, scale=4.0)
+    targets = jnp.asarray(np.random.default_rng(21).integers(0, V, (B, T)), jnp.int32)
+    weights = jnp.asarray(np.random.default_rng(22).uniform(0, 2, (B, T)), jnp.float32)
+
+    def plain(z: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(z, axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    ours = jax.jit(jax.grad(lambda z: jnp.sum(token_nll(z, targets) * weights)))(logits)
+    ref = jax.grad(lambda z: jnp.sum(plain(z) * weights))(logits)
+    assert float(jnp.max(jnp.abs(ours - ref))) < 1e-5 * float(jnp.max(jnp.abs(ref)))
+    np.testing.assert_allclose(np.asarray(token_nll(logits, targets)),
+                               np.asarray(plain(logits)), rtol=1e-5, atol=1e-6)
+    # each row's gradient sums to 0 (softmax sums to 1, the one-hot to 1)
+    assert float(jnp.max(jnp.abs(jnp.sum(ours, -1)))) < 1e-5
+    # a bfloat16 input gets a bfloat16 gradient
+    g16 = jax.grad(lambda z: jnp.sum(token_nll(z, targets)))(logits.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32),
+                               np.asarray(jax.grad(lambda z: jnp.sum(plain(z)))(logits)),
+                               atol=2e-2)
 
 
 def test_topk_with_k_equal_v_equals_full_loss() -> None:

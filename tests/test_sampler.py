@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import LayerCache
-from gemma2_lite.sampler import (PAD_ID, check_prompts, decode_step, generate, pad_prompts,
-                                 prefill, sample_logits)
+from gemma2_lite.sampler import (PAD_ID, _decode_layout_jit, _relayout, check_prompts,
+                                 decode_step, generate, pad_prompts, prefill, sample_logits)
 
 from random_models import random_model
 
@@ -151,6 +151,29 @@ def test_streaming_path_equals_fused_path(model: Gemma2, greedy: list[list[int]]
     assert out == greedy
     assert [s for s, _ in seen] == list(range(NEW))
     assert [[toks[r] for _, toks in seen] for r in range(3)] == greedy
+
+
+def test_decode_layout_moves_only_attention_weights_and_round_trips(model: Gemma2) -> None:
+    """The decode loop reads q, k, v as (D, N, H) and o as (H, N, D) (sampler._DECODE_LAYOUT);
+    every other parameter is handed over untouched, and the inverse restores the model."""
+    _, params = nnx.split(model)
+    laid = _decode_layout_jit(params)
+    back = _relayout(laid, inverse=True)
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    moved = set()
+    for path, x in jax.tree_util.tree_leaves_with_path(laid):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if names[-3] == "attn":
+            moved.add(names[-2])
+            assert x.shape == tuple(flat[path].shape[i] for i in (1, 0, 2))
+        else:
+            assert x is flat[path] or np.array_equal(x, flat[path])
+    assert moved == {"q", "k", "v", "o"}
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    d, n, h = CONFIG.d_model, CONFIG.num_heads, CONFIG.head_dim
+    assert laid["layers"][0]["attn"]["q"][...].shape == (d, n, h)
+    assert laid["layers"][0]["attn"]["o"][...].shape == (h, n, d)
 
 
 # ----------------------------------------------------------------------------- sampling
