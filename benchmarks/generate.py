@@ -394,8 +394,12 @@ def bench_chat(config: Any, turns: int, user_len: int, reply_len: int, reps: int
             enumerate(zip(kept, redo))]
     print(_table(["turn", "cache kept ms", "whole history re-prefilled ms"], rows))
     ratio = kept[-1] / kept[0]
+    # One turn against another is at the mercy of a single timing; the least-squares slope
+    # over all turns says whether latency grows with the conversation.
+    slope = lambda ys: float(np.polyfit(np.arange(1, turns + 1), np.asarray(ys) * 1e3, 1)[0])
     print(f"turn {turns} / turn 1 latency: {ratio:.2f} with the cache kept, "
-          f"{redo[-1] / redo[0]:.2f} re-prefilling")
+          f"{redo[-1] / redo[0]:.2f} re-prefilling; least-squares growth "
+          f"{slope(kept):+.1f} ms per turn with the cache kept, {slope(redo):+.1f} re-prefilling")
     return ratio
 
 
