@@ -198,6 +198,16 @@ def _synthetic_cache(cache: list[LayerCache], context: int, seed: int) -> list[L
     return out
 
 
+def _synthetic_state(model: Gemma2, context: int, steps: int, size: int,
+                     seed: int = 0) -> DecodeState:
+    """Batch 1, greedy, ``steps`` tokens to decode after ``context`` synthetic positions in a
+    cache of ``size`` columns (timing and compiled-program inspection only)."""
+    return DecodeState(out=jnp.zeros((1, steps), jnp.int32), last=jnp.full((1,), 7, jnp.int32),
+                       positions=jnp.full((1,), context, jnp.int32), done=jnp.zeros((1,), bool),
+                       step=jnp.zeros((), jnp.int32), key=jax.random.key(0),
+                       cache=_synthetic_cache(model.init_cache(1, size), context, seed=seed))
+
+
 def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
                  settings: SamplingSettings, laid: bool = True) -> DecodeState:
     """The sampler's decode loop without its early stop (the sampler's own program donates the
@@ -236,10 +246,7 @@ def report_loop_copies(config: Any) -> None:
     model = Gemma2(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     settings = SamplingSettings.make(0.0, None, None, (), 8)
-    state = DecodeState(out=jnp.zeros((1, 8), jnp.int32), last=jnp.full((1,), 7, jnp.int32),
-                        positions=jnp.full((1,), 64, jnp.int32), done=jnp.zeros((1,), bool),
-                        step=jnp.zeros((), jnp.int32), key=jax.random.key(0),
-                        cache=_synthetic_cache(model.init_cache(1, 256), 64, seed=0))
+    state = _synthetic_state(model, context=64, steps=8, size=256)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     for laid in (False, True):
         p = _decode_layout_jit(params) if laid else params
@@ -264,10 +271,7 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> fl
 
     rows = []
     for c in contexts:
-        cache = _synthetic_cache(model.init_cache(1, c + steps), c, seed=c)
-        state = DecodeState(out=jnp.zeros((1, steps), jnp.int32), last=jnp.full((1,), 7, jnp.int32),
-                            positions=jnp.full((1,), c, jnp.int32), done=jnp.zeros((1,), bool),
-                            step=jnp.zeros((), jnp.int32), key=jax.random.key(0), cache=cache)
+        state = _synthetic_state(model, context=c, steps=steps, size=c + steps, seed=c)
         run = lambda: jax.block_until_ready(_decode_loop_jit(graphdef, params, state, settings))
         run()
         t_model = min(_timed(run) for _ in range(reps)) / steps
@@ -277,7 +281,7 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> fl
             lc = _synthetic_cache([LayerCache.empty(1, size, config.num_kv_heads, config.head_dim)],
                                   c, seed=1)[0]
             per_kind[kind] = _time_attention(layer, lc, c, 8 * steps, reps, config.d_model)
-        slots = [cl.size for cl in cache]
+        slots = [cl.size for cl in state.cache]
         rows.append([str(c), f"{t_model * 1e3:.2f}", f"{per_kind['local'] * 1e6:.0f}",
                      f"{per_kind['global'] * 1e6:.0f}", f"{min(slots)} / {max(slots)}"])
     print(_table(["context", "model ms/token", "local attn µs/token", "global attn µs/token",

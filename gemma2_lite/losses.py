@@ -66,7 +66,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     differentiation gives the same numbers but keeps the (B, T, V) exponentials from the forward
     pass and scatters the -1 into a copy; the hand-written rule recomputes exp(z - lse) in one
     fused pass over the logits, which made the tiny preset's whole training step about 8%
-    faster on a CPU (``benchmarks/train_step.py``). ``tests/test_losses.py`` checks it against
+    faster on a CPU (``benchmarks/train_step.py``). ``tests/test_distill.py`` checks it against
     ``jax.grad`` of the plain formula.
     """
     return _token_nll_fwd(logits, targets)[0]

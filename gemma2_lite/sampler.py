@@ -16,8 +16,9 @@ each new token is written into its slot first (one ``dynamic_update_slice``, the
 every row) and then attends to the cache in place; only the last position's logits are computed
 after the prompt; top-k and top-p look at a ``lax.top_k`` shortlist, not a sort of the whole
 vocabulary; the attention weights enter the decode loop already in the layout its products
-read (:data:`_DECODE_LAYOUT`), so they are not copied again for every token. :class:`PromptCache` keeps a conversation's cache between calls, so a chat's next
-turn prefills only its own tokens.
+read (:data:`_DECODE_LAYOUT`), so they are not copied again for every token.
+:class:`PromptCache` keeps a conversation's cache between calls, so a chat's next turn
+prefills only its own tokens.
 
 Batches mix prompt lengths by *left* padding them to a common length (positions
 ``cumsum(mask) - 1``), so the last column is every row's last prompt token and all rows then
