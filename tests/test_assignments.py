@@ -209,6 +209,14 @@ def test_a_wrong_answer_edit_must_match_once() -> None:
 
 
 # ----------------------------------------------------------------------------- builds
+def _strings(tree) -> list[str]:
+    """Every string in a JSON tree (a notebook's sources, outputs and metadata)."""
+    if isinstance(tree, str):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [s for item in items for s in _strings(item)]
+
+
 def _build(tmp_path: Path, which: str) -> Path:
     out = tmp_path / which
     flag = ["--instructor"] if which == "instructor" else []
@@ -229,11 +237,14 @@ def test_student_build_has_starters_and_no_solutions(tmp_path: Path) -> None:
                          if p.is_file())
         assert shipped == sorted([f"{name}.ipynb", f"test_a{n}_public.py", "conftest.py",
                                   "rubric.md"]), f"{name}: the student gets {shipped}"
-        text = (folder / f"{name}.ipynb").read_text(encoding="utf-8")
+        starter = json.loads((folder / f"{name}.ipynb").read_text(encoding="utf-8"))
+        text = "\n".join(_strings(starter))         # every source and metadata string
         for ident, solution in grading.solution_sources(_suite(name)[3]).items():
-            body = solution.split("\n", 1)[1].strip()     # past the '# YOUR ANSWER' line
-            assert json.dumps(body)[1:-1] not in text, f"{name}: {ident}'s solution shipped"
-        starter = json.loads(text)
+            stub = next(c["metadata"]["assignment"]["stub"] for c in _cells(_suite(name)[3])
+                        if grading.answer_id(c) == ident)
+            lines = {l.strip() for l in solution.splitlines() if len(l.strip()) > 24}
+            leaked = [l for l in lines - {l.strip() for l in stub.splitlines()} if l in text]
+            assert not leaked, f"{name}: {ident}'s solution shipped: {leaked[:2]}"
         assert not any("solution" in c["metadata"].get("tags", []) for c in starter["cells"])
     assert not list(out.rglob("instructor")) and not list(out.rglob("wrong_answers.py"))
     assert not list(out.rglob("test_*_hidden.py"))
