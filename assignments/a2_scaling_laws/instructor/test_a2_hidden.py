@@ -5,7 +5,7 @@
 
 Harder data for the same functions: noise and one diverged run (what the Huber loss is for), at
 Chinchilla's scale and the book's; the compute-optimal point against a brute-force search; the
-bootstrap's coverage, width and level. Every data set has 20 runs (a 5 x 4 grid), so a fit
+bootstrap's median, width and level. Every data set has 20 runs (a 5 x 4 grid), so a fit
 compiled for one shape serves them all. ``wrong_answers.py`` lists the wrong answers each one
 rejects (tests/test_assignments.py checks that it does).
 """
@@ -54,15 +54,16 @@ def test_compute_optimal_minimises_the_loss(impl) -> None:
 
 
 def test_bootstrap_interval_covers_and_has_the_level(impl) -> None:
-    """A2-3: 2% noise: the 90% interval covers the true value and has width; the 50% interval
-    from the same resamples lies inside it."""
+    """A2-3: 2% noise: the 90% interval has width and its median is within 3% of the true
+    value; the 50% interval from the same resamples lies inside it. (Whether one interval covers
+    the truth is itself random, so it is not asserted.)"""
     n, d, loss = grid(CHINCHILLA, (1e6, 1e8), (1e8, 1e10), noise=0.02, seed=3)
     truth = float(law(CHINCHILLA, 3e8, 1e10))
     wide = [float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10,
                                                       level=0.9, seed=5)]
     narrow = [float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10,
                                                         level=0.5, seed=5)]
-    assert wide[0] <= truth <= wide[2], f"90% interval {wide} misses the true {truth:.4f}"
+    assert abs(wide[1] / truth - 1) < 0.03, f"median {wide[1]:.4f}, true value {truth:.4f}"
     assert wide[2] - wide[0] > 1e-3 * truth, f"the interval {wide} has no width"
     assert wide[0] <= narrow[0] <= narrow[2] <= wide[2], \
         f"the 50% interval {narrow} is not inside the 90% one {wide}"
