@@ -9,14 +9,17 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book browser venv bench clean help colab-check student
+.PHONY: test book browser venv bench clean help colab-check student instructor
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
 	@echo "make book   - set up .venv, execute every notebook and build the HTML book in _build/html"
 	@echo "make bench  - run the speed/memory benchmarks (prints ratios)"
 	@echo "make colab-check - execute every chapter at the colab profile on this CPU, loops capped"
-	@echo "make student - write the chapters without the exercise solutions into _build/student"
+	@echo "make student - what students get, in _build/student: the chapters with exercise stubs,"
+	@echo "               each assignment's starter, public tests and rubric (no solutions)"
+	@echo "make instructor - what instructors get, in _build/instructor: chapters, assignments with"
+	@echo "               reference solutions, hidden tests and wrong answers, the course pages"
 
 venv: $(STAMP)
 
@@ -76,9 +79,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/real_size.py
 
-# The chapters with each exercise's solution replaced by its stub (standard library only).
+# What students get: the chapters with each exercise's solution replaced by its stub, and per
+# assignment (assignments/) the starter notebook, public tests, conftest.py and rubric; never a
+# reference solution, hidden test or wrong answer (tests/test_assignments.py checks both
+# builds). Standard library only.
 student:
 	$(PYTHON) tools/student_copy.py _build/student
+
+# What instructors get: everything, solutions and hidden tests included, and the course pages.
+instructor:
+	$(PYTHON) tools/student_copy.py --instructor _build/instructor
 
 clean:
 	rm -rf _build .pytest_cache
