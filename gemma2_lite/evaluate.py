@@ -209,43 +209,45 @@ def few_shot(items: Sequence[Mapping[str, Any]], shots: Sequence[Mapping[str, An
 # ----------------------------------------------------------------------------- exact match
 def extract_number(text: str) -> str | None:
     """The answer extractor for arithmetic: the first integer (an optional ``-`` and digits)
-    in ``text`` before its first newline, as a string without leading zeros; None if none."""
-    found = re.search(r"-?\d+", text.split("\n", 1)[0])
+    in ``text``, as a string without leading zeros; None if there is none."""
+    found = re.search(r"-?\d+", text)
     return None if found is None else str(int(found.group()))
 
 
 def extract_line(text: str) -> str:
-    """The answer extractor for a one-line answer: ``text`` up to its first newline, with
-    surrounding spaces and one trailing ``.``, ``,``, ``;`` or ``:`` removed."""
-    line = text.split("\n", 1)[0].strip()
+    """The answer extractor for a one-line answer: ``text`` with surrounding spaces and one
+    trailing ``.``, ``,``, ``;`` or ``:`` removed."""
+    line = text.strip()
     return line[:-1].rstrip() if line[-1:] in (".", ",", ";", ":") else line
 
 
 def exact_match(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], *,
                 extract: Callable[[str], str | None] = extract_number,
-                max_new_tokens: int = 8, batch_size: int = 64,
+                stop: Sequence[str] = ("\n",), max_new_tokens: int = 8, batch_size: int = 64,
                 generate_fn: Callable[..., list[list[int]]] | None = None) -> dict[str, Any]:
     """Greedy generation after each ``{"prompt", "answer"}`` item; right when
     ``extract(generated text) == extract(answer)``.
 
-    Prompts are ``<bos>`` + ``encode(prompt)``; decoding is greedy and stops at a newline
-    (:func:`gemma2_lite.sampler.generate` unless ``generate_fn`` is given). Returns
-    ``{"accuracy", "n", "interval", "outputs", "predictions"}`` (the raw texts and what the
-    extractor made of them).
+    Prompts are ``<bos>`` + ``encode(prompt)``; decoding is greedy
+    (:func:`gemma2_lite.sampler.generate` unless ``generate_fn`` is given) and stops at any
+    ``stop`` string that is one token (a newline; ``"<end_of_turn>"`` for a chat prompt); the
+    text is cut before the first ``stop`` string in it. Returns ``{"accuracy", "n",
+    "interval", "outputs", "predictions"}`` (the cut texts and what the extractor made of them).
     """
     if len(items) == 0:
         raise ValueError("items is empty: give at least one {'prompt', 'answer'}")
     if generate_fn is None:
         from .sampler import generate as generate_fn
-    newline = tokenizer.encode("\n")
-    stops = newline if len(newline) == 1 else []
+    stop_ids = [ids[0] for ids in map(tokenizer.encode, stop) if len(ids) == 1]
     outputs: list[str] = []
     for first in range(0, len(items), batch_size):
         chunk = items[first:first + batch_size]
         prompts = [[tokenizer.bos_id] + tokenizer.encode(item["prompt"]) for item in chunk]
         new = generate_fn(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                          stop_tokens=stops)
-        outputs += [tokenizer.decode(ids) for ids in new]
+                          stop_tokens=stop_ids)
+        for ids in new:
+            text = tokenizer.decode(ids)
+            outputs.append(min((text.split(s, 1)[0] for s in stop), key=len, default=text))
     predictions = [extract(text) for text in outputs]
     right = sum(p is not None and p == extract(str(item["answer"]))
                 for p, item in zip(predictions, items))
@@ -408,7 +410,8 @@ def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8
     flags, found, total, short = [], 0, 0, 0
     for text in texts:
         grams = np.array([hash(g) for g in word_ngrams(text, n)], np.int64)
-        hits = np.isin(grams, index)
+        at = np.minimum(np.searchsorted(index, grams), max(len(index) - 1, 0))  # sorted
+        hits = index[at] == grams if len(index) else np.zeros(len(grams), bool)
         flags.append(bool(hits.any()))
         found, total, short = found + int(hits.sum()), total + len(grams), short + (not len(grams))
     return {"n": n, "items": len(texts), "contaminated": sum(flags),
@@ -472,23 +475,25 @@ def format_robustness(model: Any, tokenizer: Any, items: Sequence[Mapping[str, A
 # ----------------------------------------------------------------------------- variants
 def score_variants(variants: Mapping[str, Any], tokenizer: Any,
                    sets: Mapping[str, Sequence[Mapping[str, Any]]], *,
-                   normalize: str = "length", batch_size: int = 32,
+                   normalize: str | Mapping[str, str] = "length", batch_size: int = 32,
                    max_new_tokens: int = 8) -> dict[str, dict[str, dict[str, Any]]]:
     """Score every model variant on every set: ``{variant: {set: result}}``.
 
     A set of ``{"context", "options", "answer"}`` items is scored by :func:`multiple_choice`
-    (with ``normalize``), one of ``{"prompt", "answer"}`` items by :func:`exact_match` (with
-    :func:`extract_number`). Any model that maps tokens (B, T) to logits (B, T, V) and shares
-    ``tokenizer`` fits: the book's base and SFT models, and the post-training chapters'.
+    with ``normalize`` (one convention, or one per set name), a set of ``{"prompt",
+    "answer"}`` items by :func:`exact_match` with :func:`extract_number`. Any model that maps
+    tokens (B, T) to logits (B, T, V) and shares ``tokenizer`` fits: the book's base and SFT
+    models, and the post-training chapters' models.
     """
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for name, model in variants.items():
         table[name] = {}
         for set_name, items in sets.items():
             if items and "options" in items[0]:
-                result = multiple_choice(model, tokenizer, items, normalize,
-                                         batch_size=batch_size)
+                norm = normalize if isinstance(normalize, str) else normalize[set_name]
+                result = multiple_choice(model, tokenizer, items, norm, batch_size=batch_size)
             else:
-                result = exact_match(model, tokenizer, items, max_new_tokens=max_new_tokens)
+                result = exact_match(model, tokenizer, items, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
             table[name][set_name] = result
     return table

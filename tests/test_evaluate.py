@@ -156,18 +156,18 @@ def test_few_shot_prompt_building() -> None:
 
 
 def test_answer_extractors() -> None:
-    assert ev.extract_number(" 46\n12") == "46"
+    assert ev.extract_number(" 46 12") == "46"
     assert ev.extract_number(" forty-six, or 046.") == "46"
     assert ev.extract_number("-7 apples") == "-7"
-    assert ev.extract_number("\n46") is None and ev.extract_number(" none") is None
-    assert ev.extract_line("  Romeo.\nJuliet") == "Romeo"
+    assert ev.extract_number(" none") is None
+    assert ev.extract_line("  Romeo. ") == "Romeo" and ev.extract_line("Romeo..") == "Romeo."
     assert ev.extract_line("") == ""
 
 
 def test_exact_match_with_a_stub_generator_and_with_the_sampler() -> None:
     items = [{"prompt": "1 + 1 =", "answer": "2"}, {"prompt": "2 + 2 =", "answer": "4"},
              {"prompt": "3 + 3 =", "answer": "6"}]
-    said = {"1 + 1 =": " 2\n", "2 + 2 =": " 04 apples\n", "3 + 3 =": " five\n"}
+    said = {"1 + 1 =": " 2\n3", "2 + 2 =": " 04 apples\n", "3 + 3 =": " five\n6"}
     seen = {}
 
     def fake(model, prompts, *, max_new_tokens, temperature, stop_tokens):
@@ -176,6 +176,7 @@ def test_exact_match_with_a_stub_generator_and_with_the_sampler() -> None:
 
     got = ev.exact_match(None, TOK, items, generate_fn=fake, batch_size=2)
     assert got["predictions"] == ["2", "4", None] and got["accuracy"] == pytest.approx(2 / 3)
+    assert got["outputs"] == [" 2", " 04 apples", " five"]      # cut before the newline
     assert seen == {"temperature": 0.0, "stop_tokens": TOK.encode("\n")}
     real = ev.exact_match(random_model(SMALL, 1), TOK, items, max_new_tokens=3)
     assert real["n"] == 3 and len(real["outputs"]) == 3
