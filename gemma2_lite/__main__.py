@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from gemma2_lite.checks import TOP_K_LIMIT, check_seed
+# Only the standard library at the top: numpy and JAX load inside run(), where Ctrl-C is handled.
 from gemma2_lite.cmdline import (Parser, UsageError, one_line, positive_int, read_stdin, run,
                                  utf8_argument)
 
@@ -193,7 +193,7 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
 
 def _check_args(args: argparse.Namespace) -> None:
     """The options argparse cannot check, in the user's terms (before any model is loaded)."""
-    from gemma2_lite.checks import check_sampling_settings
+    from gemma2_lite.checks import TOP_K_LIMIT, check_sampling_settings, check_seed
 
     check_seed(args.seed, name="--seed")
     if args.top_k is not None and args.top_k > TOP_K_LIMIT:   # not an OverflowError later

@@ -147,13 +147,15 @@ def test_bad_inputs(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 # ----------------------------------------------------------------------------- every CLI's policy
 PROGRAMS = {                 # each command line of the package, with arguments that get to work
     "main": ["-m", "gemma2_lite", "generate", "--prompt", "ROMEO:", "--max-new-tokens", "4"],
+    "script": [str(Path(sys.executable).parent / "gemma2-lite"), "generate", "--prompt", "x"],
     "experiments": ["-m", "gemma2_lite.experiments", "window", "--profile", "smoke", "--quiet"],
     "fixtures": ["-m", "gemma2_lite.fixtures", "{tmp}/fixtures"],
     "tokenizer": ["-m", "gemma2_lite.tokenizer", "encode", "ROMEO:"],
 }
 # The import that is in progress when the test presses Ctrl-C: JAX's for the programs that
 # import it, numpy's for the tokenizer's (it needs no JAX).
-IMPORTING = {"main": "jax", "experiments": "jax", "fixtures": "jax", "tokenizer": "numpy"}
+IMPORTING = {"main": "jax", "script": "jax", "experiments": "jax", "fixtures": "jax",
+             "tokenizer": "numpy"}
 
 
 def _program(name: str, tmp_path: Path) -> list[str]:
