@@ -35,7 +35,7 @@ from pathlib import Path
 
 __all__ = ["ASSETS", "SHIPPED", "MissingDataError", "asset", "tokenizer_file",
            "book_model_dir", "corpus_file", "require", "checkout", "work_dir", "data_path",
-           "repo_root"]
+           "repo_root", "shown"]
 
 #: The folder of shipped files inside the installed package.
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -97,6 +97,15 @@ def require(path: Path, need: str | None = None) -> Path:
         fix = "reinstall the package (pip install --force-reinstall gemma2-lite)"
     raise MissingDataError(f"{what} is missing: {target} is not there. It ships with "
                            f"gemma2-lite; {fix}")
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as ``gemma2_lite/assets/...`` when it lies inside the package, else as given:
+    the same text on every machine, installed or in a checkout (what reprs and the rendered
+    book show)."""
+    root = Path(__file__).resolve().parent.parent
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
 def checkout() -> Path | None:

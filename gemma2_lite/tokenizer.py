@@ -173,16 +173,6 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
     return Tokenizer(model_proto=model)
 
 
-def _short_path(path: str) -> str:
-    """``path`` relative to the folder holding the package when it lies inside it (reprs then
-    read the same on every machine, installed or not: ``gemma2_lite/assets/tokenizer.model``),
-    else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(paths.ASSETS.parent.parent))
-    except ValueError:
-        return str(path)
-
-
 class Tokenizer:
     """A Gemma-style SentencePiece tokenizer (the book's 4096-piece one or the real 256000 one).
 
@@ -368,7 +358,7 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        where = f"path={_short_path(self.path)!r}, " if self.path else ""
+        where = f"path={paths.shown(self.path)!r}, " if self.path else ""
         sha = hashlib.sha256(self._proto).hexdigest()[:12]
         return (f"Tokenizer({where}vocab_size={self.vocab_size}, pad={self.pad_id}, "
                 f"eos={self.eos_id}, bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id}, "

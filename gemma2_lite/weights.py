@@ -322,7 +322,7 @@ def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
     """
     from .checkpoint import load_hf
     from .model import param_counts
-    from .paths import book_model_dir, require, tokenizer_file
+    from .paths import book_model_dir, require, shown, tokenizer_file
     from .tokenizer import Tokenizer
 
     folder = require(book_model_dir(), "config.json")
@@ -333,6 +333,7 @@ def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
         print(f"the book's model: the trained tiny Gemma 2, "
               f"{sum(param_counts(c).values()):,} parameters (V={c.vocab_size} D={c.d_model} "
               f"L={c.num_layers} W={c.sliding_window} C={c.max_seq_len}, {c.param_dtype}), "
-              f"and its tokenizer ({tokenizer.vocab_size} pieces), from {folder.parent}",
-              flush=True)
+              f"and its tokenizer ({tokenizer.vocab_size} pieces), shipped with the package "
+              f"({shown(folder.parent)})", flush=True)
     return model, tokenizer
+
