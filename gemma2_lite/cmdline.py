@@ -18,7 +18,8 @@
   ``GEMMA2_LITE_DEBUG=1`` shows the traceback.
 
 A program is written as ``def main(argv=None) -> int: return run(_main, argv)`` with its
-argument parser a :class:`Parser` (``python -m`` then calls ``sys.exit(main())``). The module needs only the standard library.
+argument parser a :class:`Parser` (``python -m`` then calls ``sys.exit(main())``). The module
+needs only the standard library.
 """
 
 from __future__ import annotations
