@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from .checks import check_regular_file
-from .config import ConfigError, Gemma2Config, get_config
+from .config import ConfigError, Gemma2Config, get_config, rope_base_from_hf
 from .model import Gemma2, abstract_model
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
@@ -83,6 +83,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_bytes(), object_pairs_hook=_json_object_no_duplicates)
     except CheckpointError as exc:
         raise CheckpointError(f"{what} {path}: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} is nested too deeply to be a {what}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         # Not the exception's text: for a non-UTF-8 file it would quote the file's bytes.
         where = f" ({exc.msg}, line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
@@ -337,11 +339,10 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
     if missing:
         raise CheckpointError(f"config.json lacks the field(s) {missing} that a Gemma 2 "
                               "config needs")
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, Mapping):
-        raise CheckpointError(f"config.json field 'rope_parameters' must be an object, got "
-                              f"{type(rope).__name__}")
-    rope_base = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    try:
+        rope_base = rope_base_from_hf(hf)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     n_layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
     # sliding_window_size: the name some early Gemma 2 configs and ports used for it.

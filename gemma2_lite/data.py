@@ -1,6 +1,7 @@
 """The book's training corpus: Shakespeare's 42 plays and poems (public domain).
 
-``data/shakespeare.jsonl`` holds one JSON object per line, ``{"title", "source", "split",
+``shakespeare.jsonl`` (shipped with the package: :func:`gemma2_lite.paths.corpus_file`) holds
+one JSON object per line, ``{"title", "source", "split",
 "text"}``; every play or poem appears twice, its first ~95% as ``split="train"`` and its last
 ~5% as ``split="valid"`` (see ``data/README.md`` and ``data/build_corpus.py``)::
 
@@ -17,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from gemma2_lite.profile import data_path
+from gemma2_lite import paths
 
 __all__ = ["CORPUS_FILE", "SPLITS", "corpus_path", "load_documents", "load_text"]
 
@@ -28,8 +29,8 @@ _FIELDS = ("title", "source", "split", "text")
 
 
 def corpus_path() -> Path:
-    """Where the corpus lives: ``data/shakespeare.jsonl`` in the checkout."""
-    return Path(data_path(CORPUS_FILE))
+    """Where the corpus lives: ``gemma2_lite/assets/shakespeare.jsonl``, in the package."""
+    return paths.corpus_file()
 
 
 @lru_cache(maxsize=4)
@@ -64,7 +65,7 @@ def load_documents(split: Split = "train", path: str | os.PathLike[str] | None =
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
-    file = Path(path) if path is not None else corpus_path()
+    file = Path(path) if path is not None else paths.require(corpus_path())
     if not file.exists():
         raise FileNotFoundError(
             f"corpus file {file} not found; rebuild it with `python data/build_corpus.py` "

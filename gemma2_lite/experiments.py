@@ -4,7 +4,7 @@
     python -m gemma2_lite.experiments window       --profile colab
     python -m gemma2_lite.experiments gqa-vs-mha
     python -m gemma2_lite.experiments deep-vs-wide
-    python -m gemma2_lite.experiments train-tiny   --profile ci     # -> data/tiny-model/
+    python -m gemma2_lite.experiments train-tiny   --profile ci     # -> assets/tiny-model/
 
 Each writes ``results/NAME/results.json`` (configs, seed, numbers, the report's numbers beside
 them), ``results/NAME/curves.csv`` (validation curves) and ``results/NAME/NAME.png``.
@@ -20,7 +20,6 @@ and each result says whether the tiny scale shows the same trend.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -37,7 +36,9 @@ from flax import nnx
 
 from .config import Gemma2Config, get_config
 from .model import Gemma2, abstract_model, param_counts
-from .profile import PROFILES as BOOK_PROFILES, data_path, get_profile, pick, repo_root
+from .cmdline import Parser, non_negative_int, run
+from .paths import data_path, repo_root
+from .profile import PROFILES, get_profile, pick
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
@@ -45,7 +46,6 @@ __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_wi
            "small_config", "run_seeds", "seed_summary", "seed_report", "final_numbers",
            "ABLATIONS", "replay_line"]
 
-PROFILES = ("smoke", *BOOK_PROFILES)     # smoke: the unit tests' tiny runs
 
 # Numbers quoted from the Gemma 2 report (arXiv 2408.00118).
 REPORT: dict[str, Any] = {
@@ -68,7 +68,7 @@ def _pick(profile: str, loop: bool = False, **sizes: Any) -> Any:
 def corpus_tokens(split: str = "train", max_chars: int | None = None) -> np.ndarray:
     """The corpus split as one int32 token stream: ``<bos> document <eos>`` per play/poem.
 
-    Tokenized with ``data/tokenizer.model``; the full splits are cached under
+    Tokenized with ``gemma2_lite/assets/tokenizer.model``; the full splits are cached under
     ``results/.cache/`` keyed by the tokenizer's and corpus' hashes (tokenizing the 4.8 MB
     train split takes ~10 s). ``max_chars`` keeps only the first characters of each document
     (for quick runs; not cached).
@@ -514,7 +514,7 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
                    seed: int = 0, quiet: bool = False, out: str | os.PathLike | None = None,
                    steps: int | None = None) -> dict[str, Any]:
     """Train the book's ``tiny`` preset on the corpus and save it in Hugging Face layout to
-    ``data/tiny-model/`` (or ``out``), with a README recording how it was made."""
+    ``gemma2_lite/assets/tiny-model/`` (or ``out``), with a README recording how it was made."""
     from .checkpoint import save_hf
     from .sampler import generate
     from .tokenizer import Tokenizer
@@ -587,9 +587,9 @@ A {p['params']['total']:,}-parameter Gemma 2 ({p['params']['embedding']:,} embed
 {p['params']['non_embedding']:,} non-embedding; V={c['vocab_size']} D={c['d_model']}
 L={c['num_layers']} N={c['num_heads']} K={c['num_kv_heads']} H={c['head_dim']}
 F={c['ffn_dim']} W={c['sliding_window']} C={c['max_seq_len']}) trained on the book's Shakespeare
-corpus (`data/shakespeare.jsonl`, train split) with the book's tokenizer
-(`data/tokenizer.model`). Hugging Face layout (`config.json` + `model.safetensors`, float32):
-load it with `gemma2_lite.checkpoint.load_hf("data/tiny-model")`.
+corpus (`shakespeare.jsonl`, train split) with the book's tokenizer
+(`tokenizer.model`), both beside this folder in `gemma2_lite/assets/`. Hugging Face layout
+(`config.json` + `model.safetensors`, float32): load it with `gemma2_lite.weights.book_model()`.
 
 ## Provenance
 
@@ -744,19 +744,26 @@ def seed_report(payload: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma2_lite.experiments",
-                                     description="Run one of the book's training experiments.")
+    """``python -m gemma2_lite.experiments NAME``; errors follow :mod:`gemma2_lite.cmdline`."""
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = Parser(prog="python -m gemma2_lite.experiments",
+                    description="Run one of the book's training experiments.")
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     # "smoke" (seconds, for the tests) is accepted but not advertised.
     parser.add_argument("--profile", choices=PROFILES, default=None, metavar="{ci,colab,full}",
                         help="run size (default: $GEMMA2_LITE_PROFILE or ci)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None,
                         help="ablations: run these seeds and record mean and spread in "
                              "data/ablations/")
-    parser.add_argument("--results-dir", default=None, help="default: results/ in the checkout")
+    parser.add_argument("--results-dir", default=None,
+                        help="default: results/ in the checkout (else in this folder)")
     parser.add_argument("--out", default=None, help="train-tiny only: where to save the model")
-    parser.add_argument("--steps", type=int, default=None, help="train-tiny only: override steps")
+    parser.add_argument("--steps", type=non_negative_int, default=None,
+                        help="train-tiny only: override steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     profile = args.profile or get_profile()

@@ -30,7 +30,6 @@ single-threaded training); the whole set is under 2 MB and takes a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -230,7 +229,16 @@ def ensure(out_dir: str | os.PathLike | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """``python -m gemma2_lite.fixtures OUT_DIR``; errors follow :mod:`gemma2_lite.cmdline`."""
+    from .cmdline import run
+
+    return run(_main, None if argv is None else list(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from .cmdline import Parser
+
+    parser = Parser(
         prog="python -m gemma2_lite.fixtures",
         description="Write tiny Gemma 2 checkpoints in the released layouts (HF and Orbax).")
     parser.add_argument("out_dir", help="folder to write into (created if needed)")

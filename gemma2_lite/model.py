@@ -26,7 +26,7 @@ from flax import nnx
 
 from .attention import (Attention, LayerCache, attention_mask, band_mask,
                         cached_key_positions, gqa_attention)
-from .checks import check_token_ids
+from .checks import check_positions, check_token_ids
 from .config import Gemma2Config
 from .layers import Embedder, FeedForward, RMSNorm, gelu_tanh, soft_cap
 from .rope import rope_table, rotate
@@ -150,8 +150,8 @@ class Gemma2(nnx.Module):
         return nnx.merge(nnx.graphdef(abstract), nnx.state(self))
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, tokens: Any, positions: Any,
-                      cache: list[LayerCache] | None) -> jax.Array:
+    def _check_inputs(self, tokens: Any, positions: Any, cache: list[LayerCache] | None,
+                      attention_mask: Any = None) -> jax.Array:
         """Check the call's inputs; return ``tokens`` as a JAX integer array.
 
         Shapes are checked always (they are static, even under ``jit``); token ids and
@@ -159,8 +159,8 @@ class Gemma2(nnx.Module):
         an out-of-range id embeds as NaN (:meth:`Embedder.encode`) instead of being refused.
         """
         c = self.config
-        if not hasattr(tokens, "ndim"):
-            tokens = np.asarray(tokens)
+        if not hasattr(tokens, "ndim"):      # a list: each element checked (no bool as an id)
+            tokens = check_token_ids(tokens, c.vocab_size, name="tokens")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T) integers, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
@@ -178,11 +178,7 @@ class Gemma2(nnx.Module):
             if np.shape(positions) != (b, t):
                 raise ValueError(f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
                                  "pass one position per token")
-            if not isinstance(positions, jax.core.Tracer):
-                p = np.asarray(positions)
-                if p.size and p.max() >= c.max_seq_len:
-                    raise ValueError(f"position {int(p.max())} is past the model's context "
-                                     f"({c.max_seq_len} positions, 0..{c.max_seq_len - 1})")
+            check_positions(positions, c.max_seq_len, valid=attention_mask)
         if cache is not None:
             self._check_cache(cache, b, t)
         return jnp.asarray(tokens)
@@ -244,7 +240,7 @@ class Gemma2(nnx.Module):
         column (B, 1, V): all that sampling needs after a prefill (with left padding the last
         column is every row's last token), and V / (T·V) of the logits' memory.
         """
-        tokens = self._check_inputs(tokens, positions, cache)
+        tokens = self._check_inputs(tokens, positions, cache, attention_mask)
         c, comps = self.config, self.components
         if attention_mask is None:
             valid = jnp.ones(tokens.shape, bool)

@@ -5,8 +5,8 @@ weights.
 The instruction set
 -------------------
 :func:`build_instructions` makes single-turn conversations from the book's corpus
-(``data/shakespeare.jsonl``, read with :mod:`gemma2_lite.data`); nothing is downloaded or
-stored. The rule, which is the set's whole provenance:
+(``gemma2_lite/assets/shakespeare.jsonl``, read with :mod:`gemma2_lite.data`); nothing is
+downloaded or stored. The rule, which is the set's whole provenance:
 
 1. Each play is cut into blocks at blank lines. A block is a *speech* when its first line is a
    speaker heading (a line such as ``HAMLET.``, ``Laer.`` or ``First Witch.``: at most

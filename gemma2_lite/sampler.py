@@ -48,7 +48,8 @@ import numpy as np
 from flax import nnx
 
 from .attention import LayerCache
-from .checks import check_seed, check_token_ids
+from .checks import (check_sampling_settings, check_seed, check_stop_tokens,
+                     check_token_ids)
 from .model import Gemma2, positions_from_mask
 
 __all__ = ["generate", "PromptCache", "sample_logits", "check_sampling", "check_prompts", "pad_prompts",
@@ -84,18 +85,9 @@ def _raise_bad_logits(tokens: np.ndarray, where: str) -> None:
 
 # ---------------------------------------------------------------------------- sampling
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ``ValueError`` for sampling settings that mean nothing."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
-            or not 0 <= temperature < float("inf"):
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None (no top-k), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool)
-                              or not isinstance(top_p, (int, float, np.floating))
-                              or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p!r}")
+    """Raise ``ValueError`` for sampling settings that mean nothing (the rules:
+    :func:`gemma2_lite.checks.check_sampling_settings`)."""
+    check_sampling_settings(temperature, top_k, top_p)
 
 
 # Top-k and top-p look at the SHORTLIST most likely tokens (``lax.top_k``, not a sort of the
@@ -536,8 +528,7 @@ def _check_request(model: Gemma2, prompts: Any, max_new_tokens: Any, temperature
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    stops = tuple(int(t) for t in check_token_ids(list(stop_tokens), config.vocab_size,
-                                                  name="stop_tokens").reshape(-1))
+    stops = check_stop_tokens(stop_tokens, config.vocab_size)
     seed = check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")

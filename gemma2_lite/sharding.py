@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .checks import is_int
 from .config import Gemma2Config
 from .model import Gemma2, abstract_model
 
@@ -93,8 +94,7 @@ def make_mesh(shape: Mapping[str, int] | None = None,
                             f"the axes are {MESH_AXES}")
     sizes = {a: shape.get(a, 1) for a in MESH_AXES}
     for axis, size in sizes.items():
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-                size < 1 and size != -1):
+        if not is_int(size) or (size < 1 and size != -1):
             raise ShardingError(f"mesh axis {axis!r} must have a positive size or -1, "
                                 f"got {size!r}")
     rest = [a for a, s in sizes.items() if s == -1]

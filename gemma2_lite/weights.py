@@ -43,7 +43,7 @@ from .profile import get_profile
 
 __all__ = ["ENV_VAR", "MODELS", "LAYOUTS", "FIXTURE_MARKER", "WeightsNotFound", "Weights",
            "weights_root", "model_dir", "flax_checkpoint_name", "missing_files", "pretrained",
-           "locate"]
+           "locate", "book_model"]
 
 #: The one environment variable naming the weights folder.
 ENV_VAR = "GEMMA2_LITE_WEIGHTS"
@@ -306,4 +306,34 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
     if verbose:
         print(found.describe(), flush=True)
     return found
+
+
+
+def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
+    """The book's own small model and its tokenizer: ``(model, tokenizer)``.
+
+    Both ship with the package (:func:`gemma2_lite.paths.book_model_dir`, a Hugging Face-layout
+    ``tiny`` Gemma 2 trained on the Shakespeare corpus, and
+    :func:`gemma2_lite.paths.tokenizer_file`), so this works installed anywhere, offline. It is
+    :func:`locate`'s counterpart for the model the chapters train and study; ``dtype`` is
+    passed to :func:`~gemma2_lite.checkpoint.load_hf` (default float32). Prints what it
+    loaded when ``verbose``. A missing file raises
+    :class:`~gemma2_lite.paths.MissingDataError` naming it and how to restore it.
+    """
+    from .checkpoint import load_hf
+    from .model import param_counts
+    from .paths import book_model_dir, require, shown, tokenizer_file
+    from .tokenizer import Tokenizer
+
+    folder = require(book_model_dir(), "config.json")
+    model = load_hf(folder) if dtype is None else load_hf(folder, dtype)
+    tokenizer = Tokenizer(require(tokenizer_file()))
+    if verbose:
+        c = model.config
+        print(f"the book's model: the trained tiny Gemma 2, "
+              f"{sum(param_counts(c).values()):,} parameters (V={c.vocab_size} D={c.d_model} "
+              f"L={c.num_layers} W={c.sliding_window} C={c.max_seq_len}, {c.param_dtype}), "
+              f"and its tokenizer ({tokenizer.vocab_size} pieces), shipped with the package "
+              f"({shown(folder.parent)})", flush=True)
+    return model, tokenizer
 

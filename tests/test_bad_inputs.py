@@ -129,12 +129,13 @@ def index_naming(env: Env, shard: str) -> Path:
     return sharded(env, lambda index: index["weight_map"].update({ST_TENSOR: shard}))
 
 
-def run_cli(args: list[str]) -> None:
-    """Run the CLI; raise CliFailure(status, stderr) unless it exits 0."""
+def run_cli(args: list[str], main: Callable[[list[str]], int] = cli.main) -> None:
+    """Run the CLI (or another program's ``main``); raise CliFailure(status, stderr) unless it
+    exits 0."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            code = cli.main(args)
+            code = main(args)
         except SystemExit as exit_:                  # argparse's own exit
             code = exit_.code
     if code:
@@ -442,7 +443,7 @@ ROWS = [
         lambda e: run_cli(cli_args(e, None, tokenizer=fifo(e, "tok.model"))),
         CliFailure, r"tok.model is a FIFO \(named pipe\); expected a regular file"),
     Row("cli-bad-int-option", lambda e: run_cli(cli_args(e, None, "--max-new-tokens", "many")),
-        CliFailure, r"argument --max-new-tokens: invalid int value: 'many'"),
+        CliFailure, r"argument --max-new-tokens: invalid whole number: 'many'"),
     Row("cli-truncated-weights",
         lambda e: run_cli(cli_args(e, _truncated(e).parent)),
         CliFailure, r"model.safetensors: tensor '[^']+': data_offsets .* truncated"),
@@ -492,6 +493,123 @@ def _restore_broken_step(env: Env) -> Any:
     save_checkpoint(d, 1, {"w": np.ones(3, np.float32)}, {})
     _flip_a_bit(d / "1")
     return restore_checkpoint(d, {"w": np.zeros(3, np.float32)}, step=1)
+
+
+# --- issue 21, item 3: one strict validator (gemma2_lite.checks); item 6: every command line
+ROWS += [
+    Row("config-bool-window", lambda e: CFG.replace(sliding_window=True), ConfigError,
+        r"sliding_window must be a positive integer or None .*got True"),
+    Row("config-bool-heads", lambda e: CFG.replace(num_kv_heads=True), ConfigError,
+        r"num_kv_heads must be a positive integer, got True"),
+    Row("hf-config-bool-window",
+        lambda e: config_from_hf({**json.loads((e.ckpt / "config.json").read_text()),
+                                  "sliding_window": True}),
+        CheckpointError, r"sliding_window must be a positive integer or None.*got True "
+                         r"\(config.json field 'sliding_window'\)"),
+    Row("hf-config-rope-scaling",
+        lambda e: config_from_hf({**json.loads((e.ckpt / "config.json").read_text()),
+                                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+        CheckpointError, r"'rope_scaling' asks for 'llama3' RoPE scaling"),
+    Row("model-bool-in-ids", lambda e: e.model([[2, True, 5]]), TypeError,
+        r"tokens must be integer token ids, found a bool"),
+    Row("model-negative-position",
+        lambda e: e.model(np.zeros((1, 3), np.int32), positions=np.array([[0, 1, -4]])),
+        ValueError, r"positions must be >= 0 at real tokens; found -4 at \[0, 2\]"),
+    Row("model-float-positions",
+        lambda e: e.model(np.zeros((1, 2), np.int32), positions=np.array([[0.0, 1.5]])),
+        TypeError, r"positions must be integer positions, got dtype float64"),
+    Row("generate-bool-in-ids", lambda e: generate(e.model, [[True, 5]]), TypeError,
+        r"prompts\[0\] must be integer token ids, found a bool"),
+    Row("generate-tiny-temperature", lambda e: generate(e.model, [[2]], temperature=1.5e-38),
+        ValueError, r"temperature 1.5e-38 is too small .* use temperature=0 for greedy"),
+    Row("generate-bool-temperature", lambda e: generate(e.model, [[2]], temperature=True),
+        ValueError, r"temperature must be a finite number >= 0 \(0 = greedy\), got True"),
+    Row("generate-huge-top-k", lambda e: generate(e.model, [[2]], top_k=2 ** 40), ValueError,
+        r"top_k=1099511627776 is larger than any vocabulary .* None to keep every token"),
+    Row("generate-int-stop-tokens", lambda e: generate(e.model, [[2]], stop_tokens=1),
+        TypeError, r"stop_tokens must be a list of token ids \(for one id write \[1\]\)"),
+    Row("generate-bool-stop-token", lambda e: generate(e.model, [[2]], stop_tokens=[True]),
+        TypeError, r"stop_tokens must be integer token ids, found a bool"),
+    Row("decode-bool-id", lambda e: TOK.decode([2, True]), TypeError, r"ids .*found a bool"),
+    Row("chat-session-tiny-temperature", lambda e: session(temperature=1e-30), ValueError,
+        r"temperature 1e-30 is too small"),
+    Row("cli-nested-json", lambda e: run_cli(cli_args(e, _raw_config(e, "[" * 50_000))),
+        CliFailure, r"config.json is nested too deeply"),
+    Row("cli-huge-top-k", lambda e: run_cli(cli_args(e, None, "--top-k", str(2 ** 40))),
+        CliFailure, r"--top-k 1099511627776 is larger than any vocabulary; leave it out"),
+    Row("cli-tiny-temperature", lambda e: run_cli(cli_args(e, None, "--temperature", "1e-40")),
+        CliFailure, r"--temperature 1e-40 is too small to sample with"),
+    Row("cli-nan-top-p", lambda e: run_cli(cli_args(e, None, "--top-p", "nan")), CliFailure,
+        r"--top-p must be in \(0, 1\] or None"),
+    Row("cli-invalid-utf8-prompt",
+        lambda e: run_cli(["generate", "--checkpoint", str(e.ckpt), "--tokenizer", str(TOK.path),
+                           "--prompt", "ROMEO\udcff:"]),
+        CliFailure, r"--prompt is not valid UTF-8 text \(byte 0xff at character 5\)"),
+    Row("cli-zero-new-tokens", lambda e: run_cli(cli_args(e, None, "--max-new-tokens", "0")),
+        CliFailure, r"argument --max-new-tokens: must be at least 1, got 0"),
+    Row("cli-experiments-negative-steps",
+        lambda e: run_cli(["train-tiny", "--steps", "-5"], _experiments_main()), CliFailure,
+        r"argument --steps: must be at least 0, got -5"),
+    Row("cli-experiments-bad-results-dir",
+        lambda e: run_cli(["window", "--profile", "smoke", "--quiet", "--results-dir",
+                           str(_a_file(e) / "sub")], _experiments_main()),
+        CliFailure, r"Not a directory: .*a-file/sub"),
+    Row("cli-experiments-invalid-utf8-profile",
+        lambda e: run_cli(["window", "--profile", "c\udcffi"], _experiments_main()), CliFailure,
+        r"argument --profile: invalid choice: 'c.*udcffi' \(choose from 'smoke', 'ci'"),
+    Row("cli-tokenizer-vocab-size-0",
+        lambda e: run_cli(["train", "--vocab-size", "0"], _tokenizer_main()), CliFailure,
+        r"argument --vocab-size: must be at least 1, got 0"),
+    Row("cli-tokenizer-invalid-utf8",
+        lambda e: run_cli(["encode", "\udcfe"], _tokenizer_main()), CliFailure,
+        r"TEXT is not valid UTF-8 text \(byte 0xfe at character 0\)"),
+    Row("cli-tokenizer-bad-out",
+        lambda e: run_cli(["train", "--out", str(_a_file(e) / "t.model")], _tokenizer_main()),
+        CliFailure, r"--out .*a-file/t.model: no folder .*a-file to write in"),
+    Row("cli-fixtures-bad-out",
+        lambda e: run_cli([str(_a_file(e) / "out")], _fixtures_main()), CliFailure,
+        r"Not a directory: .*a-file/out"),
+]
+
+
+def _a_file(env: Env) -> Path:
+    """A plain file where a folder is expected."""
+    path = env.tmp() / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
+def _experiments_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.experiments import main
+
+    return main
+
+
+def _tokenizer_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.tokenizer import main
+
+    return main
+
+
+def _fixtures_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.fixtures import main
+
+    return main
+
+
+def test_chat_seed_2_32_minus_1_works_on_every_turn() -> None:
+    """Turn i samples with seed + i wrapped into [0, 2**32): the largest seed a user may give
+    used to work once and then fail with a seed the user never gave (2**32)."""
+    seeds: list[int] = []
+
+    def fake(model: Any, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
+        seeds.append(kw["seed"])
+        return [[TOK.end_of_turn_id]]
+
+    chat = ChatSession(None, TOK, seed=2 ** 32 - 1, generate_fn=fake)
+    for text in ("one", "two", "three"):
+        chat.send(text)
+    assert seeds == [2 ** 32 - 1, 0, 1]
 
 
 def test_the_table_is_big_enough() -> None:

@@ -11,9 +11,9 @@ cell's source, loses the ``solution`` and ``hide-cell`` tags (the student should
 and, like every code cell of the copy, has no outputs and no execution count. Everything else
 is unchanged, so in the copy every check cell fails until the student solves the exercise.
 
-The copies run from wherever they are written: the chapters find ``data/`` through the
-``gemma2_lite`` package (``gemma2_lite.profile.data_path``), never through the working
-directory, so open them in Jupyter in OUT with the package installed (``make venv``, or the
+The copies run from wherever they are written: the chapters find their files through the
+``gemma2_lite`` package (``gemma2_lite.paths``; the tokenizer, the book's model and the corpus
+ship inside it), never through the working directory, so open them in Jupyter in OUT with the package installed (``make venv``, or the
 chapter's own setup cell on Colab). Standard library only.
 
 Assignments (``assignments/aN_name/``, see ``assignments/grading.py``): the student gets, per
