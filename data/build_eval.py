@@ -1,8 +1,8 @@
-"""Build the book's small evaluation sets, ``data/eval/*.jsonl``, from the corpus.
+"""Build the book's small evaluation sets, ``gemma2_lite/assets/eval/*.jsonl``, from the corpus.
 
 One command (from the repository root)::
 
-    python data/build_eval.py            # writes data/eval/{next_line,speaker,arithmetic}.jsonl
+    python data/build_eval.py            # writes gemma2_lite/assets/eval/{next_line,speaker,arithmetic}.jsonl
     python data/build_eval.py --check    # rebuilds in memory, exit 1 if a committed file differs
 
 The output is byte-for-byte the same on every run and machine: the inputs are the committed
@@ -52,7 +52,7 @@ import numpy as np
 from gemma2_lite.data import load_documents
 from gemma2_lite.posttrain import speeches
 
-OUT_DIR = Path(__file__).resolve().parent / "eval"
+OUT_DIR = Path(__file__).resolve().parents[1] / "gemma2_lite" / "assets" / "eval"
 N_TEST, N_SHOTS, N_OPTIONS = 300, 8, 4
 N_ARITHMETIC, MAX_OPERAND = 200, 49
 SEEDS = {"next_line": 0, "speaker": 1, "arithmetic": 2}

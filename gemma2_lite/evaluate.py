@@ -20,7 +20,7 @@ ratings on the Elo scale with bootstrap intervals (:func:`bradley_terry`,
 (:func:`contamination`), the report's formatting-robustness measure
 (:func:`format_robustness`, :func:`next_line_formats`) and :func:`score_variants`, which
 scores any set of model variants (the post-training chapters' models plug in there).
-The evaluation sets themselves are ``data/eval/*.jsonl``, built by ``data/build_eval.py``.
+The evaluation sets themselves are ``gemma2_lite/assets/eval/*.jsonl``, built by ``data/build_eval.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from flax import nnx
 
 from .losses import token_nll
 from .memorization import wilson_interval
-from .profile import data_path
+from .paths import asset, require
 
 __all__ = ["NORMALIZATIONS", "EVAL_SETS", "load_eval_set", "option_scores", "choose",
            "mc_result", "multiple_choice", "few_shot", "extract_number", "extract_line",
@@ -54,15 +54,13 @@ _BUCKET = 32                           # row lengths round up to a multiple: few
 
 # ----------------------------------------------------------------------------- the sets
 def load_eval_set(name: str, split: str = "test") -> list[dict[str, Any]]:
-    """The items of ``data/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or ``"shots"``
+    """The items of ``gemma2_lite/assets/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or ``"shots"``
     (few-shot examples, from the corpus's train split). See ``data/README.md``."""
     if name not in EVAL_SETS:
         raise ValueError(f"unknown evaluation set {name!r}; choose one of {EVAL_SETS}")
     if split not in ("test", "shots"):
         raise ValueError(f"split must be 'test' or 'shots', got {split!r}")
-    path = data_path("eval", f"{name}.jsonl")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; rebuild it with `python data/build_eval.py`")
+    path = require(asset("eval"), f"{name}.jsonl") / f"{name}.jsonl"
     with open(path, encoding="utf-8") as handle:
         items = [json.loads(line) for line in handle if line.strip()]
     return [item for item in items if item["split"] == split]

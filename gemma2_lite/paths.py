@@ -44,6 +44,7 @@ SHIPPED = {
     "tokenizer.model": "the book's tokenizer",
     "tiny-model": "the book's small model",
     "shakespeare.jsonl": "the book's corpus",
+    "eval": "the book's evaluation sets",
 }
 
 
