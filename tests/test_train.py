@@ -89,7 +89,7 @@ def test_schedule_warmup_then_cosine() -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(TrainError, match="steps"):
-        TrainConfig(steps=0)
+        TrainConfig(steps=-1)
     with pytest.raises(TrainError, match="dtype"):
         TrainConfig(dtype="float16")
     with pytest.raises(TrainError, match="token ids"):
