@@ -303,3 +303,20 @@ def test_step_cache_keys_on_every_field_that_shapes_the_step() -> None:
     assert len(cache) == 3
     cache.clear()
     assert len(cache) == 0
+
+
+def test_the_split_trainer_keeps_every_public_name_of_gemma2_lite_train() -> None:
+    """train.py became five modules; notebooks and other code import from gemma2_lite.train,
+    so each public name of the one-module trainer is still there (and is the same object)."""
+    import gemma2_lite.train as tr
+    from gemma2_lite import sharding, train_checkpoint, train_step
+
+    names = ["TrainConfig", "TokenBatcher", "train", "evaluate", "make_optimizer",
+             "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
+             "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
+             "checkpoint_steps", "verify_checkpoint", "data_fingerprint",
+             "SkippedCheckpointWarning", "StepShardings", "cross_entropy_loss"]
+    assert all(hasattr(tr, n) and n in tr.__all__ for n in names)
+    assert tr.StepShardings is sharding.StepShardings
+    assert tr.make_train_step is train_step.make_train_step
+    assert tr.save_checkpoint is train_checkpoint.save_checkpoint
