@@ -87,7 +87,9 @@ def _whole(text: str, low: int) -> int:
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line (multi-line reports joined with '; ')."""
-    return re.sub(r"\s*\n\s*", "; ", str(error).strip()) or type(error).__name__
+    # (?<!\s): a run of blanks is matched from its start only; without it every position of a
+    # long run of spaces began a scan to its end (quadratic: tests/test_bad_inputs.py).
+    return re.sub(r"(?<!\s)\s*\n\s*", "; ", str(error).strip()) or type(error).__name__
 
 
 def report(message: str) -> None:

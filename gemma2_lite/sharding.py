@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -51,8 +52,8 @@ from .model import Gemma2, abstract_model
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh",
            "resolve_rules", "logical_to_spec", "param_specs", "state_shardings", "shard_state",
            "shard_model", "make_sharded_init", "sharded_init", "tree_shardings",
-           "sharded_opt_init", "train_shardings", "batch_sharding", "shard_batch",
-           "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
+           "sharded_opt_init", "StepShardings", "train_shardings", "batch_sharding",
+           "shard_batch", "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
            "maybe_initialize_distributed"]
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
@@ -297,14 +298,27 @@ def sharded_opt_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh,
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
-                    rules: Mapping[str, Rule] | None = None) -> Any:
-    """The :class:`~gemma2_lite.train.StepShardings` that make
-    :func:`~gemma2_lite.train.make_train_step` a sharded step: parameters and optimizer state
-    in their rule-given layout (in and out, so the donated buffers are reused), the batch
-    split over ("data", "fsdp"), the rng and the metrics replicated."""
-    from .train import StepShardings
+@dataclass(frozen=True)
+class StepShardings:
+    """Where the training state lives on a mesh (made by :func:`train_shardings`).
 
+    params, opt_state, rest: ``NamedSharding`` trees (prefixes of those pytrees); batch: the
+    (B, ...) batch's sharding; replicated: for the rng and the metrics.
+    """
+
+    params: Any
+    opt_state: Any
+    rest: Any
+    batch: Any
+    replicated: Any
+
+
+def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
+                    rules: Mapping[str, Rule] | None = None) -> StepShardings:
+    """The :class:`StepShardings` that make :func:`~gemma2_lite.train.make_train_step` a
+    sharded step: parameters and optimizer state in their rule-given layout (in and out, so
+    the donated buffers are reused), the batch split over ("data", "fsdp"), the rng and the
+    metrics replicated."""
     return StepShardings(params=tree_shardings(params, mesh, rules),
                          opt_state=tree_shardings(opt_state, mesh, rules),
                          rest=tree_shardings(rest, mesh, rules), batch=batch_sharding(mesh),

@@ -40,6 +40,12 @@ from gemma2_lite.config import ConfigError
 from gemma2_lite.model import Gemma2
 from gemma2_lite.sampler import NonFiniteLogitsError, generate, sample_logits
 from gemma2_lite.tokenizer import Tokenizer, default_tokenizer
+from gemma2_lite.data import load_documents
+from gemma2_lite.distill import compute_teacher_topk
+from gemma2_lite.memorization import (canary_extraction, memorization_test, pii_report,
+                                      wilson_interval)
+from gemma2_lite.posttrain import average_states, sft_batch, sft_eval
+from gemma2_lite.seed_records import RecordError, read_record, write_record
 from gemma2_lite.train import (SkippedCheckpointWarning, TrainConfig, TrainError, evaluate,
                                latest_checkpoint_step, restore_checkpoint, save_checkpoint, train)
 
@@ -424,6 +430,56 @@ ROWS = [
         TrainError, r"tokens: token ids must be in \[0, 4096\); found \[-2"),
     Row("restore-explicit-broken-step", lambda e: _restore_broken_step(e), TrainError,
         r"no intact checkpoint under .*: step 1: file\(s\) changed \(checksum differs\)"),
+    Row("restore-step-without-checksums", lambda e: _restore_unverifiable_step(e), TrainError,
+        r"step 1: it has no checksums.json, so its files cannot be verified"),
+    Row("train-config-inf-lr", lambda e: TrainConfig(lr=math.inf), TrainError,
+        r"lr \(the peak learning rate\) must be a finite number > 0, got inf"),
+    Row("train-config-b1-2", lambda e: TrainConfig(b1=2), TrainError,
+        r"b1 \(Adam's decay of the gradient's running mean\) must be a finite number in "
+        r"\[0, 1\), got 2"),
+    Row("train-config-negative-b2", lambda e: TrainConfig(b2=-1), TrainError,
+        r"b2 .* must be a finite number in \[0, 1\), got -1"),
+    Row("train-config-zero-eps", lambda e: TrainConfig(eps=0), TrainError,
+        r"eps \(Adam's denominator guard\) must be a finite number > 0, got 0"),
+    Row("train-config-lr-beyond-float32", lambda e: TrainConfig(lr=1e39), TrainError,
+        r"lr .* must be a finite number > 0, got 1e\+39"),
+    Row("train-config-float-steps", lambda e: TrainConfig(steps=2.5), TrainError,
+        r"steps \(optimizer steps in the run\) must be a non-negative integer, got 2.5"),
+    Row("train-stop-at-float",
+        lambda e: train(CFG, TrainConfig(steps=3, batch_size=1, seq_len=4, progress=False),
+                        np.arange(40), stop_at=2.5),
+        TrainError, r"stop_at \(the step to stop after\) must be a non-negative integer, "
+                    r"got 2.5"),
+    # --- records and evaluations
+    Row("record-edited-result", lambda e: read_record(_edited_record(e)), RecordError,
+        r"rec.json was changed after it was recorded: .*remake it with `make it`"),
+    Row("record-unsealed", lambda e: read_record(_edited_record(e, unseal=True)), RecordError,
+        r"rec.json has no sha256 field"),
+    Row("eval-sft-no-model-turn",
+        lambda e: sft_eval(e.model, *sft_batch(TOK, [{"messages": [
+            {"role": "user", "content": "hi"}]}], 16)),
+        ValueError, r"row\(s\) \[0\] of mask have no masked target"),
+    Row("eval-average-int-leaves",
+        lambda e: average_states([{"n": np.int32(3)}, {"n": np.int32(4)}]), ValueError,
+        r"integer leaf n differs between the states"),
+    Row("eval-teacher-topk-no-rows",
+        lambda e: compute_teacher_topk(e.model, np.zeros((0, 4), np.int32), 2), ValueError,
+        r"tokens has no rows"),
+    Row("memorization-negative-threshold",
+        lambda e: memorization_test(None, [[1] * 8], prompt_len=4, target_len=4,
+                                    threshold=-0.5, generate_fn=lambda *a, **k: [[1] * 4]),
+        ValueError, r"threshold .* must be a number in \[0, 1\], got -0.5"),
+    Row("memorization-no-documents",
+        lambda e: memorization_test(None, [], generate_fn=lambda *a, **k: []), ValueError,
+        r"documents is empty"),
+    Row("memorization-wilson-5-of-3", lambda e: wilson_interval(5, 3), ValueError,
+        r"successes \(5\) cannot exceed the number of trials n \(3\)"),
+    Row("memorization-no-canaries", lambda e: canary_extraction(None, TOK, []), ValueError,
+        r"canaries is empty"),
+    Row("memorization-pii-report-empty", lambda e: pii_report([]), ValueError,
+        r"texts is empty"),
+    Row("corpus-bad-jsonl-line", lambda e: load_documents("all", path=_bad_jsonl(e)),
+        ValueError, r"corpus.jsonl:2: not valid JSON \(Expecting ',' delimiter at column"),
     # --- CLI: exit status 2, one line on stderr
     Row("cli-huge-seed", lambda e: run_cli(cli_args(e, None, "--seed", str(2 ** 70))),
         CliFailure, r"--seed must be in \[0, 2\*\*32\)"),
@@ -486,6 +542,34 @@ def _claim_layers(n: int) -> Callable[[dict[str, Any]], None]:
         cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
                               for i in range(n)]
     return edit
+
+
+def _restore_unverifiable_step(env: Env) -> Any:
+    """A committed step whose checksum file is gone (a save killed between Orbax's commit and
+    the checksums, or a deleted file): it cannot be verified, so it is not restored."""
+    d = env.tmp() / "ckpt"
+    save_checkpoint(d, 1, {"w": np.ones(3, np.float32)}, {})
+    (d / "1" / "checksums.json").unlink()
+    return restore_checkpoint(d, {"w": np.zeros(3, np.float32)}, step=1)
+
+
+def _edited_record(env: Env, unseal: bool = False) -> Path:
+    """A sealed seed record whose result was then edited (fingerprint kept), or unsealed."""
+    path = env.tmp() / "rec.json"
+    record = write_record(path, {"command": "make it", "per_seed": {"0": {"x": 2.0}},
+                                 "replay": {"payload": {"check": [1.0], "result": 2.0}}})
+    record["replay"]["payload"]["result"] = 1.5
+    if unseal:
+        del record["sha256"]
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def _bad_jsonl(env: Env) -> Path:
+    path = env.tmp() / "corpus.jsonl"
+    good = json.dumps({"title": "t", "source": "s", "split": "train", "text": "x\n"})
+    path.write_text(good + "\n" + good[:-1] + ' "extra"}\n')
+    return path
 
 
 def _restore_broken_step(env: Env) -> Any:
@@ -799,6 +883,153 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# ----------------------------------------------------------------------------- regex hangs
+REGEX_SIZE = 200_000       # characters per input: a quadratic scan is ~2e10 steps, minutes
+REGEX_DEADLINE = 60        # seconds per pattern; the linear patterns need a few at most
+REGEX_FEED = """
+import json, re, sys
+source, flags, how, alphabet, heads, size = json.loads(sys.argv[1])
+pattern = re.compile(source, flags)
+units = list(alphabet) + [a + b for a in alphabet for b in alphabet]
+for head in heads:
+    for unit in units:
+        text = head + unit * (size // len(unit)) + "!"
+        if how == "search":
+            for _ in pattern.finditer(text):
+                pass
+        else:
+            getattr(pattern, how)(text)
+print("done")
+"""
+
+
+def _regex_alphabet(source: str, flags: int) -> str:
+    """One or two characters of every literal, range and class the pattern matches, and '!'
+    (which it usually does not): what inputs are built from."""
+    try:
+        from re import _constants as c, _parser as parser      # Python >= 3.11
+    except ImportError:                                          # pragma: no cover
+        import sre_constants as c                                # type: ignore[no-redef]
+        import sre_parse as parser                               # type: ignore[no-redef]
+    reps = {c.CATEGORY_DIGIT: "1", c.CATEGORY_NOT_DIGIT: "a", c.CATEGORY_WORD: "a1_\u00e9",
+            c.CATEGORY_NOT_WORD: " .", c.CATEGORY_SPACE: " \n", c.CATEGORY_NOT_SPACE: "a."}
+    chars = {"!"}
+
+    def walk(items: Any) -> None:
+        for op, arg in items:
+            if op is c.LITERAL:
+                chars.add(chr(arg))
+            elif op in (c.NOT_LITERAL, c.ANY):
+                chars.update("a ")
+            elif op is c.IN:
+                for inner, value in arg:
+                    if inner is c.LITERAL:
+                        chars.add(chr(value))
+                    elif inner is c.RANGE:
+                        chars.update((chr(value[0]), chr(value[1])))
+                    elif inner is c.CATEGORY:
+                        chars.update(reps.get(value, "a"))
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+                walk(arg[2])
+            elif op is c.SUBPATTERN:
+                walk(arg[3])
+            elif op is c.BRANCH:
+                for branch in arg[1]:
+                    walk(branch)
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                walk(arg[1])
+            elif op is getattr(c, "ATOMIC_GROUP", None):
+                walk(arg)
+
+    walk(parser.parse(source, flags))
+    return "".join(sorted(chars))
+
+
+def _regex_head(source: str) -> str:
+    """The pattern's leading literal text ("model.layers." for ``model\\.layers\\.(\\d+)``), so an
+    anchored pattern gets past its first characters and into its repeats."""
+    out, i = [], 0
+    while i < len(source):
+        if source[i] == "\\" and i + 1 < len(source) and not source[i + 1].isalnum():
+            out.append(source[i + 1])
+            i += 2
+        elif source[i] in ".^$*+?{}[]()|\\":
+            break
+        else:
+            out.append(source[i])
+            i += 1
+    return "".join(out)
+
+
+def _package_regexes() -> dict[tuple[str, int, str], str]:
+    """Every regex of the package: (source, flags, how it is applied) -> where. Found in the
+    source (each re.compile/match/fullmatch/search/sub/... call) and, for a pattern built at
+    import time, as the module global that holds it; a pattern neither written out nor a
+    module global fails here, so this test cannot miss one."""
+    import ast
+    import importlib
+    import re
+
+    funcs = {"compile", "match", "fullmatch", "search", "sub", "subn", "split", "findall",
+             "finditer"}
+    found: dict[tuple[str, int, str], str] = {}
+    for path in sorted((Path(__file__).resolve().parent.parent / "gemma2_lite").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n.value) for n in tree.body if isinstance(n, ast.Assign)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"
+                    and node.func.attr in funcs):
+                continue
+            where = f"{path.name}:{node.lineno}"
+            plain = {"compile": 1, "sub": 3, "subn": 3}.get(node.func.attr, 2)
+            assert len(node.args) <= plain and all(k.arg != "flags" for k in node.keywords), \
+                f"{where}: a regex with flags; teach this test to pass them"
+            how = node.func.attr if node.func.attr in ("match", "fullmatch") else "search"
+            if isinstance(node.args[0], ast.Constant):
+                found[(node.args[0].value, 0, how)] = where
+            else:
+                assert node.func.attr == "compile" and id(node) in top, \
+                    f"{where}: a regex that is not a literal must be a module-level re.compile"
+        if path.stem == "__main__":
+            continue
+        for name, value in vars(importlib.import_module(f"gemma2_lite.{path.stem}")).items():
+            for v in [value, *(value.values() if isinstance(value, dict) else [])]:
+                for x in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(x, re.Pattern):
+                        key = (x.pattern, x.flags & ~re.UNICODE, "search")
+                        found.setdefault(key, f"{path.name}:{name}")
+    return found
+
+
+@pytest.mark.slow   # a few seconds per pattern of scanning, in a child process each
+def test_every_regex_in_the_package_is_linear_time() -> None:
+    """Each regular expression of the package, applied as the package applies it, gets
+    200,000-character inputs made of one or two characters repeated (taken from the pattern's
+    own literals and classes), after the pattern's literal head: where backtracking turns
+    quadratic ("a.a.a." took the old e-mail pattern 65 s for 200 KB; with a space, the CLI's
+    one-line error joiner was quadratic too). A linear pattern finishes them all in seconds;
+    a quadratic one needs ~2e10 steps per input. Each pattern runs in a child process that is
+    killed at the deadline, which only guards against a hang: nothing is timed."""
+    import subprocess
+    import sys
+
+    regexes = _package_regexes()
+    assert len(regexes) >= 10 and any("memorization" in w for w in regexes.values())
+    hangs = []
+    for (source, flags, how), where in regexes.items():
+        job = json.dumps([source, flags, how, _regex_alphabet(source, flags),
+                          sorted({"", _regex_head(source)}), REGEX_SIZE])
+        try:
+            out = subprocess.run([sys.executable, "-c", REGEX_FEED, job], capture_output=True,
+                                 text=True, timeout=REGEX_DEADLINE)
+        except subprocess.TimeoutExpired:
+            hangs.append(f"{where} {source!r}")
+            continue
+        assert out.returncode == 0 and out.stdout.strip() == "done", (where, out.stderr)
+    assert not hangs, f"regexes that backtrack on adversarial input: {hangs}"
+
+
 def test_fifo_instead_of_weights_fails_fast(env: Env, tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     shutil.copytree(env.ckpt, folder)
@@ -845,8 +1076,10 @@ def _delete_one(step_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_flip_a_bit, _truncate_largest, _delete_one,
-                                    lambda d: (shutil.rmtree(d), d.mkdir())],
-                         ids=["flipped-bit", "truncated", "deleted-file", "empty-folder"])
+                                    lambda d: (shutil.rmtree(d), d.mkdir()),
+                                    lambda d: (d / "checksums.json").unlink()],
+                         ids=["flipped-bit", "truncated", "deleted-file", "empty-folder",
+                              "no-checksums"])
 def test_broken_newest_step_falls_back_with_a_warning(tmp_path: Path,
                                                       damage: Callable[[Path], Any]) -> None:
     like = {"w": np.zeros((4, 5), np.float32)}
