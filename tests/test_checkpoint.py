@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gemma2_lite import Gemma2, get_config
-from gemma2_lite.checkpoint import (CheckpointError, _infer_flax_config, load_flax, load_hf,
+from gemma2_lite.checkpoint import (CheckpointError, infer_flax_config, load_flax, load_hf,
                                     read_safetensors, save_flax, save_hf, to_arrays,
                                     to_flax_tree, write_safetensors)
 from hf_reference import hf_logits
@@ -156,6 +156,6 @@ def test_flax_config_is_inferred_from_shapes():
         arrays.update({f"transformer/layer_{i}/attn/q_einsum/w": None for i in range(c.num_layers)})
         return arrays
 
-    c27 = _infer_flax_config(fake("gemma2-27b"))
+    c27 = infer_flax_config(fake("gemma2-27b"))
     assert c27.query_pre_attn_scalar == 144 and c27.head_dim == 128
-    assert _infer_flax_config(fake("gemma2-2b")).num_layers == 26
+    assert infer_flax_config(fake("gemma2-2b")).num_layers == 26
