@@ -203,12 +203,19 @@ def host_param(array: np.ndarray, dtype: Any, where: str, *, check: bool = True,
     out = array if in_place else _aligned_empty(array.shape, dtype)
     contiguous = array.flags.c_contiguous
     if not contiguous and not in_place:
-        _copy_tiled(out, array)
+        with np.errstate(all="ignore"):               # an overflow is reported below
+            _copy_tiled(out, array)
     for offset, rows in _chunks(out):
         if contiguous and not in_place:
-            np.copyto(out[rows], array[rows], casting="unsafe")
+            with np.errstate(all="ignore"):
+                np.copyto(out[rows], array[rows], casting="unsafe")
         if check:
-            check_values(out[rows], where, float16=float16, offset=offset)
+            try:
+                check_values(out[rows], where, float16=float16, offset=offset)
+            except CheckpointError:
+                if not in_place:    # a cast's overflow: say so if the stored values are finite
+                    check_values(array[rows], where, float16=dtype == np.float16, offset=offset)
+                raise
         if contiguous:
             release_pages(array[rows])
     if not contiguous:
