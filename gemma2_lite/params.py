@@ -9,8 +9,11 @@ before a single parameter is placed.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,10 @@ Placer = Callable[[Path_, np.ndarray], jax.Array]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)      # 65504
 _CHUNK_BYTES = 1 << 24                               # values are checked 16 MiB at a time
-_TILE = 256                                          # side of a transposed copy's tile
+_TILE = (1024, 8)                                    # a transposed copy's tile (rows, columns)
+_BAND = 1024                                         # rows per thread's share of a tensor
+_THREADED_BYTES = 1 << 22                            # smaller tensors are copied by one thread
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _ALIGN = 64                                          # XLA:CPU uses 64-byte aligned memory in place
 # The unsigned view of each float dtype and its exponent bits: all ones = inf or NaN.
 _EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
@@ -162,18 +168,43 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def _same_bytes(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both as unsigned integers when no cast is needed: numpy copies its own integer types
+    several times faster than a custom dtype such as bfloat16 (and without holding the GIL)."""
+    if dst.dtype != src.dtype or dst.dtype.itemsize not in _UNSIGNED:
+        return dst, src
+    unsigned = _UNSIGNED[dst.dtype.itemsize]
+    return dst.view(unsigned), src.view(unsigned)
+
+
+def _copy_band(d: np.ndarray, s: np.ndarray, rows: range) -> None:
+    for i in rows:
+        for j in range(0, s.shape[1], _TILE[1]):
+            np.copyto(d[i:i + _TILE[0], j:j + _TILE[1]], s[i:i + _TILE[0], j:j + _TILE[1]],
+                      casting="unsafe")
+
+
 def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` (with a cast) for a ``src`` whose last axis is not contiguous (a
-    transposed view), in square tiles per 2-D slice, so both sides stay in cache."""
+    transposed view): per 2-D slice, in tall narrow tiles (each reads a few source rows in
+    full, so both sides stay in cache), the bands of tiles shared among a few threads."""
+    dst, src = _same_bytes(dst, src)
     if src.ndim < 2 or src.strides[-1] == src.itemsize:
         np.copyto(dst, src, casting="unsafe")
         return
-    for index in np.ndindex(*src.shape[:-2]):
-        d, s = dst[index], src[index]
-        for i in range(0, s.shape[0], _TILE):
-            for j in range(0, s.shape[1], _TILE):
-                np.copyto(d[i:i + _TILE, j:j + _TILE], s[i:i + _TILE, j:j + _TILE],
-                          casting="unsafe")
+    jobs = [(dst[index], src[index], range(start, min(start + _BAND, src.shape[-2]), _TILE[0]))
+            for index in np.ndindex(*src.shape[:-2])
+            for start in range(0, src.shape[-2], _BAND)]
+    if len(jobs) == 1 or src.nbytes < _THREADED_BYTES:
+        for job in jobs:
+            _copy_band(*job)
+    else:
+        list(_pool().map(lambda job: _copy_band(*job), jobs))
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="load")
 
 
 def _chunks(array: np.ndarray) -> list[tuple[int, slice]]:
@@ -208,7 +239,7 @@ def host_param(array: np.ndarray, dtype: Any, where: str, *, check: bool = True,
     for offset, rows in _chunks(out):
         if contiguous and not in_place:
             with np.errstate(all="ignore"):
-                np.copyto(out[rows], array[rows], casting="unsafe")
+                np.copyto(*_same_bytes(out[rows], array[rows]), casting="unsafe")
         if check:
             try:
                 check_values(out[rows], where, float16=float16, offset=offset)
