@@ -42,6 +42,8 @@ MANIFEST_FILE = "gemma2_lite_save.json"
 # The names save_hf gives shards (the hub's convention).
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _WRITER = "gemma2-lite save_hf"
+# sha256 of the files already read, by (path, size, mtime, inode).
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
 # Config fields that make two models the same model (dtypes and name may differ).
 _ARCHITECTURE = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "ffn_dim")
@@ -226,11 +228,17 @@ def _is_plain_file_name(name: str) -> bool:
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's sha256, computed once per version of the file (size, mtime, inode) in this
+    process: a chapter that locates the same weights twice reads them once."""
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def _check_replaceable(path: Path, config: Gemma2Config, overwrite: bool) -> None:

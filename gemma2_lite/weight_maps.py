@@ -242,8 +242,11 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
         except CheckpointError as exc:
             raise CheckpointError(f"{key}: {exc}") from None
         paths = rule.our_paths(int(m.group(1)) if m.groups() else None)
-        out.update(zip(paths, values))
-        names.update((path, key) for path in paths)
+        for path, value in zip(paths, values):
+            if path in names:               # e.g. "layers.1" and "layers.01": which is meant?
+                raise CheckpointError(f"{names[path]} and {key} both hold "
+                                      f"{'.'.join(map(str, path))}")
+            out[path], names[path] = value, key
     if unused:
         raise CheckpointError(f"unexpected tensors in {source}: {sorted(unused)[:8]}")
     return out, names

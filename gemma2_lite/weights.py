@@ -21,8 +21,9 @@ publishers serve them::
 (:func:`folder_problems`: every shard present, the index valid, checksums where save_hf wrote
 them). When they are not, and ``huggingface_hub`` (Hugging Face layout) or ``kagglehub``
 (Flax layout) is installed (``pip install 'gemma2-lite[weights]'``) and the network is
-allowed, it downloads them through that client, after saying which licence to accept and which token to set;
-otherwise it raises :class:`WeightsNotFound` saying where to put which files.
+allowed, it downloads them through that client, after saying which licence to accept and
+which token to set; otherwise it raises :class:`WeightsNotFound` saying where to put which
+files (:class:`BrokenWeights` naming each problem when they are there but damaged).
 
 :func:`locate` is what the chapters call: the real files when they are present (a folder
 that is there but broken is an error naming what is wrong, never a quiet fallback); at the

@@ -379,6 +379,12 @@ ROWS = [
     Row("load-bool-weights",
         lambda e: load_hf(replace_tensor(e, ST_TENSOR, np.ones(CFG.d_model, bool))),
         CheckpointError, r"final_norm.scale: dtype bool is not a floating-point weight"),
+    Row("load-layer-spelled-twice",
+        lambda e: load_hf(replace_tensor(e, "model.layers.01.input_layernorm.weight",
+                                         np.ones(CFG.d_model, np.float32))),
+        CheckpointError, r"model.layers.1.input_layernorm.weight and "
+                         r"model.layers.01.input_layernorm.weight both hold "
+                         r"layers.1.pre_attn_norm.scale"),
     Row("load-inf-weight",
         lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(np.inf))), CheckpointError,
         r"final_norm.scale \(model.norm.weight in .*model.safetensors\): 1 value\(s\) are not "
