@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ _CHUNK_BYTES = 1 << 24                               # values are checked 16 MiB
 _TILE = (1024, 8)                                    # a transposed copy's tile (rows, columns)
 _BAND = 1024                                         # rows per thread's share of a tensor
 _THREADED_BYTES = 1 << 22                            # smaller tensors are copied by one thread
+_MAPPED_BYTES = 1 << 20                              # larger host buffers: their own mmap
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _ALIGN = 64                                          # XLA:CPU uses 64-byte aligned memory in place
 # The unsigned view of each float dtype and its exponent bits: all ones = inf or NaN.
@@ -160,9 +162,17 @@ def check_values(values: np.ndarray, where: str, *, float16: bool = False,
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data is 64-byte aligned."""
+    """An uninitialised C-contiguous array whose data is 64-byte aligned.
+
+    A large one is its own anonymous memory map, its pages made up front (``MAP_POPULATE``):
+    measured here, filling 1.2 GB so took 1.5 s, against 5 s for numpy's own allocation,
+    whose transparent huge pages the kernel compacts memory for on first touch.
+    """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _MAPPED_BYTES and os.name == "posix":
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)

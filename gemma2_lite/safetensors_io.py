@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ _MAX_HEADER_BYTES = 100_000_000   # the reference implementation's limit
 _ALIGN = 64
 
 Entry = tuple[np.dtype, tuple[int, ...], int, int]   # dtype, shape, start, end
+# The read-only file mappings read_safetensors made (the only ones release_pages touches).
+_FILE_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -170,16 +173,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {}
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    _FILE_MAPPINGS.add(mapped)
     return {name: np.frombuffer(mapped, dtype, math.prod(shape), base + start).reshape(shape)
             for name, (dtype, shape, start, end) in entries.items()}
 
 
 def mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    """The file mapping ``array`` is a view of, if any (following ``.base`` links)."""
+    """The file mapping made by :func:`read_safetensors` that ``array`` is a view of, if any
+    (following ``.base`` links); never another mapping (dropping the pages of an anonymous
+    one would zero them)."""
     base: Any = array
     while base is not None:
         if isinstance(base, mmap.mmap):
-            return base
+            return base if base in _FILE_MAPPINGS else None
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return None
 
