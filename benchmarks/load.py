@@ -7,10 +7,15 @@ Writes (once, into ``--folder``) a released-style folder with random bf16 weight
 ``benchmarks/real_size.py``'s writer, then loads it ``--repeat`` times per side, the sides
 taking turns, each load in a fresh subprocess so that its peak resident memory is its own:
 ``gemma2_lite.checkpoint.load_hf(folder, jnp.bfloat16)`` and
-``Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)``. The load time is the
-call itself (imports excluded); peak memory is the process's ``ru_maxrss`` after the call
-(imports included), also shown against the weights' bytes. Prints the best and the median of
-each, and the ratios ours / theirs.
+``Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)``. transformers maps the
+files and reads nothing until the weights are used, while our load reads every weight once
+(to lay it out and to check its values), so a third side, "theirs+read", is
+``from_pretrained`` followed by reading every weight once (a chunked check of the exponent
+bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory is the process's
+own high-water mark after the call (``VmHWM``, imports included; not ``ru_maxrss``, which
+Linux carries over from the parent across the spawn, so a child of a big parent would report
+the parent's size), also shown against the weights' bytes.
+Prints the best and the median of each, and the ratios.
 
 :func:`measure` is the one-load measurement, for other benchmarks to call.
 """
@@ -41,14 +46,24 @@ else:
     from transformers import Gemma2ForCausalLM
     start = time.perf_counter()
     model = Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if side == "theirs+read":     # what our load also does: read every weight once, checking
+        for p in model.parameters():    # its exponent bits (bf16: all ones = inf or NaN)
+            for c in p.detach().view(-1).view(torch.int16).split(1 << 23):
+                assert int((c & 0x7F80).max()) != 0x7F80
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024       # Linux: KiB
+try:      # this process's own peak: ru_maxrss would include its parent's at the spawn
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # macOS: bytes
+    peak *= 1 if sys.platform == "darwin" else 1024                     # else KiB
 print(json.dumps({"load_s": seconds, "peak_bytes": peak}))
 """
 
 
 def measure(folder: str | Path, side: str) -> dict[str, float]:
-    """One load of ``folder`` by ``side`` ("ours" or "theirs") in a fresh subprocess:
+    """One load of ``folder`` by ``side`` ("ours", "theirs" or "theirs+read") in a fresh
+    subprocess:
     ``{"load_s": seconds of the load call, "peak_bytes": the process's peak RSS}``."""
     out = subprocess.run([sys.executable, "-c", _CHILD, side, str(folder)], check=True,
                          capture_output=True, text=True).stdout
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             write_folder(folder, args.layers, args.vocab)
         size = weight_bytes(folder)
-        runs: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": []}
+        runs: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": [], "theirs+read": []}
         for _ in range(args.repeat):
             for side in runs:
                 runs[side].append(measure(folder, side))
@@ -91,17 +106,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
     print(f"\nweights: {size / 1e9:.2f} GB (bf16); {len(runs['ours'])} load(s) per side")
-    print(f"{'':26}{'ours':>10}{'transformers':>14}{'ours / theirs':>15}")
-    rows = {}
+    print(f"{'':26}{'ours':>8}{'theirs':>9}{'ours/theirs':>13}{'theirs+read':>13}"
+          f"{'ours/that':>11}")
     for key, unit, scale in (("load_s", "s", 1.0), ("peak_bytes", "GB", 1e9)):
         for name, pick in (("best", min), ("median", statistics.median)):
-            ours = pick(r[key] for r in runs["ours"]) / scale
-            theirs = pick(r[key] for r in runs["theirs"]) / scale
-            rows[(key, name)] = ours, theirs
+            ours, theirs, read = (pick(r[key] for r in runs[side]) / scale
+                                  for side in ("ours", "theirs", "theirs+read"))
             label = f"{'load time' if key == 'load_s' else 'peak RSS'} ({name}, {unit})"
-            print(f"{label:26}{ours:10.2f}{theirs:14.2f}{ours / theirs:15.2f}")
-    ours, theirs = rows[("peak_bytes", "best")]
-    print(f"{'peak RSS / weights':26}{ours * 1e9 / size:10.2f}{theirs * 1e9 / size:14.2f}")
+            print(f"{label:26}{ours:8.2f}{theirs:9.2f}{ours / theirs:13.2f}{read:13.2f}"
+                  f"{ours / read:11.2f}")
+    ours, theirs, read = (min(r["peak_bytes"] for r in runs[side]) / size
+                          for side in ("ours", "theirs", "theirs+read"))
+    print(f"{'peak RSS / weights':26}{ours:8.2f}{theirs:9.2f}{'':13}{read:13.2f}")
 
 
 if __name__ == "__main__":
