@@ -1,6 +1,6 @@
 """Load and save Gemma 2 weights: Hugging Face (safetensors) and the official Flax/Orbax layout.
 
-One import for every checkpoint function; the work is done in five small modules:
+One import for every checkpoint function; the work is done in small modules:
 
 * :mod:`gemma2_lite.safetensors_io` -- the safetensors format (validated, memory-mapped reader;
   atomic writer).
@@ -9,7 +9,8 @@ One import for every checkpoint function; the work is done in five small modules
 * :mod:`gemma2_lite.params` -- the model to and from ``{path: array}``, every name, shape, dtype
   and value checked.
 * :mod:`gemma2_lite.hf_config`, :mod:`gemma2_lite.hf_checkpoint` -- Hugging Face folders
-  (``config.json``, shards and index; transactional saves, verification).
+  (``config.json``, shards and index; transactional saves through
+  :mod:`gemma2_lite.folder_swap`, verification).
 * :mod:`gemma2_lite.flax_checkpoint` -- the official Orbax checkpoints.
 
 Every tensor is shape-checked against the config before the model is built, and a missing,
