@@ -47,7 +47,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .checks import is_int
 from .config import Gemma2Config
+from .hf_checkpoint import load_hf
+from .hf_config import read_hf_config
 from .model import Gemma2, abstract_model
+from .params import host_param, path_name
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh",
            "resolve_rules", "logical_to_spec", "param_specs", "state_shardings", "shard_state",
@@ -175,10 +178,6 @@ def _check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh,
                 f"{label!r} to another axis (or None) in the rules")
 
 
-def _path_name(path: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
     axes = meta.get("logical_axes")
@@ -192,11 +191,11 @@ def _spec_for(path: Sequence[Any], var: nnx.Variable, mesh: Mesh | None,
     if axes is None:
         return P()                      # no logical names (step counters, rng state): replicate
     if len(axes) != len(shape):
-        raise ShardingError(f"{_path_name(path)} has shape {shape} but logical_axes {axes} "
+        raise ShardingError(f"{path_name(path)} has shape {shape} but logical_axes {axes} "
                             f"({len(axes)} names for {len(shape)} dimensions)")
     spec = logical_to_spec(axes, rules)
     if mesh is not None:
-        _check_divisible(_path_name(path), shape, spec, mesh, axes)
+        _check_divisible(path_name(path), shape, spec, mesh, axes)
     return spec
 
 
@@ -348,30 +347,31 @@ def make_placer(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | No
 
     Each parameter becomes a global ``jax.Array`` in its sharded layout, built with
     ``jax.make_array_from_callback``: every device asks only for its own slice of the (possibly
-    memory-mapped) numpy array, so a host reads only what its devices hold.
+    memory-mapped) numpy array, so a host reads only what its devices hold, and checks its
+    values there (finite; within float16's range when the model computes in float16).
     """
     abstract = abstract_model(config)
     shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(abstract, nnx.Param), mesh,
                                                        rules)))
     dtype = config.jnp_param_dtype
+    float16 = "float16" in (config.dtype, config.param_dtype)
 
     def place(path: tuple[Any, ...], array: np.ndarray) -> jax.Array:
         if tuple(path) not in shardings:
-            raise ShardingError(f"no sharding for parameter {_path_name(path)}; "
+            raise ShardingError(f"no sharding for parameter {path_name(path)}; "
                                 f"is the checkpoint for this config?")
         sharding = shardings[tuple(path)]
         return jax.make_array_from_callback(
-            array.shape, sharding, lambda index: np.asarray(array[index]).astype(dtype))
+            array.shape, sharding,
+            lambda index: host_param(array[index], dtype, path_name(path), float16=float16))
 
     return place
 
 
 def load_hf_sharded(path: str | os.PathLike, mesh: Mesh, rules: Mapping[str, Rule] | None = None,
-                    dtype: Any = jnp.float32, *, param_dtype: Any = None,
+                    dtype: Any = None, *, param_dtype: Any = None,
                     **config_overrides: Any) -> Gemma2:
     """:func:`gemma2_lite.checkpoint.load_hf` with every parameter put straight onto its shards."""
-    from .checkpoint import load_hf, read_hf_config
-
     config = read_hf_config(path, dtype, param_dtype, **config_overrides)
     return load_hf(path, dtype, param_dtype=param_dtype,
                    place=make_placer(config, mesh, rules), **config_overrides)

@@ -33,8 +33,9 @@ from flax import nnx
 
 from gemma2_lite import __main__ as cli, get_config
 from gemma2_lite.chat import ChatFormatError, ChatSession, encode_chat, format_chat
-from gemma2_lite.checkpoint import (CheckpointError, config_from_hf, load_flax, load_hf,
-                                    read_safetensors, save_hf, to_arrays, write_safetensors)
+from gemma2_lite.checkpoint import (CheckpointError, config_from_hf, config_to_hf, load_flax,
+                                    load_hf, read_safetensors, save_hf, to_arrays,
+                                    write_safetensors)
 from gemma2_lite.checks import TokenIdError
 from gemma2_lite.config import ConfigError
 from gemma2_lite.model import Gemma2
@@ -48,6 +49,7 @@ from gemma2_lite.posttrain import average_states, sft_batch, sft_eval
 from gemma2_lite.seed_records import RecordError, read_record, write_record
 from gemma2_lite.train import (SkippedCheckpointWarning, TrainConfig, TrainError, evaluate,
                                latest_checkpoint_step, restore_checkpoint, save_checkpoint, train)
+from gemma2_lite.weights import ENV_VAR, BrokenWeights, locate, model_dir
 
 from random_models import random_model
 
@@ -185,11 +187,13 @@ def session(**kw: Any) -> ChatSession:
 
 
 def nan_model(env: Env) -> Gemma2:
+    """A model with NaN weights, built past the loader's value check (which refuses them: see
+    the load-nan-weights row) to reach the sampler's own guard."""
     arrays = to_arrays(env.model)
     arrays[("final_norm", "scale")] = np.full(CFG.d_model, np.nan, np.float32)
     from gemma2_lite.checkpoint import from_arrays
 
-    return from_arrays(CFG, arrays)
+    return from_arrays(CFG, arrays, check=False)
 
 
 def tiny_cache(env: Env, batch: int, size: int) -> list[Any]:
@@ -382,8 +386,39 @@ ROWS = [
     Row("load-bool-weights",
         lambda e: load_hf(replace_tensor(e, ST_TENSOR, np.ones(CFG.d_model, bool))),
         CheckpointError, r"final_norm.scale: dtype bool is not a floating-point weight"),
+    Row("load-layer-spelled-twice",
+        lambda e: load_hf(replace_tensor(e, "model.layers.01.input_layernorm.weight",
+                                         np.ones(CFG.d_model, np.float32))),
+        CheckpointError, r"model.layers.1.input_layernorm.weight and "
+                         r"model.layers.01.input_layernorm.weight both hold "
+                         r"layers.1.pre_attn_norm.scale"),
+    Row("load-inf-weight",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(np.inf))), CheckpointError,
+        r"final_norm.scale \(model.norm.weight in .*model.safetensors\): 1 value\(s\) are not "
+        r"finite \(first: inf at flat index 7\)"),
+    Row("load-nan-weight",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(np.nan))), CheckpointError,
+        r"final_norm.scale \(model.norm.weight in .*\): 1 value\(s\) are not finite"),
+    Row("load-float16-overflow",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(7e4)), jnp.float16),
+        CheckpointError, r"final_norm.scale .*value 70000.0 at flat index 7 is beyond float16's "
+                         r"range"),
     Row("load-both-layouts", lambda e: load_hf(_both_layouts(e)), CheckpointError,
         r"holds both model.safetensors and model.safetensors.index.json"),
+    # --- saving
+    Row("save-over-foreign-model", lambda e: save_hf(e.model, _foreign_folder(e)),
+        CheckpointError, r"holds a model that save_hf did not write .*overwrite=True"),
+    Row("save-over-different-model",
+        lambda e: save_hf(random_model(CFG.replace(ffn_dim=16), seed=2), e.copy()),
+        CheckpointError, r"holds a different model .*'ffn_dim': 14.*'ffn_dim': 16"),
+    Row("save-over-changed-model", lambda e: save_hf(e.model, _changed_save(e)),
+        CheckpointError, r"has changed since save_hf wrote it \(model.safetensors has 3 bytes"),
+    Row("save-hf-config-of-another-model",
+        lambda e: save_hf(e.model, e.tmp() / "x",
+                          hf_config={**config_to_hf(CFG), "intermediate_size": 16}),
+        CheckpointError, r"hf_config describes .*, not the model's"),
+    Row("save-into-a-file", lambda e: save_hf(e.model, garbage_tokenizer(e, b"x")),
+        NotADirectoryError, r"tok.model exists and is not a folder"),
     Row("index-traversal",
         lambda e: load_hf(index_naming(e, "../elsewhere.safetensors")),
         CheckpointError, r"tensor 'model.norm.weight' names shard '../elsewhere.safetensors'"),
@@ -400,6 +435,19 @@ ROWS = [
         lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
             {"model.embed_tokens.weight": sorted(set(i["weight_map"].values()))[-1]}))),
         CheckpointError, r"puts 'model.embed_tokens.weight' in model-0000"),
+    # --- the weights folder: verified, named, never replaced by the fixture
+    Row("weights-missing-shard",
+        lambda e: locate_broken(e, lambda f: sorted(f.glob("model-*"))[0].unlink()),
+        BrokenWeights, r"gemma-2-2b \(hf layout\) in .* is incomplete or damaged:\n  missing "
+                       r"model-00001-of-0000\d.safetensors"),
+    Row("weights-invalid-index",
+        lambda e: locate_broken(e, lambda f: (f / "model.safetensors.index.json").write_text(
+            "[]")),
+        BrokenWeights, r"missing a valid model.safetensors.index.json .*non-empty 'weight_map'"),
+    Row("weights-changed-shard",
+        lambda e: locate_broken(e, lambda f: _flip_a_bit(f, "model-*")),
+        BrokenWeights, r"model-0000\d-of-0000\d.safetensors has changed since it was written "
+                       r"\(sha256 differs\)"),
     Row("flax-kv-not-stacked",
         lambda e: load_flax(with_item(flax_tree(e), ("transformer", "layer_0", "attn",
                                                       "kv_einsum", "w"),
@@ -503,6 +551,9 @@ ROWS = [
     Row("cli-truncated-weights",
         lambda e: run_cli(cli_args(e, _truncated(e).parent)),
         CliFailure, r"model.safetensors: tensor '[^']+': data_offsets .* truncated"),
+    Row("cli-inf-weights",
+        lambda e: run_cli(cli_args(e, replace_tensor(e, ST_TENSOR, _one_bad(-np.inf)))),
+        CliFailure, r"cannot load .*final_norm.scale .*not finite"),
     Row("cli-200-layers",
         lambda e: run_cli(cli_args(e, edit_config(e, _claim_layers(200)))),
         CliFailure, r"num_layers=200, the checkpoint holds 2"),
@@ -534,6 +585,44 @@ def _both_layouts(env: Env) -> Path:
     path = env.copy()
     shutil.copytree(sharded(env, lambda i: None), path, dirs_exist_ok=True)
     return path
+
+
+def _one_bad(value: float) -> np.ndarray:
+    """A norm weight with ``value`` at index 7 (float32: representable, also 7e4)."""
+    w = np.ones(CFG.d_model, np.float32)
+    w[7] = value
+    return w
+
+
+def _foreign_folder(env: Env) -> Path:
+    """A model folder as a download has it: the same files, but not written by save_hf."""
+    path = env.copy()
+    (path / "gemma2_lite_save.json").unlink()
+    return path
+
+
+def _changed_save(env: Env) -> Path:
+    path = env.copy()
+    (path / "model.safetensors").write_bytes(b"new")
+    return path
+
+
+def locate_broken(env: Env, damage: Callable[[Path], Any]) -> Any:
+    """``weights.locate`` at ci over a real (sharded) folder that ``damage`` broke."""
+    root = env.tmp()
+    folder = model_dir("gemma-2-2b", "hf", root)
+    save_hf(env.model, folder, max_shard_bytes=100_000)
+    shutil.copy(TOK.path, folder / "tokenizer.model")
+    damage(folder)
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(root)
+    try:
+        return locate("gemma-2-2b", profile="ci", fixture_dir=root / "fixtures", verbose=False)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR)
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 def _claim_layers(n: int) -> Callable[[dict[str, Any]], None]:
@@ -701,7 +790,7 @@ def test_the_table_is_big_enough() -> None:
     assert len({r.id for r in ROWS}) == len(ROWS)
     groups = {r.id.split("-")[0] for r in ROWS}
     for group in ("config", "model", "generate", "tokenizer", "chat", "st", "index", "train",
-                  "restore", "cli"):
+                  "restore", "cli", "save", "weights"):
         assert group in groups
 
 
@@ -1055,9 +1144,9 @@ def test_config_claiming_many_layers_is_rejected_at_once(env: Env) -> None:
 
 
 # ----------------------------------------------------------------------------- train checkpoints
-def _flip_a_bit(step_dir: Path) -> Path:
-    """Flip one bit in the middle of the step's largest file."""
-    file = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != "checksums.json"),
+def _flip_a_bit(step_dir: Path, pattern: str = "*") -> Path:
+    """Flip one bit in the middle of the step's largest file (of those matching ``pattern``)."""
+    file = max((p for p in step_dir.rglob(pattern) if p.is_file() and p.name != "checksums.json"),
                key=lambda p: p.stat().st_size)
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x10
