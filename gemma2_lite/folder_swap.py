@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -57,12 +56,25 @@ def _alive(pid: int) -> bool:
 
 def _remove_stale(path: Path) -> None:
     """Remove hidden siblings left by saves into ``path`` whose process is gone."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{_STAGING}|{_REPLACED})-(\d+)-.+")
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
-            m = pattern.fullmatch(entry.name)
-            if m and entry.is_dir() and not entry.is_symlink() and not _alive(int(m.group(1))):
+            pid = _staging_pid(entry.name, path.name)
+            if pid is not None and entry.is_dir() and not entry.is_symlink() and not _alive(pid):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _staging_pid(name: str, target: str) -> int | None:
+    """The process id in ``name`` when it is one of our hidden siblings of ``target``
+    (``.{target}.saving-{pid}-{random}`` or ``.{target}.replaced-{pid}-{random}``), else None.
+    Read with string operations, not a regex built from the folder's name."""
+    prefix = f".{target}."
+    if not name.startswith(prefix):
+        return None
+    kind, _, rest = name[len(prefix):].partition("-")
+    pid, _, suffix = rest.partition("-")
+    if kind not in (_STAGING, _REPLACED) or not pid.isdigit() or not suffix:
+        return None
+    return int(pid)
 
 
 def _swap_in(staging: Path, path: Path) -> None:

@@ -28,7 +28,6 @@ pre_attn_norm.scale etc.   (D,)         input_layernorm.weight etc.     (D,)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,8 +140,17 @@ class Rule:
     theirs: str
     transform: Transform = IDENTITY
 
-    def their_pattern(self) -> re.Pattern[str]:
-        return re.compile(re.escape(self.theirs).replace(r"\{i\}", r"(\d+)"))
+    def layer_in(self, key: str) -> tuple[bool, int | None]:
+        """Whether ``key`` is this row's key of theirs, and the layer index it names (None for
+        a row without ``{i}``). Read with string operations: the index is the decimal digits
+        between the key's fixed head and tail."""
+        head, braces, tail = self.theirs.partition("{i}")
+        if not braces:
+            return key == self.theirs, None
+        middle = key[len(head):len(key) - len(tail)]
+        ok = (len(key) > len(head) + len(tail) and key.startswith(head) and key.endswith(tail)
+              and middle.isdecimal())
+        return ok, int(middle) if ok else None
 
     def our_paths(self, layer: int | None) -> list[Path_]:
         return [tuple(int(p) if p.isdigit() else p
@@ -224,7 +232,6 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
     :func:`gemma2_lite.params.check_arrays`, which names our parameter. Shapes a transform
     needs are checked here, naming their key.
     """
-    patterns = [(rule, rule.their_pattern()) for rule in table.rules]
     out: dict[Path_, Any] = {}
     names: dict[Path_, str] = {}
     unused = []
@@ -232,16 +239,17 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
         if key in table.tied:
             _check_tied(key, table.tied[key], theirs)
             continue
-        match = next(((rule, m) for rule, p in patterns if (m := p.fullmatch(key))), None)
+        match = next(((rule, layer) for rule in table.rules
+                      for ok, layer in [rule.layer_in(key)] if ok), None)
         if match is None:
             unused.append(key)
             continue
-        rule, m = match
+        rule, layer = match
         try:
             values = rule.transform.load([value], config)
         except CheckpointError as exc:
             raise CheckpointError(f"{key}: {exc}") from None
-        paths = rule.our_paths(int(m.group(1)) if m.groups() else None)
+        paths = rule.our_paths(layer)
         for path, value in zip(paths, values):
             if path in names:               # e.g. "layers.1" and "layers.01": which is meant?
                 raise CheckpointError(f"{names[path]} and {key} both hold "

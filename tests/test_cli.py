@@ -166,13 +166,21 @@ def _stderr_lines(text: str) -> list[str]:
     return [l for l in text.splitlines() if not l.startswith("import time:")]
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as a shell starts a
+    program. A pytest-xdist worker's thread can hold SIGINT blocked or ignored, and a child
+    inherits both: the signal would then never arrive (the program would run to the end)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_ctrl_c_while_jax_imports_is_status_130_and_quiet(name: str, tmp_path: Path) -> None:
     """-X importtime reports each module as its import finishes: the first line for a jax
     (numpy) module means the import is under way, and Ctrl-C is sent right then."""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", *_program(name, tmp_path)[1:]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=_as_from_a_terminal)
     seen = []
     for line in proc.stderr:
         seen.append(line)
