@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None, metavar="P",
                        help="sample only from the smallest set of tokens with probability >= P")
         p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+        p.add_argument("--quantize", choices=["int8"], default=None,
+                       help="store the weights as int8 (about half of bf16's memory)")
     return parser
 
 
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         check_seed(args.seed, name="--seed")
         model, tokenizer = _load(args.checkpoint, args.tokenizer)
+        if args.quantize:
+            from gemma2_lite.quantize import quantize
+            model = quantize(model, args.quantize)
         if args.command == "generate":
             _generate(args, model, tokenizer, sys.stdout)
         else:

@@ -27,7 +27,7 @@ from .quantize import as_rows, is_rows
 
 __all__ = ["PAD_ID", "BAD_LOGITS", "SHORTLIST", "sample_tokens", "prefill", "decode_step",
            "SamplingSettings", "DecodeState", "start", "resume", "advance", "decode_loop",
-           "serving_model"]
+           "decode_program", "serving_model"]
 
 #: Gemma's ``<pad>`` id: fills the left padding and the outputs of rows that have finished.
 PAD_ID = 0
@@ -324,6 +324,13 @@ def decode_loop(model: Gemma2, state: DecodeState, settings: SamplingSettings, *
     can time the same program again and again."""
     graphdef, params = nnx.split(model)
     return (_finish_jit if donate else _finish_kept_jit)(graphdef, params, state, settings)
+
+
+def decode_program(model: Gemma2, state: DecodeState, settings: SamplingSettings) -> Any:
+    """The compiled program :func:`decode_loop` runs for these shapes (``jax.stages.Compiled``:
+    ``as_text()`` its HLO, ``memory_analysis()`` its buffers), to inspect what XLA made of it."""
+    graphdef, params = nnx.split(model)
+    return _finish_kept_jit.lower(graphdef, params, state, settings).compile()
 
 
 # ---------------------------------------------------------------------------- serving layout

@@ -139,15 +139,10 @@ class RowProjection(nnx.Module):
         return out, contracted
 
     @classmethod
-    def from_weight(cls, weight: jax.Array, spec: str, values_type: type[Rows] = Rows,
-                    scale: jax.Array | None = None, scale_type: type[RowScale] = RowScale
-                    ) -> "RowProjection":
-        """The rows of ``weight`` (its einsum layout, as ``spec`` uses it); ``weight`` may
-        already be quantized values, with ``scale`` per output element."""
+    def from_weight(cls, weight: jax.Array, spec: str) -> "RowProjection":
+        """The rows of ``weight`` (in the model's einsum layout, as ``spec`` uses it)."""
         out, contracted = cls.axes(spec)
-        values = jnp.transpose(weight, out + contracted)
-        return cls(values_type(values), len(out),
-                   None if scale is None else scale_type(scale))
+        return cls(Rows(jnp.transpose(weight, out + contracted)), len(out))
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
         """x (..., in...) -> (..., out...) in ``dtype``."""

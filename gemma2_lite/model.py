@@ -28,7 +28,7 @@ from .attention import (Attention, AttentionPlan, LayerCache, attention_mask, ba
                         cached_key_positions, gqa_attention)
 from .checks import check_token_ids
 from .config import Gemma2Config
-from .layers import Embedder, FeedForward, RMSNorm, gelu_tanh, soft_cap
+from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, soft_cap
 from .rope import rope_table, rotate
 
 __all__ = ["Block", "Components", "Gemma2", "Gemma2Output", "abstract_model",
@@ -134,7 +134,8 @@ class Gemma2(nnx.Module):
                                   param_dtype=config.jnp_param_dtype)
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        # Weights stored as rows (serving, int8) count too; their scales do not.
+        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param, Rows)))
         return f"Gemma2({self.config!r}, {n:,} parameters)"
 
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
@@ -270,19 +271,7 @@ class Gemma2(nnx.Module):
         # Built once per forward, shared by the layers: the rotation table, and one mask per
         # kind of layer (global / local), over the keys that kind attends to in this plan.
         rope = comps.rope_table(positions, c.head_dim, c.rope_base)
-        masks: dict[int | None, jax.Array] = {}
-        for i, block in enumerate(self.layers):
-            w = block.attn.window
-            if w in masks:
-                continue
-            mode = plan.for_window(w)
-            if mode == "banded":
-                # A local layer over a whole prompt attends in chunks of W columns, each to
-                # its own and the previous chunk's keys (attention.banded_attention).
-                masks[w] = band_mask(comps.mask, k_pos, w)                  # (B, n, W, 2W)
-            else:
-                key_pos = cached_key_positions(mode, None if cache is None else cache[i], k_pos)
-                masks[w] = comps.mask(positions, key_pos, w)                # (B, T, S')
+        masks = self._masks(plan, positions, k_pos, cache)
 
         def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
                 ) -> tuple[jax.Array, LayerCache | None]:
@@ -309,6 +298,24 @@ class Gemma2(nnx.Module):
         logits = soft_cap(raw, c.final_logit_softcap)
         return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
                             hidden=hidden if return_hidden else None, finite=finite)
+
+    def _masks(self, plan: AttentionPlan, positions: jax.Array, k_pos: jax.Array,
+               cache: list[LayerCache] | None) -> dict[int | None, jax.Array]:
+        """One mask per kind of layer (keyed by its window), as the plan has it attend."""
+        masks: dict[int | None, jax.Array] = {}
+        for i, block in enumerate(self.layers):
+            w = block.attn.window
+            if w in masks:
+                continue
+            mode = plan.for_window(w)
+            if mode == "banded":
+                # A local layer over a whole prompt attends in chunks of W columns, each to
+                # its own and the previous chunk's keys (attention.banded_attention).
+                masks[w] = band_mask(self.components.mask, k_pos, w)        # (B, n, W, 2W)
+            else:
+                key_pos = cached_key_positions(mode, None if cache is None else cache[i], k_pos)
+                masks[w] = self.components.mask(positions, key_pos, w)      # (B, T, S')
+        return masks
 
     def _plan(self, plan: AttentionPlan | None, length: int, positions: Any,
               cache: list[LayerCache] | None) -> AttentionPlan:

@@ -26,12 +26,12 @@ added on top, as QLoRA does) and leaves the quantized weights frozen.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .attention import Attention
@@ -98,19 +98,36 @@ def as_rows(model: Gemma2) -> Gemma2:
     return out
 
 
-def quantize_int8(weight: jax.Array, spec: str) -> tuple[jax.Array, jax.Array]:
-    """Per-channel symmetric int8: values int8 and scale float32 (one per output element of
-    ``spec``'s weight, e.g. per token of the embedding, per (head, h) of q), such that
-    ``weight ~= values * scale`` along the output axes. Rounds to nearest; an all-zero channel
-    gets scale 1 (its values are 0)."""
-    out_axes, contracted = RowProjection.axes(spec)
-    w = weight.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w), axis=contracted, keepdims=True)
+# Rows quantized per compiled call: bounds the float32 working copy (the 2B's 256000-row
+# embedding would need 2.4 GB at once).
+_CHUNK_ROWS = 8192
+
+
+@jax.jit
+def _quantize_rows(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rows (R, I) of any float dtype -> int8 values (R, I), float32 scale (R,)."""
+    w = rows.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(w), axis=1, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    # The scale's shape follows the output axes in the order the product gives them.
-    scale = jnp.transpose(jnp.squeeze(scale, contracted),
-                          np.argsort(np.argsort(out_axes)).tolist())
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale[:, 0]
+
+
+def quantize_int8(weight: jax.Array, spec: str) -> tuple[jax.Array, jax.Array]:
+    """Per-channel symmetric int8 of a weight in the model's layout, used as ``spec`` says.
+
+    Returns the values as rows, int8 (out..., in...), and the scales, float32 (out...): one
+    per output channel (per token of the embedding, per (head, h) of q, per feature of gate),
+    ``scale = max |w| / 127`` over the channel, ``w ~= values * scale``. Rounds to nearest;
+    an all-zero channel gets scale 1 (its values are 0)."""
+    out, contracted = RowProjection.axes(spec)
+    perm = out + contracted
+    rows = weight if perm == tuple(range(weight.ndim)) else jnp.transpose(weight, perm)
+    shape = rows.shape
+    flat = rows.reshape(math.prod(shape[:len(out)]), -1)                  # (O, I)
+    parts = [_quantize_rows(flat[a:a + _CHUNK_ROWS]) for a in range(0, flat.shape[0],
+                                                                      _CHUNK_ROWS)]
+    values = jnp.concatenate([v for v, _ in parts]).reshape(shape)
+    scale = jnp.concatenate([s for _, s in parts]).reshape(shape[:len(out)])
     return values, scale
 
 
@@ -129,8 +146,8 @@ def quantize(model: Gemma2, kind: str = "int8") -> Gemma2:
     out = _copy(model)
     for module, name, spec in _projections(out):
         values, scale = quantize_int8(_values(getattr(module, name), name), spec)
-        setattr(module, name, RowProjection.from_weight(values, spec, Int8Values, scale,
-                                                        Int8Scale))
+        n_out = len(RowProjection.axes(spec)[0])
+        setattr(module, name, RowProjection(Int8Values(values), n_out, Int8Scale(scale)))
     return out
 
 
