@@ -22,8 +22,9 @@
 
 Prints, per side: load time (int8: and quantization); resident memory after load and the peak
 during the load; the peak during generate (the high-water mark is reset after loading, and
-after quantizing: ``/proc/self/clear_refs``); each against the bf16 weights' bytes; prefill and decode tokens/s; the bytes decode reads per token and
-the rate that makes against the measured bandwidth; and the ratios to transformers.
+after quantizing: ``/proc/self/clear_refs``); each against the bf16 weights' bytes; prefill
+and decode tokens/s; the bytes decode reads per token and the rate that makes against the
+measured bandwidth; and the ratios to transformers.
 """
 
 from __future__ import annotations
@@ -300,7 +301,8 @@ def report(results: dict, weight_bytes: int) -> None:
         r["decode_gbs"] = r["decode_bytes"] * r["decode_tps"] / 1e9
         for key in ("load_rss", "load_peak", "peak_rss"):
             r[key + "_x"] = r[key] * 1e9 / weight_bytes
-    rows = [("load time, s", "load_s", "{:.1f}"), ("compile + first call, s", "compile_s", "{:.1f}"),
+    rows = [("load time, s", "load_s", "{:.1f}"),
+            ("compile + first call, s", "compile_s", "{:.1f}"),
             ("RSS after load, GB", "load_rss", "{:.2f}"),
             ("  / weights", "load_rss_x", "{:.2f}"),
             ("peak RSS in load / weights", "load_peak_x", "{:.2f}"),

@@ -47,9 +47,11 @@ def round_up(n: int, multiple: int) -> int:
 SHORTLIST = 256
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-            top_p: jax.Array) -> jax.Array:
-    """:func:`~gemma2_lite.sampler.sample_logits` with the settings as arrays (top_k 0 = off, top_p 1 = off).
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+                  top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """:func:`~gemma2_lite.sampler.sample_logits` with the settings as arrays (top_k 0 = off,
+    top_p 1 = off): logits float32 (B, V) -> int32 (B,), ``BAD_LOGITS`` for a row with NaN or
+    +inf or nothing finite.
 
     Settings are traced values, not Python constants, so one compiled program serves every
     temperature / top-k / top-p: changing them never recompiles. ``lax.switch`` runs only the

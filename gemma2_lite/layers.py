@@ -90,11 +90,12 @@ def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
                  ) -> jax.Array:
     """x (M, I) · values (O, I)^T [· scale (O,)] -> float32 (M, O).
 
-    A few rows (decoding: M = B) are matrix-vector products in float32 (:func:`_matvec`),
-    which read the weights at memory speed whatever their dtype; many rows (a prompt, training)
-    one matrix product in x's dtype with float32 accumulation (the weights converted to it
-    once, when they are not already)."""
-    if x.shape[0] <= MATVEC_ROWS:
+    A few rows (decoding: M = B) of bf16 or int8 weights are matrix-vector products in
+    float32 (:func:`_matvec`), which read the weights at memory speed; float32 weights, and many
+    rows (a prompt, training), one matrix product in x's dtype with float32 accumulation (the
+    weights converted to it once, when they are not already; XLA's own matrix-vector kernel
+    reads float32 rows at memory speed, and faster than the fused loop at small sizes)."""
+    if x.shape[0] <= MATVEC_ROWS and values.dtype != jnp.float32:
         x32 = x.astype(jnp.float32)
         out = jnp.stack([_matvec(x32[r], values) for r in range(x.shape[0])])
     else:
