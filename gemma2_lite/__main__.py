@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None, metavar="P",
                        help="sample only from the smallest set of tokens with probability >= P")
         p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+        p.add_argument("--quantize", choices=["int8"], default=None,
+                       help="store the weights as int8 (about half of bf16's memory)")
     return parser
 
 
@@ -209,6 +211,10 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     model, tokenizer = _load(args.checkpoint, args.tokenizer)
+    if args.quantize:
+        from gemma2_lite.quantize import quantize
+
+        model = quantize(model, args.quantize)
     if args.command == "generate":
         _generate(args, model, tokenizer, sys.stdout)
     else:

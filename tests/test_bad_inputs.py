@@ -196,6 +196,22 @@ def nan_model(env: Env) -> Gemma2:
     return from_arrays(CFG, arrays, check=False)
 
 
+def inf_model(env: Env) -> Gemma2:
+    """One +inf in the final norm's weight: every logit is +-inf before the soft-cap, which
+    turns them into +-c_f, so only a check before the cap sees it (issue 21)."""
+    model = nnx.merge(*nnx.split(env.model))
+    scale = np.zeros(CFG.d_model, np.float32)
+    scale[0] = np.inf
+    model.final_norm.scale[...] = jnp.asarray(scale)
+    return model
+
+
+def inf_checkpoint(env: Env) -> Path:
+    weight = np.zeros(CFG.d_model, np.float32)
+    weight[0] = np.inf
+    return replace_tensor(env, ST_TENSOR, weight)
+
+
 def tiny_cache(env: Env, batch: int, size: int) -> list[Any]:
     return env.model.init_cache(batch, size)
 
@@ -293,6 +309,12 @@ ROWS = [
         ValueError, r"temperature must be a finite number"),
     Row("generate-nan-model", lambda e: generate(nan_model(e), [[2, 5]], max_new_tokens=2),
         NonFiniteLogitsError, r"generate.*row\(s\) \[0\].*NaN"),
+    Row("generate-inf-weight-before-softcap",
+        lambda e: generate(inf_model(e), [[2, 5]], max_new_tokens=2),
+        NonFiniteLogitsError, r"generate.*row\(s\) \[0\].*before the final soft-cap"),
+    Row("chat-inf-weight-before-softcap",
+        lambda e: ChatSession(inf_model(e), TOK).send("Hello"),
+        NonFiniteLogitsError, r"row\(s\) \[0\] are not finite"),
     Row("sample-nan-logits",
         lambda e: sample_logits(jnp.array([[0.0, 1.0], [jnp.nan, 1.0]]), jax.random.key(0)),
         NonFiniteLogitsError, r"sample_logits: the logits of row\(s\) \[1\]"),
@@ -554,6 +576,9 @@ ROWS = [
     Row("cli-inf-weights",
         lambda e: run_cli(cli_args(e, replace_tensor(e, ST_TENSOR, _one_bad(-np.inf)))),
         CliFailure, r"cannot load .*final_norm.scale .*not finite"),
+    Row("cli-inf-weight",            # refused at load, or by the logits' check: never exit 0
+        lambda e: run_cli(cli_args(e, inf_checkpoint(e))),
+        CliFailure, r"(?i)(inf|not finite|non-finite)"),
     Row("cli-200-layers",
         lambda e: run_cli(cli_args(e, edit_config(e, _claim_layers(200)))),
         CliFailure, r"num_layers=200, the checkpoint holds 2"),
