@@ -199,11 +199,15 @@ def nan_model(env: Env) -> Gemma2:
 def inf_model(env: Env) -> Gemma2:
     """One +inf in the final norm's weight: every logit is +-inf before the soft-cap, which
     turns them into +-c_f, so only a check before the cap sees it (issue 21)."""
-    model = nnx.merge(*nnx.split(env.model))
+    # Built from copied arrays: a merge of the shared model's split state would hand back the
+    # same Variables, and writing into them would corrupt the module-wide model.
+    arrays = to_arrays(env.model)
     scale = np.zeros(CFG.d_model, np.float32)
     scale[0] = np.inf
-    model.final_norm.scale[...] = jnp.asarray(scale)
-    return model
+    arrays[("final_norm", "scale")] = scale
+    from gemma2_lite.checkpoint import from_arrays
+
+    return from_arrays(CFG, arrays, check=False)
 
 
 def inf_checkpoint(env: Env) -> Path:
