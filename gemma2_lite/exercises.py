@@ -116,6 +116,8 @@ def _label(ref: Any) -> str:
     module = getattr(ref, "__module__", None) or ""
     if not name:
         return repr(ref)[:60]
+    if module.startswith("__"):
+        return f"{name} (the notebook's)"
     return f"{name} (from {module.split('.')[0]})" if module else name
 
 
