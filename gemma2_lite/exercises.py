@@ -108,6 +108,8 @@ _BY_NAME = ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_NAME", "IMPORT_FROM", "LOAD_GLOB
 
 
 def _label(ref: Any) -> str:
+    if isinstance(ref, str):
+        return f"the name {ref!r}"
     if isinstance(ref, types.ModuleType):
         return f"the module {ref.__name__}"
     if inspect.ismethod(ref):
@@ -139,7 +141,8 @@ class _Search:
 
     def __init__(self, references: tuple[Any, ...]) -> None:
         self.objects = [r for r in references if not isinstance(r, str)]
-        self.names: dict[str, Any] = {r: r for r in references if isinstance(r, str)}
+        self.strings = {r for r in references if isinstance(r, str)}     # names, anywhere
+        self.names: dict[str, Any] = {r: r for r in self.strings}
         self.pairs: list[tuple[Any, str, Any]] = []     # (owner, attribute, the method)
         for r in self.objects:
             if inspect.ismethod(r) and not isinstance(r.__self__, (type, types.ModuleType)):
@@ -197,6 +200,8 @@ class _Search:
             current: Any = None                  # the object the last load resolved to
             for ins in dis.get_instructions(code):
                 name = ins.argval if isinstance(ins.argval, str) else None
+                if name is not None and name in self.strings and ins.opname in _BY_NAME:
+                    return name
                 if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and name is not None:
                     if name in scope:
                         current = scope[name]
