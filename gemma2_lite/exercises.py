@@ -124,7 +124,7 @@ def _label(ref: Any) -> str:
 
 
 def _is_users(fn: types.FunctionType) -> bool:
-    """Defined in a notebook (``__main__``) or a namespace like ``__exercises__``, not a library."""
+    """Defined in a notebook (``__main__``) or a namespace like ``__exercises__``."""
     module = fn.__globals__.get("__name__")
     return module is None or (module.startswith("__") and module.endswith("__"))
 
