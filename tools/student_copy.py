@@ -6,10 +6,12 @@ the instructor's copy of everything.
     python tools/student_copy.py --instructor [OUT]   # -> _build/instructor/ (make instructor)
 
 An exercise's solution is a code cell tagged ``solution`` whose metadata holds
-``"exercise": {"id": "NN-k", "stub": "<student source>"}``; the copy gets the stub as the
-cell's source, loses the ``solution`` and ``hide-cell`` tags (the student should see the cell)
-and, like every code cell of the copy, has no outputs and no execution count. Everything else
-is unchanged, so in the copy every check cell fails until the student solves the exercise.
+``"exercise": {"id": "NN-k", "stub": "<student source>", "wrong": [...]}`` (``wrong``: the
+plausible wrong answers its check must reject, see tools/check_exercises.py); the copy gets the
+stub as the cell's source, loses the ``solution`` and ``hide-cell`` tags (the student should see
+the cell) and the wrong answers (several are one edit away from the solution), and, like every
+code cell of the copy, has no outputs and no execution count. Everything else is unchanged, so
+in the copy every check cell fails until the student solves the exercise.
 
 The copies run from wherever they are written: the chapters find their files through the
 ``gemma2_lite`` package (``gemma2_lite.paths``; the tokenizer, the book's model and the corpus
@@ -80,6 +82,12 @@ def stub_of(cell: dict, where: str) -> str:
     return meta["stub"]
 
 
+def wrong_answers(cell: dict) -> list[dict]:
+    """The stored wrong answers of a chapter exercise's solution cell (``[]`` when none)."""
+    wrong = cell.get("metadata", {}).get("exercise", {}).get("wrong", [])
+    return list(wrong) if isinstance(wrong, list) else []
+
+
 def _lines(text: str) -> list[str]:
     return text.splitlines(keepends=True)
 
@@ -90,6 +98,8 @@ def student_notebook(nb: dict, where: str = "notebook") -> dict:
     for cell in nb["cells"]:
         if is_solution(cell):
             cell["source"] = _lines(stub_of(cell, where))
+            if isinstance(cell["metadata"].get("exercise"), dict):
+                cell["metadata"]["exercise"].pop("wrong", None)
             kept = [t for t in tags(cell) if t not in HIDDEN]
             if kept:
                 cell["metadata"]["tags"] = kept
