@@ -73,23 +73,16 @@ def chapter_role(name, rawtext, text, lineno, inliner, options=None, content=Non
     return [nodes.emphasis(label, label), nodes.Text(" (in preparation)")], []
 
 
-def _table(header: list[str], rows: list[list[str]], widths: list[int]) -> nodes.table:
-    table = nodes.table(classes=["course-table"])
-    group = nodes.tgroup(cols=len(header))
-    table += group
-    for width in widths:
-        group += nodes.colspec(colwidth=width)
-    head, body = nodes.thead(), nodes.tbody()
-    for cells, parent in [(header, head)] + [(r, body) for r in rows]:
-        row = nodes.row()
-        for text in cells:
-            entry = nodes.entry()
-            entry += nodes.paragraph(text=text)
-            row += entry
-        parent += row
-    group += head
-    group += body
-    return table
+def _markdown(directive: Directive, lines: list[str]) -> list[nodes.Node]:
+    """Parse generated MyST (a pipe table, a paragraph) as if it were written in the page."""
+    container = nodes.container()
+    directive.state.nested_parse(StringList(lines, source=directive.name),
+                                 directive.content_offset, container)
+    return container.children
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
 class ChapterTable(Directive):
@@ -102,13 +95,10 @@ class ChapterTable(Directive):
         lines = ["| | chapter | after it you can, among other things, |", "|---|---|---|"]
         for chapter, path in course_pages.chapter_paths().items():
             env.note_dependency(str(path))
-            lines.append(f"| {chapter} | {{doc}}`{course_pages.title(path)} "
-                         f"</notebooks/{path.stem}>` | "
-                         f"{course_pages.first_objective(path).replace('|', '/')} |")
-        container = nodes.container()
-        self.state.nested_parse(StringList(lines, source="chapter-table"), self.content_offset,
-                                container)
-        return container.children
+            lines.append(_row([chapter, f"{{doc}}`{course_pages.title(path)} "
+                                        f"</notebooks/{path.stem}>`",
+                               course_pages.first_objective(path)]))
+        return _markdown(self, lines)
 
 
 class ExerciseTable(Directive):
@@ -118,16 +108,16 @@ class ExerciseTable(Directive):
 
     def run(self):
         env = self.state.document.settings.env
-        rows = []
+        lines = ["| chapter | exercises | number, kind (what the student's cell defines) |",
+                 "|---|---:|---|"]
         for chapter, path in course_pages.chapter_paths().items():
             env.note_dependency(str(path))
             found = course_pages.exercises(path)
-            listed = "; ".join(f"{ex.number} {ex.title} ({', '.join(ex.names)})"
-                               for ex in found)
-            rows.append([f"{chapter} {course_pages.title(path)}", str(len(found)),
-                         listed or "none"])
-        return [_table(["chapter", "exercises", "number, kind (what the student's cell defines)"],
-                       rows, [30, 10, 60])]
+            listed = "; ".join(f"**{ex.number}** {ex.title} "
+                               f"({', '.join(f'`{n}`' for n in ex.names)})" for ex in found)
+            lines.append(_row([f"{chapter} {course_pages.title(path)}", str(len(found)),
+                               listed or "none"]))
+        return _markdown(self, lines)
 
 
 class WeeklyHours(Directive):
@@ -139,19 +129,19 @@ class WeeklyHours(Directive):
         env = self.state.document.settings.env
         env.note_dependency(str(course_pages.SYLLABUS))
         env.note_dependency(str(course_pages.RECORD))
-        rows = []
+        lines = [_row(["week", "chapters", "exercises", "`ci` run (min)", "class (h)",
+                       "reading (h)", "exercises (h)", "assignments (h)", "project (h)",
+                       "total (h)"]), "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in course_pages.weekly_hours():
             chapters = ", ".join(r["chapters"]) or "(project week)"
             if r["missing"]:
                 chapters += f" ({r['missing']} in preparation)"
             h = r["hours"]
-            rows.append([str(r["week"]), chapters, str(r["exercises"]),
-                         f"{r['ci minutes']:.0f}", f"{h['class']:g}", f"{h['reading']:g}",
-                         f"{h['exercise work']:g}", f"{h['assignments']:g}",
-                         f"{h['project']:g}", f"{r['total']:g}"])
-        header = ["week", "chapters", "exercises", "ci run (min)", "class", "reading",
-                  "exercises (h)", "assignments", "project", "total (h)"]
-        return [_table(header, rows, [6, 16, 9, 9, 7, 8, 10, 11, 8, 9])]
+            lines.append(_row([str(r["week"]), chapters, str(r["exercises"]),
+                               f"{r['ci minutes']:.0f}", f"{h['class']:g}", f"{h['reading']:g}",
+                               f"{h['exercise work']:g}", f"{h['assignments']:g}",
+                               f"{h['project']:g}", f"**{r['total']:g}**"]))
+        return _markdown(self, lines)
 
 
 class RunTimes(Directive):
@@ -162,18 +152,7 @@ class RunTimes(Directive):
     def run(self):
         env = self.state.document.settings.env
         env.note_dependency(str(course_pages.RECORD))
-        rows = [list(r) for r in course_pages.run_time_rows()]
-        for row in rows:
-            row[1:] = [v or "not recorded" for v in row[1:]]
-        totals = [course_pages.total([r[i] for r in course_pages.run_time_rows()]) or "-"
-                  for i in (1, 2)]
-        rows.append(["all", *totals])
-        note = nodes.paragraph(text="Each chapter on a fresh kernel, timed by "
-                               "tools/run_notebooks.py --record; book/run-times.json keeps "
-                               "every entry's date, machine and load average: "
-                               + course_pages.provenance().replace("`", "") + ".")
-        return [_table(["chapter", "ci (s)", "colab shapes, loops capped at 3, CPU (s)"],
-                       rows, [50, 15, 35]), note]
+        return _markdown(self, course_pages.run_time_table().splitlines())
 
 
 def setup(app):
