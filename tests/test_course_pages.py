@@ -159,6 +159,17 @@ def test_every_chapter_has_its_section_in_the_instructor_notes() -> None:
         assert "*Common mistakes.*" in sections[chapter], chapter
 
 
+def test_every_chapter_has_its_quiz() -> None:
+    quizzes = (BOOK / "quizzes.md").read_text(encoding="utf-8")
+    have = re.findall(r"^## (\d\d[a-z]?) ", quizzes, re.M)
+    missing = sorted(set(CHAPTERS) - set(have))
+    assert not missing, f"book/quizzes.md has no '## NN Title' section for {missing}"
+    for chapter, body in re.findall(r"^## (\d\d[a-z]?) [^\n]*\n(.*?)(?=^## |\Z)", quizzes,
+                                    re.S | re.M):
+        assert len(re.findall(r"^\d\. ", body, re.M)) == body.count(":class: dropdown") >= 3, \
+            f"quizzes, {chapter}: every question needs its folded answer"
+
+
 def test_readme_and_intro_list_every_chapter() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     read_it = readme[readme.index("## How to read it"):readme.index("## Run profiles")]

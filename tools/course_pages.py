@@ -279,6 +279,55 @@ def weekly_hours() -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------- a recorded experiment
+
+
+def ablation_markdown(path: Path) -> list[str]:
+    """A seed record of data/ablations/ as MyST: per-seed table, means, spread, verdict, budget."""
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    variants = list(rec["summary"])
+    seeds = sorted(rec["per_seed"], key=int)
+    lines = [_table_row(["seed", *[f"`{v}`" for v in variants]]),
+             "|---:|" + "---:|" * len(variants)]
+    for seed in seeds:
+        lines.append(_table_row([seed, *[f"{rec['per_seed'][seed][v]:.2f}" for v in variants]]))
+    summary = rec["summary"]
+    lines.append(_table_row(["mean ± std", *[f"{summary[v]['mean']:.2f} ± {summary[v]['std']:.2f}"
+                                             for v in variants]]))
+    means = [summary[v]["mean"] for v in variants]
+    gap = max(means) - min(means)
+    spread = max(summary[v]["std"] for v in variants)
+    verdict = ("larger than two standard deviations of the seed-to-seed spread"
+               if gap > 2 * spread else "within two standard deviations of the seed-to-seed "
+               "spread")
+    base, paired = variants[0], []
+    for v in variants[1:]:
+        diffs = [rec["per_seed"][seed][v] - rec["per_seed"][seed][base] for seed in seeds]
+        mean = sum(diffs) / len(diffs)
+        std = (sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)) ** 0.5
+        same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+        reading = ("the seeds disagree in sign" if not same_sign else
+                   "every seed agrees in sign, and the mean is over twice their spread"
+                   if abs(mean) > 2 * std else
+                   "every seed agrees in sign, but the mean is within twice their spread")
+        paired.append(f"`{v}` − `{base}`: {mean:+.2f} ± {std:.2f} "
+                      f"({', '.join(f'{d:+.2f}' for d in diffs)}; {reading})")
+    lines += ["", f"Validation perplexity, profile `{rec['profile']}`, {len(seeds)} seeds. "
+              f"Unpaired, the largest gap between the variants' means is {gap:.2f}, {verdict} "
+              f"(largest standard deviation {spread:.2f}). Paired by seed, the differences from "
+              f"`{base}` are: " + "; ".join(paired) + "."]
+    seconds = rec["seconds"]
+    lines += ["", f"*Budget, measured:* `{rec['command']}` took {seconds:.0f} s for all "
+              f"{len(seeds)} seeds ({seconds / len(seeds):.0f} s per seed, every variant included) "
+              f"on {rec['devices']} with JAX {rec['jax']}, as recorded in "
+              f"`{path.relative_to(ROOT)}`."]
+    return lines
+
+
+def _table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 # ------------------------------------------------------------------------ expected outputs
 
 NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?%?")

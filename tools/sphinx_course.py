@@ -18,6 +18,8 @@ Loaded by _config.yml (``sphinx: local_extensions``). In a page:
     ``tools/run_notebooks.py --record``).
 ``{weekly-hours}``
     the syllabus's weeks, their chapters' exercises and run times, and the hours estimate.
+``{ablation-record} data/ablations/NAME.json``
+    a seed record: per-seed results, mean and spread, the verdict, and the measured budget.
 
 The reading of the notebooks is tools/course_pages.py's (standard library only), which the tests
 use too.
@@ -155,6 +157,18 @@ class RunTimes(Directive):
         return _markdown(self, course_pages.run_time_table().splitlines())
 
 
+class AblationRecord(Directive):
+    """A seed record of data/ablations/ (the argument, from the repository root) as tables."""
+
+    required_arguments = 1
+    has_content = False
+
+    def run(self):
+        path = course_pages.ROOT / self.arguments[0]
+        self.state.document.settings.env.note_dependency(str(path))
+        return _markdown(self, course_pages.ablation_markdown(path))
+
+
 def setup(app):
     app.add_role("exercise", exercise_role)
     app.add_role("chapter", chapter_role)
@@ -162,4 +176,5 @@ def setup(app):
     app.add_directive("exercise-table", ExerciseTable)
     app.add_directive("run-times", RunTimes)
     app.add_directive("weekly-hours", WeeklyHours)
+    app.add_directive("ablation-record", AblationRecord)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
