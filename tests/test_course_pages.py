@@ -195,8 +195,9 @@ def test_run_times_are_recorded_for_every_chapter_and_the_readme_shows_the_recor
         for chapter, entry in record[key].items():
             assert {"seconds", "date", "machine", "load average"} <= set(entry), chapter
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert course_pages.readme_with_block(readme) == readme, \
-        "README.md's run-time table is not book/run-times.json's: python tools/course_pages.py --write"
+    assert course_pages.readme_with_block(readme) == readme, ("README.md's run-time table is "
+                                                              "not book/run-times.json's: run "
+                                                              "python tools/course_pages.py --write")
     assert "```{run-times}" in NOTES, "the instructor notes render the record"
 
 

@@ -6,14 +6,14 @@ self-contained (styles, navigation script and figures inline), with math typeset
 
 Each cell tagged ``slide`` becomes one slide, in notebook order: a markdown cell as it reads in
 the book (a summary stops before its *Further reading*), a code cell as its printed output and
-figures, with its code shown only when it drew no figure; a tagged figure caption
-(``**Figure N.**``) right after a tagged figure goes under it on the same slide. Outputs come from an executed
+figures, with its code shown only when it drew no figure; a tagged figure caption (``**Figure
+N.**``) right after a tagged figure goes under it on the same slide. Outputs come from an executed
 copy of the chapter, when one matches the committed notebook's code (``_build/jupyter_execute``
 after ``make book``, or ``_build/executed-ci`` after ``tools/run_notebooks.py``); otherwise the
 slide shows the code and says the chapter has not been executed. The decks need no network:
-MathJax comes from the ``sphinx-mathjax-offline`` package the book is built with, copied once
-into ``OUT/mathjax/``. Arrow keys, space and Page Up/Down move between slides; printing gives
-one slide per page.
+MathJax comes from the ``sphinx-mathjax-offline`` package the book is built with, copied once into
+``OUT/mathjax/``. Arrow keys, space and Page Up/Down move between slides; printing gives one slide
+per page.
 
 Standard library, plus ``markdown-it-py`` and ``mdit-py-plugins`` (installed with the book).
 """
