@@ -9,7 +9,7 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book browser venv bench clean help colab-check student instructor
+.PHONY: test book browser venv bench clean help colab-check student instructor slides
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
@@ -20,6 +20,8 @@ help:
 	@echo "               each assignment's starter, public tests and rubric (no solutions)"
 	@echo "make instructor - what instructors get, in _build/instructor: chapters, assignments with"
 	@echo "               reference solutions, hidden tests and wrong answers, the course pages"
+	@echo "make slides - a lecture deck per chapter, from its cells tagged slide, in _build/slides"
+	@echo "              (self-contained HTML, math offline; after make book they show the figures)"
 
 venv: $(STAMP)
 
@@ -91,6 +93,12 @@ student:
 # What instructors get: everything, solutions and hidden tests included, and the course pages.
 instructor:
 	$(PYTHON) tools/student_copy.py --instructor _build/instructor
+
+# Lecture slides: one self-contained HTML deck per chapter from the cells it tags `slide`
+# (tools/slides.py), with the executed outputs of the last `make book` when they match the
+# chapter's code. Open _build/slides/index.html; no network needed.
+slides: $(STAMP)
+	$(BIN)/python tools/slides.py
 
 clean:
 	rm -rf _build .pytest_cache

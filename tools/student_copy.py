@@ -42,7 +42,7 @@ ASSIGNMENTS = ROOT / "assignments"
 # What a student gets of assignments/ besides each assignment's starter notebook.
 STUDENT_SHARED = ("README.md", "grading.py")
 STUDENT_FILES = ("conftest.py", "rubric.md")        # plus test_aN_public.py
-COURSE_PAGES = ("syllabus.md", "instructor-notes.md", "course-guide.md")
+COURSE_PAGES = ("syllabus.md", "instructor-notes.md", "course-guide.md", "policies.md")
 
 
 class ExerciseError(ValueError):
