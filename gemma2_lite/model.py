@@ -388,11 +388,18 @@ def param_counts(config: Gemma2Config) -> dict[str, int]:
 
     For the report's configs (256128-row embedding) this gives its table exactly, e.g.
     gemma2-2b: {"embedding": 590118912, "non_embedding": 2024517888}.
+
+    Every layer has the same parameter shapes (local and global layers differ only in their
+    mask), so one abstract *one-layer* model is traced and its layer counted ``num_layers``
+    times: tracing all 46 layers of the 27B took about 15 s on a 2-core CPU, one layer a
+    fraction of a second, with the same numbers.
     """
-    abstract = abstract_model(config)
-    state = nnx.state(abstract, nnx.Param)
-    embedding = int(np.prod(abstract.embedder.embedding.shape))
-    total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
+    one = abstract_model(config.replace(num_layers=1))
+    sizes = [(path[0], int(np.prod(var.shape)))
+             for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param))]
+    layer = sum(n for top, n in sizes if top == "layers")
+    embedding = int(np.prod(one.embedder.embedding.shape))
+    total = sum(n for _, n in sizes) + (config.num_layers - 1) * layer
     return {"embedding": embedding, "non_embedding": total - embedding}
 
 

@@ -26,6 +26,22 @@ def test_param_counts_hf_vocab_changes_only_embedding():
     assert counts["non_embedding"] == REPORT_COUNTS["gemma2-2b"][1]
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_param_counts_equal_the_whole_models_parameters(layers):
+    # param_counts traces one layer and multiplies: the same as counting a whole model
+    from flax import nnx
+    import jax
+    import numpy as np
+    from gemma2_lite.model import abstract_model
+
+    cfg = get_config("tiny", num_layers=layers, vocab_size=300)
+    model = abstract_model(cfg)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    counts = param_counts(cfg)
+    assert counts["embedding"] == 300 * cfg.d_model
+    assert counts["embedding"] + counts["non_embedding"] == total
+
+
 def test_presets_follow_the_spec():
     c2, c9, c27 = (get_config(n) for n in ("gemma2-2b", "gemma2-9b", "gemma2-27b"))
     assert (c2.d_model, c2.num_layers, c2.num_heads, c2.num_kv_heads, c2.head_dim, c2.ffn_dim) == \
