@@ -22,6 +22,12 @@ low-rank product is formed once per forward (``2 r d_in d_out`` FLOPs per projec
 the number of tokens) instead of per token (``x A B``: ``2 r (d_in + d_out)`` per token); the
 two give the same logits (the chapter checks it).
 
+A token the base model never learnt (the book's model never saw ``<start_of_turn>`` or
+``<end_of_turn>`` in pretraining: their embedding rows are still random) cannot be learnt through
+low-rank updates of the projections alone: the tied embedding decides both how the token is read
+and how likely it is to be written. ``apply_lora(..., trainable_tokens=ids)`` also trains those
+rows of the embedding, as PEFT's ``trainable_token_indices`` does (:class:`TokenRows`).
+
 The base weight can be anything that answers ``[...]`` with an array and has ``.shape``: a plain
 ``nnx.Param`` today; an int8 weight that dequantizes itself (QLoRA, Dettmers et al. 2023) when
 :mod:`gemma2_lite.quantize` provides one: :class:`LoRAWeight` reads ``base[...]`` and nothing
@@ -31,7 +37,9 @@ Adapters on disk use Hugging Face PEFT's layout for ``Gemma2ForCausalLM``: ``ada
 (``peft_type: LORA``, ``r``, ``lora_alpha``, ``target_modules``) and
 ``adapter_model.safetensors`` with tensors
 ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` (r, d_in) and
-``...lora_B.weight`` (d_out, r), rows and columns in Hugging Face's flattened order (see
+``...lora_B.weight`` (d_out, r) (and, with trainable tokens,
+``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`` (k, D): the new
+rows, which PEFT copies over the old ones), rows and columns in Hugging Face's flattened order (see
 :mod:`gemma2_lite.checkpoint`'s table), so ``PeftModel.from_pretrained`` reads what
 :func:`save_adapters` writes, and :func:`load_adapters` reads PEFT's files.
 """
@@ -42,7 +50,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +61,11 @@ from flax import nnx
 
 from .checkpoint import CheckpointError, read_safetensors, write_safetensors
 from .model import Gemma2
+from .train import TrainConfig, make_optimizer, make_train_step
 
-__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "apply_lora", "merge", "lora_state",
+__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "apply_lora", "merge", "lora_state",
            "count_lora_params", "adapter_state_dict", "adapter_config", "save_adapters",
-           "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "finetune", "ema"]
 
 #: The projections an adapter can sit on: name -> (sub-module of a block, input axes of the
 #: weight in the model's einsum layout; the other axes are outputs).
@@ -76,9 +85,24 @@ HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers."
+_TOKENS_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 
 
-class LoRAWeight(nnx.Module):
+class _OverBase(nnx.Module):
+    """A module standing in for a weight ``base``: the same shape and dtype, read with ``[...]``."""
+
+    base: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base[...].dtype
+
+
+class LoRAWeight(_OverBase):
     """A weight plus a low-rank update, read like the weight: ``w[...]`` is
     ``base[...] + scale * (A @ B)`` laid out as ``base`` (any rank, e.g. q's (N, D, H)).
 
@@ -110,14 +134,6 @@ class LoRAWeight(nnx.Module):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base[...].dtype
-
     def delta(self) -> jax.Array:
         """scale * A @ B in the base's layout, float32."""
         a, b = self.lora_a[...], self.lora_b[...]
@@ -127,6 +143,24 @@ class LoRAWeight(nnx.Module):
     def __getitem__(self, index: Any) -> jax.Array:
         w = self.base[...]
         return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)[index]
+
+
+class TokenRows(_OverBase):
+    """An embedding table with rows ``ids`` replaced by trainable ones: ``t[...]`` is the base
+    table with those rows set to ``rows`` (an ``nnx.LoRAParam`` (k, D), float32, starting as a
+    copy of the old rows, so the model starts unchanged). The tied unembedding reads the same
+    table, so a token's new row changes how it is read and how likely it is to be written."""
+
+    def __init__(self, base: Any, ids: Iterable[int]):
+        self.base = base
+        self.ids = tuple(int(i) for i in ids)
+        table = base[...]
+        self.rows = nnx.LoRAParam(jnp.asarray(table[np.asarray(self.ids)], jnp.float32),
+                                  logical_axes=(None, _logical_axes(base, 2)[1]))
+
+    def __getitem__(self, index: Any) -> jax.Array:
+        w = self.base[...]
+        return w.at[np.asarray(self.ids)].set(self.rows[...].astype(w.dtype))[index]
 
 
 def _logical_axes(var: Any, ndim: int) -> tuple[Any, ...]:
@@ -158,12 +192,13 @@ def _copy(model: Gemma2) -> Gemma2:
 
 def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
                targets: Iterable[str] = tuple(TARGETS), rngs: nnx.Rngs | None = None, *,
-               use_rslora: bool = False) -> Gemma2:
+               use_rslora: bool = False, trainable_tokens: Iterable[int] = ()) -> Gemma2:
     """The model with a rank-``rank`` adapter on each of ``targets`` in every layer.
 
     targets: names from :data:`TARGETS` (``q k v o gate up down``) or Hugging Face's
     (``q_proj`` ...). alpha: the adapters are scaled by alpha / rank. rngs: draws A (default
-    ``nnx.Rngs(0)``). The input model is left as it was; the returned one shares its base
+    ``nnx.Rngs(0)``). trainable_tokens: token ids whose embedding rows train too
+    (:class:`TokenRows`; e.g. chat markers the base never saw). The input model is left as it was; the returned one shares its base
     arrays (they are immutable) and, since B = 0, computes exactly the same logits until the
     adapters are trained. Raises ``ValueError`` for a bad rank, an unknown target or a model
     that already has adapters.
@@ -177,7 +212,13 @@ def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
         raise ValueError("this model already has LoRA adapters; merge(model) first to stack "
                          "another set on the merged weights")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    ids = sorted({int(i) for i in trainable_tokens})
+    vocab = model.config.vocab_size
+    if any(not 0 <= i < vocab for i in ids):
+        raise ValueError(f"trainable_tokens must be ids in [0, {vocab}), got {ids}")
     out = _copy(model)
+    if ids:
+        out.embedder.embedding = TokenRows(out.embedder.embedding, ids)
     for block in out.layers:
         for name in names:
             module, in_axes = TARGETS[name]
@@ -212,6 +253,10 @@ def merge(model: Gemma2) -> Gemma2:
     for _, name, parent, w in _adapters(out):
         meta = {"logical_axes": _logical_axes(w.base, len(w.shape))}
         setattr(parent, name, nnx.Param(w[...], **meta))
+    table = out.embedder.embedding
+    if isinstance(table, TokenRows):
+        out.embedder.embedding = nnx.Param(table[...],
+                                           logical_axes=_logical_axes(table.base, 2))
     return out
 
 
@@ -242,6 +287,9 @@ def adapter_state_dict(model: Gemma2) -> dict[str, np.ndarray]:
         key = f"{_PREFIX}{i}.{HF_NAMES[name]}"
         out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
         out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    table = model.embedder.embedding
+    if isinstance(table, TokenRows):
+        out[_TOKENS_KEY] = np.asarray(table.rows[...], np.float32)
     return out
 
 
@@ -261,6 +309,8 @@ def adapter_config(model: Gemma2, base_model_name_or_path: str | None = None
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
             "use_rslora": rslora, "use_dora": False, "inference_mode": True,
             "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+            "trainable_token_indices": list(model.embedder.embedding.ids) if isinstance(
+                model.embedder.embedding, TokenRows) else None,
             "base_model_name_or_path": base_model_name_or_path, "revision": None}
 
 
@@ -324,9 +374,16 @@ def load_adapters(model: Gemma2, path: str | os.PathLike) -> Gemma2:
         else None
     if tensors is None:
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
-    out = apply_lora(model, cfg["r"], float(cfg["lora_alpha"]), names,
-                     use_rslora=bool(cfg.get("use_rslora", False)))
+    ids = _token_indices(cfg, path)
+    try:
+        out = apply_lora(model, cfg["r"], float(cfg["lora_alpha"]), names,
+                         use_rslora=bool(cfg.get("use_rslora", False)), trainable_tokens=ids)
+    except ValueError as exc:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: {exc}") from None
     expected = {}
+    if ids:
+        table = out.embedder.embedding
+        expected[_TOKENS_KEY] = (table, "rows", tuple(table.rows.shape))
     for i, name, _, w in _adapters(out):
         key = f"{_PREFIX}{i}.{HF_NAMES[name]}"
         a, b = _flat_in_out(w)
@@ -346,11 +403,89 @@ def load_adapters(model: Gemma2, path: str | os.PathLike) -> Gemma2:
         if not np.issubdtype(t.dtype, np.floating) and t.dtype.name != "bfloat16":
             raise CheckpointError(f"{key}: a weight must be floating point, found {t.dtype}")
         var = getattr(w, attr)
-        var[...] = jnp.asarray(np.asarray(t, np.float32).T.reshape(var.shape))
+        value = np.asarray(t, np.float32)
+        var[...] = jnp.asarray(value if attr == "rows" else value.T.reshape(var.shape))
     return out
+
+
+def _token_indices(cfg: dict[str, Any], path: Path) -> list[int]:
+    """``trainable_token_indices`` of a PEFT config: a list, or {"embed_tokens": list}."""
+    raw = cfg.get("trainable_token_indices")
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"embed_tokens"}
+        if unknown:
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable tokens on {sorted(unknown)}"
+                                  " are not supported (only embed_tokens)")
+        raw = raw.get("embed_tokens", [])
+    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            for i in raw):
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable_token_indices must be a "
+                              f"list of token ids, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable_token_indices repeats ids")
+    return raw
 
 
 def _strip_adapter_name(key: str) -> str:
     """PEFT strips the adapter name ('.default') when saving; accept files that kept it."""
     return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)
 
+
+
+# ----------------------------------------------------------------------------- training
+_STEPS: dict[Any, Callable[..., Any]] = {}
+
+
+def ema(anchor: Any, params: Any, rate: float) -> Any:
+    """``(1 - rate) * anchor + rate * params``, leaf by leaf (an exponential moving average)."""
+    return jax.tree.map(lambda a, p: ((1.0 - rate) * a + rate * p).astype(a.dtype), anchor,
+                        params)
+
+
+def finetune(model: Gemma2, batches: Callable[[int, Gemma2], tuple[Any, Any]], tc: TrainConfig,
+             loss_fn: Callable[..., jax.Array], *, reference: Gemma2 | None = None,
+             anchor_rate: float | None = None) -> tuple[Gemma2, list[dict[str, float]]]:
+    """Train only the adapters of ``model`` for ``tc.steps`` steps through the one training
+    step, :func:`gemma2_lite.train.make_train_step` (AdamW as ``tc`` says; the base weights are
+    passed as the step's frozen ``rest``). Returns the trained model and per-step
+    ``{"loss", "grad_norm"}``.
+
+    batches(step, current_model) -> (batch int32 (B, T + 1), mask): the step's data; the
+    current model is there for on-policy methods, which sample from it. ``mask`` reaches
+    ``loss_fn(logits, targets, reference_logits, rng, mask)`` as it is (an array, or any pytree
+    of arrays a loss needs, e.g. per-row advantages). reference: a frozen model whose logits
+    (gradient stopped) are the loss's third argument (DPO's and GRPO's reference, a
+    distillation teacher). anchor_rate: instead, the reference is the policy's own exponential
+    moving average, updated after every step (WARP's anchor): its adapters become
+    ``(1 - anchor_rate) * anchor + anchor_rate * policy``.
+    """
+    if not count_lora_params(model):
+        raise ValueError("finetune trains adapters: apply_lora(model, ...) first")
+    if anchor_rate is not None and (reference is not None or not 0 < anchor_rate <= 1):
+        raise ValueError("anchor_rate must be in (0, 1], and only without a reference")
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+    if anchor_rate is not None:
+        ref_graph, anchor = graphdef, jax.tree.map(jnp.copy, params)
+    elif reference is not None:
+        ref_graph, ref_state = nnx.split(reference)
+    else:
+        ref_graph = ref_state = None
+    key = (graphdef, ref_graph, loss_fn, tc.replace(seed=0, progress=False))
+    if key not in _STEPS:
+        _STEPS[key] = make_train_step(graphdef, make_optimizer(tc), loss_fn, ref_graph)
+    step, tx = _STEPS[key], make_optimizer(tc)
+    params = jax.tree.map(jnp.copy, params)           # the step donates its inputs
+    opt_state, rng = tx.init(params), jax.random.key(tc.seed)
+    history = []
+    for i in range(tc.steps):
+        batch, mask = batches(i, nnx.merge(graphdef, params, rest))
+        if anchor_rate is not None:
+            ref_state = nnx.merge_state(anchor, rest)
+        params, opt_state, rng, m = step(params, opt_state, rng, rest, ref_state,
+                                         jnp.asarray(batch), mask)
+        if anchor_rate is not None:
+            anchor = ema(anchor, params, anchor_rate)
+        history.append({k: float(v) for k, v in m.items()})
+    return nnx.merge(graphdef, params, rest), history

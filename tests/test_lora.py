@@ -146,7 +146,8 @@ def test_peft_reads_our_adapters_and_we_read_peft(base, tmp_path) -> None:
 
     from hf_reference import hf_logits
 
-    model = trained_looking(apply_lora(base, 2, 5.0, ALL, nnx.Rngs(0)), size=0.2)
+    model = trained_looking(apply_lora(base, 2, 5.0, ALL, nnx.Rngs(0),
+                                       trainable_tokens=(3, 100)), size=0.2)
     save_hf(base, tmp_path / "base")
     save_adapters(model, tmp_path / "ours")
     hf = Gemma2ForCausalLM.from_pretrained(tmp_path / "base",
@@ -157,8 +158,12 @@ def test_peft_reads_our_adapters_and_we_read_peft(base, tmp_path) -> None:
     hf2 = Gemma2ForCausalLM.from_pretrained(tmp_path / "base",
                                             attn_implementation="eager").eval()
     cfg = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["k_proj", "gate_proj"],
-                          init_lora_weights=False)
+                          init_lora_weights=False, trainable_token_indices=[5, 7])
     pm = peft.get_peft_model(hf2, cfg).eval()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape))                      # the new rows move
     pm.save_pretrained(tmp_path / "theirs")
     ours = load_adapters(base, tmp_path / "theirs")
     with torch.no_grad():
@@ -218,3 +223,53 @@ def test_bad_adapters_and_arguments_are_named(base, tmp_path) -> None:
             load_adapters(base, tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapters(base, tmp_path / "nowhere")
+
+
+def test_memory_planner_counts_the_adapters_and_what_fits(base) -> None:
+    from gemma2_lite.memory import GiB, lora_param_count, plan_lora, plan_memory
+
+    for targets in (ALL, ("q", "v"), ("o", "down")):
+        model = apply_lora(base, 3, 6.0, targets, nnx.Rngs(0))
+        assert lora_param_count(CFG, 3, targets) == count_lora_params(model)
+    kw = dict(batch=1, seq=1024, chip="tpu-v5e", param_dtype="bfloat16", act_dtype="bfloat16")
+    full = plan_memory("gemma2-2b", {}, **kw)
+    lora = plan_lora("gemma2-2b", rank=8, **kw)
+    qlora = plan_lora("gemma2-2b", rank=8, base_bytes=1, **kw)
+    weights = 590_118_912 + 2_024_517_888
+    adapters = lora_param_count("gemma2-2b", 8)
+    assert lora.state == 2 * weights + 16 * adapters + 8       # base bf16; fp32 adapters + Adam
+    assert qlora.state == weights + 16 * adapters + 8          # an int8 base
+    assert lora.activations_remat == full.activations_remat
+    assert not full.fits() and lora.fits() and full.state > 6 * lora.state
+    assert not plan_lora("gemma2-9b", rank=8, **kw).fits()         # 9B needs the int8 base
+    assert plan_lora("gemma2-9b", rank=8, base_bytes=1, **kw).fits()
+    assert lora.train_remat < 16 * GiB
+
+
+def test_trainable_token_rows_start_unchanged_and_change_how_a_token_is_written(
+        base, tmp_path) -> None:
+    """LoRA alone cannot move a token's tied embedding row; trainable_tokens can."""
+    model = apply_lora(base, 2, 4.0, ("q",), nnx.Rngs(0), trainable_tokens=(7, 3))
+    np.testing.assert_array_equal(model(TOKENS), base(TOKENS))
+    table = model.embedder.embedding
+    assert table.ids == (3, 7) and table.rows.shape == (2, CFG.d_model)
+    assert count_lora_params(model) == count_lora_params(
+        apply_lora(base, 2, 4.0, ("q",), nnx.Rngs(0))) + 2 * CFG.d_model
+    table.rows[...] = table.rows[...] + 1.0
+    out = np.asarray(model(TOKENS))
+    ref = np.asarray(base(TOKENS))
+    changed = np.abs(out - ref).max(axis=(0, 1))                   # (V,) per output token
+    assert changed[3] > 1e-3 and changed[7] > 1e-3                 # their logits move ...
+    merged = merge(model)
+    assert type(merged.embedder.embedding) is nnx.Param
+    assert_close(merged(TOKENS), out, 1e-5, "merged rows")
+    save_adapters(model, tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert config["trainable_token_indices"] == [3, 7]
+    from gemma2_lite.checkpoint import read_safetensors
+    rows = read_safetensors(tmp_path / ADAPTER_WEIGHTS)[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (2, CFG.d_model)
+    np.testing.assert_array_equal(load_adapters(base, tmp_path)(TOKENS), out)
+    with pytest.raises(ValueError, match="trainable_tokens"):
+        apply_lora(base, 2, 4.0, ("q",), nnx.Rngs(0), trainable_tokens=(CFG.vocab_size,))
