@@ -23,10 +23,11 @@ the number of tokens) instead of per token (``x A B``: ``2 r (d_in + d_out)`` pe
 two give the same logits (the chapter checks it).
 
 A token the base model never learnt (the book's model never saw ``<start_of_turn>`` or
-``<end_of_turn>`` in pretraining: their embedding rows are still random) cannot be learnt through
-low-rank updates of the projections alone: the tied embedding decides both how the token is read
-and how likely it is to be written. ``apply_lora(..., trainable_tokens=ids)`` also trains those
-rows of the embedding, as PEFT's ``trainable_token_indices`` does (:class:`TokenRows`).
+``<end_of_turn>`` in pretraining: their embedding rows are still random) is learnt badly through
+low-rank updates of the projections alone: its frozen row of the tied embedding decides both how
+the token is read and how likely it is to be written. ``apply_lora(..., trainable_tokens=ids)``
+also trains those rows of the embedding, as PEFT's ``trainable_token_indices`` does
+(:class:`TokenRows`).
 
 The base weight can be anything that answers ``[...]`` with an array and has ``.shape``: a plain
 ``nnx.Param`` today; an int8 weight that dequantizes itself (QLoRA, Dettmers et al. 2023) when
@@ -198,10 +199,11 @@ def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
     targets: names from :data:`TARGETS` (``q k v o gate up down``) or Hugging Face's
     (``q_proj`` ...). alpha: the adapters are scaled by alpha / rank. rngs: draws A (default
     ``nnx.Rngs(0)``). trainable_tokens: token ids whose embedding rows train too
-    (:class:`TokenRows`; e.g. chat markers the base never saw). The input model is left as it was; the returned one shares its base
-    arrays (they are immutable) and, since B = 0, computes exactly the same logits until the
-    adapters are trained. Raises ``ValueError`` for a bad rank, an unknown target or a model
-    that already has adapters.
+    (:class:`TokenRows`; e.g. chat markers the base never saw). The input model is left as it
+    was; the returned one shares its base arrays (they are immutable) and, since B = 0 and the
+    new rows start as copies, computes exactly the same logits until it is trained. Raises
+    ``ValueError`` for a bad rank, an unknown target or token id, or a model that already has
+    adapters.
     """
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")

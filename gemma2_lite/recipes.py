@@ -115,7 +115,8 @@ and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_con
 
 ## Provenance
 
-* command: `python -m gemma2_lite.recipes sft --seed {seed} --steps {args.steps} --n {args.n}`
+* command: `python -m gemma2_lite.recipes sft --seed {seed} --steps {args.steps} --n {args.n}
+  --out data/{SFT_DIR}/seed-{seed}`
 * data: the `speaker` and `play` examples of
   `build_instructions(seed=0, n={args.n}, split="train")` that fit {SEQ + 1} tokens
   ({n_train} examples; the rule is in `gemma2_lite/posttrain.py`), loss on the model turn only
@@ -124,7 +125,7 @@ and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_con
   no weight decay, clip 1.0; float32
 * held-out (`build_instructions(seed=1, n=384, split="valid")`, same kinds):
   {json.dumps(scores)}
-* wall time: {seconds:.0f} s on {jax.devices()}
+* wall time: {seconds:.0f} s on {jax.devices()} (jax {jax.__version__})
 """
 
 
