@@ -125,7 +125,8 @@ and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_con
   no weight decay, clip 1.0; float32
 * held-out (`build_instructions(seed=1, n=384, split="valid")`, same kinds):
   {json.dumps(scores)}
-* wall time: {seconds:.0f} s on {jax.devices()} (jax {jax.__version__})
+* wall time: {seconds:.0f} s on {jax.devices()} (jax {jax.__version__}),
+  {time.strftime("%Y-%m-%d")}
 """
 
 
