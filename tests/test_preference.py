@@ -268,15 +268,23 @@ def test_samples_come_in_groups_and_the_anchor_follows_the_policy(model, example
     assert all(1 <= len(s) <= 4 for s in greedy)
     anchor = {"a": jnp.zeros(3)}
     assert_close(lora.ema(anchor, {"a": jnp.ones(3)}, 0.25)["a"], 0.25 * np.ones(3), 1e-6)
-    # anchor_rate = 1: the anchor is the policy itself after every step, so the KL term of
-    # the loss is zero at the next step; with zero advantages nothing moves.
-    policy = lora.apply_lora(model, 2, 4.0, ("q",), nnx.Rngs(0))
+    # Step 0 moves the policy (advantages +-1); step 1 has advantages 0, so its loss is the
+    # KL term alone: 0 when the anchor followed the policy (anchor_rate = 1), > 0 for a
+    # fixed anchor at the start.
+    policy = lora.apply_lora(model, 2, 4.0, ("q", "v", "up", "down"), nnx.Rngs(0),
+                             trainable_tokens=(TOK.end_of_turn_id,))
     batch, mask = rl.completion_batch(prompts, greedy[::3], SEQ)
-    tc = TrainConfig(steps=2, batch_size=2, seq_len=SEQ, lr=1e-2, warmup=1, progress=False)
+    tc = TrainConfig(steps=2, batch_size=2, seq_len=SEQ, lr=0.1, warmup=0, progress=False)
+
+    def batches(i, _):
+        adv = jnp.asarray([1.0, -1.0]) if i == 0 else jnp.zeros(2)
+        return batch, {"mask": jnp.asarray(mask), "advantages": adv}
+
+    _, moving = lora.finetune(policy, batches, tc, rl.make_pg_loss(1.0), anchor_rate=1.0)
+    _, fixed = lora.finetune(policy, batches, tc, rl.make_pg_loss(1.0), reference=model)
+    assert moving[0]["loss"] == pytest.approx(fixed[0]["loss"], rel=1e-5)
+    assert fixed[1]["loss"] > 1e-4 and abs(moving[1]["loss"]) < 1e-3 * fixed[1]["loss"]
     extra = {"mask": jnp.asarray(mask), "advantages": jnp.zeros(2)}
-    _, hist = lora.finetune(policy, lambda i, m: (batch, extra), tc, rl.make_pg_loss(0.1),
-                            anchor_rate=1.0)
-    assert all(h["loss"] == pytest.approx(0.0, abs=1e-6) for h in hist)
     with pytest.raises(ValueError, match="anchor_rate"):
         lora.finetune(policy, lambda i, m: (batch, extra), tc, rl.make_pg_loss(0.1),
                       reference=model, anchor_rate=0.5)
