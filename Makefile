@@ -9,14 +9,19 @@ export GEMMA2_LITE_PROFILE ?= ci
 # Keep JAX from grabbing a TPU/GPU's whole memory when notebooks run side by side.
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: test book browser venv bench clean help colab-check student
+.PHONY: test book browser venv bench clean help colab-check student instructor slides
 
 help:
 	@echo "make test   - set up .venv, run every test (unit, parity, notebooks, the built book)"
 	@echo "make book   - set up .venv, execute every notebook and build the HTML book in _build/html"
-	@echo "make bench  - run the speed/memory benchmarks (prints ratios)"
+	@echo "make bench  - run the speed/memory benchmarks (prints ratios; the 2B at 4 layers)"
 	@echo "make colab-check - execute every chapter at the colab profile on this CPU, loops capped"
-	@echo "make student - write the chapters without the exercise solutions into _build/student"
+	@echo "make student - what students get, in _build/student: the chapters with exercise stubs,"
+	@echo "               each assignment's starter, public tests and rubric (no solutions)"
+	@echo "make instructor - what instructors get, in _build/instructor: chapters, assignments with"
+	@echo "               reference solutions, hidden tests and wrong answers, the course pages"
+	@echo "make slides - a lecture deck per chapter, from its cells tagged slide, in _build/slides"
+	@echo "              (self-contained HTML, math offline; after make book they show the figures)"
 
 venv: $(STAMP)
 
@@ -69,16 +74,31 @@ LOOP_CAP ?= 3
 colab-check: $(STAMP)
 	GEMMA2_LITE_OFFLINE=1 $(BIN)/python tools/run_notebooks.py --profile colab --loop-cap $(LOOP_CAP)
 
+# real_size.py runs the 2B's width and vocabulary with 4 of its 26 layers (1.8 GB of bf16
+# weights); the real 2B is `python benchmarks/real_size.py` (5.2 GB of weights).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/memory_plan.py
-	$(BIN)/python benchmarks/real_size.py
+	$(BIN)/python benchmarks/real_size.py --layers 4
 
-# The chapters with each exercise's solution replaced by its stub (standard library only).
+# What students get: the chapters with each exercise's solution replaced by its stub, and per
+# assignment (assignments/) the starter notebook, public tests, conftest.py and rubric; never a
+# reference solution, hidden test or wrong answer (tests/test_assignments.py checks both
+# builds). Standard library only.
 student:
 	$(PYTHON) tools/student_copy.py _build/student
+
+# What instructors get: everything, solutions and hidden tests included, and the course pages.
+instructor:
+	$(PYTHON) tools/student_copy.py --instructor _build/instructor
+
+# Lecture slides: one self-contained HTML deck per chapter from the cells it tags `slide`
+# (tools/slides.py), with the executed outputs of the last `make book` when they match the
+# chapter's code. Open _build/slides/index.html; no network needed.
+slides: $(STAMP)
+	$(BIN)/python tools/slides.py
 
 clean:
 	rm -rf _build .pytest_cache

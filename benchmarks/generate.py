@@ -12,14 +12,18 @@ Prints three tables:
     greedy, same prompt, same number of new tokens. Repetitions are interleaved so that load
     from other processes hits every contestant alike; medians are reported. Decode speed
     excludes the prompt: (N - 1) / (time(N new tokens) - time(1 new token)). Then the bytes
-    XLA copies inside the decode loop on every step, read from the compiled program, with
-    plain parameters and with the sampler's decode layout (``sampler._DECODE_LAYOUT``).
+    XLA copies inside the decode loop on every step, read from the compiled program, with the
+    model's own layout and with the serving layout generate() decodes with (rows, once per
+    model: ``sampler.serving_model``).
 (b) time per decoded token at several context lengths for a model with a small window W:
     a local layer's attention reads its W-slot ring buffer whatever the context, a global
     layer's reads every cached position, so only the global share grows.
 (c) KV-cache bytes of the report's configs at the full 8192 context in bfloat16, with one
     cache size for every layer (as the official sampler does) and with W-slot ring buffers
     for the local layers (as here), from the memory planner (``gemma2_lite.memory``).
+(d) prefill alone (one jitted program), (e) a chat's turns with the cache kept, and (f) the
+    whole ``generate(model, prompts, max_new_tokens=1)`` call against transformers'
+    ``generate``: the prefill and everything a call costs around it.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ import numpy as np
 from flax import nnx
 
 from gemma2_lite import Gemma2, get_config, param_counts
-from gemma2_lite.attention import Attention, LayerCache, attention_mask, cached_key_positions
+from gemma2_lite.attention import (Attention, AttentionPlan, LayerCache, attention_mask,
+                                   cached_key_positions)
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.memory import kv_cache_bytes
 from gemma2_lite.rope import rope_table
-from gemma2_lite.sampler import (DecodeState, PromptCache, SamplingSettings, _advance,
-                                 _decode_layout_jit, _decode_model, generate, pad_prompts,
-                                 prefill)
+from gemma2_lite.decoding import decode_program
+from gemma2_lite.sampler import (DecodeState, PromptCache, SamplingSettings, decode_loop,
+                                 generate, prefill, serving_model)
 
 # ~20M parameters: V matches the book's tokenizer.
 BENCH_CONFIG = dict(vocab_size=4096, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
@@ -208,20 +213,6 @@ def _synthetic_state(model: Gemma2, context: int, steps: int, size: int,
                        cache=_synthetic_cache(model.init_cache(1, size), context, seed=seed))
 
 
-def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
-                 settings: SamplingSettings, laid: bool = True) -> DecodeState:
-    """The sampler's decode loop without its early stop (the sampler's own program donates the
-    cache, so it cannot be timed over and over on one). ``laid``: ``params`` are in the
-    sampler's decode layout, as :func:`generate` passes them; ``False``: plain parameters."""
-    def step(s: DecodeState) -> DecodeState:
-        model = _decode_model(graphdef, params) if laid else nnx.merge(graphdef, params)
-        return _advance(model, s, settings)
-    return jax.lax.while_loop(lambda s: s.step < settings.max_new_tokens, step, state)
-
-
-_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "laid"))
-
-
 def loop_copies(hlo: str) -> tuple[int, int]:
     """Copies (and transposes) that XLA placed inside the while-loop bodies of a compiled
     program's text, and the bytes they write: work repeated on every decode step."""
@@ -241,25 +232,22 @@ def loop_copies(hlo: str) -> tuple[int, int]:
 
 
 def report_loop_copies(config: Any) -> None:
-    """How many bytes the decode loop copies per token, with plain parameters and with the
-    sampler's decode layout (the compiled programs' text, no timing)."""
+    """How many bytes the decode loop copies per token, with the model's own layout and with
+    the serving layout generate() decodes with (rows: ``sampler.serving_model``), read from
+    the compiled programs' text (no timing)."""
     model = Gemma2(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
     settings = SamplingSettings.make(0.0, None, None, (), 8)
     state = _synthetic_state(model, context=64, steps=8, size=256)
-    weights = sum(x.nbytes for x in jax.tree.leaves(params))
-    for laid in (False, True):
-        p = _decode_layout_jit(params) if laid else params
-        hlo = _decode_loop_jit.lower(graphdef, p, state, settings, laid=laid).compile().as_text()
-        n, size = loop_copies(hlo)
-        print(f"decode loop, {'decode layout' if laid else 'plain parameters'}: {n} copies per "
-              f"step writing {size / 2**20:.2f} MiB (the weights are {weights / 2**20:.1f} MiB)")
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    for name, m in (("the model's layout", model), ("serving layout (rows)", serving_model(model))):
+        n, size = loop_copies(decode_program(m, state, settings).as_text())
+        print(f"decode loop, {name}: {n} copies per step writing {size / 2**20:.2f} MiB "
+              f"(the weights are {weights / 2**20:.1f} MiB)")
 
 
 def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> float:
     model = Gemma2(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    params = _decode_layout_jit(params)         # as generate() hands them to its decode loop
+    serving = serving_model(model)              # as generate() decodes
     settings = SamplingSettings.make(0.0, None, None, (), steps)
     w = config.sliding_window
     print(f"\n(b) time per decoded token vs context, {config.name}, W={w}, batch 1, best of "
@@ -272,7 +260,7 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> fl
     rows = []
     for c in contexts:
         state = _synthetic_state(model, context=c, steps=steps, size=c + steps, seed=c)
-        run = lambda: jax.block_until_ready(_decode_loop_jit(graphdef, params, state, settings))
+        run = lambda: jax.block_until_ready(decode_loop(serving, state, settings, donate=False))
         run()
         t_model = min(_timed(run) for _ in range(reps)) / steps
         per_kind = {}
@@ -304,8 +292,8 @@ def _time_attention(layer: Attention, cache: LayerCache, context: int, steps: in
             pos = jnp.full((1, 1), context, jnp.int32) + i
             # What the model builds once per forward: the rotation table and the mask.
             rope = rope_table(pos, layer.head_dim, layer.rope_base)
-            mask = attention_mask(pos, cached_key_positions(cache, pos), layer.window)
-            out, cache = layer(h, rope, mask, pos, cache)
+            mask = attention_mask(pos, cached_key_positions("decode", cache, pos), layer.window)
+            out, cache = layer(h, rope, mask, pos, cache, AttentionPlan("decode"))
             return out, cache
 
         return jax.lax.fori_loop(0, steps, body, (x, cache))[0]
@@ -332,16 +320,10 @@ def bench_prefill(config: Any, batch: int, seq: int, reps: int) -> float | None:
 
     print(f"\n(d) prefill, {config.name}, B={batch} T={seq}, float32, last-position logits")
     ours = lambda: jax.block_until_ready(ours_fn(params, tokens_j, mask_j))
-    try:
-        import torch
-        from transformers import Gemma2ForCausalLM
-    except ImportError:
-        print("transformers not installed: no reference")
+    hf = _hf_twin(model)
+    if hf is None:
         return None
-    tmp = tempfile.TemporaryDirectory()
-    save_hf(model, tmp.name)
-    hf = Gemma2ForCausalLM.from_pretrained(tmp.name, attn_implementation="eager",
-                                           dtype=torch.float32).eval()
+    import torch
     ids = torch.tensor(tokens)
 
     def theirs() -> Any:
@@ -364,6 +346,57 @@ def bench_prefill(config: Any, batch: int, seq: int, reps: int) -> float | None:
                    f"{n / statistics.median(t_theirs):,.0f}"]]))
     print(f"prefill speed vs transformers: {ratio:.2f}x (median of {reps})")
     return ratio
+
+
+# ----------------------------------------------------------------------------- (f)
+def bench_end_to_end(config: Any, batch: int, seq: int, reps: int) -> float | None:
+    """``generate(model, prompts, max_new_tokens=1)`` against transformers'
+    ``generate(max_new_tokens=1)``: the prefill plus everything a call costs around it
+    (checking and padding the prompts, host transfers, the first token's sampling)."""
+    model = Gemma2(config, rngs=nnx.Rngs(0))
+    prompts = np.random.default_rng(3).integers(10, config.vocab_size, (batch, seq))
+    print(f"\n(f) end to end, {config.name}, B={batch} T={seq}, one new token, greedy, "
+          "float32: the whole generate call")
+    hf = _hf_twin(model)
+    if hf is None:
+        return None
+    import torch
+    ids = torch.tensor(prompts)
+    ours = lambda: generate(model, prompts.tolist(), max_new_tokens=1)
+
+    def theirs() -> list[list[int]]:
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                              do_sample=False, pad_token_id=0)
+        return out[:, seq:].tolist()
+
+    same = ours() == theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(reps):                   # interleaved: both see the same machine load
+        t_ours.append(_timed(ours))
+        t_theirs.append(_timed(theirs))
+    ratio = statistics.median(t_theirs) / statistics.median(t_ours)
+    print(_table(["", "median ms"],
+                 [["gemma2_lite generate", f"{statistics.median(t_ours) * 1e3:.1f}"],
+                  ["transformers generate", f"{statistics.median(t_theirs) * 1e3:.1f}"]]))
+    print(f"end-to-end speed vs transformers: {ratio:.2f}x (median of {reps}); first tokens "
+          f"{'equal' if same else 'DIFFER'}")
+    return ratio
+
+
+def _hf_twin(model: Gemma2) -> Any:
+    """transformers' Gemma2ForCausalLM with ``model``'s weights (float32, eager attention),
+    or None when transformers is not installed."""
+    try:
+        import torch
+        from transformers import Gemma2ForCausalLM
+    except ImportError:
+        print("transformers not installed: no reference")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        return Gemma2ForCausalLM.from_pretrained(tmp, attn_implementation="eager",
+                                                 dtype=torch.float32).eval()
 
 
 # ----------------------------------------------------------------------------- (e)
@@ -426,14 +459,15 @@ def cache_bytes(context: int = 8192) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def _targets(decode: float | None, prefill_ratio: float | None, local_growth: float,
-             chat: float) -> None:
-    """Issue 13's targets, each a ratio measured side by side in this run."""
+def _targets(decode: float | None, prefill_ratio: float | None, e2e: float | None,
+             local_growth: float, chat: float) -> None:
+    """Issues 13 and 22's targets, each a ratio measured side by side in this run."""
     fmt = lambda x: "n/a (no transformers)" if x is None else f"{x:.2f}"
     print("\nsummary (ratios measured in this run):")
     print(_table(["measure", "this run", "target"], [
         ["decode tok/s, ours / transformers", fmt(decode), ">= 3"],
         ["prefill tok/s, ours / transformers", fmt(prefill_ratio), ">= 2"],
+        ["generate(max_new_tokens=1), ours / transformers", fmt(e2e), ">= 2.5"],
         ["local-attention time per token, longest / shortest context", f"{local_growth:.2f}",
          "flat (~1)"],
         ["chat latency, last turn / first turn (cache kept)", f"{chat:.2f}", "<= 1"]]))
@@ -453,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         report_loop_copies(cfg)
         local = bench_context(cfg, [64, 512], steps=8, reps=2)
         pre = bench_prefill(cfg, batch=2, seq=128, reps=2)
+        e2e = bench_end_to_end(cfg, batch=2, seq=128, reps=2)
         chat = bench_chat(cfg, turns=4, user_len=12, reply_len=8, reps=1, cache_size=256)
     else:
         cfg = get_config("tiny", **BENCH_CONFIG)
@@ -460,9 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         report_loop_copies(cfg)
         local = bench_context(cfg, [64, 512, 2048, 8000], steps=32, reps=5)
         pre = bench_prefill(cfg, batch=4, seq=512, reps=5)
+        e2e = bench_end_to_end(cfg, batch=2, seq=384, reps=7)
         chat = bench_chat(cfg, turns=10, user_len=24, reply_len=32, reps=3, cache_size=1024)
     cache_bytes()
-    _targets(decode, pre, local, chat)
+    _targets(decode, pre, e2e, local, chat)
     return 0
 
 

@@ -1,30 +1,30 @@
 """Gemma 2 2B at its real size on the CPU: memory and speed, ours next to transformers.
 
-    python benchmarks/real_size.py                     # the real 2B (~10 min, ~17 GB of RAM)
+    python benchmarks/real_size.py                     # the real 2B (5.2 GB of bf16 weights)
+    python benchmarks/real_size.py --layers 4          # 2B width and vocabulary, 4 layers (1.8 GB)
     python benchmarks/real_size.py --layers 2 --vocab 32000   # a quick smoke run
 
 1. Writes the gemma2-2b configuration with random bf16 weights as a released Hugging Face
    folder holds it (vocab 256000, bf16 shards of <= 2 GB + index, a transformers-4.42
    config.json). Tensor names and shapes come from transformers' own ``Gemma2ForCausalLM``
    built on the meta device, so the tensors do not depend on our writer.
-2. Runs each side in its own subprocess, so each one's peak resident memory is its own:
-   ``gemma2_lite.checkpoint.load_hf`` + ``gemma2_lite.sampler.generate``, and
-   ``Gemma2ForCausalLM.from_pretrained(dtype=bfloat16)`` + ``generate`` (eager attention),
-   both reading the same folder, so both hold the same weights.
-3. Each side prefills a 256-token prompt and greedily decodes 32 tokens, batch 1, bf16.
+2. Measures the machine's memory bandwidth (reading a 1 GiB array), the ceiling of decoding,
+   which reads every weight once per token.
+3. Runs each side in its own subprocess, so each one's memory is its own, with default
+   settings (no XLA flag): ``gemma2_lite.checkpoint.load_hf`` + ``gemma2_lite.sampler.generate``
+   (bf16), the same after ``gemma2_lite.quantize.quantize(model, "int8")`` (the bf16 model then
+   dropped), and ``Gemma2ForCausalLM.from_pretrained(dtype=bfloat16)`` + ``generate`` (eager
+   attention), all reading the same folder.
+4. Each side prefills a 256-token prompt and greedily decodes 32 tokens, batch 1.
    Prefill speed = 256 / time(1 new token); decode speed = 31 / (time(32) - time(1)).
-   Our programs are compiled by a first, untimed call (the compile time is printed apart).
+   Our programs are compiled by a first, untimed call (its time is printed apart; it includes
+   laying the weights out as rows for decoding, once per model).
 
-Prints load time, peak resident memory (``ru_maxrss``) against the weights' bytes, tokens/s
-for prefill and decode, and the ratios ours / theirs.
-
-On the CPU, XLA computes bf16 matmuls in float32, and by default its loop-invariant code
-motion hoists those conversions out of the decode ``while_loop``: a float32 copy of every
-weight is kept for the whole loop. Measured here: the while-loop program's peak was ~5.8x the
-bf16 weights (4 layers at full width and vocabulary), and the real 2B was OOM-killed at
-20.5 GB on a 24 GB machine. With that one pass disabled the peak stays near the load's
-(~3.2x, same speed). So our side runs with ``XLA_FLAGS=--xla_disable_hlo_passes=
-while-loop-invariant-code-motion`` unless ``--xla-default`` is given.
+Prints, per side: load time (int8: and quantization); resident memory after load and the peak
+during the load; the peak during generate (the high-water mark is reset after loading, and
+after quantizing: ``/proc/self/clear_refs``); each against the bf16 weights' bytes; prefill
+and decode tokens/s; the bytes decode reads per token and the rate that makes against the
+measured bandwidth; and the ratios to transformers.
 """
 
 from __future__ import annotations
@@ -42,13 +42,45 @@ import time
 from pathlib import Path
 
 PROMPT, NEW = 256, 32
-NO_HOIST = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 SHARD_BYTES = 2_000_000_000
+SIDES = ("ours", "ours-int8", "theirs")
 
 
-def rss_gb() -> float:
-    """Peak resident set size of this process so far, GB (Linux reports ru_maxrss in KiB)."""
+def memory_gb(field: str) -> float:
+    """This process's resident memory, GB: "VmRSS" now, "VmHWM" the peak since the start or
+    since :func:`reset_peak` (Linux; falls back to ru_maxrss, the peak since the start)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def reset_peak() -> None:
+    """Start the peak resident memory (VmHWM) again from the current one (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def bandwidth_gbs() -> float:
+    """Memory read bandwidth, GB/s: the best of a few sums of a 1 GiB float32 array (XLA, all
+    cores), which is the rate decoding reads its weights at, at best."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1 << 28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best / 1e9
 
 
 def hf_config(layers: int, vocab: int):
@@ -126,24 +158,38 @@ def write_folder(folder: Path, layers: int, vocab: int) -> int:
     return total
 
 
-# ----------------------------------------------------------------------------- the two sides
-def run_ours(folder: str, prompt: list[int]) -> dict:
+# ----------------------------------------------------------------------------- the sides
+def run_ours(folder: str, prompt: list[int], quantized: bool) -> dict:
+    import gc
+
     import jax
     import jax.numpy as jnp
 
     from gemma2_lite.checkpoint import load_hf
-    from gemma2_lite.sampler import generate
+    from gemma2_lite.quantize import quantize, weight_bytes
+    from gemma2_lite.sampler import generate, serving_model
 
     start = time.perf_counter()
     model = load_hf(folder, jnp.bfloat16)
     jax.block_until_ready(jax.tree.leaves(model))
-    load_s, load_rss = time.perf_counter() - start, rss_gb()
+    load_s, load_rss, load_peak = time.perf_counter() - start, memory_gb("VmRSS"), \
+        memory_gb("VmHWM")
+    quantize_s = 0.0
+    if quantized:
+        start = time.perf_counter()
+        model = quantize(model, "int8")                # the bf16 arrays are dropped here
+        gc.collect()
+        quantize_s = time.perf_counter() - start
+    reset_peak()
     run = lambda n: generate(model, [prompt], max_new_tokens=n)[0]   # noqa: E731
     start = time.perf_counter()
-    run(1)                                # compiles both programs (same sizes for n=1 and n=32)
+    run(NEW)                          # compiles both programs, lays the weights out as rows
     compile_s = time.perf_counter() - start
-    return {"load_s": load_s, "load_rss": load_rss, "compile_s": compile_s,
-            **timed(run, "jax " + jax.__version__)}
+    result = timed(run, "jax " + jax.__version__)
+    # Decoding reads every weight once per token: the serving model's bytes (rows, or int8).
+    return {"load_s": load_s + quantize_s, "load_rss": load_rss, "load_peak": load_peak,
+            "compile_s": compile_s, "decode_bytes": weight_bytes(serving_model(model)),
+            **result, "peak_rss": memory_gb("VmHWM")}
 
 
 def run_theirs(folder: str, prompt: list[int]) -> dict:
@@ -154,7 +200,9 @@ def run_theirs(folder: str, prompt: list[int]) -> dict:
     start = time.perf_counter()
     model = Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
                                               attn_implementation="eager").eval()
-    load_s, load_rss = time.perf_counter() - start, rss_gb()
+    load_s, load_rss, load_peak = time.perf_counter() - start, memory_gb("VmRSS"), \
+        memory_gb("VmHWM")
+    reset_peak()
     ids = torch.tensor([prompt])
 
     def run(n: int) -> list[int]:
@@ -164,9 +212,13 @@ def run_theirs(folder: str, prompt: list[int]) -> dict:
                                  pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    return {"load_s": load_s, "load_rss": load_rss, "compile_s": 0.0,
+    run(2)                                                           # warm up
+    decode_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"load_s": load_s, "load_rss": load_rss, "load_peak": load_peak, "compile_s": 0.0,
+            "decode_bytes": decode_bytes,
             **timed(run, f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                         f"transformers {transformers.__version__}")}
+                         f"transformers {transformers.__version__}"),
+            "peak_rss": memory_gb("VmHWM")}
 
 
 def timed(run, version: str) -> dict:
@@ -178,7 +230,7 @@ def timed(run, version: str) -> dict:
     t32 = time.perf_counter() - start
     return {"t1": t1, "t32": t32, "prefill_tps": PROMPT / t1,
             "decode_tps": (NEW - 1) / max(t32 - t1, 1e-9), "tokens": tokens,
-            "peak_rss": rss_gb(), "version": version}
+            "version": version}
 
 
 def child(side: str, folder: str, out: str) -> None:
@@ -186,7 +238,12 @@ def child(side: str, folder: str, out: str) -> None:
 
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     prompt = [2] + np.random.default_rng(1).integers(300, vocab, PROMPT - 1).tolist()
-    result = (run_ours if side == "ours" else run_theirs)(folder, prompt)
+    if side == "theirs":
+        result = run_theirs(folder, prompt)
+    elif side == "bandwidth":
+        result = {"bandwidth": bandwidth_gbs()}
+    else:
+        result = run_ours(folder, prompt, quantized=side == "ours-int8")
     Path(out).write_text(json.dumps(result))
 
 
@@ -196,8 +253,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=26, help="26 = the real 2B")
     parser.add_argument("--vocab", type=int, default=256_000, help="256000 = the released HF vocab")
     parser.add_argument("--keep", metavar="DIR", help="write the folder here and keep it")
-    parser.add_argument("--xla-default", action="store_true",
-                        help=f"run our side without {NO_HOIST} (needs ~6x the weights' bytes)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated, of {', '.join(SIDES)}")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,13 +272,12 @@ def main() -> None:
               f"{weight_bytes / 1e9:.2f} GB in {len(list(folder.glob('*.safetensors')))} shards, "
               f"written in {time.perf_counter() - start:.0f} s")
         print(f"python {platform.python_version()}, {os.cpu_count()} cores, load average "
-              f"{os.getloadavg()[0]:.1f}; batch 1, prompt {PROMPT}, {NEW} new tokens, greedy")
+              f"{os.getloadavg()[0]:.1f}; batch 1, prompt {PROMPT}, {NEW} new tokens, greedy; "
+              "default settings (no XLA_FLAGS)")
         results = {}
-        for side in ("ours", "theirs"):
+        for side in ["bandwidth"] + args.sides.split(","):
             out = Path(tmp) / f"{side}.json"
-            env = dict(os.environ)
-            if side == "ours" and not args.xla_default:
-                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {NO_HOIST}".strip()
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
             command = [sys.executable, __file__, "--child", side, str(folder), str(out)]
             proc = subprocess.run(command, capture_output=True, text=True, env=env)
             if proc.returncode:
@@ -230,32 +286,49 @@ def main() -> None:
                       f"{proc.stderr[-3000:]}")
                 continue
             results[side] = json.loads(out.read_text())
-            flags = env.get("XLA_FLAGS") if side == "ours" else None
-            flags = f", XLA_FLAGS={flags}" if flags else ""
-            print(f"  {side}: {results[side]['version']}{flags}")
+            if "version" in results[side]:
+                print(f"  {side}: {results[side]['version']}")
         report(results, weight_bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(results: dict, weight_bytes: int) -> None:
-    rows = [("load time, s", "load_s", "{:.1f}"), ("compile time, s", "compile_s", "{:.1f}"),
-            ("RSS after load, GB", "load_rss", "{:.2f}"), ("peak RSS, GB", "peak_rss", "{:.2f}"),
-            ("peak RSS / weights", None, "{:.2f}"),
+    bandwidth = results.pop("bandwidth", {}).get("bandwidth")
+    if bandwidth:
+        print(f"memory bandwidth (read, best of 5 sums of 1 GiB): {bandwidth:.1f} GB/s")
+    for r in results.values():         # the rate decode reads its weights at
+        r["decode_gbs"] = r["decode_bytes"] * r["decode_tps"] / 1e9
+        for key in ("load_rss", "load_peak", "peak_rss"):
+            r[key + "_x"] = r[key] * 1e9 / weight_bytes
+    rows = [("load time, s", "load_s", "{:.1f}"),
+            ("compile + first call, s", "compile_s", "{:.1f}"),
+            ("RSS after load, GB", "load_rss", "{:.2f}"),
+            ("  / weights", "load_rss_x", "{:.2f}"),
+            ("peak RSS in load / weights", "load_peak_x", "{:.2f}"),
+            ("peak RSS in generate, GB", "peak_rss", "{:.2f}"),
+            ("  / weights", "peak_rss_x", "{:.2f}"),
             ("prefill, tokens/s", "prefill_tps", "{:.1f}"),
-            ("decode, tokens/s", "decode_tps", "{:.2f}")]
-    sides = [s for s in ("ours", "theirs") if s in results]
-    print(f"\n{'':22s}" + "".join(f"{s:>12s}" for s in sides)
-          + ("   ours/theirs" if len(sides) == 2 else ""))
+            ("decode, tokens/s", "decode_tps", "{:.2f}"),
+            ("decode reads / token, GB", "decode_bytes", "{:.2f}"),
+            ("  read rate, GB/s", "decode_gbs", "{:.1f}")]
+    sides = [s for s in SIDES if s in results]
+    ratios = [s for s in ("ours", "ours-int8") if s in results and "theirs" in results]
+    print(f"\n{'':28s}" + "".join(f"{s:>12s}" for s in sides)
+          + "".join(f"{s + '/theirs':>20s}" for s in ratios))
     for label, key, fmt in rows:
-        values = [results[s][key] if key else results[s]["peak_rss"] * 1e9 / weight_bytes
-                  for s in sides]
-        line = f"{label:22s}" + "".join(f"{fmt.format(v):>12s}" for v in values)
-        if len(sides) == 2 and key not in ("compile_s",) and values[1]:
-            line += f"   {values[0] / values[1]:12.2f}"
+        values = [results[s][key] / (1e9 if key == "decode_bytes" else 1) for s in sides]
+        line = f"{label:28s}" + "".join(f"{fmt.format(v):>12s}" for v in values)
+        if key not in ("compile_s", "decode_bytes"):
+            line += "".join(f"{results[s][key] / results['theirs'][key]:20.2f}"
+                            for s in ratios if results["theirs"][key])
         print(line)
     print(f"weights: {weight_bytes / 1e9:.2f} GB (bf16)")
-    if len(sides) == 2:
+    if bandwidth:
+        for s in sides:
+            print(f"{s}: decode reads its weights at {results[s]['decode_gbs']:.1f} GB/s, "
+                  f"{100 * results[s]['decode_gbs'] / bandwidth:.0f}% of the measured bandwidth")
+    if "ours" in results and "theirs" in results:
         a, b = results["ours"]["tokens"], results["theirs"]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         print(f"greedy tokens agree for the first {same} of {NEW} (random weights in bf16: "

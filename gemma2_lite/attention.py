@@ -15,19 +15,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from .config import Gemma2Config
-from .layers import dense_init, soft_cap
+from .layers import dense_init, project, soft_cap
 from .rope import rotate
 
 __all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "gqa_attention", "banded_attention", "band_chunks", "band_keys", "band_mask",
-           "cached_keys", "cached_key_positions"]
+           "AttentionPlan", "Mode", "gqa_attention", "banded_attention", "band_chunks",
+           "band_keys", "band_mask", "cached_keys", "cached_key_positions"]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
 # visible key (a padding query) yields a uniform softmax instead of NaN.
@@ -134,8 +134,63 @@ def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q
     return out.reshape(b, chunks * size, n, h)[:, :t]                        # (B, T, N, H)
 
 
+#: How one forward attends, per kind of layer (see :class:`AttentionPlan`).
+Mode = Literal["full", "banded", "decode", "append"]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How every layer of one forward attends and writes its cache: chosen once, before the
+    layers run (:meth:`choose`, called by :meth:`~gemma2_lite.model.Gemma2.forward`), and handed
+    to each layer. Static: a different plan is a different compiled program.
+
+    mode, for the global layers (and the local ones unless ``band``):
+
+    * ``"full"``: the chunk attends within itself, a (B, T, T) problem. Without a cache this is
+      training and ``model(tokens)``; with one, a prompt from position 0 goes into an EMPTY cache,
+      which is then filled with its last columns.
+    * ``"decode"``: one token per row, written into its slot first, then attends to the whole
+      cache in place (B, 1, S).
+    * ``"append"``: a chunk after the columns a cache already holds (a chat's next turn): it
+      attends to the old slots and to itself (B, T, S + T), then is written.
+
+    band: the local layers of a ``"full"`` prompt attend in bands of W columns
+    (:func:`banded_attention`, mode ``"banded"``): the same numbers in T·2W scores, not T².
+    """
+
+    mode: Literal["full", "decode", "append"] = "full"
+    band: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "decode", "append"):
+            raise ValueError(f"AttentionPlan mode must be 'full', 'decode' or 'append', "
+                             f"got {self.mode!r}")
+        if self.band and self.mode != "full":
+            raise ValueError(f"band=True needs mode 'full' (a prompt), not {self.mode!r}")
+
+    def for_window(self, window: int | None) -> Mode:
+        """The mode of a layer with this window (None: global)."""
+        return "banded" if self.band and window is not None else self.mode
+
+    @classmethod
+    def choose(cls, *, length: int, window: int | None, cached: bool,
+               from_start: bool) -> "AttentionPlan":
+        """The plan for T = ``length`` new columns. cached: a cache is given; from_start: the
+        positions are the default ones, cumsum(mask) - 1 (so the columns start at position 0
+        and advance one per column; with a cache, it must be empty). ``window``: the local
+        layers' W (None if the model has none). Banding is chosen only when it is exact and
+        saves work: a prompt into a cache, from position 0, longer than 2W (training and
+        ``model(tokens)`` keep the plain path, whose saved activations
+        :mod:`gemma2_lite.memory` counts)."""
+        if not cached:
+            return cls("full")
+        if from_start:
+            return cls("full", band=window is not None and length > 2 * window)
+        return cls("decode") if length == 1 else cls("append")
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "end"],
-                   meta_fields=["fresh"])
+                   meta_fields=[])
 @dataclass
 class LayerCache:
     """One layer's key/value cache: ``S`` slots that every row fills in lock-step.
@@ -145,15 +200,14 @@ class LayerCache:
     ``end mod S``). Rows advance together (a left-padded batch shares its columns), so a write is
     one ``dynamic_update_slice`` at a slot shared by all rows. A global layer gets S = the most
     columns to decode; a local (sliding-window) layer needs only S = W slots, a ring buffer,
-    since older keys are outside its window anyway. ``fresh`` (static) marks a cache nothing has
-    been written to: a prompt then attends within itself and is copied in afterwards.
+    since older keys are outside its window anyway. How new columns are written is the
+    forward's :class:`AttentionPlan` (:meth:`write`).
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     end: jax.Array
-    fresh: bool = False
 
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int,
@@ -161,8 +215,7 @@ class LayerCache:
         shape = (batch, size, kv_heads, head_dim)
         # Two distinct buffers: sharing one would make donating k and v donate it twice.
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.full((batch, size), -1, jnp.int32), end=jnp.zeros((), jnp.int32),
-                   fresh=True)
+                   pos=jnp.full((batch, size), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
 
     @property
     def size(self) -> int:
@@ -172,31 +225,46 @@ class LayerCache:
         b, s, k, h = self.k.shape
         return f"LayerCache(B={b}, S={s}, K={k}, H={h}, dtype={self.k.dtype})"
 
-    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
-        """Write new keys/values k, v (B, T, K, H) at positions pos (B, T; -1 = padding).
-
-        Column c of the chunk goes to slot ``(end + c) mod S``; of a chunk longer than the cache
-        only the last S columns are kept. Three cases, chosen while tracing:
-
-        * one token (decode): a ``dynamic_update_slice`` at slot ``end mod S``;
-        * a prompt into a fresh cache: its last min(T, S) columns, rolled into place and copied;
-        * a chunk into a used cache (a chat's next turn): leading columns that are padding in
-          every row are dropped, the rest scattered to their slots.
-        """
-        size, t = self.size, pos.shape[1]
+    def write(self, mode: Mode, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+        """Write new keys/values k, v (B, T, K, H) at positions pos (B, T; -1 = padding) as the
+        plan's ``mode`` says: a prompt into an empty cache ("full", "banded"), one token
+        ("decode"), or a chunk after the held columns ("append")."""
         k, v, pos = k.astype(self.k.dtype), v.astype(self.v.dtype), pos.astype(jnp.int32)
-        if t == 1 and not self.fresh:
-            slot = self.end % size
-            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
-            return LayerCache(k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos),
-                              end=self.end + 1)
-        if self.fresh:
-            keep = min(t, size)                       # static: the last `keep` columns survive
-            shift = (t - keep) % size                 # column t-keep lands in slot (t-keep) % S
-            roll = lambda x: jnp.roll(x[:, t - keep:], shift, axis=1)
-            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, 0, axis=1)
-            return LayerCache(k=put(self.k, roll(k)), v=put(self.v, roll(v)),
-                              pos=put(self.pos, roll(pos)), end=jnp.asarray(t, jnp.int32))
+        if mode == "decode":
+            return self._write_token(k, v, pos)
+        if mode == "append":
+            return self._write_chunk(k, v, pos)
+        return self._write_prompt(k, v, pos)
+
+    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+        """Append columns k, v (B, T, K, H) at positions pos (B, T) after those already held,
+        whatever the cache holds (empty or not): one column as a decode step writes it, more as
+        a chat's next turn does (leading columns that are padding in every row take no slot).
+        """
+        return self.write("decode" if pos.shape[1] == 1 else "append", k, v, pos)
+
+    def _write_token(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+        """One column: a ``dynamic_update_slice`` at slot ``end mod S``."""
+        slot = self.end % self.size
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
+        return LayerCache(k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos),
+                          end=self.end + 1)
+
+    def _write_prompt(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+        """A prompt into an empty cache: its last min(T, S) columns, rolled into place (column c
+        in slot c mod S) and copied; padding columns are kept, with position -1."""
+        size, t = self.size, pos.shape[1]
+        keep = min(t, size)                       # static: the last `keep` columns survive
+        shift = (t - keep) % size                 # column t-keep lands in slot (t-keep) % S
+        roll = lambda x: jnp.roll(x[:, t - keep:], shift, axis=1)
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, 0, axis=1)
+        return LayerCache(k=put(self.k, roll(k)), v=put(self.v, roll(v)),
+                          pos=put(self.pos, roll(pos)), end=jnp.asarray(t, jnp.int32))
+
+    def _write_chunk(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+        """A chunk after the held columns: leading columns that are padding in every row are
+        dropped, the rest scattered to their slots (of a chunk longer than S, the last S)."""
+        size, t = self.size, pos.shape[1]
         lead = jnp.argmax(jnp.any(pos >= 0, axis=0))                        # all-pad columns
         col = jnp.arange(t) - lead                                           # (T,)
         new = t - lead
@@ -209,33 +277,33 @@ class LayerCache:
             end=self.end + new.astype(jnp.int32))
 
 
-def cached_keys(cache: LayerCache | None, k: jax.Array, v: jax.Array, k_pos: jax.Array
-                ) -> tuple[jax.Array, jax.Array, LayerCache | None]:
-    """The keys and values a layer attends to, and its updated cache.
+def cached_keys(mode: Mode, cache: LayerCache | None, k: jax.Array, v: jax.Array,
+                k_pos: jax.Array) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+    """The keys and values a layer attends to, and its updated cache, as ``mode`` says.
 
-    k, v: the new (B, T, K, H); k_pos: int32 (B, T), -1 for padding. Without a cache, or into a
-    fresh one, the chunk attends to itself (never to empty slots). One new token is written
-    first and attends to the cache (S keys, no copy). A chunk into a used cache attends to the
-    old slots and itself (S + T keys), then is written. The keys' positions, for the mask, are
-    :func:`cached_key_positions` (the model builds the mask once per forward from them).
+    k, v: the new (B, T, K, H); k_pos: int32 (B, T), -1 for padding. "full" / "banded" (or no
+    cache): the chunk attends to itself (never to empty slots), then fills the empty cache.
+    "decode": the token is written first and attends to the cache (S keys, no copy). "append":
+    the chunk attends to the old slots and itself (S + T keys), then is written. The keys'
+    positions, for the mask, are :func:`cached_key_positions`.
     """
     if cache is None:
         return k, v, None
-    new_cache = cache.update(k, v, k_pos)
-    if cache.fresh:
-        return k, v, new_cache
-    if k.shape[1] == 1:
+    new_cache = cache.write(mode, k, v, k_pos)
+    if mode == "decode":
         return new_cache.k, new_cache.v, new_cache
-    keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)            # (B, S+T, K, H)
-    values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-    return keys, values, new_cache
+    if mode == "append":
+        keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)        # (B, S+T, K, H)
+        values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+        return keys, values, new_cache
+    return k, v, new_cache
 
 
-def cached_key_positions(cache: LayerCache | None, k_pos: jax.Array) -> jax.Array:
+def cached_key_positions(mode: Mode, cache: LayerCache | None, k_pos: jax.Array) -> jax.Array:
     """The positions (B, S') of the keys :func:`cached_keys` gives, -1 for empty or padding."""
-    if cache is None or cache.fresh:
+    if cache is None or mode in ("full", "banded"):
         return k_pos
-    if k_pos.shape[1] == 1:
+    if mode == "decode":
         return jax.lax.dynamic_update_slice_in_dim(cache.pos, k_pos.astype(jnp.int32),
                                                    cache.end % cache.size, axis=1)
     return jnp.concatenate([cache.pos, k_pos], axis=1)
@@ -245,10 +313,15 @@ class Attention(nnx.Module):
     """Gemma 2 self-attention for one layer (local if ``window`` is set, else global).
 
     Weights follow the official checkpoint's einsum layout:
-    q (N, D, H), k (K, D, H), v (K, D, H), o (N, H, D). ``attention_fn`` (default
+    q (N, D, H), k (K, D, H), v (K, D, H), o (N, H, D) (or, for serving, the same weights stored
+    as rows: :class:`~gemma2_lite.layers.RowProjection`). ``attention_fn`` (default
     :func:`gqa_attention`) and ``rotate_fn`` (default :func:`~gemma2_lite.rope.rotate`) are the
     seams a chapter swaps to try another version (see :class:`gemma2_lite.model.Components`).
     """
+
+    #: Each weight's product, in the stored layout (see :func:`~gemma2_lite.layers.project`).
+    SPECS = {"q": "BTD,NDH->BTNH", "k": "BSD,KDH->BSKH", "v": "BSD,KDH->BSKH",
+             "o": "BTNH,NHD->BTD"}
 
     def __init__(self, config: Gemma2Config, window: int | None, *, rngs: nnx.Rngs,
                  attention_fn: Callable[..., tuple[jax.Array, jax.Array]] = gqa_attention,
@@ -273,26 +346,28 @@ class Attention(nnx.Module):
                            logical_axes=("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan()
+                 ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
-        mask: bool (B, T, S') over the keys :func:`cached_keys` gives (built once per forward by
-        the model), or (B, n, C, 2C) for :func:`banded_attention`; k_pos: int32 (B, T), the new
-        keys' positions (-1 for padding).
+        mask: bool (B, T, S') over the keys :func:`cached_keys` gives, or (B, n, C, 2C) for
+        :func:`banded_attention` (built once per forward by the model); k_pos: int32 (B, T), the
+        new keys' positions (-1 for padding); plan: the forward's :class:`AttentionPlan`.
 
         Returns the output (B, T, D) and the updated cache (or None).
         """
         dt = self.dtype
+        mode = plan.for_window(self.window)
         x = x.astype(dt)
-        q = jnp.einsum("BTD,NDH->BTNH", x, self.q[...].astype(dt))
-        k = jnp.einsum("BSD,KDH->BSKH", x, self.k[...].astype(dt))
-        v = jnp.einsum("BSD,KDH->BSKH", x, self.v[...].astype(dt))
+        q = project(x, self.q, self.SPECS["q"], dt)                          # (B, T, N, H)
+        k = project(x, self.k, self.SPECS["k"], dt)                          # (B, T, K, H)
+        v = project(x, self.v, self.SPECS["v"], dt)
         q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)      # (B, T, N, H)
         k = self.rotate_fn(k, rope)                                          # (B, T, K, H)
-        keys, values, new_cache = cached_keys(cache, k, v, k_pos)            # (B, S', K, H)
-        if mask.ndim == 4:     # a local layer over a whole sequence, in bands (the model's call)
+        keys, values, new_cache = cached_keys(mode, cache, k, v, k_pos)      # (B, S', K, H)
+        if mode == "banded":   # a local layer over a whole prompt, in bands of W columns
             out = banded_attention(self.attention_fn, q, keys, values, mask,
                                    softcap=self.softcap)
         else:
             out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
+        out = project(out, self.o, self.SPECS["o"], dt)                      # (B, T, D)
         return out, new_cache

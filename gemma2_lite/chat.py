@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from gemma2_lite.checks import check_seed
+from gemma2_lite.checks import check_int, check_sampling_settings, check_seed, turn_seed
 from gemma2_lite.tokenizer import USER_DEFINED_PIECES, Tokenizer
 
 __all__ = ["ChatFormatError", "format_chat", "encode_chat", "turn_text", "ChatSession",
@@ -193,7 +193,8 @@ class ChatSession:
       tokenizer: a :class:`~gemma2_lite.tokenizer.Tokenizer` with Gemma's special pieces.
       max_new_tokens: most tokens per reply (a reply cut here is still closed normally).
       temperature, top_k, top_p: sampling settings (``temperature=0`` is greedy).
-      seed: turn ``i`` (0-based) samples with ``seed + i``, so a session is reproducible.
+      seed: turn ``i`` (0-based) samples with ``seed + i`` (mod 2**32), so a session is
+        reproducible.
       max_context: if given, :meth:`send` raises when prompt + ``max_new_tokens`` would exceed it
         (e.g. the model's ``max_seq_len``).
       generate_fn: the sampler, called as ``generate(model, [prompt], ...)`` with the whole
@@ -206,10 +207,8 @@ class ChatSession:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, max_context: int | None = None,
                  generate_fn: GenerateFn | None = None) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        check_int(max_new_tokens, "max_new_tokens", low=1)
+        check_sampling_settings(temperature, top_k, top_p)
         check_seed(seed)
         self.model = model
         self.tokenizer = tokenizer
@@ -273,7 +272,7 @@ class ChatSession:
                 f"{self.max_new_tokens} it would exceed max_context={self.max_context}. "
                 "Start a new session (or call reset())")
         turn = len(self.messages) // 2
-        new = self._reply(prompt, self.seed + turn)
+        new = self._reply(prompt, turn_seed(self.seed, turn))
         stop_at = next((i for i, t in enumerate(new) if t in self.stop_tokens), None)
         self.last_stopped = stop_at is not None
         reply_ids = new if stop_at is None else new[:stop_at]

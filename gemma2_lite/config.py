@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["Gemma2Config", "get_config", "PRESETS", "list_presets"]
+from .checks import check_int, check_number
+
+__all__ = ["Gemma2Config", "get_config", "PRESETS", "list_presets", "rope_base_from_hf",
+           "ConfigError"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -69,12 +72,11 @@ class Gemma2Config:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # Every field through gemma2_lite.checks: a bool is never a size (True is not W = 1).
         positive = ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_dim", "max_seq_len"]
         for field in positive:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            check_int(getattr(self, field), field, low=1, error=ConfigError)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -83,29 +85,23 @@ class Gemma2Config:
             raise ConfigError(
                 f"head_dim must be even for rotary embeddings (RoPE rotates feature pairs), "
                 f"got {self.head_dim}")
-        if self.sliding_window is not None and (
-                not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ConfigError(
-                f"sliding_window must be a positive integer or None (all layers global), "
-                f"got {self.sliding_window!r}")
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "sliding_window", low=1, error=ConfigError,
+                      what="a positive integer or None (all layers global)")
+        # Finite, not just positive: an infinite soft-cap passes "> 0" but computes
+        # inf * tanh(x / inf) = inf * 0 = NaN for every logit.
         for field in ("attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, field) is not None:
-                self._check_positive_finite(field, " or None (no cap)")
+                check_number(getattr(self, field), field, low=0, low_open=True,
+                             what="a positive finite number or None (no cap)",
+                             error=ConfigError)
         for field in ("query_pre_attn_scalar", "rope_base", "rms_norm_eps"):
-            self._check_positive_finite(field)
+            check_number(getattr(self, field), field, low=0, low_open=True,
+                         what="a positive finite number", error=ConfigError)
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ConfigError(
                     f"{field} must be one of {sorted(_DTYPES)}, got {getattr(self, field)!r}")
-
-    def _check_positive_finite(self, field: str, alternative: str = "") -> None:
-        # Finite, not just positive: an infinite soft-cap passes "> 0" but computes
-        # inf * tanh(x / inf) = inf * 0 = NaN for every logit.
-        value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not 0 < value < math.inf:
-            raise ConfigError(f"{field} must be a positive finite number{alternative}, "
-                              f"got {value!r}")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -180,7 +176,7 @@ PRESETS: dict[str, Gemma2Config] = {
         # (d_model / num_heads) ** -0.5 = 144 ** -0.5, not head_dim ** -0.5.
         query_pre_attn_scalar=144),
     # The book's own small model: trains on a laptop CPU, same architecture.
-    # V matches the book's tokenizer (data/tokenizer.model).
+    # V matches the book's tokenizer (gemma2_lite/assets/tokenizer.model).
     "tiny": Gemma2Config(
         name="tiny", vocab_size=4096, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
         head_dim=32, ffn_dim=512, query_pre_attn_scalar=32, sliding_window=64,
@@ -201,3 +197,28 @@ def get_config(preset: str, /, **overrides: Any) -> Gemma2Config:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {list_presets()}")
     cfg = PRESETS[key]
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def rope_base_from_hf(hf: Mapping[str, Any]) -> Any:
+    """θ from a Hugging Face ``config.json``, refusing any RoPE scaling Gemma 2 does not use.
+
+    transformers 5.x writes ``rope_parameters`` (``{"rope_type": "default", "rope_theta":
+    ...}``), 4.x ``rope_theta`` at the top and ``rope_scaling`` (``null`` for Gemma 2). A
+    scaled RoPE (``linear``, ``dynamic``, ``yarn``, ``llama3``...) changes every rotation; this
+    package implements the plain one only, so a config asking for another is refused instead
+    of being run with the wrong positions. Raises :class:`ConfigError` naming the field.
+    """
+    theta = hf.get("rope_theta", 10_000.0)
+    for field in ("rope_parameters", "rope_scaling"):
+        value = hf.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config.json field {field!r} must be an object or null, got "
+                              f"{type(value).__name__}")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"config.json field {field!r} asks for {kind!r} RoPE scaling; "
+                              "Gemma 2 (and this package) use plain RoPE ('default' or null)")
+        theta = value.get("rope_theta", theta)
+    return theta

@@ -1,6 +1,7 @@
 """The book's training corpus: Shakespeare's 42 plays and poems (public domain).
 
-``data/shakespeare.jsonl`` holds one JSON object per line, ``{"title", "source", "split",
+``shakespeare.jsonl`` (shipped with the package: :func:`gemma2_lite.paths.corpus_file`) holds
+one JSON object per line, ``{"title", "source", "split",
 "text"}``; every play or poem appears twice, its first ~95% as ``split="train"`` and its last
 ~5% as ``split="valid"`` (see ``data/README.md`` and ``data/build_corpus.py``)::
 
@@ -17,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from gemma2_lite.profile import data_path
+from gemma2_lite import paths
 
 __all__ = ["CORPUS_FILE", "SPLITS", "corpus_path", "load_documents", "load_text"]
 
@@ -28,25 +29,45 @@ _FIELDS = ("title", "source", "split", "text")
 
 
 def corpus_path() -> Path:
-    """Where the corpus lives: ``data/shakespeare.jsonl`` in the checkout."""
-    return Path(data_path(CORPUS_FILE))
+    """Where the corpus lives: ``gemma2_lite/assets/shakespeare.jsonl``, in the package."""
+    return paths.corpus_file()
+
+
+def _record(line: bytes, where: str) -> dict[str, str] | None:
+    """One JSONL line as a record (None for a blank line); ``ValueError`` starting with
+    ``where`` (``file:line``) for anything else than an object with the four string fields."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a line must be a JSON object with keys {_FIELDS}, "
+                         f"got {type(record).__name__}")
+    missing = [f for f in _FIELDS if f not in record]
+    if missing:
+        raise ValueError(f"{where}: record lacks field(s) {missing}; expected keys {_FIELDS}")
+    bad = [f for f in _FIELDS if not isinstance(record[f], str)]
+    if bad:
+        raise ValueError(f"{where}: field(s) {bad} must be strings")
+    if record["split"] not in SPLITS:
+        raise ValueError(f"{where}: split {record['split']!r} is not one of {SPLITS}")
+    return {f: record[f] for f in _FIELDS}
 
 
 @lru_cache(maxsize=4)
 def _read(path: str, mtime_ns: int) -> tuple[dict[str, str], ...]:
     records: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            missing = [f for f in _FIELDS if f not in record]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: record lacks field(s) {missing}; "
-                                 f"expected keys {_FIELDS}")
-            if record["split"] not in SPLITS:
-                raise ValueError(f"{path}:{lineno}: split {record['split']!r} is not one of {SPLITS}")
-            records.append({f: record[f] for f in _FIELDS})
+            record = _record(line, f"{path}:{lineno}")
+            if record is not None:
+                records.append(record)
     return tuple(records)
 
 
@@ -64,7 +85,7 @@ def load_documents(split: Split = "train", path: str | os.PathLike[str] | None =
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
-    file = Path(path) if path is not None else corpus_path()
+    file = Path(path) if path is not None else paths.require(corpus_path())
     if not file.exists():
         raise FileNotFoundError(
             f"corpus file {file} not found; rebuild it with `python data/build_corpus.py` "

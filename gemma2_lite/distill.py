@@ -21,8 +21,10 @@ Shapes: B batch, T positions, V vocabulary, k kept logits per position.
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .batching import padded_batches
 # The hard-label loss and the masked mean live in the one loss module (re-exported here).
-from .losses import _check_logits, cross_entropy_loss, masked_mean
+from .losses import check_logits, cross_entropy_loss, masked_mean
 
 __all__ = ["cross_entropy_loss", "distillation_loss", "topk_distillation_loss", "mixed_loss",
            "kl_divergence", "masked_mean", "compute_teacher_topk", "save_teacher_topk",
@@ -70,8 +73,8 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
     as in Hinton et al. (2015); ``alpha=None`` (default) is pure distillation.
     Returns a float32 scalar.
     """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
     _check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -95,8 +98,8 @@ def topk_distillation_loss(student_logits: jax.Array, teacher_topk_logits: jax.A
     :func:`distillation_loss`. ``alpha``/``targets`` mix in the hard-label loss as there.
     Returns a float32 scalar, the mean over unmasked positions.
     """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_topk_logits", teacher_topk_logits)
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_topk_logits", teacher_topk_logits)
     _check_temperature(temperature)
     if teacher_topk_ids.shape != teacher_topk_logits.shape:
         raise ValueError(f"teacher_topk_ids shape {tuple(teacher_topk_ids.shape)} must equal "
@@ -108,7 +111,8 @@ def topk_distillation_loss(student_logits: jax.Array, teacher_topk_logits: jax.A
                          f"match the student's (B, T) = {tuple(student_logits.shape[:2])}")
     k, vocab = teacher_topk_logits.shape[-1], student_logits.shape[-1]
     if k > vocab:
-        raise ValueError(f"k = {k} teacher logits per position but the student has only V = {vocab}")
+        raise ValueError(f"k = {k} teacher logits per position but the student has only "
+                         f"V = {vocab}")
     ids = teacher_topk_ids.astype(jnp.int32)
     student_k = jnp.take_along_axis(student_logits, ids, axis=-1)           # (B, T, k)
     teacher_k = jax.lax.stop_gradient(teacher_topk_logits)
@@ -124,7 +128,8 @@ def _mix(soft: jax.Array, student_logits: jax.Array, alpha: float | None,
                              "hard-label loss in (alpha weighs the distillation term)")
         return soft
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (weight of the distillation term), got {alpha!r}")
+        raise ValueError(f"alpha must be in [0, 1] (weight of the distillation term), "
+                         f"got {alpha!r}")
     if targets is None:
         raise ValueError("alpha mixes in the hard-label loss, which needs targets (B, T) int")
     hard = cross_entropy_loss(student_logits, targets, mask)
@@ -146,8 +151,8 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *,
     Equals ``distillation_loss / tau^2`` minus the teacher's mean entropy; zero iff the student
     matches the teacher. Shapes as in :func:`distillation_loss`.
     """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
     _check_temperature(temperature)
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -173,38 +178,46 @@ def _id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.int32)
 
 
+@functools.lru_cache(maxsize=1)
+def _teacher_topk_fn() -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted teacher forward + top-k, made once: ``nnx.jit`` then compiles once per
+    model graph, chunk shape and k, however often :func:`compute_teacher_topk` is called."""
+    from flax import nnx  # local: keep the loss functions importable without flax
+
+    @functools.partial(nnx.jit, static_argnames="k")
+    def top(model: Any, x: jax.Array, m: jax.Array, *, k: int
+            ) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.top_k(model(x, m), k)                                 # (b, T, k) x2
+
+    return top
+
+
 def compute_teacher_topk(teacher: Any, tokens: Any, k: int, *, batch_size: int = 8,
                          attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Run ``teacher`` (a Gemma2 model) over ``tokens`` and keep its k largest logits per position.
 
-    tokens: int (R, T) rows (run ``batch_size`` rows at a time so memory stays bounded).
+    tokens: int (R, T) rows (run ``batch_size`` rows at a time so memory stays bounded; the
+    last chunk is padded so one compiled shape serves them all).
     Returns ``(values float32 (R, T, k), ids int32 (R, T, k))``, values sorted descending.
     """
-    from flax import nnx  # local: keep the loss functions importable without flax
-
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be an int (R, T) array, got {tokens.dtype} {tokens.shape}")
+    if tokens.shape[0] == 0:
+        raise ValueError("tokens has no rows: there is nothing to run the teacher on")
     vocab = teacher.config.vocab_size
-    if not isinstance(k, int) or not 1 <= k <= vocab:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, V = {vocab}], got {k!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-
-    @nnx.jit
-    def top(model: Any, x: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jax.lax.top_k(model(x, m), k)                                 # (b, T, k) x2
-
-    values, ids = [], []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
-    rows = tokens.shape[0]
-    for start in range(0, rows, batch_size):
-        x, m = tokens[start:start + batch_size], mask[start:start + batch_size]
-        n = x.shape[0]
-        if n < batch_size:   # pad the last chunk: one compiled shape for the whole run
-            x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
-            m = np.concatenate([m, np.ones((batch_size - n, m.shape[1]), m.dtype)])
-        v, i = top(teacher, jnp.asarray(x), jnp.asarray(m))
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, tokens {tokens.shape}: they "
+                         "must match")
+    top = _teacher_topk_fn()
+    values, ids = [], []
+    for (x, m), n in padded_batches([tokens, mask], batch_size, fill=(0, 1)):
+        v, i = top(teacher, jnp.asarray(x), jnp.asarray(m), k=k)
         values.append(np.asarray(v[:n], np.float32))
         ids.append(np.asarray(i[:n], np.int32))
     return np.concatenate(values), np.concatenate(ids)
@@ -251,7 +264,8 @@ def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_s
 
 
 def load_teacher_topk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read :func:`save_teacher_topk`'s file: ``(values float32 (R, T, k), ids int32 (R, T, k))``."""
+    """Read :func:`save_teacher_topk`'s file: ``(values float32 (R, T, k), ids int32
+    (R, T, k))``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no teacher top-k file at {path}")
@@ -274,5 +288,6 @@ def load_teacher_topk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         rows, length, k, _ = (int(x) for x in data["meta"])
     out_v, out_i = np.concatenate(values), np.concatenate(ids)
     if out_v.shape != (rows, length, k):
-        raise ValueError(f"{path}: chunks give shape {out_v.shape}, header says {(rows, length, k)}")
+        raise ValueError(f"{path}: chunks give shape {out_v.shape}, header says "
+                         f"{(rows, length, k)}")
     return out_v, out_i

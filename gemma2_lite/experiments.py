@@ -4,7 +4,7 @@
     python -m gemma2_lite.experiments window       --profile colab
     python -m gemma2_lite.experiments gqa-vs-mha
     python -m gemma2_lite.experiments deep-vs-wide
-    python -m gemma2_lite.experiments train-tiny   --profile ci     # -> data/tiny-model/
+    python -m gemma2_lite.experiments train-tiny   --profile ci     # -> assets/tiny-model/
 
 Each writes ``results/NAME/results.json`` (configs, seed, numbers, the report's numbers beside
 them), ``results/NAME/curves.csv`` (validation curves) and ``results/NAME/NAME.png``.
@@ -20,14 +20,13 @@ and each result says whether the tiny scale shows the same trend.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,13 @@ from flax import nnx
 
 from .config import Gemma2Config, get_config
 from .model import Gemma2, abstract_model, param_counts
-from .profile import PROFILES as BOOK_PROFILES, data_path, get_profile, pick, repo_root
+from .cmdline import Parser, non_negative_int, run
+from .experiment_outputs import (ablation_figure, distillation_figure, loss_figure, tiny_readme,
+                                 window_figure, write_results)
+from .paths import data_path, repo_root
+from .profile import PROFILES, get_profile, loop_cap, pick
+from .seed_records import (compare, final_numbers, read_record, replay_line, replay_payload,
+                           report_lines, spread, write_record)
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
@@ -45,7 +50,6 @@ __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_wi
            "small_config", "run_seeds", "seed_summary", "seed_report", "final_numbers",
            "ABLATIONS", "replay_line"]
 
-PROFILES = ("smoke", *BOOK_PROFILES)     # smoke: the unit tests' tiny runs
 
 # Numbers quoted from the Gemma 2 report (arXiv 2408.00118).
 REPORT: dict[str, Any] = {
@@ -58,17 +62,11 @@ REPORT: dict[str, Any] = {
 }
 
 
-def _pick(profile: str, loop: bool = False, **sizes: Any) -> Any:
-    """:func:`gemma2_lite.profile.pick` with this module's extra ``smoke`` profile (the unit
-    tests' tiny runs, never a book profile)."""
-    return pick(profile=profile, loop=loop, **sizes)
-
-
 # ----------------------------------------------------------------------------- data
 def corpus_tokens(split: str = "train", max_chars: int | None = None) -> np.ndarray:
     """The corpus split as one int32 token stream: ``<bos> document <eos>`` per play/poem.
 
-    Tokenized with ``data/tokenizer.model``; the full splits are cached under
+    Tokenized with ``gemma2_lite/assets/tokenizer.model``; the full splits are cached under
     ``results/.cache/`` keyed by the tokenizer's and corpus' hashes (tokenizing the 4.8 MB
     train split takes ~10 s). ``max_chars`` keeps only the first characters of each document
     (for quick runs; not cached).
@@ -96,7 +94,8 @@ def corpus_tokens(split: str = "train", max_chars: int | None = None) -> np.ndar
 
 
 def _data(profile: str) -> tuple[np.ndarray, np.ndarray]:
-    chars = _pick(profile, smoke=6_000, ci=None, colab=None, full=None)
+    size = partial(pick, profile=profile)
+    chars = size(smoke=6_000, ci=None, colab=None, full=None)
     return corpus_tokens("train", chars), corpus_tokens("valid", None if chars is None else 2_000)
 
 
@@ -118,33 +117,10 @@ def _results_dir(name: str, results_dir: str | os.PathLike | None) -> Path:
     return out
 
 
-def _write(out: Path, payload: dict[str, Any],
-           curves: dict[str, list[dict[str, Any]]] | None = None) -> None:
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
-    if curves:
-        with open(out / "curves.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["run", "step", "tokens", "val_loss", "val_perplexity"])
-            for run, rows in curves.items():
-                for r in rows:
-                    writer.writerow([run, r["step"], r["tokens"], r["val_loss"],
-                                     r["val_perplexity"]])
-
-
 def _curve(history: dict[str, list[dict[str, Any]]], tc: TrainConfig) -> list[dict[str, Any]]:
     return [{"step": e["step"], "tokens": e["step"] * tc.tokens_per_step,
              "val_loss": e["val_loss"], "val_perplexity": e["val_perplexity"]}
             for e in history["eval"]]
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _nparams(cfg: Gemma2Config) -> dict[str, int]:
@@ -164,21 +140,22 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
     same tokens in the same order: one-hot labels, the teacher's full distribution, and its
     top-k logits renormalised. Compares validation perplexity curves."""
     profile = profile or get_profile()
+    size = partial(pick, profile=profile)
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
-    teacher_cfg = _pick(profile, smoke=small_config(32, 2), ci=small_config(128, 4),
+    teacher_cfg = size(smoke=small_config(32, 2), ci=small_config(128, 4),
                         colab=small_config(256, 6), full=small_config(512, 8))
-    student_cfg = _pick(profile, smoke=small_config(32, 1), ci=small_config(64, 2),
+    student_cfg = size(smoke=small_config(32, 1), ci=small_config(64, 2),
                         colab=small_config(128, 4), full=small_config(256, 6))
     base = TrainConfig(
-        steps=1, seed=seed, progress=not quiet, lr=_pick(profile, smoke=1e-2, ci=1e-2,
+        steps=1, seed=seed, progress=not quiet, lr=size(smoke=1e-2, ci=1e-2,
                                                        colab=3e-3, full=2e-3),
-        batch_size=_pick(profile, smoke=4, ci=8, colab=32, full=64),
-        seq_len=_pick(profile, smoke=32, ci=64, colab=256, full=512),
-        eval_batches=_pick(profile, loop=True, smoke=2, ci=16, colab=64, full=None))
-    t_steps = _pick(profile, loop=True, smoke=8, ci=300, colab=4000, full=20000)
-    s_steps = _pick(profile, loop=True, smoke=6, ci=200, colab=3000, full=15000)
-    k = topk or _pick(profile, smoke=8, ci=16, colab=64, full=128)
+        batch_size=size(smoke=4, ci=8, colab=32, full=64),
+        seq_len=size(smoke=32, ci=64, colab=256, full=512),
+        eval_batches=size(loop=True, smoke=2, ci=16, colab=64, full=None))
+    t_steps = size(loop=True, smoke=8, ci=300, colab=4000, full=20000)
+    s_steps = size(loop=True, smoke=6, ci=200, colab=3000, full=15000)
+    k = topk or size(smoke=8, ci=16, colab=64, full=128)
     tc_teacher = base.replace(steps=t_steps, warmup=max(1, t_steps // 20),
                               eval_every=max(1, t_steps // 5))
     tc_student = base.replace(steps=s_steps, warmup=max(1, s_steps // 20),
@@ -219,31 +196,8 @@ def run_distillation(profile: str | None = None, *, results_dir: str | os.PathLi
     }
     out = _results_dir("distillation", results_dir)
     payload["figure"] = str(out / "distillation.png")
-    _write(out, payload, curves)
-    plt = _plt()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for label, rows in curves.items():
-        if label == "teacher":
-            continue
-        ax.plot([r["tokens"] for r in rows], [r["val_perplexity"] for r in rows], "o-",
-                label=f"student, {label}")
-    ax.axhline(final["teacher"], color="k", ls="--", label="teacher (final)")
-    ax.set_xlabel("student training tokens")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"This run ({profile}): same student, same tokens")
-    ax.legend(fontsize=8)
-    rp = REPORT["distillation_perplexity"]
-    x = np.arange(len(rp["sizes"]))
-    ax2.bar(x - 0.2, rp["from_scratch"], 0.4, label="from scratch")
-    ax2.bar(x + 0.2, rp["distilled"], 0.4, label="distilled")
-    ax2.set_xticks(x, rp["sizes"])
-    ax2.set_ylabel("perplexity")
-    ax2.set_title("Gemma 2 report: students of a 7B teacher")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(payload["figure"], dpi=110)
-    plt.close(fig)
+    write_results(out, payload, curves)
+    distillation_figure(payload, curves)
     say("[distillation] final val perplexity: " +
         ", ".join(f"{k2} {v:.2f}" for k2, v in final.items()) + f" -> {out}")
     return payload
@@ -266,17 +220,18 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     its first steps are re-run and checked (see :func:`_replay`). ``fingerprint`` adds those
     first steps' losses to the result (``check``), for a record (:func:`run_seeds`)."""
     profile = profile or get_profile()
+    size = partial(pick, profile=profile)
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
-    window = _pick(profile, smoke=8, ci=64, colab=128, full=512)
-    cfg = _pick(profile, smoke=small_config(32, 2, window=window),
+    window = size(smoke=8, ci=64, colab=128, full=512)
+    cfg = size(smoke=small_config(32, 2, window=window),
                 ci=small_config(128, 4, window=window), colab=small_config(256, 6, window=window),
                 full=small_config(512, 8, window=window))
-    seq = _pick(profile, smoke=32, ci=256, colab=512, full=2048)
-    tc = TrainConfig(steps=_pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000),
-                     batch_size=_pick(profile, smoke=2, ci=4, colab=16, full=32), seq_len=seq,
-                     lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
-                     warmup=_pick(profile, loop=True, smoke=1, ci=10, colab=150, full=1000), seed=seed,
+    seq = size(smoke=32, ci=256, colab=512, full=2048)
+    tc = TrainConfig(steps=size(loop=True, smoke=6, ci=150, colab=3000, full=20000),
+                     batch_size=size(smoke=2, ci=4, colab=16, full=32), seq_len=seq,
+                     lr=size(smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
+                     warmup=size(loop=True, smoke=1, ci=10, colab=150, full=1000), seed=seed,
                      progress=not quiet)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq))
     windows = [window, window // 2, window // 4]
@@ -287,7 +242,7 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     t0 = time.perf_counter()
     say(f"[window] training {cfg.name} with W={window}, T={seq}")
     model, _ = train(cfg, tc, train_ids)
-    eval_batches = _pick(profile, loop=True, smoke=2, ci=12, colab=64, full=None)
+    eval_batches = size(loop=True, smoke=2, ci=12, colab=64, full=None)
     rows = []
     for w in windows:
         r = evaluate(_with_window(model, w), valid_ids, batch_size=tc.batch_size, seq_len=seq,
@@ -310,36 +265,19 @@ def run_window(profile: str | None = None, *, results_dir: str | os.PathLike | N
     return _finish(payload, results_dir)
 
 
-def _window_figure(payload: dict[str, Any], path: Path) -> None:
-    ppl = [r["val_perplexity"] for r in payload["results"]]
-    window = payload["model_config"]["sliding_window"]
-    seq = payload["train_config"]["seq_len"]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = ["W", "W/2", "W/4"]
-    ax.plot(labels, [p / ppl[0] for p in ppl], "o-", label=f"this run (W={window}, T={seq})")
-    rp = REPORT["window_9b_perplexity"]["perplexity"]
-    ax.plot(labels, [p / rp[0] for p in rp], "s--", label="Gemma 2 9B (W=4096)")
-    ax.set_ylabel("perplexity relative to W")
-    ax.set_xlabel("sliding window at inference (trained with W)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- ablations
 def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, better: str,
               profile: str, results_dir: Any, seed: int, quiet: bool, live: bool,
               fingerprint: bool) -> dict[str, Any]:
+    size = partial(pick, profile=profile)
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
-    steps = _pick(profile, loop=True, smoke=6, ci=150, colab=3000, full=20000)
+    steps = size(loop=True, smoke=6, ci=150, colab=3000, full=20000)
     tc = TrainConfig(steps=steps, warmup=max(1, steps // 20), eval_every=max(1, steps // 6),
-                     batch_size=_pick(profile, smoke=4, ci=8, colab=32, full=64),
-                     seq_len=_pick(profile, smoke=32, ci=64, colab=256, full=512),
-                     lr=_pick(profile, smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
-                     eval_batches=_pick(profile, loop=True, smoke=2, ci=16, colab=64, full=None),
+                     batch_size=size(smoke=4, ci=8, colab=32, full=64),
+                     seq_len=size(smoke=32, ci=64, colab=256, full=512),
+                     lr=size(smoke=1e-2, ci=1e-2, colab=3e-3, full=2e-3),
+                     eval_batches=size(loop=True, smoke=2, ci=16, colab=64, full=None),
                      seed=seed, progress=not quiet)
     first = next(iter(variants.values()))
     check = lambda: _check_prefix(first, tc, train_ids, valid_ids)
@@ -368,34 +306,10 @@ def _ablation(name: str, variants: dict[str, Gemma2Config], report_key: str, bet
     return _finish(payload, results_dir)
 
 
-def _ablation_figure(payload: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for label, rows in payload["curves"].items():
-        n = payload["params"][label]["non_embedding"]
-        ax.plot([r["tokens"] for r in rows], [r["val_perplexity"] for r in rows], "o-",
-                label=f"{label} ({n / 1e6:.2f}M non-emb.)")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"This run ({payload['profile']})" if "replayed" not in payload
-                 else f"The recorded run ({payload['profile']}, seed {payload['seed']})")
-    ax.legend(fontsize=8)
-    rep = payload["report"]
-    ax2.bar(list(rep), list(rep.values()), color=["C0", "C1"])
-    ax2.set_ylim(min(rep.values()) - 3, max(rep.values()) + 1)
-    ax2.set_ylabel("average benchmark score")
-    ax2.set_title("Gemma 2 report")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # The first steps of a recorded run, re-run before the record is replayed: enough to catch a
 # change to the model, the initialisation, the data order, the optimizer or the evaluation.
 CHECK_STEPS = 8
 CHECK_BATCHES = 2
-CHECK_REL = 2e-3      # rounding moves these losses by ~1e-6 across CPUs; a change, by far more
 
 
 def _check_prefix(cfg: Gemma2Config, tc: TrainConfig, train_ids: np.ndarray,
@@ -419,29 +333,15 @@ def _replay(name: str, profile: str, seed: int, results_dir: Any,
     replay (no record for this profile, another seed, or capped loops), so the caller trains.
 
     The chapters show the ablations at the ``ci`` profile this way: the record was made by the
-    command it names (every number in it is from that run), and the check re-runs the part
-    that any change to the code or data would move. A mismatch raises: rerun the command."""
+    command it names (every number in it is from that run, and its sha256 binds them), and the
+    check re-runs the part that any change to the code or data would move. A mismatch raises:
+    rerun the command."""
     record = _seed_record(name, profile)
-    recorded = None if record is None else record.get("replay")
-    if recorded is None or recorded["payload"]["seed"] != seed:
+    if record is None:
         return None
-    file = _record_file(name, profile)
-    want, got = recorded["payload"]["check"], check()
-    same_shape = (got["steps"] == want["steps"]
-                  and len(got["train_loss"]) == len(want["train_loss"])
-                  and len(got["val_loss"]) == len(want["val_loss"]))
-    rel = [abs(g / w - 1) for w, g in zip(want["train_loss"] + want["val_loss"],
-                                          got["train_loss"] + got["val_loss"])]
-    if not same_shape or max(rel) > CHECK_REL:
-        raise AssertionError(
-            f"{file} is stale: the first {want['steps']} steps of seed {seed} give losses "
-            f"{got['train_loss']} / validation {got['val_loss']} here, the record "
-            f"{want['train_loss']} / {want['val_loss']}; rerun `{record['command']}`")
-    payload = dict(recorded["payload"])
-    payload["replayed"] = {"record": f"data/{SEED_RECORDS}/{file}",
-                           "command": record["command"], "checked_steps": got["steps"],
-                           "max_rel_difference": max(rel)}
-    return _finish(payload, results_dir)
+    label = f"data/{SEED_RECORDS}/{_record_file(name, profile)}"
+    payload = replay_payload(record, label, seed, check)
+    return None if payload is None else _finish(payload, results_dir)
 
 
 def _finish(payload: dict[str, Any], results_dir: Any) -> dict[str, Any]:
@@ -449,20 +349,9 @@ def _finish(payload: dict[str, Any], results_dir: Any) -> dict[str, Any]:
     name = payload["experiment"]
     out = _results_dir(name, results_dir)
     payload["figure"] = str(out / f"{name}.png")
-    _write(out, payload, payload.get("curves"))
-    (_window_figure if name == "window" else _ablation_figure)(payload, Path(payload["figure"]))
+    write_results(out, payload, payload.get("curves"))
+    (window_figure if name == "window" else ablation_figure)(payload, Path(payload["figure"]))
     return payload
-
-
-def replay_line(payload: dict[str, Any]) -> str:
-    """One line for a chapter: whether this payload was trained here or replayed (and how it
-    was checked)."""
-    r = payload.get("replayed")
-    if r is None:
-        return f"trained here in {payload['seconds']:.0f} s"
-    return (f"the recorded run of seed {payload['seed']} ({r['record']}, made by `{r['command']}`"
-            f"); its first {r['checked_steps']} steps were re-run here and match it to "
-            f"{r['max_rel_difference']:.1e} (pass live=True to train it here)")
 
 
 def _ablation_note(final: dict[str, float], winner: str, better: str) -> str:
@@ -483,7 +372,8 @@ def run_gqa_vs_mha(profile: str | None = None, *, results_dir: str | os.PathLike
     """Multi-head (K = N) vs grouped-query attention (K = N/2) at equal parameter count: the
     key/value weights GQA saves go into a wider feed-forward block."""
     profile = profile or get_profile()
-    d, layers = _pick(profile, smoke=(32, 2), ci=(128, 4), colab=(256, 6), full=(512, 8))
+    size = partial(pick, profile=profile)
+    d, layers = size(smoke=(32, 2), ci=(128, 4), colab=(256, 6), full=(512, 8))
     heads = 4
     mha = small_config(d, layers, heads=heads, kv_heads=heads)
     h = d // heads
@@ -502,7 +392,8 @@ def run_deep_vs_wide(profile: str | None = None, *, results_dir: str | os.PathLi
     embedding table is larger (V x D), an advantage at this tiny scale where the embedding is a
     third of the parameters; at 2B it is a quarter."""
     profile = profile or get_profile()
-    (dw, lw), (dd, ld) = _pick(profile, smoke=((32, 1), (16, 4)), ci=((192, 2), (96, 8)),
+    size = partial(pick, profile=profile)
+    (dw, lw), (dd, ld) = size(smoke=((32, 1), (16, 4)), ci=((192, 2), (96, 8)),
                                colab=((384, 2), (192, 8)), full=((768, 4), (384, 16)))
     return _ablation("deep-vs-wide", {"wide": small_config(dw, lw), "deep": small_config(dd, ld)},
                      "deep_vs_wide_avg", "deep", profile, results_dir, seed, quiet, live,
@@ -514,22 +405,27 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
                    seed: int = 0, quiet: bool = False, out: str | os.PathLike | None = None,
                    steps: int | None = None) -> dict[str, Any]:
     """Train the book's ``tiny`` preset on the corpus and save it in Hugging Face layout to
-    ``data/tiny-model/`` (or ``out``), with a README recording how it was made."""
+    ``gemma2_lite/assets/tiny-model/`` (or ``out``), with a README recording how it was made.
+    ``steps`` overrides the profile's step count (0 trains nothing: the initial model is saved)."""
     from .checkpoint import save_hf
     from .sampler import generate
     from .tokenizer import Tokenizer
 
     profile = profile or get_profile()
+    size = partial(pick, profile=profile)
     say = _say(quiet)
     train_ids, valid_ids = _data(profile)
     cfg = get_config("tiny") if profile != "smoke" else small_config(32, 2)
-    tc = TrainConfig(steps=steps or _pick(profile, loop=True, smoke=6, ci=600, colab=6000, full=20000),
-                     batch_size=_pick(profile, smoke=4, ci=16, colab=32, full=64),
-                     seq_len=_pick(profile, smoke=32, ci=128, colab=256, full=512),
-                     lr=_pick(profile, smoke=1e-2, ci=5e-3, colab=3e-3, full=2e-3),
+    command_steps = steps
+    if steps is None:                  # 0 is a number of steps, not "the default"
+        steps = size(loop=True, smoke=6, ci=600, colab=6000, full=20000)
+    tc = TrainConfig(steps=steps,
+                     batch_size=size(smoke=4, ci=16, colab=32, full=64),
+                     seq_len=size(smoke=32, ci=128, colab=256, full=512),
+                     lr=size(smoke=1e-2, ci=5e-3, colab=3e-3, full=2e-3),
                      seed=seed, progress=not quiet)
     tc = tc.replace(warmup=max(1, tc.steps // 20), eval_every=max(1, tc.steps // 6),
-                    eval_batches=_pick(profile, loop=True, smoke=2, ci=None, colab=None, full=None))
+                    eval_batches=size(loop=True, smoke=2, ci=None, colab=None, full=None))
     t0 = time.perf_counter()
     say(f"[train-tiny] {cfg!r}: {tc.steps} steps of {tc.tokens_per_step} tokens")
     run_dir = _results_dir("train-tiny", results_dir)
@@ -540,16 +436,16 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     final = hist["eval"][-1]
     target = Path(out) if out is not None else Path(data_path("tiny-model"))
     save_hf(model, target)
-    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    folder_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     tok = Tokenizer(data_path("tokenizer.model"))
     prompt = tok.encode("ROMEO:\n", add_bos=True)
-    sample_len = _pick(profile, smoke=24, ci=128, colab=128, full=128)
+    sample_len = size(smoke=24, ci=128, colab=128, full=128)
     new = generate(model, [prompt], max_new_tokens=sample_len - len(prompt), temperature=0.7,
                    seed=seed)[0]
     sample = tok.decode(prompt + new)
     command = f"python -m gemma2_lite.experiments train-tiny --profile {profile}"
-    if steps:
-        command += f" --steps {steps}"
+    if command_steps is not None:
+        command += f" --steps {command_steps}"
     epochs = tc.steps * tc.tokens_per_step / train_ids.size
     payload = {"experiment": "train-tiny", "profile": profile, "seed": seed, "command": command,
                "model_config": cfg.to_dict(), "train_config": tc.to_dict(),
@@ -558,58 +454,14 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
                "final_val_loss": final["val_loss"], "final_val_perplexity":
                final["val_perplexity"], "val_tokens": final["val_tokens"],
                "seconds": seconds, "jax": jax.__version__, "devices": str(jax.devices()),
-               "saved_to": str(target), "folder_bytes": size, "sample": sample,
+               "saved_to": str(target), "folder_bytes": folder_bytes, "sample": sample,
                "figure": str(run_dir / "train-tiny.png")}
-    _write(run_dir, payload, {"tiny": _curve(hist, tc)})
-    (target / "README.md").write_text(_tiny_readme(payload))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in hist["train"]], [r["loss"] for r in hist["train"]], lw=0.6,
-            label="train (per step)")
-    ax.plot([e["step"] for e in hist["eval"]], [e["val_loss"] for e in hist["eval"]], "o-",
-            label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(payload["figure"], dpi=110)
-    plt.close(fig)
+    write_results(run_dir, payload, {"tiny": _curve(hist, tc)})
+    (target / "README.md").write_text(tiny_readme(payload))
+    loss_figure(hist, payload["figure"])
     say(f"[train-tiny] val loss {final['val_loss']:.3f} (ppl {final['val_perplexity']:.1f}), "
-        f"{seconds:.0f} s, saved {size / 1e6:.1f} MB to {target}\n{sample}")
+        f"{seconds:.0f} s, saved {folder_bytes / 1e6:.1f} MB to {target}\n{sample}")
     return payload
-
-
-def _tiny_readme(p: dict[str, Any]) -> str:
-    tc, c = p["train_config"], p["model_config"]
-    return f"""# tiny-model: the book's trained `tiny` Gemma 2
-
-A {p['params']['total']:,}-parameter Gemma 2 ({p['params']['embedding']:,} embedding +
-{p['params']['non_embedding']:,} non-embedding; V={c['vocab_size']} D={c['d_model']}
-L={c['num_layers']} N={c['num_heads']} K={c['num_kv_heads']} H={c['head_dim']}
-F={c['ffn_dim']} W={c['sliding_window']} C={c['max_seq_len']}) trained on the book's Shakespeare
-corpus (`data/shakespeare.jsonl`, train split) with the book's tokenizer
-(`data/tokenizer.model`). Hugging Face layout (`config.json` + `model.safetensors`, float32):
-load it with `gemma2_lite.checkpoint.load_hf("data/tiny-model")`.
-
-## Provenance
-
-* command: `{p['command']}` (seed {p['seed']})
-* steps: {tc['steps']} x {tc['batch_size']} sequences x {tc['seq_len']} tokens =
-  {p['tokens_trained']:,} tokens ({p['epochs']:.2f} epochs of the {p['train_tokens_in_corpus']:,}-token
-  train split)
-* optimizer: AdamW, peak lr {tc['lr']}, {tc['warmup']} warm-up steps, cosine decay to
-  {tc['min_lr_ratio']} x peak, weight decay {tc['weight_decay']}, clip {tc['clip']}; float32
-* final validation loss: {p['final_val_loss']:.4f} nats/token (perplexity
-  {p['final_val_perplexity']:.2f}) on {p['val_tokens']:,} tokens of the valid split
-* wall time: {p['seconds']:.0f} s on {p['devices']} (jax {p['jax']})
-* folder size: {p['folder_bytes']:,} bytes
-
-## A sample (temperature 0.7, prompt `ROMEO:`)
-
-```
-{p['sample']}
-```
-"""
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -627,18 +479,11 @@ SEED_RECORDS = "ablations"          # data/ablations/<name>-<profile>.json
 ABLATIONS = ("distillation", "window", "gqa-vs-mha", "deep-vs-wide")
 
 
-def final_numbers(payload: dict[str, Any]) -> dict[str, float]:
-    """An experiment's headline numbers: final validation perplexity per variant."""
-    if payload["experiment"] == "window":
-        return {f"W={r['window']}": r["val_perplexity"] for r in payload["results"]}
-    return dict(payload["final_val_perplexity"])
-
-
 def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None = None, *,
               out: str | os.PathLike | None = None, quiet: bool = True) -> dict[str, Any]:
     """Run one ablation once per seed and record every seed's numbers, their mean and spread
-    (sample standard deviation, min, max) in ``data/ablations/<name>-<profile>.json``."""
-    import statistics
+    (sample standard deviation, min, max) in ``data/ablations/<name>-<profile>.json``, sealed
+    by the sha256 of its content (:mod:`gemma2_lite.seed_records`). Returns the record."""
     import tempfile
 
     if name not in ABLATIONS:
@@ -654,15 +499,9 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
             payload = EXPERIMENTS[name](profile, seed=seed, quiet=quiet, results_dir=tmp, **kw)
             per_seed[seed] = final_numbers(payload)
             first = first or payload
-    labels = list(per_seed[seeds[0]])
-    summary = {}
-    for label in labels:
-        values = [per_seed[s][label] for s in seeds]
-        summary[label] = {"mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                          "min": min(values), "max": max(values)}
     record = {"experiment": name, "profile": profile, "seeds": list(seeds),
-              "per_seed": {str(s): v for s, v in per_seed.items()}, "summary": summary,
+              "per_seed": {str(s): v for s, v in per_seed.items()},
+              "summary": spread([per_seed[s] for s in seeds]),
               "command": f"python -m gemma2_lite.experiments {name} --profile {profile} "
                          f"--seeds {' '.join(map(str, seeds))}",
               "loop_cap": os.environ.get("GEMMA2_LITE_LOOP_CAP"),
@@ -672,9 +511,7 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
         # The first seed's whole result, for the chapters to replay (see _replay).
         record["replay"] = {"payload": {k: v for k, v in first.items() if k != "figure"}}
     target = Path(out) if out is not None else Path(data_path(SEED_RECORDS))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / _record_file(name, profile)).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return write_record(target / _record_file(name, profile), record)
 
 
 def _record_file(name: str, profile: str) -> str:
@@ -682,14 +519,12 @@ def _record_file(name: str, profile: str) -> str:
 
 
 def _seed_record(name: str, profile: str) -> dict[str, Any] | None:
-    """``data/ablations/<name>-<profile>.json``, or None when there is none or the loops are
-    capped (a record is of full runs)."""
-    from .profile import loop_cap
-
+    """``data/ablations/<name>-<profile>.json`` after checking its seal, or None when there is
+    none or the loops are capped (a record is of full runs)."""
     path = Path(data_path(SEED_RECORDS)) / _record_file(name, profile)
     if loop_cap() is not None or not path.exists():
         return None
-    return json.loads(path.read_text())
+    return read_record(path)
 
 
 def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] | None:
@@ -699,64 +534,46 @@ def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] |
     is of full runs). Otherwise ``{"record", "rows": [(label, this run, mean, std, min, max)],
     "matches": bool}``, where ``matches`` says this run reproduces the record's own run of
     the same seed within ``rel`` (float rounding differs between CPUs; a different code or
-    data would not stay within it).
+    data would not stay within it). A record edited after it was made raises RecordError.
     """
     record = _seed_record(payload["experiment"], payload["profile"])
-    if record is None:
-        return None
-    mine = final_numbers(payload)
-    recorded = record["per_seed"].get(str(payload["seed"]))
-    matches = recorded is not None and all(
-        abs(mine[k] / recorded[k] - 1) <= rel for k in mine)
-    rows = [(k, mine[k], v["mean"], v["std"], v["min"], v["max"])
-            for k, v in record["summary"].items()]
-    return {"record": record, "rows": rows, "matches": matches}
+    return None if record is None else compare(record, payload, rel)
 
 
 def seed_report(payload: dict[str, Any]) -> str:
     """Lines for a chapter: this run, the recorded seeds' mean and spread, and whether the gap
     between two variants is larger than that spread. Raises if this run does not reproduce the
     record's own run of its seed (the record would be stale)."""
-    from .profile import loop_cap
-
     summary = seed_summary(payload)
     if summary is None:
         name = f"{payload['experiment']}-{payload['profile']}.json"
         why = ("its loops are capped" if loop_cap() is not None
                else f"data/{SEED_RECORDS}/{name} has not been recorded")
         return f"(no seed record to compare with: {why})"
-    record = summary["record"]
-    if not summary["matches"]:
-        raise AssertionError(f"this run's numbers differ from the record's run of seed "
-                             f"{payload['seed']} by more than 2%: rerun `{record['command']}`")
-    lines = [f"{len(record['seeds'])} seeds ({record['command']}):"]
-    shown = "seed 0" if "replayed" in payload else "this run"
-    for label, mine, mean, std, lo, hi in summary["rows"]:
-        lines.append(f"  {label:>8}: {shown} {mine:8.3f}; over the seeds {mean:8.3f} "
-                     f"+- {std:.3f} (min {lo:.3f}, max {hi:.3f})")
-    if len(summary["rows"]) == 2:
-        (a_label, _, a_mean, a_std, *_), (b_label, _, b_mean, b_std, *_) = summary["rows"]
-        gap, spread = abs(a_mean - b_mean), max(a_std, b_std)
-        verdict = ("larger than" if gap > 2 * spread else "within two standard deviations of")
-        lines.append(f"  gap between the means {gap:.3f}: {verdict} the seed-to-seed spread "
-                     f"({spread:.3f})")
-    return "\n".join(lines)
+    return report_lines(summary, payload)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma2_lite.experiments",
-                                     description="Run one of the book's training experiments.")
+    """``python -m gemma2_lite.experiments NAME``; errors follow :mod:`gemma2_lite.cmdline`."""
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = Parser(prog="python -m gemma2_lite.experiments",
+                    description="Run one of the book's training experiments.")
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     # "smoke" (seconds, for the tests) is accepted but not advertised.
     parser.add_argument("--profile", choices=PROFILES, default=None, metavar="{ci,colab,full}",
                         help="run size (default: $GEMMA2_LITE_PROFILE or ci)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None,
                         help="ablations: run these seeds and record mean and spread in "
                              "data/ablations/")
-    parser.add_argument("--results-dir", default=None, help="default: results/ in the checkout")
+    parser.add_argument("--results-dir", default=None,
+                        help="default: results/ in the checkout (else in this folder)")
     parser.add_argument("--out", default=None, help="train-tiny only: where to save the model")
-    parser.add_argument("--steps", type=int, default=None, help="train-tiny only: override steps")
+    parser.add_argument("--steps", type=non_negative_int, default=None,
+                        help="train-tiny only: override steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     profile = args.profile or get_profile()
@@ -764,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                               "quiet": args.quiet}
     if args.name == "train-tiny":
         kwargs.update(out=args.out, steps=args.steps)
-    elif args.out or args.steps:
+    elif args.out is not None or args.steps is not None:
         parser.error("--out and --steps apply to train-tiny only")
     elif args.name != "distillation":
         kwargs.update(live=True)            # the command trains; only the chapters replay

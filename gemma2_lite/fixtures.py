@@ -17,7 +17,8 @@ works too)::
                                           {"w": (2, D, F)} (the 2B's orientation), bf16, and
                                           the embedding 128 rows longer than the vocabulary
              tokenizer.model
-      (each folder also holds FIXTURE.md, so it is never taken for the real weights)
+      (each folder also holds FIXTURE.md, so it is never taken for the real weights; hf/
+      also gemma2_lite_save.json, the manifest save_hf writes: sizes and sha256 of its files)
 
 The tokenizer has Gemma's id layout: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3,
 ``<mask>`` 4, ``<2mass>`` 5, ``[@BOS@]`` 6, ``<unused0>``..``<unused98>`` 7..105,
@@ -30,7 +31,6 @@ single-threaded training); the whole set is under 2 MB and takes a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -46,7 +46,7 @@ from .checkpoint import Path_, from_arrays, hf_state_dict, save_hf, to_released_
 from .config import Gemma2Config
 from .model import Gemma2, abstract_model
 from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
-from .weights import FIXTURE_MARKER, flax_checkpoint_name, model_dir
+from .release import FIXTURE_MARKER, flax_checkpoint_name, model_dir
 
 __all__ = ["FIXTURE_NAMES", "FIXTURE_VERSION", "TOKENIZER_VOCAB", "FLAX_EXTRA_ROWS",
            "TURN_PIECES", "fixture_config", "fixture_tokenizer", "random_arrays",
@@ -157,10 +157,9 @@ def _marker(folder: Path, name: str) -> None:
 def _write_hf(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) -> None:
     instruct = name.endswith("-it")
     total = sum(a.nbytes for a in hf_state_dict(model).values())
-    # Half the bytes per shard: at least two shards plus an index, as on the hub.
-    save_hf(model, folder, max_shard_bytes=total // 2 + 1)
     config = released_hf_config(model.config, instruct=instruct)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Half the bytes per shard: at least two shards plus an index, as on the hub.
+    save_hf(model, folder, max_shard_bytes=total // 2 + 1, hf_config=config)
     generation = {"_from_model_config": True, "bos_token_id": 2,
                   "cache_implementation": "hybrid", "eos_token_id": config["eos_token_id"],
                   "pad_token_id": 0, "transformers_version": "4.42.4"}
@@ -230,7 +229,16 @@ def ensure(out_dir: str | os.PathLike | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """``python -m gemma2_lite.fixtures OUT_DIR``; errors follow :mod:`gemma2_lite.cmdline`."""
+    from .cmdline import run
+
+    return run(_main, None if argv is None else list(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from .cmdline import Parser
+
+    parser = Parser(
         prog="python -m gemma2_lite.fixtures",
         description="Write tiny Gemma 2 checkpoints in the released layouts (HF and Orbax).")
     parser.add_argument("out_dir", help="folder to write into (created if needed)")

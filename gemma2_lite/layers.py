@@ -10,12 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["soft_cap", "rms_norm", "gelu_tanh", "RMSNorm", "FeedForward", "Embedder",
-           "dense_init"]
+           "dense_init", "Rows", "RowScale", "RowProjection", "project", "rows_product"]
+
+# A product whose contracted vector is at least this many float32 bytes is not fused by
+# XLA:CPU (its elemental matrix-vector emitter takes vectors under 16 KiB); longer ones are
+# split into pieces of at most MATVEC_PIECE entries.
+MATVEC_PIECE = 3072
+# Up to this many rows (B·T) a product runs as that many matrix-vector products.
+MATVEC_ROWS = 4
 
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -46,6 +55,117 @@ def dense_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
                                              in_axis=in_axis, out_axis=out_axis)
 
 
+# ---------------------------------------------------------------------------- products
+class Rows(nnx.Variable):
+    """A projection's weight stored as rows (out..., in...), for serving; not an ``nnx.Param``,
+    so optimisers and ``nnx.state(model, nnx.Param)`` leave it alone."""
+
+
+class RowScale(nnx.Variable):
+    """One scale per output row of a quantized :class:`Rows` weight (float32)."""
+
+
+def _matvec(x: jax.Array, values: jax.Array) -> jax.Array:
+    """x (I,) float32 · values (O, I) of any dtype -> (O,) float32, in the one form XLA:CPU
+    fuses with the conversion of ``values``: a row-major matrix-vector product that reads each
+    weight once, converting it in registers (no float32 copy of the weight is ever made).
+
+    Why this form: XLA:CPU computes a product with a bf16 or int8 weight by first writing a
+    float32 copy of it (fresh memory every call, ~2 GB/s) unless the product is "vector ·
+    transpose(convert(matrix))" with a vector under 16 KiB, which it emits as one loop. The
+    contracted axis must be the weight's last (contiguous) one; longer vectors are cut into
+    pieces whose partial products are concatenated and summed (summing them with ``+`` lets
+    XLA fuse the addition into the product instead, which brings the copy back).
+    """
+    size = x.shape[0]
+    if size <= MATVEC_PIECE:
+        return jnp.dot(x, values.astype(jnp.float32).T)
+    cuts = list(range(0, size, MATVEC_PIECE)) + [size]
+    parts = [jnp.dot(x[a:b], values[:, a:b].astype(jnp.float32).T)
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    return jnp.concatenate(parts).reshape(len(parts), -1).sum(axis=0)
+
+
+def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
+                 ) -> jax.Array:
+    """x (M, I) · values (O, I)^T [· scale (O,)] -> float32 (M, O).
+
+    A few rows (decoding: M = B) of bf16 or int8 weights are matrix-vector products in
+    float32 (:func:`_matvec`), which read the weights at memory speed; float32 weights, and many
+    rows (a prompt, training), one matrix product in x's dtype with float32 accumulation (the
+    weights converted to it once, when they are not already; XLA's own matrix-vector kernel
+    reads float32 rows at memory speed, and faster than the fused loop at small sizes)."""
+    if x.shape[0] <= MATVEC_ROWS and values.dtype != jnp.float32:
+        x32 = x.astype(jnp.float32)
+        out = jnp.stack([_matvec(x32[r], values) for r in range(x.shape[0])])
+    else:
+        out = jax.lax.dot_general(x, values.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    return out if scale is None else out * scale.astype(jnp.float32)
+
+
+class RowProjection(nnx.Module):
+    """A weight stored as rows for fast products: values (out..., in...) and, when quantized,
+    one float32 scale per output row; ``w = values * scale`` (per row).
+
+    Built from a weight in the model's einsum layout by :meth:`from_weight` (see
+    :mod:`gemma2_lite.quantize`); the module that owns the weight calls :func:`project` either
+    way. ``values`` and ``scale`` are their own variable types (:class:`Rows`,
+    :class:`RowScale`, or subclasses), never ``nnx.Param``: a fine-tuning filter that takes
+    ``nnx.Param`` leaves them frozen (adapters go on top).
+    """
+
+    def __init__(self, values: Rows, n_out: int, scale: RowScale | None = None):
+        self.values = values
+        self.scale = scale
+        self.n_out = n_out
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:self.n_out])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[self.n_out:])
+
+    @staticmethod
+    def axes(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A weight's (output axes, contracted axes) from its einsum ``spec`` ("x,w->y"), each
+        in the order the output and x hold them."""
+        (xs, ws), ys = spec.split("->")[0].split(","), spec.split("->")[1]
+        out = tuple(ws.index(a) for a in ys if a in ws)
+        contracted = tuple(ws.index(a) for a in xs if a in ws and a not in ys)
+        if xs[len(xs) - len(contracted):] != "".join(ws[i] for i in contracted):
+            raise ValueError(f"{spec}: the contracted axes must be x's last ones")
+        return out, contracted
+
+    @classmethod
+    def from_weight(cls, weight: jax.Array, spec: str) -> "RowProjection":
+        """The rows of ``weight`` (in the model's einsum layout, as ``spec`` uses it)."""
+        out, contracted = cls.axes(spec)
+        return cls(Rows(jnp.transpose(weight, out + contracted)), len(out))
+
+    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
+        """x (..., in...) -> (..., out...) in ``dtype``."""
+        n_in = len(self.in_shape)
+        lead = x.shape[:x.ndim - n_in]
+        values = self.values[...]
+        o, i = math.prod(self.out_shape), math.prod(self.in_shape)
+        scale = None if self.scale is None else self.scale[...].reshape(o)
+        out = rows_product(x.astype(dtype).reshape(-1, i), values.reshape(o, i), scale)
+        return out.astype(dtype).reshape(*lead, *self.out_shape)
+
+
+def project(x: jax.Array, weight: Any, spec: str, dtype: Any) -> jax.Array:
+    """``einsum(spec, x, weight)`` in ``dtype`` (float32 accumulation), for a weight in the
+    model's layout (an ``nnx.Param``) or stored as rows (:class:`RowProjection`)."""
+    if isinstance(weight, RowProjection):
+        return weight(x, dtype)
+    out = jnp.einsum(spec, x.astype(dtype), weight[...].astype(dtype),
+                     preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned (1 + scale); scale starts at zero (identity)."""
 
@@ -59,6 +179,9 @@ class RMSNorm(nnx.Module):
 
 class FeedForward(nnx.Module):
     """GeGLU: ``down(activation(x @ gate) * (x @ up))`` with D -> F -> D (tanh GELU)."""
+
+    #: Each weight's product, in the stored layout (see :func:`project`).
+    SPECS = {"gate": "MD,DF->MF", "up": "MD,DF->MF", "down": "MF,FD->MD"}
 
     def __init__(self, d_model: int, ffn_dim: int, *, rngs: nnx.Rngs,
                  param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
@@ -79,14 +202,20 @@ class FeedForward(nnx.Module):
         # gradients become plain 2-D matmuls, which XLA's CPU backend runs ~3x faster than a
         # contraction over both B and T.
         m = x.astype(dt).reshape(-1, x.shape[-1])                               # (M, D)
-        gate = jnp.einsum("MD,DF->MF", m, self.gate[...].astype(dt))            # (M, F)
-        up = jnp.einsum("MD,DF->MF", m, self.up[...].astype(dt))                # (M, F)
-        out = jnp.einsum("MF,FD->MD", self.activation(gate) * up, self.down[...].astype(dt))
+        gate = project(m, self.gate, self.SPECS["gate"], dt)                    # (M, F)
+        up = project(m, self.up, self.SPECS["up"], dt)                          # (M, F)
+        out = project(self.activation(gate) * up, self.down, self.SPECS["down"], dt)
         return out.reshape(x.shape)                                             # (..., D)
 
 
 class Embedder(nnx.Module):
-    """The token table E (V, D): ``encode`` looks rows up, ``decode`` is the tied unembedding."""
+    """The token table E (V, D): ``encode`` looks rows up, ``decode`` is the tied unembedding.
+
+    E is an ``nnx.Param``, or a quantized :class:`RowProjection` (values (V, D), one scale per
+    token): both directions read the same rows.
+    """
+
+    SPEC = "MD,VD->MV"     # the unembedding; E (V, D) is already rows (out V, in D)
 
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
                  param_dtype: Any = jnp.float32):
@@ -100,13 +229,21 @@ class Embedder(nnx.Module):
 
         An id outside [0, V) gives a row of NaN (never another token's row).
         """
-        vocab, d_model = self.embedding.shape
+        table = self.embedding
+        values = table.values[...] if isinstance(table, RowProjection) else table[...]
+        vocab, d_model = values.shape
         # Ids outside [0, V) can only reach here under jit (concrete ids are checked by the
         # model): they embed as NaN, which poisons the output visibly, rather than wrapping
         # (numpy-style, id -1 would read row V-1) or clamping to another token's row.
         tokens = jnp.where(tokens < 0, vocab, tokens)
-        x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill",
-                     fill_value=jnp.nan).astype(dtype)
+        if isinstance(table, RowProjection) and table.scale is not None:
+            rows = jnp.take(values, tokens, axis=0, mode="fill", fill_value=0)
+            scale = jnp.take(table.scale[...], tokens, axis=0, mode="fill",
+                             fill_value=jnp.nan)                              # (B, T)
+            x = (rows.astype(jnp.float32) * scale[..., None]).astype(dtype)
+        else:
+            x = jnp.take(values, tokens, axis=0, mode="fill",
+                         fill_value=jnp.nan).astype(dtype)
         # The reference casts sqrt(D) to the activation dtype before multiplying
         # (48.0 for 2B in bfloat16, not 48.0000...).
         return x * jnp.asarray(d_model ** 0.5, dtype=dtype)
@@ -114,5 +251,9 @@ class Embedder(nnx.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits with the same table (no sqrt(D) factor)."""
         m = x.reshape(-1, x.shape[-1])                   # (M, D), M = B·T: see FeedForward
-        logits = jnp.einsum("MD,VD->MV", m, self.embedding[...].astype(x.dtype))
+        table = self.embedding
+        if isinstance(table, RowProjection):
+            logits = table(m, x.dtype)
+        else:       # E is already rows: the product a few rows want reads it in place
+            logits = rows_product(m, table[...]).astype(x.dtype)
         return logits.reshape(*x.shape[:-1], -1)                                # (B, T, V)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["token_nll", "masked_mean", "cross_entropy_loss"]
+__all__ = ["token_nll", "masked_mean", "cross_entropy_loss", "check_logits"]
 
 
-def _check_logits(name: str, x: jax.Array, ndim: int = 3) -> None:
+def check_logits(name: str, x: jax.Array, ndim: int = 3) -> None:
+    """Raise naming ``name`` unless ``x`` is a floating-point array of ``ndim`` dimensions
+    ((B, T, V) logits, or (B, T, k) top-k logits): the check every loss runs first."""
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D (B, T, V or k), got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -46,7 +48,7 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array,
 
     logits: float (B, T, V); targets: int (B, T) in [0, V); mask: (B, T), 1 = count the position.
     """
-    _check_logits("logits", logits)
+    check_logits("logits", logits)
     if targets.shape != logits.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must be logits' (B, T) = "
                          f"{tuple(logits.shape[:2])}")

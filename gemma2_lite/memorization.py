@@ -41,8 +41,31 @@ def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
     return previous[-1]
 
 
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_threshold(threshold: Any) -> float:
+    """The approximate-match threshold: a share of the target length, in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
+            or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold (the edit distance allowed, as a share of the target "
+                         f"length) must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial rate (well-behaved at 0% and 100%)."""
+    """95% Wilson score interval for a binomial rate (well-behaved at 0% and 100%).
+
+    ``successes`` out of ``n`` trials, integers with 0 <= successes <= n; n = 0 (no trial)
+    gives the uninformative (0, 1)."""
+    successes, n = _count(successes, "successes"), _count(n, "n (the number of trials)")
+    if successes > n:
+        raise ValueError(f"successes ({successes}) cannot exceed the number of trials n ({n})")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 < z < math.inf:
+        raise ValueError(f"z must be a positive finite number, got {z!r}")
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
@@ -71,7 +94,7 @@ class Sample:
         return self.generated == self.target
 
     def approximate(self, threshold: float = 0.1) -> bool:
-        return self.distance <= threshold * len(self.target)
+        return self.distance <= _check_threshold(threshold) * len(self.target)
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,10 @@ class Rate:
 
     count: int
     n: int
+
+    def __post_init__(self) -> None:
+        if _count(self.count, "count") > _count(self.n, "n"):
+            raise ValueError(f"count ({self.count}) cannot exceed n ({self.n})")
 
     @property
     def rate(self) -> float:
@@ -107,14 +134,6 @@ class MemorizationResult:
     threshold: float = 0.1
 
     @property
-    def exact_rate(self) -> float:
-        return self.exact.rate
-
-    @property
-    def approximate_rate(self) -> float:
-        return self.approximate.rate
-
-    @property
     def approx_only(self) -> int:
         """Approximate but not exact matches."""
         return self.approximate.count - self.exact.count
@@ -132,7 +151,8 @@ class MemorizationResult:
 
     def __repr__(self) -> str:
         return (f"MemorizationResult(n={self.exact.n}, prompt={self.prompt_len}, "
-                f"target={self.target_len}, exact={self.exact!r}, approximate={self.approximate!r})")
+                f"target={self.target_len}, exact={self.exact!r}, "
+                f"approximate={self.approximate!r})")
 
 
 GenerateFn = Callable[..., list[list[int]]]
@@ -149,14 +169,21 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
     sources: an optional source name per document, for the breakdown.
     Decoding is greedy with the KV cache, ``batch_size`` prompts at a time
     (``gemma2_lite.sampler.generate`` unless ``generate_fn`` is given).
+    threshold: the approximate-match edit distance, as a share of ``target_len``, in [0, 1].
     """
-    if prompt_len <= 0 or target_len <= 0:
-        raise ValueError(f"prompt_len and target_len must be positive, got {prompt_len}, {target_len}")
+    for name, value in (("prompt_len", prompt_len), ("target_len", target_len),
+                        ("batch_size", batch_size)):
+        if _count(value, name) == 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    threshold = _check_threshold(threshold)
+    if len(documents) == 0:
+        raise ValueError("documents is empty: there is nothing to test for memorisation")
     if sources is not None and len(sources) != len(documents):
         raise ValueError(f"{len(sources)} sources for {len(documents)} documents")
     eligible = [i for i, d in enumerate(documents) if len(d) >= prompt_len + target_len]
     if not eligible:
-        raise ValueError(f"no document has prompt_len + target_len = {prompt_len + target_len} tokens")
+        raise ValueError(f"no document has prompt_len + target_len = "
+                         f"{prompt_len + target_len} tokens")
     n = len(eligible) if n is None else n
     if not 0 < n <= len(eligible):
         raise ValueError(f"n={n}, but only {len(eligible)} documents are long enough")
@@ -226,6 +253,8 @@ def make_canaries(copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4,
 def insert_canaries(documents: Sequence[str], canaries: Sequence[Canary],
                     seed: int = 0) -> list[str]:
     """Each canary's text inserted ``copies`` times at random line boundaries of the corpus."""
+    if len(documents) == 0:
+        raise ValueError("documents is empty: there is nowhere to insert the canaries")
     rng = np.random.default_rng(seed)
     docs = [d.split("\n") for d in documents]
     for canary in canaries:
@@ -238,6 +267,8 @@ def insert_canaries(documents: Sequence[str], canaries: Sequence[Canary],
 def canary_extraction(model: Any, tokenizer: Any, canaries: Sequence[Canary], *,
                       generate_fn: GenerateFn | None = None) -> dict[int, Rate]:
     """Greedy-decode after each canary's prefix; the share of secrets reproduced, by copies."""
+    if len(canaries) == 0:
+        raise ValueError("canaries is empty: there is no secret to extract")
     if generate_fn is None:
         from .sampler import generate as generate_fn
     prompts = [tokenizer.encode(c.prefix) for c in canaries]
@@ -264,13 +295,22 @@ def luhn_valid(number: str) -> bool:
     return total % 10 == 0
 
 
-# name -> (severity, pattern, extra validation)
+# name -> (severity, pattern, extra validation). What a pattern reports is its group "pii"
+# when it has one, else its whole match.
+#
+# Every pattern runs in time linear in the text (tests/test_bad_inputs.py feeds each a megabyte
+# of adversarial input). The e-mail pattern used to be ``\b[\w.+-]+@...``: in a long run of
+# address characters with no "@" (200 KB of "a.a.a."), every word boundary started a scan to the
+# end of the run, quadratic in its length (65 s). Now a match may start only where the run
+# starts (the lookbehind), skips the run's leading punctuation, and reports the address from
+# its first letter or digit, as before; each run is scanned once.
 PII_PATTERNS: dict[str, tuple[str, re.Pattern[str], Callable[[str], bool] | None]] = {
     "credit_card": ("high", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), luhn_valid),
     "national_id": ("high", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), None),   # US SSN-like
-    "email": ("medium", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), None),
-    "phone": ("medium", re.compile(r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}\b"),
-              None),
+    "email": ("medium", re.compile(r"(?<![\w.+-])[.+-]*"
+                                   r"(?P<pii>\w[\w.+-]*@[\w-]+(?:\.[\w-]+)+)\b"), None),
+    "phone": ("medium", re.compile(r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})"
+                                   r"[ .-]\d{3}[ .-]\d{4}\b"), None),
     "ip_address": ("low", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}"
                                      r"(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None),
 }
@@ -281,14 +321,18 @@ def scan_pii(text: str) -> list[tuple[str, str, str]]:
     """All sensitive-looking spans in ``text`` as (kind, severity, match)."""
     found = []
     for kind, (severity, pattern, check) in PII_PATTERNS.items():
+        group = "pii" if "pii" in pattern.groupindex else 0
         for m in pattern.finditer(text):
-            if check is None or check(m.group()):
-                found.append((kind, severity, m.group()))
+            if check is None or check(m.group(group)):
+                found.append((kind, severity, m.group(group)))
     return found
 
 
 def pii_report(texts: Sequence[str]) -> dict[str, Rate]:
-    """Share of ``texts`` containing at least one match of each severity (as the reports tabulate)."""
+    """Share of ``texts`` containing at least one match of each severity (as the reports
+    tabulate). ``texts`` must not be empty (a share of nothing is no finding)."""
+    if len(texts) == 0:
+        raise ValueError("texts is empty: there is nothing to scan")
     flagged = [{sev for _, sev, _ in scan_pii(t)} for t in texts]
     report = {sev: Rate(sum(sev in f for f in flagged), len(texts)) for sev in SEVERITIES}
     report["any"] = Rate(sum(bool(f) for f in flagged), len(texts))

@@ -41,10 +41,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from .config import Gemma2Config, get_config
-from .model import Gemma2, abstract_model
+from .params import param_infos, path_name
 from .sharding import BATCH_AXES, MESH_AXES, Rule, ShardingError, logical_to_spec
 
 __all__ = ["GiB", "Chip", "CHIPS", "Setup", "REPORT_SETUPS", "MemoryPlan", "param_shard_elements",
@@ -126,20 +125,14 @@ def _ways(sizes: Mapping[str, int], entry: Rule) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _param_shapes(config: Gemma2Config) -> tuple[tuple[str, tuple[int, ...], tuple, int], ...]:
-    """(name, shape, logical_axes, copies) of every weight, read from the model itself.
-
-    Every layer has the same weights, so a one-layer model is traced abstractly and its layer
-    weights are counted L times (tracing all 46 layers of 27B takes ~10x longer, same answer).
-    """
-    one = config.replace(num_layers=1)
-    abstract = abstract_model(one)
+def _weights(config: Gemma2Config) -> tuple[tuple[str, tuple[int, ...], tuple, int], ...]:
+    """(name, shape, logical_axes, copies) of every weight: one layer's weights (from
+    :func:`gemma2_lite.params.param_infos`) are counted L times, named ``layers.*.``."""
     out = []
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    for path, info in param_infos(config.replace(num_layers=1)).items():
         copies = config.num_layers if path[0] == "layers" else 1
-        name = ".".join(map(str, path)).replace("layers.0.", "layers.*.")
-        out.append((name, tuple(var.shape), tuple(axes), copies))
+        name = path_name(path).replace("layers.0.", "layers.*.")
+        out.append((name, info.shape, info.logical_axes, copies))
     return tuple(out)
 
 
@@ -152,7 +145,7 @@ def param_shard_elements(config: Gemma2Config, mesh: Mapping[str, int] | Any,
     """
     sizes = _mesh_sizes(mesh)
     total, uneven = 0, []
-    for name, shape, axes, copies in _param_shapes(config):
+    for name, shape, axes, copies in _weights(config):
         spec = tuple(logical_to_spec(axes, rules))
         spec += (None,) * (len(shape) - len(spec))
         local = []

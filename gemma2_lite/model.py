@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import (Attention, LayerCache, attention_mask, band_mask,
+from .attention import (Attention, AttentionPlan, LayerCache, attention_mask, band_mask,
                         cached_key_positions, gqa_attention)
-from .checks import check_token_ids
+from .checks import check_positions, check_token_ids
 from .config import Gemma2Config
-from .layers import Embedder, FeedForward, RMSNorm, gelu_tanh, soft_cap
+from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, soft_cap
 from .rope import rope_table, rotate
 
 __all__ = ["Block", "Components", "Gemma2", "Gemma2Output", "abstract_model",
@@ -69,12 +69,16 @@ class Gemma2Output:
     logits: float32 (B, T, V), or (B, 1, V) with ``last_only``; cache: the updated list of L
     :class:`LayerCache` when one was given, else None; hidden: with ``return_hidden``, the
     residual stream after the embedding and after every layer (L + 1 arrays (B, T, D), the last
-    one after the final norm, as Hugging Face reports it), else None.
+    one after the final norm, as Hugging Face reports it), else None; finite: bool (B, T) (or
+    (B, 1)), whether every logit of that position was finite BEFORE the final soft-cap, which
+    maps an infinite logit to a finite +-c_f (so only this field can tell that the model
+    overflowed; the sampler checks it).
     """
 
     logits: jax.Array
     cache: list[LayerCache] | None = None
     hidden: list[jax.Array] | None = None
+    finite: jax.Array | None = None
 
 
 class Block(nnx.Module):
@@ -95,9 +99,10 @@ class Block(nnx.Module):
         self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
 
     def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan()
+                 ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D) -> (B, T, D), plus the layer's updated cache (see :class:`Attention`)."""
-        a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache)
+        a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache, plan)
         x = x + self.post_attn_norm(a)
         m = self.mlp(self.pre_ffw_norm(x))
         x = x + self.post_ffw_norm(m)
@@ -129,7 +134,8 @@ class Gemma2(nnx.Module):
                                   param_dtype=config.jnp_param_dtype)
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        # Weights stored as rows (serving, int8) count too; their scales do not.
+        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param, Rows)))
         return f"Gemma2({self.config!r}, {n:,} parameters)"
 
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
@@ -150,8 +156,8 @@ class Gemma2(nnx.Module):
         return nnx.merge(nnx.graphdef(abstract), nnx.state(self))
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, tokens: Any, positions: Any,
-                      cache: list[LayerCache] | None) -> jax.Array:
+    def _check_inputs(self, tokens: Any, positions: Any, cache: list[LayerCache] | None,
+                      attention_mask: Any = None) -> jax.Array:
         """Check the call's inputs; return ``tokens`` as a JAX integer array.
 
         Shapes are checked always (they are static, even under ``jit``); token ids and
@@ -159,8 +165,8 @@ class Gemma2(nnx.Module):
         an out-of-range id embeds as NaN (:meth:`Embedder.encode`) instead of being refused.
         """
         c = self.config
-        if not hasattr(tokens, "ndim"):
-            tokens = np.asarray(tokens)
+        if not hasattr(tokens, "ndim"):      # a list: each element checked (no bool as an id)
+            tokens = check_token_ids(tokens, c.vocab_size, name="tokens")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T) integers, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
@@ -178,11 +184,7 @@ class Gemma2(nnx.Module):
             if np.shape(positions) != (b, t):
                 raise ValueError(f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
                                  "pass one position per token")
-            if not isinstance(positions, jax.core.Tracer):
-                p = np.asarray(positions)
-                if p.size and p.max() >= c.max_seq_len:
-                    raise ValueError(f"position {int(p.max())} is past the model's context "
-                                     f"({c.max_seq_len} positions, 0..{c.max_seq_len - 1})")
+            check_positions(positions, c.max_seq_len, valid=attention_mask)
         if cache is not None:
             self._check_cache(cache, b, t)
         return jnp.asarray(tokens)
@@ -230,21 +232,25 @@ class Gemma2(nnx.Module):
 
     def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
                 positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
-                return_hidden: bool = False, last_only: bool = False) -> Gemma2Output:
+                return_hidden: bool = False, last_only: bool = False,
+                plan: AttentionPlan | None = None) -> Gemma2Output:
         """The forward pass, with everything it can give.
 
         tokens: int (B, T), ids in [0, V): checked when concrete (a
         :class:`~gemma2_lite.checks.TokenIdError` names the bad ids); under ``jit`` they cannot
         be checked and an out-of-range id turns its position's logits into NaN.
         attention_mask: (B, T), 1 for real tokens and 0 for padding (left padding); default all
-        ones. positions: int (B, T); default cumsum(mask) - 1 (required with a used cache).
-        cache: L :class:`LayerCache` (:meth:`init_cache`) for incremental decoding; the new
-        tokens are written into it (rows in lock-step: a chunk's padding, if any, on the left).
-        return_hidden: also return the residual streams. last_only: unembed only the last
-        column (B, 1, V): all that sampling needs after a prefill (with left padding the last
-        column is every row's last token), and V / (T·V) of the logits' memory.
+        ones. positions: int (B, T); default cumsum(mask) - 1, i.e. a sequence from position 0
+        (with a cache, the cache must then be empty; a used cache needs the new tokens'
+        absolute positions). cache: L :class:`LayerCache` (:meth:`init_cache`) for incremental
+        decoding; the new tokens are written into it (rows in lock-step: a chunk's padding, if
+        any, on the left). return_hidden: also return the residual streams. last_only: unembed
+        only the last column (B, 1, V): all that sampling needs after a prefill (with left
+        padding the last column is every row's last token), and V / (T·V) of the logits'
+        memory. plan: how the layers attend (:class:`AttentionPlan`); default
+        :meth:`AttentionPlan.choose` from the above.
         """
-        tokens = self._check_inputs(tokens, positions, cache)
+        tokens = self._check_inputs(tokens, positions, cache, attention_mask)
         c, comps = self.config, self.components
         if attention_mask is None:
             valid = jnp.ones(tokens.shape, bool)
@@ -252,34 +258,20 @@ class Gemma2(nnx.Module):
             valid = jnp.asarray(attention_mask).astype(bool)
             if valid.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
-        contiguous = positions is None          # one position per column: see _band below
+        plan = self._plan(plan, tokens.shape[1], positions, cache)
         if positions is None:
-            if cache is not None and not all(layer.fresh for layer in cache):
-                raise ValueError("with a used cache, pass the absolute positions of the new tokens")
             positions = positions_from_mask(valid)
         positions = jnp.asarray(positions, jnp.int32)                       # (B, T)
         k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)           # (B, T), pads -1
 
         # Built once per forward, shared by the layers: the rotation table, and one mask per
-        # kind of layer (global / local), over the keys each kind attends to.
+        # kind of layer (global / local), over the keys that kind attends to in this plan.
         rope = comps.rope_table(positions, c.head_dim, c.rope_base)
-        masks: dict[int | None, jax.Array] = {}
-        for i, block in enumerate(self.layers):
-            w = block.attn.window
-            if w in masks:
-                continue
-            layer_cache = None if cache is None else cache[i]
-            if self._band(w, tokens.shape[1], layer_cache, contiguous):
-                # A local layer over a whole sequence attends in chunks of W columns, each to
-                # its own and the previous chunk's keys (attention.banded_attention).
-                masks[w] = band_mask(comps.mask, k_pos, w)                  # (B, n, W, 2W)
-            else:
-                key_pos = cached_key_positions(layer_cache, k_pos)
-                masks[w] = comps.mask(positions, key_pos, w)                # (B, T, S')
+        masks = self._masks(plan, positions, k_pos, cache)
 
         def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
                 ) -> tuple[jax.Array, LayerCache | None]:
-            return block(x, rope, masks[block.attn.window], k_pos, layer_cache)
+            return block(x, rope, masks[block.attn.window], k_pos, layer_cache, plan)
 
         if self.remat and cache is None:
             # Keep only each block's input for the backward pass; recompute the rest.
@@ -296,24 +288,58 @@ class Gemma2(nnx.Module):
             x = x[:, -1:]                                                    # (B, 1, D)
         x = self.final_norm(x)
         hidden[-1] = self.final_norm(hidden[-1]) if last_only else x
-        logits = self.embedder.decode(x).astype(jnp.float32)                 # (B, T, V)
-        logits = soft_cap(logits, c.final_logit_softcap)
+        raw = self.embedder.decode(x).astype(jnp.float32)                    # (B, T, V)
+        # Checked before the cap: c_f * tanh(inf / c_f) = c_f hides an overflow.
+        finite = jnp.all(jnp.isfinite(raw), axis=-1)                         # (B, T)
+        logits = soft_cap(raw, c.final_logit_softcap)
         return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
-                            hidden=hidden if return_hidden else None)
+                            hidden=hidden if return_hidden else None, finite=finite)
 
-    def _band(self, window: int | None, length: int, cache: LayerCache | None,
-              contiguous: bool) -> bool:
-        """Whether a local layer attends in bands of W columns (see banded_attention): the
-        same numbers in T·2W scores instead of T². Only when that is exact and saves work: a
-        prompt going into a fresh cache (a prefill; training and ``model(tokens)`` keep the
-        plain path, whose saved activations :mod:`gemma2_lite.memory` counts), positions
-        advancing one per column (the default, cumsum(mask) - 1 over left padding: then a key W
-        positions back is W columns back), T > 2W, and the default attention and mask (a
-        swapped component sees the whole (B, T, S) problem, as the chapters expect)."""
-        comps = self.components
-        return (window is not None and length > 2 * window and contiguous
-                and cache is not None and cache.fresh
-                and comps.attention is gqa_attention and comps.mask is attention_mask)
+    def _masks(self, plan: AttentionPlan, positions: jax.Array, k_pos: jax.Array,
+               cache: list[LayerCache] | None) -> dict[int | None, jax.Array]:
+        """One mask per kind of layer (keyed by its window), as the plan has it attend."""
+        masks: dict[int | None, jax.Array] = {}
+        for i, block in enumerate(self.layers):
+            w = block.attn.window
+            if w in masks:
+                continue
+            mode = plan.for_window(w)
+            if mode == "banded":
+                # A local layer over a whole prompt attends in chunks of W columns, each to
+                # its own and the previous chunk's keys (attention.banded_attention).
+                masks[w] = band_mask(self.components.mask, k_pos, w)        # (B, n, W, 2W)
+            else:
+                key_pos = cached_key_positions(mode, None if cache is None else cache[i], k_pos)
+                masks[w] = self.components.mask(positions, key_pos, w)      # (B, T, S')
+        return masks
+
+    def _plan(self, plan: AttentionPlan | None, length: int, positions: Any,
+              cache: list[LayerCache] | None) -> AttentionPlan:
+        """The forward's :class:`AttentionPlan`: ``plan`` checked against the call, or chosen.
+
+        A prompt from position 0 (positions not given) into a cache needs an empty one: checked
+        when the cache's ``end`` is concrete (under ``jit`` it is the caller's promise)."""
+        from_start = positions is None
+        if cache is not None and from_start:
+            ends = [layer.end for layer in cache if not isinstance(layer.end, jax.core.Tracer)]
+            if any(int(e) for e in ends):
+                raise ValueError("with a used cache, pass the absolute positions of the new "
+                                 "tokens (positions=...); without them the tokens would start "
+                                 "at position 0 again")
+        if plan is None:
+            return AttentionPlan.choose(length=length, window=self.config.sliding_window,
+                                        cached=cache is not None, from_start=from_start)
+        if not isinstance(plan, AttentionPlan):
+            raise TypeError(f"plan must be an AttentionPlan, got {type(plan).__name__}")
+        if plan.mode != "full" and cache is None:
+            raise ValueError(f"plan mode {plan.mode!r} needs a cache to read")
+        if plan.mode == "decode" and length != 1:
+            raise ValueError(f"plan mode 'decode' feeds one token per row, got {length}")
+        if plan.band and not (from_start and cache is not None):
+            # Bands are exact only when a key W positions back is W columns back.
+            raise ValueError("band=True needs a prompt into a cache with the default positions "
+                             "(positions=None)")
+        return plan
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[LayerCache]:
         """An empty cache for ``batch`` sequences of up to ``max_len`` positions.

@@ -5,8 +5,8 @@ weights.
 The instruction set
 -------------------
 :func:`build_instructions` makes single-turn conversations from the book's corpus
-(``data/shakespeare.jsonl``, read with :mod:`gemma2_lite.data`); nothing is downloaded or
-stored. The rule, which is the set's whole provenance:
+(``gemma2_lite/assets/shakespeare.jsonl``, read with :mod:`gemma2_lite.data`); nothing is
+downloaded or stored. The rule, which is the set's whole provenance:
 
 1. Each play is cut into blocks at blank lines. A block is a *speech* when its first line is a
    speaker heading (a line such as ``HAMLET.``, ``Laer.`` or ``First Witch.``: at most
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma2_lite.batching import padded_batches
 from gemma2_lite.chat import encode_chat
 from gemma2_lite.data import load_documents
 from gemma2_lite.losses import token_nll
@@ -177,41 +178,61 @@ def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict
     masked target (for a model-turn mask: the ``<end_of_turn>`` closing the last model turn)
     is the greedy choice, "tokens": masked targets}``.
     Rows are taken ``batch_size`` at a time; the last chunk is padded with rows of mask 0, so
-    one compiled shape serves every chunk."""
+    one compiled shape serves every chunk. Every row must have at least one masked target: a
+    row without (an example with no model turn) has no answer to score, and would count as
+    loss 0 and exactly right; it raises ``ValueError`` naming the rows."""
     batch, mask = np.asarray(batch, np.int32), np.asarray(mask, np.float32)
     if batch.ndim != 2 or mask.shape != (batch.shape[0], batch.shape[1] - 1):
         raise ValueError(f"want batch (B, T + 1) and mask (B, T), got {batch.shape} and "
                          f"{mask.shape}")
     rows = batch.shape[0]
-    pad = -rows % batch_size
-    batch = np.concatenate([batch, np.repeat(batch[:1], pad, axis=0)])
-    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
+    if rows == 0:
+        raise ValueError("sft_eval: batch has no rows (no examples to evaluate)")
+    empty = np.flatnonzero(~(mask > 0).any(axis=1))
+    if empty.size:
+        raise ValueError(f"sft_eval: row(s) {empty[:5].tolist()} of mask have no masked target "
+                         "(an example with no model turn?): there is no answer to score")
     total = count = 0.0
     right = ends = 0
-    for i in range(0, rows + pad, batch_size):
-        s, c, hit, end = _sft_sums(model, jnp.asarray(batch[i:i + batch_size]),
-                                   jnp.asarray(mask[i:i + batch_size]))
-        real = max(0, min(batch_size, rows - i))
+    for (b, m), real in padded_batches([batch, mask], batch_size, fill=(0, 0.0)):
+        s, c, hit, end = _sft_sums(model, jnp.asarray(b), jnp.asarray(m))
         total, count = total + float(s), count + float(c)
         right += int(np.sum(np.asarray(hit)[:real]))
         ends += int(np.sum(np.asarray(end)[:real]))
-    return {"loss": total / max(count, 1.0), "exact": right / rows, "ends": ends / rows,
+    return {"loss": total / count, "exact": right / rows, "ends": ends / rows,
             "tokens": count}
 
 
 def average_states(states: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
     """The weighted average ``sum_i w_i * state_i`` of parameter pytrees of one structure
     (e.g. ``nnx.State`` from ``nnx.split``); uniform when ``weights`` is None. Weights must
-    sum to 1, so averaging copies of one model gives that model back."""
+    sum to 1, so averaging copies of one model gives that model back.
+
+    Floating-point leaves are averaged (returned in their dtype). Integer and bool leaves
+    (step counters, rng counts) cannot be averaged without truncating: they are kept when
+    every state holds the same value and refused (``ValueError`` naming the leaf) otherwise."""
     if len(states) == 0:
         raise ValueError("average_states needs at least one state")
     w = [1.0 / len(states)] * len(states) if weights is None else [float(x) for x in weights]
     if len(w) != len(states):
         raise ValueError(f"{len(w)} weights for {len(states)} states")
+    if not all(np.isfinite(w)):
+        raise ValueError(f"weights must be finite numbers, got {w}")
     if not np.isclose(sum(w), 1.0):
         raise ValueError(f"weights must sum to 1, got {sum(w)}")
-    return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)).astype(xs[0].dtype),
-                        *states)
+
+    keystr = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")
+
+    def mean(path: Any, *xs: Any) -> Any:
+        if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact):
+            return sum(wi * x for wi, x in zip(w, xs)).astype(xs[0].dtype)
+        if not all(np.array_equal(np.asarray(x), np.asarray(xs[0])) for x in xs[1:]):
+            raise ValueError(f"average_states: integer leaf {keystr(path)} differs between "
+                             "the states; an average would truncate it (average the floating-"
+                             "point parameters only, e.g. nnx.state(model, nnx.Param))")
+        return xs[0]
+
+    return jax.tree_util.tree_map_with_path(mean, *states)
 
 
 def interpolate_states(a: Any, b: Any, t: float) -> Any:

@@ -1,7 +1,9 @@
 """Run profiles: one switch that sizes every notebook and experiment.
 
-``GEMMA2_LITE_PROFILE`` is ``ci`` (CPU, the whole book in minutes), ``colab`` (one TPU chip or
-GPU) or ``full`` (the real sizes, a TPU slice). Unset, the profile follows the hardware: ``colab``
+``GEMMA2_LITE_PROFILE`` is one of :data:`PROFILES`: ``ci`` (CPU, the whole book in minutes),
+``colab`` (one TPU chip or GPU), ``full`` (the real sizes, a TPU slice), or ``smoke`` (the unit
+tests' runs of the experiments, in seconds: a value picked without a ``smoke`` size takes its
+``ci`` one, so every chapter runs there as at ``ci``). Unset, the profile follows the hardware: ``colab``
 when a TPU or GPU is attached to this machine, ``ci`` otherwise, so a Colab runtime that restarts
 keeps its profile. Code reads the active profile with :func:`get_profile` and picks sizes with
 :func:`pick`::
@@ -21,12 +23,27 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["PROFILES", "ENV_VAR", "LOOP_CAP_VAR", "get_profile", "pick", "capped", "loop_cap",
-           "attached_accelerator", "describe_devices", "repo_root", "data_path", "REPOSITORY"]
+from gemma2_lite.checks import is_int
+# The path lookups moved to gemma2_lite.paths; the old names stay importable from here.
+from gemma2_lite.paths import data_path, repo_root
+
+__all__ = ["PROFILES", "BOOK_PROFILES", "ENV_VAR", "LOOP_CAP_VAR", "get_profile", "pick",
+           "capped", "loop_cap", "attached_accelerator", "describe_devices", "repo_root",
+           "data_path", "REPOSITORY"]
 
 ENV_VAR = "GEMMA2_LITE_PROFILE"
 LOOP_CAP_VAR = "GEMMA2_LITE_LOOP_CAP"
-PROFILES = ("ci", "colab", "full")
+#: The one table of profiles, smallest first: name -> what it is for. Every function and
+#: command line that takes a profile accepts exactly these.
+PROFILES: dict[str, str] = {
+    "smoke": "the unit tests' runs of the experiments (seconds); values without a smoke "
+             "size take their ci one",
+    "ci": "a CPU: the whole book in minutes",
+    "colab": "one TPU chip or GPU",
+    "full": "the real sizes, a TPU slice",
+}
+#: The profiles the book is built and shown at (``smoke`` is for the tests).
+BOOK_PROFILES = ("ci", "colab", "full")
 # The book's repository. The setup cell of every notebook, _config.yml and the README name it
 # too (they run before this package is installed); tests/test_environment.py keeps them equal.
 REPOSITORY = "https://github.com/gemma2-lite/gemma2-lite"
@@ -58,7 +75,8 @@ def get_profile() -> str:
     if not value:
         return "colab" if attached_accelerator() else "ci"
     if value not in PROFILES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of {PROFILES}")
+        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of "
+                         f"{tuple(PROFILES)}")
     return value
 
 
@@ -82,16 +100,13 @@ def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = F
 
     ``loop=True`` marks a loop count (an int): it is capped at ``$GEMMA2_LITE_LOOP_CAP`` when that
     is set. Shapes are never marked, so a capped run still computes on the profile's shapes.
-    ``smoke`` is the value for ``profile="smoke"``, the unit tests' tiny runs of the experiments
-    (asked for explicitly; never the environment's profile).
+    ``smoke`` is the value at the ``smoke`` profile (the unit tests' tiny runs of the
+    experiments); without one, ``smoke`` takes the ``ci`` value.
     """
     profile = profile or get_profile()
-    values = {"ci": ci, "colab": colab, "full": full}
-    if smoke is not None:
-        values["smoke"] = smoke
+    values = {"smoke": ci if smoke is None else smoke, "ci": ci, "colab": colab, "full": full}
     if profile not in values:
-        raise ValueError(f"unknown profile {profile!r}; choose one of "
-                         f"{PROFILES + (('smoke',) if smoke is not None else ())}")
+        raise ValueError(f"unknown profile {profile!r}; choose one of {tuple(PROFILES)}")
     value = values[profile]
     return capped(value) if loop else value  # type: ignore[return-value]
 
@@ -99,7 +114,7 @@ def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = F
 def capped(count: T) -> T:
     """A loop count (int) capped at ``$GEMMA2_LITE_LOOP_CAP``; anything else unchanged."""
     cap = loop_cap()
-    if cap is not None and isinstance(count, int) and not isinstance(count, bool) and count > cap:
+    if cap is not None and is_int(count) and count > cap:
         return cap  # type: ignore[return-value]
     return count
 
@@ -124,12 +139,3 @@ def describe_devices() -> str:
                  f"jaxlib). Run  {_FIX[attached]}  and restart the runtime.")
     return line
 
-
-def repo_root() -> Path:
-    """The checkout this package was installed from (holds data/, notebooks/, results/)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def data_path(*parts: str) -> Path:
-    """A path inside the repository's ``data/`` folder, e.g. ``data_path("tokenizer.model")``."""
-    return repo_root() / "data" / os.path.join(*parts) if parts else repo_root() / "data"

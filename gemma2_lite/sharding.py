@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -44,14 +45,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .checks import is_int
 from .config import Gemma2Config
+from .hf_checkpoint import load_hf
+from .hf_config import read_hf_config
 from .model import Gemma2, abstract_model
+from .params import host_param, path_name
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh",
            "resolve_rules", "logical_to_spec", "param_specs", "state_shardings", "shard_state",
            "shard_model", "make_sharded_init", "sharded_init", "tree_shardings",
-           "sharded_opt_init", "train_shardings", "batch_sharding", "shard_batch",
-           "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
+           "sharded_opt_init", "StepShardings", "train_shardings", "batch_sharding",
+           "shard_batch", "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
            "maybe_initialize_distributed"]
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
@@ -93,8 +98,7 @@ def make_mesh(shape: Mapping[str, int] | None = None,
                             f"the axes are {MESH_AXES}")
     sizes = {a: shape.get(a, 1) for a in MESH_AXES}
     for axis, size in sizes.items():
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-                size < 1 and size != -1):
+        if not is_int(size) or (size < 1 and size != -1):
             raise ShardingError(f"mesh axis {axis!r} must have a positive size or -1, "
                                 f"got {size!r}")
     rest = [a for a, s in sizes.items() if s == -1]
@@ -174,10 +178,6 @@ def _check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh,
                 f"{label!r} to another axis (or None) in the rules")
 
 
-def _path_name(path: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
     axes = meta.get("logical_axes")
@@ -191,11 +191,11 @@ def _spec_for(path: Sequence[Any], var: nnx.Variable, mesh: Mesh | None,
     if axes is None:
         return P()                      # no logical names (step counters, rng state): replicate
     if len(axes) != len(shape):
-        raise ShardingError(f"{_path_name(path)} has shape {shape} but logical_axes {axes} "
+        raise ShardingError(f"{path_name(path)} has shape {shape} but logical_axes {axes} "
                             f"({len(axes)} names for {len(shape)} dimensions)")
     spec = logical_to_spec(axes, rules)
     if mesh is not None:
-        _check_divisible(_path_name(path), shape, spec, mesh, axes)
+        _check_divisible(path_name(path), shape, spec, mesh, axes)
     return spec
 
 
@@ -297,14 +297,27 @@ def sharded_opt_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh,
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
-                    rules: Mapping[str, Rule] | None = None) -> Any:
-    """The :class:`~gemma2_lite.train.StepShardings` that make
-    :func:`~gemma2_lite.train.make_train_step` a sharded step: parameters and optimizer state
-    in their rule-given layout (in and out, so the donated buffers are reused), the batch
-    split over ("data", "fsdp"), the rng and the metrics replicated."""
-    from .train import StepShardings
+@dataclass(frozen=True)
+class StepShardings:
+    """Where the training state lives on a mesh (made by :func:`train_shardings`).
 
+    params, opt_state, rest: ``NamedSharding`` trees (prefixes of those pytrees); batch: the
+    (B, ...) batch's sharding; replicated: for the rng and the metrics.
+    """
+
+    params: Any
+    opt_state: Any
+    rest: Any
+    batch: Any
+    replicated: Any
+
+
+def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
+                    rules: Mapping[str, Rule] | None = None) -> StepShardings:
+    """The :class:`StepShardings` that make :func:`~gemma2_lite.train.make_train_step` a
+    sharded step: parameters and optimizer state in their rule-given layout (in and out, so
+    the donated buffers are reused), the batch split over ("data", "fsdp"), the rng and the
+    metrics replicated."""
     return StepShardings(params=tree_shardings(params, mesh, rules),
                          opt_state=tree_shardings(opt_state, mesh, rules),
                          rest=tree_shardings(rest, mesh, rules), batch=batch_sharding(mesh),
@@ -334,30 +347,31 @@ def make_placer(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | No
 
     Each parameter becomes a global ``jax.Array`` in its sharded layout, built with
     ``jax.make_array_from_callback``: every device asks only for its own slice of the (possibly
-    memory-mapped) numpy array, so a host reads only what its devices hold.
+    memory-mapped) numpy array, so a host reads only what its devices hold, and checks its
+    values there (finite; within float16's range when the model computes in float16).
     """
     abstract = abstract_model(config)
     shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(abstract, nnx.Param), mesh,
                                                        rules)))
     dtype = config.jnp_param_dtype
+    float16 = "float16" in (config.dtype, config.param_dtype)
 
     def place(path: tuple[Any, ...], array: np.ndarray) -> jax.Array:
         if tuple(path) not in shardings:
-            raise ShardingError(f"no sharding for parameter {_path_name(path)}; "
+            raise ShardingError(f"no sharding for parameter {path_name(path)}; "
                                 f"is the checkpoint for this config?")
         sharding = shardings[tuple(path)]
         return jax.make_array_from_callback(
-            array.shape, sharding, lambda index: np.asarray(array[index]).astype(dtype))
+            array.shape, sharding,
+            lambda index: host_param(array[index], dtype, path_name(path), float16=float16))
 
     return place
 
 
 def load_hf_sharded(path: str | os.PathLike, mesh: Mesh, rules: Mapping[str, Rule] | None = None,
-                    dtype: Any = jnp.float32, *, param_dtype: Any = None,
+                    dtype: Any = None, *, param_dtype: Any = None,
                     **config_overrides: Any) -> Gemma2:
     """:func:`gemma2_lite.checkpoint.load_hf` with every parameter put straight onto its shards."""
-    from .checkpoint import load_hf, read_hf_config
-
     config = read_hf_config(path, dtype, param_dtype, **config_overrides)
     return load_hf(path, dtype, param_dtype=param_dtype,
                    place=make_placer(config, mesh, rules), **config_overrides)

@@ -6,8 +6,8 @@ piece for, so *every* string encodes and decodes back unchanged. The special pie
 
     <pad> 0   <eos> 1   <bos> 2   <unk> 3   <mask> 4   <start_of_turn> 106   <end_of_turn> 107
 
-The book's small tokenizer (``data/tokenizer.model``, 4096 pieces, trained on the Shakespeare
-corpus) uses the same choices and the same piece names, with ``<mask>``, ``<start_of_turn>``
+The book's small tokenizer (``gemma2_lite/assets/tokenizer.model``, shipped with the package;
+4096 pieces, trained on the Shakespeare corpus) uses the same choices and the same piece names, with ``<mask>``, ``<start_of_turn>``
 and ``<end_of_turn>`` right after ``<unk>`` (ids 4, 5, 6), then the 256 byte pieces
 ``<0x00>``..``<0xFF>`` (ids 7..262), then the learned merges. :class:`Tokenizer` loads either
 file; code must use the id properties (``tok.end_of_turn_id``), never the numbers.
@@ -30,15 +30,14 @@ here: SentencePiece uses U+2581 LOWER ONE EIGHTH BLOCK (``▁``) as its visible 
 ``▁`` in the input would come back as a space. :meth:`Tokenizer.encode` therefore encodes every
 literal ``▁`` as its three UTF-8 byte pieces (``<0xE2><0x96><0x81>``), which decode to ``▁``.
 
-Reproduce ``data/tokenizer.model`` (byte-for-byte; training is single-threaded and reads
-no file paths into the model)::
+Reproduce ``gemma2_lite/assets/tokenizer.model`` (byte-for-byte; training is single-threaded
+and reads no file paths into the model)::
 
-    python -m gemma2_lite.tokenizer train
+    python -m gemma2_lite.tokenizer train --out retrained.model   # then compare the bytes
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -50,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from gemma2_lite.checks import check_regular_file, check_token_ids
-from gemma2_lite.profile import data_path, repo_root
+from gemma2_lite import paths
+from gemma2_lite.checks import check_int, check_regular_file, check_token_ids
 
 __all__ = [
     "Tokenizer", "train_tokenizer", "gemma_trainer_options", "SPECIAL_PIECES",
@@ -143,8 +142,7 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
       The trained :class:`Tokenizer`. The model bytes depend only on the texts and options
       (not on paths or the machine's thread count).
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    check_int(vocab_size, "vocab_size", low=1)
     if isinstance(texts_or_path, (str, os.PathLike)):
         path = Path(texts_or_path)
         if not path.is_file():
@@ -175,15 +173,6 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
     return Tokenizer(model_proto=model)
 
 
-def _short_path(path: str) -> str:
-    """``path`` relative to the repository when it lies inside it (reprs then read the same on
-    every machine: ``data/tokenizer.model``), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(repo_root())))
-    except ValueError:
-        return str(path)
-
-
 class Tokenizer:
     """A Gemma-style SentencePiece tokenizer (the book's 4096-piece one or the real 256000 one).
 
@@ -200,8 +189,8 @@ class Tokenizer:
             file = Path(path)
             if not file.exists():
                 raise FileNotFoundError(
-                    f"tokenizer model {file} not found; build the book's one with "
-                    "`python -m gemma2_lite.tokenizer train`")
+                    f"tokenizer model {file} not found; the book's own is "
+                    f"{paths.tokenizer_file()} (gemma2_lite.tokenizer.default_tokenizer())")
             check_regular_file(file, "tokenizer model")   # a FIFO would hang read_bytes
             model_proto = file.read_bytes()
             where = f"tokenizer model {file}"
@@ -214,7 +203,7 @@ class Tokenizer:
         except RuntimeError as exc:   # sentencepiece's only complaint: the protobuf won't parse
             reason = str(exc) if str(exc) == "it is empty" else "it does not parse"
             raise ValueError(f"{where} is not a SentencePiece model ({reason}); expected a "
-                             ".model file such as data/tokenizer.model") from None
+                             ".model file such as gemma2_lite/assets/tokenizer.model") from None
         for piece, expected in SPECIAL_PIECES.items():
             got = self._sp.piece_to_id(piece)
             if got != expected:
@@ -369,7 +358,7 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        where = f"path={_short_path(self.path)!r}, " if self.path else ""
+        where = f"path={paths.shown(self.path)!r}, " if self.path else ""
         sha = hashlib.sha256(self._proto).hexdigest()[:12]
         return (f"Tokenizer({where}vocab_size={self.vocab_size}, pad={self.pad_id}, "
                 f"eos={self.eos_id}, bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id}, "
@@ -378,8 +367,9 @@ class Tokenizer:
 
 
 def default_tokenizer() -> Tokenizer:
-    """The book's trained tokenizer, ``data/tokenizer.model`` (vocab 4096)."""
-    return Tokenizer(data_path(DEFAULT_MODEL_FILE))
+    """The book's trained tokenizer (vocab 4096), shipped with the package
+    (:func:`gemma2_lite.paths.tokenizer_file`)."""
+    return Tokenizer(paths.require(paths.tokenizer_file()))
 
 
 def _train_default(out: Path, vocab_size: int) -> Tokenizer:
@@ -391,27 +381,40 @@ def _train_default(out: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gemma2_lite.tokenizer train`` rebuilds ``data/tokenizer.model``."""
-    parser = argparse.ArgumentParser(prog="python -m gemma2_lite.tokenizer")
+def _main(argv: list[str] | None) -> int:
+    from gemma2_lite.cmdline import Parser, UsageError, positive_int, utf8_argument
+
+    parser = Parser(prog="python -m gemma2_lite.tokenizer",
+                    description="Retrain the book's tokenizer, or show how it splits a text.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train on the corpus's train split, write data/tokenizer.model")
-    train.add_argument("--vocab-size", type=int, default=4096)
-    train.add_argument("--out", type=Path, default=Path(data_path(DEFAULT_MODEL_FILE)))
-    show = sub.add_parser("encode", help="print the pieces of a text")
+    train = sub.add_parser("train", help="train on the corpus's train split and write the "
+                           "model (default: the package's tokenizer.model)")
+    train.add_argument("--vocab-size", type=positive_int, default=4096)
+    train.add_argument("--out", type=Path, default=paths.tokenizer_file())
+    show = sub.add_parser("encode", help="print the pieces of a text (the book's tokenizer)")
     show.add_argument("text")
     args = parser.parse_args(argv)
     if args.command == "train":
+        if args.out.is_dir() or not args.out.parent.is_dir():
+            raise UsageError(f"--out {args.out}: " + ("is a folder; name a file" if
+                             args.out.is_dir() else f"no folder {args.out.parent} to write in"))
         tok = _train_default(args.out, args.vocab_size)
         print(f"wrote {args.out}: {tok!r}")
-    else:
-        tok = default_tokenizer()
-        ids = tok.encode(args.text)
-        print(ids)
-        print([tok.id_to_piece(i) for i in ids])
+        return 0
+    tok = default_tokenizer()
+    ids = tok.encode(utf8_argument(args.text, "TEXT"))
+    print(ids)
+    print([tok.id_to_piece(i) for i in ids])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gemma2_lite.tokenizer train`` rebuilds the book's tokenizer; ``encode TEXT``
+    shows its pieces. Errors follow :mod:`gemma2_lite.cmdline`'s policy."""
+    from gemma2_lite.cmdline import run
+
+    return run(_main, argv)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

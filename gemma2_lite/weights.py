@@ -17,14 +17,17 @@ publishers serve them::
         flax/   tokenizer.model, gemma2-2b-it/ (the Orbax checkpoint)
                                             (kaggle.com/models/google/gemma-2, variant flax)
 
-:func:`pretrained` returns such a folder after checking that its files are there. When they
-are not, and ``huggingface_hub`` (Hugging Face layout) or ``kagglehub`` (Flax layout) is
-installed (``pip install 'gemma2-lite[weights]'``) and the network is allowed, it downloads
-them through that client, after saying which licence to accept and which token to set;
-otherwise it raises :class:`WeightsNotFound` saying where to put which files.
+:func:`pretrained` returns such a folder after checking that its files are there and intact
+(:func:`folder_problems`: every shard present, the index valid, checksums where save_hf wrote
+them). When they are not, and ``huggingface_hub`` (Hugging Face layout) or ``kagglehub``
+(Flax layout) is installed (``pip install 'gemma2-lite[weights]'``) and the network is
+allowed, it downloads them through that client, after saying which licence to accept and
+which token to set; otherwise it raises :class:`WeightsNotFound` saying where to put which
+files (:class:`BrokenWeights` naming each problem when they are there but damaged).
 
-:func:`locate` is what the chapters call: the real files when they are present; at the
-``ci`` profile, when they are not, the release-layout fixtures of :mod:`gemma2_lite.fixtures`
+:func:`locate` is what the chapters call: the real files when they are present (a folder
+that is there but broken is an error naming what is wrong, never a quiet fallback); at the
+``ci`` profile, when they are absent, the release-layout fixtures of :mod:`gemma2_lite.fixtures`
 (tiny random weights in the released layouts, written once into a temporary folder); at the
 ``colab`` and ``full`` profiles, :func:`pretrained` (which downloads or explains). It prints
 which of the two it found, and the :class:`Weights` it returns says it again
@@ -39,20 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import fixtures
+from .flax_checkpoint import is_orbax_checkpoint, load_flax
+from .hf_checkpoint import INDEX_FILE, SINGLE_FILE, load_hf, read_index, verify_hf_folder
 from .profile import get_profile
+from .release import (ENV_VAR, FIXTURE_MARKER, LAYOUTS, MODELS, check_model,
+                      flax_checkpoint_name, model_dir, weights_root)
+from .safetensors_io import CheckpointError
 
-__all__ = ["ENV_VAR", "MODELS", "LAYOUTS", "FIXTURE_MARKER", "WeightsNotFound", "Weights",
-           "weights_root", "model_dir", "flax_checkpoint_name", "missing_files", "pretrained",
-           "locate"]
+__all__ = ["ENV_VAR", "MODELS", "LAYOUTS", "FIXTURE_MARKER", "WeightsNotFound", "BrokenWeights",
+           "Weights", "weights_root", "model_dir", "flax_checkpoint_name", "missing_files",
+           "folder_problems", "pretrained", "locate", "book_model"]
 
-#: The one environment variable naming the weights folder.
-ENV_VAR = "GEMMA2_LITE_WEIGHTS"
-#: The released Gemma 2 models (pre-trained, and "-it": instruction-tuned).
-MODELS = ("gemma-2-2b", "gemma-2-2b-it", "gemma-2-9b", "gemma-2-9b-it", "gemma-2-27b",
-          "gemma-2-27b-it")
-LAYOUTS = ("hf", "flax")
-#: A file that only :mod:`gemma2_lite.fixtures` writes: its folders are never "real weights".
-FIXTURE_MARKER = "FIXTURE.md"
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
              "model.safetensors.index.json", "model-*.safetensors")
@@ -62,37 +63,13 @@ class WeightsNotFound(FileNotFoundError):
     """The weights are not on disk and could not be downloaded; the message says what to do."""
 
 
-def _check(name: str, layout: str) -> None:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS} ('hf': Hugging Face safetensors, "
-                         f"'flax': the official Orbax checkpoint), got {layout!r}")
-
-
-def weights_root() -> Path:
-    """``$GEMMA2_LITE_WEIGHTS``, or ``~/.cache/gemma2-lite/weights`` when it is unset."""
-    value = os.environ.get(ENV_VAR, "").strip()
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "gemma2-lite" / "weights"
-
-
-def model_dir(name: str, layout: str = "hf", root: str | os.PathLike | None = None) -> Path:
-    """Where ``name`` in ``layout`` lives: ``root / name / layout`` (root: :func:`weights_root`)."""
-    _check(name, layout)
-    return Path(root if root is not None else weights_root()) / name / layout
-
-
-def flax_checkpoint_name(name: str) -> str:
-    """The Orbax checkpoint's folder (and Kaggle variant) name: 'gemma-2-2b' -> 'gemma2-2b'."""
-    return name.replace("gemma-2-", "gemma2-", 1)
+class BrokenWeights(WeightsNotFound):
+    """The weights folder is there but incomplete or damaged; the message names each problem."""
 
 
 def missing_files(path: str | os.PathLike, name: str, layout: str = "hf") -> list[str]:
     """The files a complete ``name``/``layout`` folder needs that ``path`` lacks ([]: none)."""
-    from .checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, _read_index,
-                             is_orbax_checkpoint)
-
-    _check(name, layout)
+    check_model(name, layout)
     path = Path(path)
     missing = [f for f in ("tokenizer.model",) + (("config.json",) if layout == "hf" else ())
                if not (path / f).is_file()]
@@ -102,13 +79,35 @@ def missing_files(path: str | os.PathLike, name: str, layout: str = "hf") -> lis
         return missing
     if (path / INDEX_FILE).is_file():
         try:
-            shards = sorted(set(_read_index(path).values()))
+            shards = sorted(set(read_index(path).values()))
         except CheckpointError as exc:
             return missing + [f"a valid {INDEX_FILE} ({exc})"]
         missing += [s for s in shards if not (path / s).is_file()]
     elif not (path / SINGLE_FILE).is_file():
         missing.append(f"{INDEX_FILE} and the model-*.safetensors shards it lists")
     return missing
+
+
+def folder_problems(path: str | os.PathLike, name: str, layout: str = "hf") -> list[str]:
+    """What is wrong with ``path`` as the ``name``/``layout`` folder ([]: complete and intact).
+
+    Missing files first (named). Then, for the hf layout, the checkpoint itself, without
+    loading it (:func:`gemma2_lite.hf_checkpoint.verify_hf_folder`): config.json, the index,
+    every shard's header and contents against the index and the config, and where save_hf
+    wrote the folder, every file's sha256 against its manifest.
+    """
+    missing = missing_files(path, name, layout)
+    if missing:
+        return [f"missing {m}" for m in missing]
+    return verify_hf_folder(path) if layout == "hf" else []
+
+
+def _broken(name: str, layout: str, target: Path, problems: list[str]) -> BrokenWeights:
+    return BrokenWeights(
+        f"{name} ({layout} layout) in {target} is incomplete or damaged:\n  "
+        + "\n  ".join(problems)
+        + f"\n  Repair or remove that folder (the fixture stands in only when it is absent), "
+          f"or point {ENV_VAR} elsewhere.")
 
 
 def _source(name: str, layout: str) -> tuple[str, str, str]:
@@ -173,16 +172,20 @@ def pretrained(name: str, layout: str = "hf", *, download: bool = True) -> Path:
         (if installed, and unless ``HF_HUB_OFFLINE`` or ``GEMMA2_LITE_OFFLINE`` is set).
 
     Returns:
-      :func:`model_dir` ``(name, layout)``, holding every file the layout needs.
+      :func:`model_dir` ``(name, layout)``, holding every file the layout needs, verified by
+      :func:`folder_problems`.
 
     Raises:
       WeightsNotFound: the files are absent and could not be downloaded; the message names the
         folder, the files, the licence page and the token to set.
+      BrokenWeights: the files are there but damaged (an invalid index, a shard that does not
+        hold what the index says, a file that differs from what save_hf wrote); each named.
     """
     target = model_dir(name, layout)
-    missing = missing_files(target, name, layout)
-    if not missing:
+    problems = folder_problems(target, name, layout)
+    if not problems:
         return target
+    missing = missing_files(target, name, layout)
     why = ""
     if download and not _offline():
         page, token, client = _source(name, layout)
@@ -200,12 +203,15 @@ def pretrained(name: str, layout: str = "hf", *, download: bool = True) -> Path:
                 raise WeightsNotFound(
                     _instructions(name, layout, target, missing)
                     + f"\n  The download failed: {type(exc).__name__}: {exc}") from exc
-            missing = missing_files(target, name, layout)
-            if not missing:
+            problems = folder_problems(target, name, layout)
+            if not problems:
                 return target
+            missing = missing_files(target, name, layout)
             why = "\n  (The download finished but files are still missing.)"
     elif download:
         why = "\n  (Offline: HF_HUB_OFFLINE or GEMMA2_LITE_OFFLINE is set, nothing downloaded.)"
+    if not missing:
+        raise _broken(name, layout, target, problems)
     raise WeightsNotFound(_instructions(name, layout, target, missing) + why)
 
 
@@ -241,15 +247,11 @@ class Weights:
         """
         import jax.numpy as jnp
 
-        from .checkpoint import load_flax, load_hf
-
         dtype = jnp.bfloat16 if dtype is None else dtype
         if self.layout == "hf":
             return load_hf(self.checkpoint, dtype, **kwargs)
         if not self.is_real and "config" not in kwargs:   # the fixture matches no preset
-            from .fixtures import fixture_config
-
-            kwargs["config"] = fixture_config(flax=True)
+            kwargs["config"] = fixtures.fixture_config(flax=True)
         return load_flax(self.checkpoint, dtype=dtype, **kwargs)
 
     def tokenizer(self):
@@ -279,22 +281,32 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
            profile: str | None = None, verbose: bool = True) -> Weights:
     """The weights a chapter should run on, and whether they are real.
 
-    Real files in :func:`model_dir` are used whenever they are complete. Otherwise, at the
-    ``ci`` profile, the release-layout fixture (written by :func:`gemma2_lite.fixtures.ensure`
-    into ``fixture_dir``, default a folder under the system's temporary directory); at
-    ``colab``/``full``, :func:`pretrained` (downloads, or raises :class:`WeightsNotFound`),
-    except when offline (``GEMMA2_LITE_OFFLINE`` or ``HF_HUB_OFFLINE`` set: ``make colab-check``
-    runs the colab profile on a CPU that way), where the fixture stands in, announced as such.
-    Nothing touches the network at ``ci``. Prints :meth:`Weights.describe` when ``verbose``.
+    The folder :func:`model_dir` is verified first (:func:`folder_problems`) whenever it holds
+    anything: complete and intact, it is used; incomplete or damaged, it is never quietly
+    replaced by the fixture: at ``ci`` (or offline) :class:`BrokenWeights` names each problem,
+    at ``colab``/``full`` :func:`pretrained` tries to complete it. When the folder is absent
+    or empty: at the ``ci`` profile, the release-layout fixture (written by
+    :func:`gemma2_lite.fixtures.ensure` into ``fixture_dir``, default a folder under the
+    system's temporary directory); at ``colab``/``full``, :func:`pretrained` (downloads, or
+    raises :class:`WeightsNotFound`), except when offline (``GEMMA2_LITE_OFFLINE`` or
+    ``HF_HUB_OFFLINE`` set: ``make colab-check`` runs the colab profile on a CPU that way),
+    where the fixture stands in, announced as such. Nothing touches the network at ``ci``.
+    Prints :meth:`Weights.describe` when ``verbose``.
     """
-    _check(name, layout)
+    check_model(name, layout)
     profile = profile or get_profile()
     path = model_dir(name, layout)
-    if not missing_files(path, name, layout):
-        found = Weights(name, layout, path, is_real=not _is_fixture(path))
-    elif profile == "ci" or _offline():
-        from . import fixtures
-
+    stand_in = profile == "ci" or _offline()
+    present = path.is_dir() and any(path.iterdir())
+    if present:
+        problems = folder_problems(path, name, layout)
+        if not problems:
+            found = Weights(name, layout, path, is_real=not _is_fixture(path))
+        elif stand_in:            # never a quiet fixture in place of a broken real folder
+            raise _broken(name, layout, path, problems)
+        else:
+            found = Weights(name, layout, pretrained(name, layout), is_real=True)
+    elif stand_in:
         if name not in fixtures.FIXTURE_NAMES:
             raise WeightsNotFound(
                 _instructions(name, layout, path, missing_files(path, name, layout))
@@ -306,4 +318,34 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
     if verbose:
         print(found.describe(), flush=True)
     return found
+
+
+
+def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
+    """The book's own small model and its tokenizer: ``(model, tokenizer)``.
+
+    Both ship with the package (:func:`gemma2_lite.paths.book_model_dir`, a Hugging Face-layout
+    ``tiny`` Gemma 2 trained on the Shakespeare corpus, and
+    :func:`gemma2_lite.paths.tokenizer_file`), so this works installed anywhere, offline. It is
+    :func:`locate`'s counterpart for the model the chapters train and study; ``dtype`` is
+    passed to :func:`~gemma2_lite.checkpoint.load_hf` (default float32). Prints what it
+    loaded when ``verbose``. A missing file raises
+    :class:`~gemma2_lite.paths.MissingDataError` naming it and how to restore it.
+    """
+    from .checkpoint import load_hf
+    from .model import param_counts
+    from .paths import book_model_dir, require, shown, tokenizer_file
+    from .tokenizer import Tokenizer
+
+    folder = require(book_model_dir(), "config.json")
+    model = load_hf(folder) if dtype is None else load_hf(folder, dtype)
+    tokenizer = Tokenizer(require(tokenizer_file()))
+    if verbose:
+        c = model.config
+        print(f"the book's model: the trained tiny Gemma 2, "
+              f"{sum(param_counts(c).values()):,} parameters (V={c.vocab_size} D={c.d_model} "
+              f"L={c.num_layers} W={c.sliding_window} C={c.max_seq_len}, {c.param_dtype}), "
+              f"and its tokenizer ({tokenizer.vocab_size} pieces), shipped with the package "
+              f"({shown(folder.parent)})", flush=True)
+    return model, tokenizer
 

@@ -33,15 +33,23 @@ from flax import nnx
 
 from gemma2_lite import __main__ as cli, get_config
 from gemma2_lite.chat import ChatFormatError, ChatSession, encode_chat, format_chat
-from gemma2_lite.checkpoint import (CheckpointError, config_from_hf, load_flax, load_hf,
-                                    read_safetensors, save_hf, to_arrays, write_safetensors)
+from gemma2_lite.checkpoint import (CheckpointError, config_from_hf, config_to_hf, load_flax,
+                                    load_hf, read_safetensors, save_hf, to_arrays,
+                                    write_safetensors)
 from gemma2_lite.checks import TokenIdError
 from gemma2_lite.config import ConfigError
 from gemma2_lite.model import Gemma2
 from gemma2_lite.sampler import NonFiniteLogitsError, generate, sample_logits
 from gemma2_lite.tokenizer import Tokenizer, default_tokenizer
+from gemma2_lite.data import load_documents
+from gemma2_lite.distill import compute_teacher_topk
+from gemma2_lite.memorization import (canary_extraction, memorization_test, pii_report,
+                                      wilson_interval)
+from gemma2_lite.posttrain import average_states, sft_batch, sft_eval
+from gemma2_lite.seed_records import RecordError, read_record, write_record
 from gemma2_lite.train import (SkippedCheckpointWarning, TrainConfig, TrainError, evaluate,
                                latest_checkpoint_step, restore_checkpoint, save_checkpoint, train)
+from gemma2_lite.weights import ENV_VAR, BrokenWeights, locate, model_dir
 
 from random_models import random_model
 
@@ -129,12 +137,13 @@ def index_naming(env: Env, shard: str) -> Path:
     return sharded(env, lambda index: index["weight_map"].update({ST_TENSOR: shard}))
 
 
-def run_cli(args: list[str]) -> None:
-    """Run the CLI; raise CliFailure(status, stderr) unless it exits 0."""
+def run_cli(args: list[str], main: Callable[[list[str]], int] = cli.main) -> None:
+    """Run the CLI (or another program's ``main``); raise CliFailure(status, stderr) unless it
+    exits 0."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            code = cli.main(args)
+            code = main(args)
         except SystemExit as exit_:                  # argparse's own exit
             code = exit_.code
     if code:
@@ -178,11 +187,33 @@ def session(**kw: Any) -> ChatSession:
 
 
 def nan_model(env: Env) -> Gemma2:
+    """A model with NaN weights, built past the loader's value check (which refuses them: see
+    the load-nan-weights row) to reach the sampler's own guard."""
     arrays = to_arrays(env.model)
     arrays[("final_norm", "scale")] = np.full(CFG.d_model, np.nan, np.float32)
     from gemma2_lite.checkpoint import from_arrays
 
-    return from_arrays(CFG, arrays)
+    return from_arrays(CFG, arrays, check=False)
+
+
+def inf_model(env: Env) -> Gemma2:
+    """One +inf in the final norm's weight: every logit is +-inf before the soft-cap, which
+    turns them into +-c_f, so only a check before the cap sees it (issue 21)."""
+    # Built from copied arrays: a merge of the shared model's split state would hand back the
+    # same Variables, and writing into them would corrupt the module-wide model.
+    arrays = to_arrays(env.model)
+    scale = np.zeros(CFG.d_model, np.float32)
+    scale[0] = np.inf
+    arrays[("final_norm", "scale")] = scale
+    from gemma2_lite.checkpoint import from_arrays
+
+    return from_arrays(CFG, arrays, check=False)
+
+
+def inf_checkpoint(env: Env) -> Path:
+    weight = np.zeros(CFG.d_model, np.float32)
+    weight[0] = np.inf
+    return replace_tensor(env, ST_TENSOR, weight)
 
 
 def tiny_cache(env: Env, batch: int, size: int) -> list[Any]:
@@ -282,6 +313,12 @@ ROWS = [
         ValueError, r"temperature must be a finite number"),
     Row("generate-nan-model", lambda e: generate(nan_model(e), [[2, 5]], max_new_tokens=2),
         NonFiniteLogitsError, r"generate.*row\(s\) \[0\].*NaN"),
+    Row("generate-inf-weight-before-softcap",
+        lambda e: generate(inf_model(e), [[2, 5]], max_new_tokens=2),
+        NonFiniteLogitsError, r"generate.*row\(s\) \[0\].*before the final soft-cap"),
+    Row("chat-inf-weight-before-softcap",
+        lambda e: ChatSession(inf_model(e), TOK).send("Hello"),
+        NonFiniteLogitsError, r"row\(s\) \[0\] are not finite"),
     Row("sample-nan-logits",
         lambda e: sample_logits(jnp.array([[0.0, 1.0], [jnp.nan, 1.0]]), jax.random.key(0)),
         NonFiniteLogitsError, r"sample_logits: the logits of row\(s\) \[1\]"),
@@ -375,8 +412,39 @@ ROWS = [
     Row("load-bool-weights",
         lambda e: load_hf(replace_tensor(e, ST_TENSOR, np.ones(CFG.d_model, bool))),
         CheckpointError, r"final_norm.scale: dtype bool is not a floating-point weight"),
+    Row("load-layer-spelled-twice",
+        lambda e: load_hf(replace_tensor(e, "model.layers.01.input_layernorm.weight",
+                                         np.ones(CFG.d_model, np.float32))),
+        CheckpointError, r"model.layers.1.input_layernorm.weight and "
+                         r"model.layers.01.input_layernorm.weight both hold "
+                         r"layers.1.pre_attn_norm.scale"),
+    Row("load-inf-weight",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(np.inf))), CheckpointError,
+        r"final_norm.scale \(model.norm.weight in .*model.safetensors\): 1 value\(s\) are not "
+        r"finite \(first: inf at flat index 7\)"),
+    Row("load-nan-weight",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(np.nan))), CheckpointError,
+        r"final_norm.scale \(model.norm.weight in .*\): 1 value\(s\) are not finite"),
+    Row("load-float16-overflow",
+        lambda e: load_hf(replace_tensor(e, ST_TENSOR, _one_bad(7e4)), jnp.float16),
+        CheckpointError, r"final_norm.scale .*value 70000.0 at flat index 7 is beyond float16's "
+                         r"range"),
     Row("load-both-layouts", lambda e: load_hf(_both_layouts(e)), CheckpointError,
         r"holds both model.safetensors and model.safetensors.index.json"),
+    # --- saving
+    Row("save-over-foreign-model", lambda e: save_hf(e.model, _foreign_folder(e)),
+        CheckpointError, r"holds a model that save_hf did not write .*overwrite=True"),
+    Row("save-over-different-model",
+        lambda e: save_hf(random_model(CFG.replace(ffn_dim=16), seed=2), e.copy()),
+        CheckpointError, r"holds a different model .*'ffn_dim': 14.*'ffn_dim': 16"),
+    Row("save-over-changed-model", lambda e: save_hf(e.model, _changed_save(e)),
+        CheckpointError, r"has changed since save_hf wrote it \(model.safetensors has 3 bytes"),
+    Row("save-hf-config-of-another-model",
+        lambda e: save_hf(e.model, e.tmp() / "x",
+                          hf_config={**config_to_hf(CFG), "intermediate_size": 16}),
+        CheckpointError, r"hf_config describes .*, not the model's"),
+    Row("save-into-a-file", lambda e: save_hf(e.model, garbage_tokenizer(e, b"x")),
+        NotADirectoryError, r"tok.model exists and is not a folder"),
     Row("index-traversal",
         lambda e: load_hf(index_naming(e, "../elsewhere.safetensors")),
         CheckpointError, r"tensor 'model.norm.weight' names shard '../elsewhere.safetensors'"),
@@ -393,6 +461,19 @@ ROWS = [
         lambda e: load_hf(sharded(e, lambda i: i["weight_map"].update(
             {"model.embed_tokens.weight": sorted(set(i["weight_map"].values()))[-1]}))),
         CheckpointError, r"puts 'model.embed_tokens.weight' in model-0000"),
+    # --- the weights folder: verified, named, never replaced by the fixture
+    Row("weights-missing-shard",
+        lambda e: locate_broken(e, lambda f: sorted(f.glob("model-*"))[0].unlink()),
+        BrokenWeights, r"gemma-2-2b \(hf layout\) in .* is incomplete or damaged:\n  missing "
+                       r"model-00001-of-0000\d.safetensors"),
+    Row("weights-invalid-index",
+        lambda e: locate_broken(e, lambda f: (f / "model.safetensors.index.json").write_text(
+            "[]")),
+        BrokenWeights, r"missing a valid model.safetensors.index.json .*non-empty 'weight_map'"),
+    Row("weights-changed-shard",
+        lambda e: locate_broken(e, lambda f: _flip_a_bit(f, "model-*")),
+        BrokenWeights, r"model-0000\d-of-0000\d.safetensors has changed since it was written "
+                       r"\(sha256 differs\)"),
     Row("flax-kv-not-stacked",
         lambda e: load_flax(with_item(flax_tree(e), ("transformer", "layer_0", "attn",
                                                       "kv_einsum", "w"),
@@ -423,6 +504,56 @@ ROWS = [
         TrainError, r"tokens: token ids must be in \[0, 4096\); found \[-2"),
     Row("restore-explicit-broken-step", lambda e: _restore_broken_step(e), TrainError,
         r"no intact checkpoint under .*: step 1: file\(s\) changed \(checksum differs\)"),
+    Row("restore-step-without-checksums", lambda e: _restore_unverifiable_step(e), TrainError,
+        r"step 1: it has no checksums.json, so its files cannot be verified"),
+    Row("train-config-inf-lr", lambda e: TrainConfig(lr=math.inf), TrainError,
+        r"lr \(the peak learning rate\) must be a finite number > 0, got inf"),
+    Row("train-config-b1-2", lambda e: TrainConfig(b1=2), TrainError,
+        r"b1 \(Adam's decay of the gradient's running mean\) must be a finite number in "
+        r"\[0, 1\), got 2"),
+    Row("train-config-negative-b2", lambda e: TrainConfig(b2=-1), TrainError,
+        r"b2 .* must be a finite number in \[0, 1\), got -1"),
+    Row("train-config-zero-eps", lambda e: TrainConfig(eps=0), TrainError,
+        r"eps \(Adam's denominator guard\) must be a finite number > 0, got 0"),
+    Row("train-config-lr-beyond-float32", lambda e: TrainConfig(lr=1e39), TrainError,
+        r"lr .* must be a finite number > 0, got 1e\+39"),
+    Row("train-config-float-steps", lambda e: TrainConfig(steps=2.5), TrainError,
+        r"steps \(optimizer steps in the run\) must be a non-negative integer, got 2.5"),
+    Row("train-stop-at-float",
+        lambda e: train(CFG, TrainConfig(steps=3, batch_size=1, seq_len=4, progress=False),
+                        np.arange(40), stop_at=2.5),
+        TrainError, r"stop_at \(the step to stop after\) must be a non-negative integer, "
+                    r"got 2.5"),
+    # --- records and evaluations
+    Row("record-edited-result", lambda e: read_record(_edited_record(e)), RecordError,
+        r"rec.json was changed after it was recorded: .*remake it with `make it`"),
+    Row("record-unsealed", lambda e: read_record(_edited_record(e, unseal=True)), RecordError,
+        r"rec.json has no sha256 field"),
+    Row("eval-sft-no-model-turn",
+        lambda e: sft_eval(e.model, *sft_batch(TOK, [{"messages": [
+            {"role": "user", "content": "hi"}]}], 16)),
+        ValueError, r"row\(s\) \[0\] of mask have no masked target"),
+    Row("eval-average-int-leaves",
+        lambda e: average_states([{"n": np.int32(3)}, {"n": np.int32(4)}]), ValueError,
+        r"integer leaf n differs between the states"),
+    Row("eval-teacher-topk-no-rows",
+        lambda e: compute_teacher_topk(e.model, np.zeros((0, 4), np.int32), 2), ValueError,
+        r"tokens has no rows"),
+    Row("memorization-negative-threshold",
+        lambda e: memorization_test(None, [[1] * 8], prompt_len=4, target_len=4,
+                                    threshold=-0.5, generate_fn=lambda *a, **k: [[1] * 4]),
+        ValueError, r"threshold .* must be a number in \[0, 1\], got -0.5"),
+    Row("memorization-no-documents",
+        lambda e: memorization_test(None, [], generate_fn=lambda *a, **k: []), ValueError,
+        r"documents is empty"),
+    Row("memorization-wilson-5-of-3", lambda e: wilson_interval(5, 3), ValueError,
+        r"successes \(5\) cannot exceed the number of trials n \(3\)"),
+    Row("memorization-no-canaries", lambda e: canary_extraction(None, TOK, []), ValueError,
+        r"canaries is empty"),
+    Row("memorization-pii-report-empty", lambda e: pii_report([]), ValueError,
+        r"texts is empty"),
+    Row("corpus-bad-jsonl-line", lambda e: load_documents("all", path=_bad_jsonl(e)),
+        ValueError, r"corpus.jsonl:2: not valid JSON \(Expecting ',' delimiter at column"),
     # --- CLI: exit status 2, one line on stderr
     Row("cli-huge-seed", lambda e: run_cli(cli_args(e, None, "--seed", str(2 ** 70))),
         CliFailure, r"--seed must be in \[0, 2\*\*32\)"),
@@ -442,10 +573,16 @@ ROWS = [
         lambda e: run_cli(cli_args(e, None, tokenizer=fifo(e, "tok.model"))),
         CliFailure, r"tok.model is a FIFO \(named pipe\); expected a regular file"),
     Row("cli-bad-int-option", lambda e: run_cli(cli_args(e, None, "--max-new-tokens", "many")),
-        CliFailure, r"argument --max-new-tokens: invalid int value: 'many'"),
+        CliFailure, r"argument --max-new-tokens: invalid whole number: 'many'"),
     Row("cli-truncated-weights",
         lambda e: run_cli(cli_args(e, _truncated(e).parent)),
         CliFailure, r"model.safetensors: tensor '[^']+': data_offsets .* truncated"),
+    Row("cli-inf-weights",
+        lambda e: run_cli(cli_args(e, replace_tensor(e, ST_TENSOR, _one_bad(-np.inf)))),
+        CliFailure, r"cannot load .*final_norm.scale .*not finite"),
+    Row("cli-inf-weight",            # refused at load, or by the logits' check: never exit 0
+        lambda e: run_cli(cli_args(e, inf_checkpoint(e))),
+        CliFailure, r"(?i)(inf|not finite|non-finite)"),
     Row("cli-200-layers",
         lambda e: run_cli(cli_args(e, edit_config(e, _claim_layers(200)))),
         CliFailure, r"num_layers=200, the checkpoint holds 2"),
@@ -479,12 +616,78 @@ def _both_layouts(env: Env) -> Path:
     return path
 
 
+def _one_bad(value: float) -> np.ndarray:
+    """A norm weight with ``value`` at index 7 (float32: representable, also 7e4)."""
+    w = np.ones(CFG.d_model, np.float32)
+    w[7] = value
+    return w
+
+
+def _foreign_folder(env: Env) -> Path:
+    """A model folder as a download has it: the same files, but not written by save_hf."""
+    path = env.copy()
+    (path / "gemma2_lite_save.json").unlink()
+    return path
+
+
+def _changed_save(env: Env) -> Path:
+    path = env.copy()
+    (path / "model.safetensors").write_bytes(b"new")
+    return path
+
+
+def locate_broken(env: Env, damage: Callable[[Path], Any]) -> Any:
+    """``weights.locate`` at ci over a real (sharded) folder that ``damage`` broke."""
+    root = env.tmp()
+    folder = model_dir("gemma-2-2b", "hf", root)
+    save_hf(env.model, folder, max_shard_bytes=100_000)
+    shutil.copy(TOK.path, folder / "tokenizer.model")
+    damage(folder)
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(root)
+    try:
+        return locate("gemma-2-2b", profile="ci", fixture_dir=root / "fixtures", verbose=False)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR)
+        else:
+            os.environ[ENV_VAR] = previous
+
+
 def _claim_layers(n: int) -> Callable[[dict[str, Any]], None]:
     def edit(cfg: dict[str, Any]) -> None:
         cfg["num_hidden_layers"] = n
         cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
                               for i in range(n)]
     return edit
+
+
+def _restore_unverifiable_step(env: Env) -> Any:
+    """A committed step whose checksum file is gone (a save killed between Orbax's commit and
+    the checksums, or a deleted file): it cannot be verified, so it is not restored."""
+    d = env.tmp() / "ckpt"
+    save_checkpoint(d, 1, {"w": np.ones(3, np.float32)}, {})
+    (d / "1" / "checksums.json").unlink()
+    return restore_checkpoint(d, {"w": np.zeros(3, np.float32)}, step=1)
+
+
+def _edited_record(env: Env, unseal: bool = False) -> Path:
+    """A sealed seed record whose result was then edited (fingerprint kept), or unsealed."""
+    path = env.tmp() / "rec.json"
+    record = write_record(path, {"command": "make it", "per_seed": {"0": {"x": 2.0}},
+                                 "replay": {"payload": {"check": [1.0], "result": 2.0}}})
+    record["replay"]["payload"]["result"] = 1.5
+    if unseal:
+        del record["sha256"]
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def _bad_jsonl(env: Env) -> Path:
+    path = env.tmp() / "corpus.jsonl"
+    good = json.dumps({"title": "t", "source": "s", "split": "train", "text": "x\n"})
+    path.write_text(good + "\n" + good[:-1] + ' "extra"}\n')
+    return path
 
 
 def _restore_broken_step(env: Env) -> Any:
@@ -494,12 +697,129 @@ def _restore_broken_step(env: Env) -> Any:
     return restore_checkpoint(d, {"w": np.zeros(3, np.float32)}, step=1)
 
 
+# --- issue 21, item 3: one strict validator (gemma2_lite.checks); item 6: every command line
+ROWS += [
+    Row("config-bool-window", lambda e: CFG.replace(sliding_window=True), ConfigError,
+        r"sliding_window must be a positive integer or None .*got True"),
+    Row("config-bool-heads", lambda e: CFG.replace(num_kv_heads=True), ConfigError,
+        r"num_kv_heads must be a positive integer, got True"),
+    Row("hf-config-bool-window",
+        lambda e: config_from_hf({**json.loads((e.ckpt / "config.json").read_text()),
+                                  "sliding_window": True}),
+        CheckpointError, r"sliding_window must be a positive integer or None.*got True "
+                         r"\(config.json field 'sliding_window'\)"),
+    Row("hf-config-rope-scaling",
+        lambda e: config_from_hf({**json.loads((e.ckpt / "config.json").read_text()),
+                                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+        CheckpointError, r"'rope_scaling' asks for 'llama3' RoPE scaling"),
+    Row("model-bool-in-ids", lambda e: e.model([[2, True, 5]]), TypeError,
+        r"tokens must be integer token ids, found a bool"),
+    Row("model-negative-position",
+        lambda e: e.model(np.zeros((1, 3), np.int32), positions=np.array([[0, 1, -4]])),
+        ValueError, r"positions must be >= 0 at real tokens; found -4 at \[0, 2\]"),
+    Row("model-float-positions",
+        lambda e: e.model(np.zeros((1, 2), np.int32), positions=np.array([[0.0, 1.5]])),
+        TypeError, r"positions must be integer positions, got dtype float64"),
+    Row("generate-bool-in-ids", lambda e: generate(e.model, [[True, 5]]), TypeError,
+        r"prompts\[0\] must be integer token ids, found a bool"),
+    Row("generate-tiny-temperature", lambda e: generate(e.model, [[2]], temperature=1.5e-38),
+        ValueError, r"temperature 1.5e-38 is too small .* use temperature=0 for greedy"),
+    Row("generate-bool-temperature", lambda e: generate(e.model, [[2]], temperature=True),
+        ValueError, r"temperature must be a finite number >= 0 \(0 = greedy\), got True"),
+    Row("generate-huge-top-k", lambda e: generate(e.model, [[2]], top_k=2 ** 40), ValueError,
+        r"top_k=1099511627776 is larger than any vocabulary .* None to keep every token"),
+    Row("generate-int-stop-tokens", lambda e: generate(e.model, [[2]], stop_tokens=1),
+        TypeError, r"stop_tokens must be a list of token ids \(for one id write \[1\]\)"),
+    Row("generate-bool-stop-token", lambda e: generate(e.model, [[2]], stop_tokens=[True]),
+        TypeError, r"stop_tokens must be integer token ids, found a bool"),
+    Row("decode-bool-id", lambda e: TOK.decode([2, True]), TypeError, r"ids .*found a bool"),
+    Row("chat-session-tiny-temperature", lambda e: session(temperature=1e-30), ValueError,
+        r"temperature 1e-30 is too small"),
+    Row("cli-nested-json", lambda e: run_cli(cli_args(e, _raw_config(e, "[" * 50_000))),
+        CliFailure, r"config.json is nested too deeply"),
+    Row("cli-huge-top-k", lambda e: run_cli(cli_args(e, None, "--top-k", str(2 ** 40))),
+        CliFailure, r"--top-k 1099511627776 is larger than any vocabulary; leave it out"),
+    Row("cli-tiny-temperature", lambda e: run_cli(cli_args(e, None, "--temperature", "1e-40")),
+        CliFailure, r"--temperature 1e-40 is too small to sample with"),
+    Row("cli-nan-top-p", lambda e: run_cli(cli_args(e, None, "--top-p", "nan")), CliFailure,
+        r"--top-p must be in \(0, 1\] or None"),
+    Row("cli-invalid-utf8-prompt",
+        lambda e: run_cli(["generate", "--checkpoint", str(e.ckpt), "--tokenizer", str(TOK.path),
+                           "--prompt", "ROMEO\udcff:"]),
+        CliFailure, r"--prompt is not valid UTF-8 text \(byte 0xff at character 5\)"),
+    Row("cli-zero-new-tokens", lambda e: run_cli(cli_args(e, None, "--max-new-tokens", "0")),
+        CliFailure, r"argument --max-new-tokens: must be at least 1, got 0"),
+    Row("cli-experiments-negative-steps",
+        lambda e: run_cli(["train-tiny", "--steps", "-5"], _experiments_main()), CliFailure,
+        r"argument --steps: must be at least 0, got -5"),
+    Row("cli-experiments-bad-results-dir",
+        lambda e: run_cli(["window", "--profile", "smoke", "--quiet", "--results-dir",
+                           str(_a_file(e) / "sub")], _experiments_main()),
+        CliFailure, r"Not a directory: .*a-file/sub"),
+    Row("cli-experiments-invalid-utf8-profile",
+        lambda e: run_cli(["window", "--profile", "c\udcffi"], _experiments_main()), CliFailure,
+        r"argument --profile: invalid choice: 'c.*udcffi' \(choose from 'smoke', 'ci'"),
+    Row("cli-tokenizer-vocab-size-0",
+        lambda e: run_cli(["train", "--vocab-size", "0"], _tokenizer_main()), CliFailure,
+        r"argument --vocab-size: must be at least 1, got 0"),
+    Row("cli-tokenizer-invalid-utf8",
+        lambda e: run_cli(["encode", "\udcfe"], _tokenizer_main()), CliFailure,
+        r"TEXT is not valid UTF-8 text \(byte 0xfe at character 0\)"),
+    Row("cli-tokenizer-bad-out",
+        lambda e: run_cli(["train", "--out", str(_a_file(e) / "t.model")], _tokenizer_main()),
+        CliFailure, r"--out .*a-file/t.model: no folder .*a-file to write in"),
+    Row("cli-fixtures-bad-out",
+        lambda e: run_cli([str(_a_file(e) / "out")], _fixtures_main()), CliFailure,
+        r"Not a directory: .*a-file/out"),
+]
+
+
+def _a_file(env: Env) -> Path:
+    """A plain file where a folder is expected."""
+    path = env.tmp() / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
+def _experiments_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.experiments import main
+
+    return main
+
+
+def _tokenizer_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.tokenizer import main
+
+    return main
+
+
+def _fixtures_main() -> Callable[[list[str]], int]:
+    from gemma2_lite.fixtures import main
+
+    return main
+
+
+def test_chat_seed_2_32_minus_1_works_on_every_turn() -> None:
+    """Turn i samples with seed + i wrapped into [0, 2**32): the largest seed a user may give
+    used to work once and then fail with a seed the user never gave (2**32)."""
+    seeds: list[int] = []
+
+    def fake(model: Any, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
+        seeds.append(kw["seed"])
+        return [[TOK.end_of_turn_id]]
+
+    chat = ChatSession(None, TOK, seed=2 ** 32 - 1, generate_fn=fake)
+    for text in ("one", "two", "three"):
+        chat.send(text)
+    assert seeds == [2 ** 32 - 1, 0, 1]
+
+
 def test_the_table_is_big_enough() -> None:
     assert len(ROWS) >= 60
     assert len({r.id for r in ROWS}) == len(ROWS)
     groups = {r.id.split("-")[0] for r in ROWS}
     for group in ("config", "model", "generate", "tokenizer", "chat", "st", "index", "train",
-                  "restore", "cli"):
+                  "restore", "cli", "save", "weights"):
         assert group in groups
 
 
@@ -681,6 +1001,153 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# ----------------------------------------------------------------------------- regex hangs
+REGEX_SIZE = 200_000       # characters per input: a quadratic scan is ~2e10 steps, minutes
+REGEX_DEADLINE = 60        # seconds per pattern; the linear patterns need a few at most
+REGEX_FEED = """
+import json, re, sys
+source, flags, how, alphabet, heads, size = json.loads(sys.argv[1])
+pattern = re.compile(source, flags)
+units = list(alphabet) + [a + b for a in alphabet for b in alphabet]
+for head in heads:
+    for unit in units:
+        text = head + unit * (size // len(unit)) + "!"
+        if how == "search":
+            for _ in pattern.finditer(text):
+                pass
+        else:
+            getattr(pattern, how)(text)
+print("done")
+"""
+
+
+def _regex_alphabet(source: str, flags: int) -> str:
+    """One or two characters of every literal, range and class the pattern matches, and '!'
+    (which it usually does not): what inputs are built from."""
+    try:
+        from re import _constants as c, _parser as parser      # Python >= 3.11
+    except ImportError:                                          # pragma: no cover
+        import sre_constants as c                                # type: ignore[no-redef]
+        import sre_parse as parser                               # type: ignore[no-redef]
+    reps = {c.CATEGORY_DIGIT: "1", c.CATEGORY_NOT_DIGIT: "a", c.CATEGORY_WORD: "a1_\u00e9",
+            c.CATEGORY_NOT_WORD: " .", c.CATEGORY_SPACE: " \n", c.CATEGORY_NOT_SPACE: "a."}
+    chars = {"!"}
+
+    def walk(items: Any) -> None:
+        for op, arg in items:
+            if op is c.LITERAL:
+                chars.add(chr(arg))
+            elif op in (c.NOT_LITERAL, c.ANY):
+                chars.update("a ")
+            elif op is c.IN:
+                for inner, value in arg:
+                    if inner is c.LITERAL:
+                        chars.add(chr(value))
+                    elif inner is c.RANGE:
+                        chars.update((chr(value[0]), chr(value[1])))
+                    elif inner is c.CATEGORY:
+                        chars.update(reps.get(value, "a"))
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+                walk(arg[2])
+            elif op is c.SUBPATTERN:
+                walk(arg[3])
+            elif op is c.BRANCH:
+                for branch in arg[1]:
+                    walk(branch)
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                walk(arg[1])
+            elif op is getattr(c, "ATOMIC_GROUP", None):
+                walk(arg)
+
+    walk(parser.parse(source, flags))
+    return "".join(sorted(chars))
+
+
+def _regex_head(source: str) -> str:
+    """The pattern's leading literal text ("model.layers." for ``model\\.layers\\.(\\d+)``), so an
+    anchored pattern gets past its first characters and into its repeats."""
+    out, i = [], 0
+    while i < len(source):
+        if source[i] == "\\" and i + 1 < len(source) and not source[i + 1].isalnum():
+            out.append(source[i + 1])
+            i += 2
+        elif source[i] in ".^$*+?{}[]()|\\":
+            break
+        else:
+            out.append(source[i])
+            i += 1
+    return "".join(out)
+
+
+def _package_regexes() -> dict[tuple[str, int, str], str]:
+    """Every regex of the package: (source, flags, how it is applied) -> where. Found in the
+    source (each re.compile/match/fullmatch/search/sub/... call) and, for a pattern built at
+    import time, as the module global that holds it; a pattern neither written out nor a
+    module global fails here, so this test cannot miss one."""
+    import ast
+    import importlib
+    import re
+
+    funcs = {"compile", "match", "fullmatch", "search", "sub", "subn", "split", "findall",
+             "finditer"}
+    found: dict[tuple[str, int, str], str] = {}
+    for path in sorted((Path(__file__).resolve().parent.parent / "gemma2_lite").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n.value) for n in tree.body if isinstance(n, ast.Assign)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"
+                    and node.func.attr in funcs):
+                continue
+            where = f"{path.name}:{node.lineno}"
+            plain = {"compile": 1, "sub": 3, "subn": 3}.get(node.func.attr, 2)
+            assert len(node.args) <= plain and all(k.arg != "flags" for k in node.keywords), \
+                f"{where}: a regex with flags; teach this test to pass them"
+            how = node.func.attr if node.func.attr in ("match", "fullmatch") else "search"
+            if isinstance(node.args[0], ast.Constant):
+                found[(node.args[0].value, 0, how)] = where
+            else:
+                assert node.func.attr == "compile" and id(node) in top, \
+                    f"{where}: a regex that is not a literal must be a module-level re.compile"
+        if path.stem == "__main__":
+            continue
+        for name, value in vars(importlib.import_module(f"gemma2_lite.{path.stem}")).items():
+            for v in [value, *(value.values() if isinstance(value, dict) else [])]:
+                for x in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(x, re.Pattern):
+                        key = (x.pattern, x.flags & ~re.UNICODE, "search")
+                        found.setdefault(key, f"{path.name}:{name}")
+    return found
+
+
+@pytest.mark.slow   # a few seconds per pattern of scanning, in a child process each
+def test_every_regex_in_the_package_is_linear_time() -> None:
+    """Each regular expression of the package, applied as the package applies it, gets
+    200,000-character inputs made of one or two characters repeated (taken from the pattern's
+    own literals and classes), after the pattern's literal head: where backtracking turns
+    quadratic ("a.a.a." took the old e-mail pattern 65 s for 200 KB; with a space, the CLI's
+    one-line error joiner was quadratic too). A linear pattern finishes them all in seconds;
+    a quadratic one needs ~2e10 steps per input. Each pattern runs in a child process that is
+    killed at the deadline, which only guards against a hang: nothing is timed."""
+    import subprocess
+    import sys
+
+    regexes = _package_regexes()
+    assert len(regexes) >= 10 and any("memorization" in w for w in regexes.values())
+    hangs = []
+    for (source, flags, how), where in regexes.items():
+        job = json.dumps([source, flags, how, _regex_alphabet(source, flags),
+                          sorted({"", _regex_head(source)}), REGEX_SIZE])
+        try:
+            out = subprocess.run([sys.executable, "-c", REGEX_FEED, job], capture_output=True,
+                                 text=True, timeout=REGEX_DEADLINE)
+        except subprocess.TimeoutExpired:
+            hangs.append(f"{where} {source!r}")
+            continue
+        assert out.returncode == 0 and out.stdout.strip() == "done", (where, out.stderr)
+    assert not hangs, f"regexes that backtrack on adversarial input: {hangs}"
+
+
 def test_fifo_instead_of_weights_fails_fast(env: Env, tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     shutil.copytree(env.ckpt, folder)
@@ -706,9 +1173,9 @@ def test_config_claiming_many_layers_is_rejected_at_once(env: Env) -> None:
 
 
 # ----------------------------------------------------------------------------- train checkpoints
-def _flip_a_bit(step_dir: Path) -> Path:
-    """Flip one bit in the middle of the step's largest file."""
-    file = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != "checksums.json"),
+def _flip_a_bit(step_dir: Path, pattern: str = "*") -> Path:
+    """Flip one bit in the middle of the step's largest file (of those matching ``pattern``)."""
+    file = max((p for p in step_dir.rglob(pattern) if p.is_file() and p.name != "checksums.json"),
                key=lambda p: p.stat().st_size)
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -727,8 +1194,10 @@ def _delete_one(step_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_flip_a_bit, _truncate_largest, _delete_one,
-                                    lambda d: (shutil.rmtree(d), d.mkdir())],
-                         ids=["flipped-bit", "truncated", "deleted-file", "empty-folder"])
+                                    lambda d: (shutil.rmtree(d), d.mkdir()),
+                                    lambda d: (d / "checksums.json").unlink()],
+                         ids=["flipped-bit", "truncated", "deleted-file", "empty-folder",
+                              "no-checksums"])
 def test_broken_newest_step_falls_back_with_a_warning(tmp_path: Path,
                                                       damage: Callable[[Path], Any]) -> None:
     like = {"w": np.zeros((4, 5), np.float32)}

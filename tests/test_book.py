@@ -8,7 +8,8 @@ warning in an unchanged page is reported on every build, not only the first. Thi
 CI executes every notebook: a cell that raises fails it (``nb_execution_raise_on_error``).
 
 The last test opens the index and the first notebook chapter in headless Chromium with the
-network off, saves screenshots to ``_build/screenshots/`` and checks the rendered DOM.
+network off, saves screenshots to ``_build/screenshots/`` and checks the rendered DOM: the math
+is typeset by the MathJax the book ships (sphinx-mathjax-offline), not left as raw ``\\(W\\)``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import yaml
 from bs4 import BeautifulSoup
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import course_pages  # noqa: E402
 BUILD = ROOT / "_build"
 HTML = BUILD / "html"
 SCREENSHOTS = BUILD / "screenshots"
@@ -212,12 +215,9 @@ def test_no_chapter_renders_an_error(book):
         assert not errors, f"{name} renders error output:\n" + "\n---\n".join(errors)
 
 
-def test_math_is_marked_up_for_mathjax(book):
-    """$...$ and $$...$$ become MathJax math on the intro and in the chapters, with its script.
-
-    (MathJax itself comes from its CDN when a reader opens the book; the offline browser check
-    below cannot typeset, so this checks the markup MathJax acts on.)
-    """
+def test_math_is_marked_up_for_mathjax_served_with_the_book(book):
+    """$...$ and $$...$$ become MathJax math on the intro and in the chapters, with its script,
+    which the book ships (no CDN: the browser test below checks that it typesets offline)."""
     _require_build(book)
     soups = {name: _soup(_page(name)) for name in _toc_files()}
     assert soups["book/intro"].select("span.math"), "no inline math on the intro page"
@@ -225,8 +225,42 @@ def test_math_is_marked_up_for_mathjax(book):
         "no chapter has display math ($$...$$)"
     for name, soup in soups.items():
         if soup.select("span.math, div.math"):  # Sphinx adds MathJax only where there is math
-            scripts = [tag.get("src", "") for tag in soup.find_all("script")]
-            assert any("mathjax" in src.lower() for src in scripts), f"{name}: no MathJax script"
+            scripts = [tag.get("src", "") for tag in soup.find_all("script")
+                       if "mathjax" in tag.get("src", "").lower()]
+            assert scripts, f"{name}: no MathJax script"
+            for src in scripts:
+                assert not urlsplit(src).scheme, f"{name}: MathJax from the network ({src})"
+                assert (_page(name).parent / unquote(urlsplit(src).path)).is_file(), src
+
+
+def test_expected_outputs_are_printed_by_the_chapters(book):
+    """Every number the instructor notes quote under *Expected outputs* is printed by the chapter
+    as the book executed it (rounded as the notes round it; approximate and rounding-level
+    numbers aside, see tools/course_pages.quoted_numbers)."""
+    _require_build(book)
+    notes = (ROOT / "book" / "instructor-notes.md").read_text(encoding="utf-8")
+    stale = []
+    for chapter, bullets in course_pages.expected_outputs(notes).items():
+        path = course_pages.chapter_paths()[chapter]
+        text = _soup(_page(f"notebooks/{path.stem}")).get_text(" ")
+        stale += [f"{chapter}: {n} in \"{b[:100]}...\""
+                  for n, b in course_pages.missing_numbers(bullets, text)]
+    assert not stale, "the instructor notes quote numbers the chapters no longer print:\n" \
+        + "\n".join(stale)
+
+
+def test_sizes_cells_are_folded_and_outputs_stay_in_the_column(book):
+    """The sizes cell's code is folded like the setup cell's, and the book's stylesheet (which
+    sizes the code column for 88 characters and wraps longer printed lines) is on every page."""
+    _require_build(book)
+    for name in _toc_notebooks():
+        soup = _soup(_page(name))
+        sizes = soup.select("div.cell.tag_sizes")
+        assert sizes and all("tag_hide-input" in c["class"] for c in sizes), name
+        sheets = [l.get("href", "") for l in soup.find_all("link", rel="stylesheet")]
+        assert any("book.css" in h for h in sheets), f"{name}: _static/book.css not linked"
+    css = (HTML / "_static" / "book.css").read_text()
+    assert "pre-wrap" in css and "font-size" in css
 
 
 def test_bibliography_lists_every_entry_and_citations_link_to_it(book):
@@ -304,6 +338,16 @@ def _render(page: Path, shot: Path) -> BeautifulSoup:
     return BeautifulSoup(dom.stdout, "html.parser")
 
 
+def _assert_math_typeset(dom: BeautifulSoup, where: str) -> None:
+    """MathJax ran (offline) on the page: its output elements are there, no raw \\( \\) left."""
+    math = dom.select("span.math, div.math")
+    assert math, f"{where}: no math to typeset"
+    assert dom.select("mjx-container"), f"{where}: MathJax produced nothing (not loaded offline?)"
+    raw = [m.get_text()[:60] for m in math
+           if not m.select("mjx-container") and ("\\(" in m.get_text() or "\\[" in m.get_text())]
+    assert not raw, f"{where}: math left as raw TeX: {raw[:3]}"
+
+
 @pytest.mark.browser
 def test_index_and_first_chapter_render_in_headless_chromium(book):
     _require_build(book)
@@ -318,6 +362,7 @@ def test_index_and_first_chapter_render_in_headless_chromium(book):
     assert title in index.get_text(" "), "book title missing from the rendered index"
     sidebar = index.select_one("nav.bd-docs-nav, #bd-docs-nav, .bd-sidebar-primary")
     assert sidebar is not None, "no sidebar navigation: theme CSS/JS not loaded?"
+    _assert_math_typeset(index, "the intro")
 
     chapter_name = notebooks[0]
     chapter_page = _page(chapter_name)
@@ -332,6 +377,7 @@ def test_index_and_first_chapter_render_in_headless_chromium(book):
     _screenshot(chapter_page, SCREENSHOTS / f"{Path(chapter_name).name}-long.png", height=10000)
     errors = _error_outputs(chapter)
     assert not errors, f"{chapter_name} renders error output:\n" + "\n---\n".join(errors)
+    _assert_math_typeset(chapter, chapter_name)
     colab = {a["href"] for a in chapter.find_all("a", href=True)
              if a["href"].startswith("https://colab.research.google.com/github/")}
     assert colab == {f"{COLAB}{chapter_name}.ipynb"}, colab

@@ -1,6 +1,7 @@
 """Checkpoint loaders and exporters: Hugging Face safetensors and the official Flax layout."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemma2_lite import Gemma2, get_config
-from gemma2_lite.checkpoint import (CheckpointError, _infer_flax_config, load_flax, load_hf,
+from gemma2_lite import Gemma2, get_config, params
+from gemma2_lite.checkpoint import (CheckpointError, infer_flax_config, load_flax, load_hf,
                                     read_safetensors, save_flax, save_hf, to_arrays,
                                     to_flax_tree, write_safetensors)
+from gemma2_lite.safetensors_io import mapping_of
 from hf_reference import hf_logits
 
 CFG = get_config("tiny", vocab_size=131, d_model=36, num_layers=3, num_heads=6, num_kv_heads=2,
@@ -156,6 +158,196 @@ def test_flax_config_is_inferred_from_shapes():
         arrays.update({f"transformer/layer_{i}/attn/q_einsum/w": None for i in range(c.num_layers)})
         return arrays
 
-    c27 = _infer_flax_config(fake("gemma2-27b"))
+    c27 = infer_flax_config(fake("gemma2-27b"))
     assert c27.query_pre_attn_scalar == 144 and c27.head_dim == 128
-    assert _infer_flax_config(fake("gemma2-2b")).num_layers == 26
+    assert infer_flax_config(fake("gemma2-2b")).num_layers == 26
+
+
+# ----------------------------------------------------------------------------- values
+def _with_tensor(folder, name, edit):
+    """Rewrite the single-file checkpoint in ``folder`` with ``edit`` applied to ``name``."""
+    sd = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
+    edit(sd[name])
+    write_safetensors(folder / "model.safetensors", sd)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_weights_are_refused_naming_tensor_and_file(model, tmp_path, bad):
+    save_hf(model, tmp_path)
+    _with_tensor(tmp_path, "model.layers.1.post_feedforward_layernorm.weight",
+                 lambda w: w.__setitem__(5, bad))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.post_ffw_norm\.scale \(model\.layers"
+                       r"\.1\.post_feedforward_layernorm\.weight in .*model\.safetensors\): 1 "
+                       r"value\(s\) are not finite \(first: -?(inf|nan) at flat index 5\)"):
+        load_hf(tmp_path)
+
+
+def test_values_past_float16_are_refused_only_for_float16(model, tmp_path):
+    save_hf(model, tmp_path)
+    _with_tensor(tmp_path, "model.layers.0.mlp.up_proj.weight", lambda w: w.__setitem__(
+        (3, 4), 7e4))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        load_hf(tmp_path, dtype)                    # representable: loads
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.up .*(beyond float16's range|"
+                                              r"not finite)"):
+        load_hf(tmp_path, jnp.float16)
+    with pytest.raises(CheckpointError, match=r"beyond float16's range \(\+-65504\) and the "
+                                              r"model computes in float16"):
+        load_hf(tmp_path, jnp.float16, param_dtype=jnp.float32)
+
+
+def test_values_are_checked_block_by_block(monkeypatch):
+    """A bad value past the first block is found, at its index in the whole tensor."""
+    monkeypatch.setattr(params, "_CHUNK_BYTES", 64)
+    w = np.ones((40, 6), ml_dtypes.bfloat16)
+    w[33, 2] = np.inf
+    with pytest.raises(CheckpointError, match=r"x: 1 value\(s\) are not finite \(first: inf at "
+                                              r"flat index 200\)"):
+        params.host_param(w, ml_dtypes.bfloat16, "x")
+    w[33, 2] = 1.0
+    np.testing.assert_array_equal(params.host_param(w.T, np.float32, "x"), w.T.astype(np.float32))
+
+
+def test_load_uses_the_files_pages_in_place(model, tmp_path):
+    """A tensor already in our layout and dtype (the embedding, the norms) is not copied: the
+    parameter's buffer is the file's memory map. Others are converted once."""
+    save_hf(model, tmp_path)
+    tensors = read_safetensors(tmp_path / "model.safetensors")
+    emb = tensors["model.embed_tokens.weight"]
+    assert params.host_param(emb, np.float32, "emb") is emb       # in place: no copy
+    q = tensors["model.layers.0.self_attn.q_proj.weight"].reshape(6, 10, 36).transpose(0, 2, 1)
+    copy = params.host_param(q, np.float32, "q")
+    assert copy.flags.c_contiguous and not np.shares_memory(copy, q)
+    own = np.ones(64, np.float32)                                  # a caller's array: copied
+    assert not np.shares_memory(params.host_param(own, np.float32, "own"), own)
+    assert mapping_of(emb) is not None and mapping_of(copy) is None
+    loaded = load_hf(tmp_path)
+    assert_same_params(model, loaded)
+    maps = Path("/proc/self/maps")
+    if maps.exists():                   # Linux: which mapping holds the parameter's buffer?
+        pointer = loaded.embedder.embedding.get_value().unsafe_buffer_pointer()
+        holder = next(line for line in maps.read_text().splitlines()
+                      if int(line.split("-")[0], 16) <= pointer < int(
+                          line.split()[0].split("-")[1], 16))
+        assert holder.endswith(str(tmp_path / "model.safetensors")), holder
+
+
+# ----------------------------------------------------------------------------- saving
+def other_model(seed=7, config=CFG):
+    from random_models import random_model
+
+    return random_model(config, seed=seed)
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def hidden_siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("fail_at", ["after config.json", "after one shard",
+                                     "after every shard"])
+def test_an_interrupted_save_leaves_the_previous_model(model, tmp_path, monkeypatch, fail_at):
+    from gemma2_lite import hf_checkpoint
+
+    folder = tmp_path / "ckpt"
+    save_hf(model, folder, max_shard_bytes=20_000)
+    (folder / "tokenizer.model").write_bytes(b"tok")
+    before = listing(folder)
+    writes = []
+
+    def failing(path, tensors, **kw):
+        if fail_at == "after config.json" or (fail_at == "after one shard" and writes):
+            raise OSError(28, "No space left on device")
+        writes.append(path)
+        return write_safetensors(path, tensors, **kw)
+
+    monkeypatch.setattr(hf_checkpoint, "write_safetensors", failing)
+    if fail_at == "after every shard":
+        monkeypatch.setattr(hf_checkpoint, "fsync_dir",
+                            lambda p: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError):
+        save_hf(other_model(), folder, max_shard_bytes=20_000)
+    assert listing(folder) == before and hidden_siblings(folder) == []
+    assert_same_params(model, load_hf(folder))
+
+
+def test_a_killed_save_leaves_one_whole_model(model, tmp_path):
+    """A process saving two models in turn is killed mid-save, whenever its new folder is half
+    written: the folder holds one of the two models, whole; the next save clears the leftovers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "ckpt"
+    save_hf(model, folder, max_shard_bytes=20_000)
+    script = (
+        "import sys; sys.path.insert(0, {tests!r})\n"
+        "from test_checkpoint import other_model\n"
+        "from gemma2_lite.checkpoint import save_hf\n"
+        "a, b = other_model(3), other_model(7)\n"
+        "while True:\n"
+        "    for m in (a, b):\n"
+        "        save_hf(m, {folder!r}, max_shard_bytes=2_000)\n"
+    ).format(tests=str(Path(__file__).parent), folder=str(folder))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 300
+        while not any(".saving-" in n and listing(folder.parent / n)
+                      for n in hidden_siblings(folder)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the saver never saved"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    loaded = to_arrays(load_hf(folder))
+    whole = [m for m in (model, other_model(3), other_model(7)) if all(
+        np.array_equal(v, loaded[k]) for k, v in to_arrays(m).items())]
+    assert len(whole) == 1
+    save_hf(model, folder)
+    assert hidden_siblings(folder) == []
+
+
+def test_a_save_never_replaces_a_model_it_did_not_write(model, tmp_path):
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    save_hf(other_model(), tmp_path / "elsewhere")
+    for name in ("config.json", "model.safetensors"):      # as a download has them: no manifest
+        (folder / name).write_bytes((tmp_path / "elsewhere" / name).read_bytes())
+    (folder / "tokenizer.model").write_bytes(b"tok")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(CheckpointError, match=r"holds a model that save_hf did not write "
+                                              r".*overwrite=True"):
+        save_hf(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    save_hf(model, folder, overwrite=True)                  # told to: replaced
+    assert_same_params(model, load_hf(folder))
+    assert (folder / "tokenizer.model").read_bytes() == b"tok"     # other files carried over
+
+
+def test_a_save_never_replaces_a_different_model(model, tmp_path):
+    save_hf(model, tmp_path)
+    wider = other_model(config=CFG.replace(ffn_dim=60))
+    with pytest.raises(CheckpointError, match=r"holds a different model .*'ffn_dim': 58.*"
+                                              r"'ffn_dim': 60.*overwrite=True"):
+        save_hf(wider, tmp_path)
+    assert_same_params(model, load_hf(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"changed")   # ours, but changed since
+    with pytest.raises(CheckpointError, match=r"has changed since save_hf wrote it "
+                                              r"\(model.safetensors has 7 bytes"):
+        save_hf(model, tmp_path)
+    save_hf(wider, tmp_path, overwrite=True)
+    assert_same_params(wider, load_hf(tmp_path))
+
+
+def test_a_save_through_a_link_keeps_the_link(model, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    save_hf(model, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert_same_params(model, load_hf(tmp_path / "real"))

@@ -13,15 +13,14 @@ run, as after a runtime restart, must find the clone and install nothing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
 from gemma2_lite.profile import REPOSITORY
+
+from venvs import clean_env, fresh_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -42,25 +41,9 @@ def _setup_cell() -> str:
     return "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
 
 
-def _mirror_site_packages(dest: Path) -> None:
-    """This .venv's packages, as links, less this package itself (the cell must install it)."""
-    dest.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        name = entry.name.lower()
-        if name.startswith(("gemma2_lite", "gemma2-lite", "__editable__")) or name.endswith(".pth"):
-            continue
-        (dest / entry.name).symlink_to(entry)
-
-
 def test_setup_cell_installs_the_book_and_keeps_the_installed_jax(tmp_path: Path) -> None:
-    venv, content = tmp_path / "venv", tmp_path / "content"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True, check=True)
-    mirror = tmp_path / "preinstalled"
-    _mirror_site_packages(mirror)
-    (Path(purelib.stdout.strip()) / "preinstalled.pth").write_text(f"{mirror}\n")
+    content = tmp_path / "content"
+    python = fresh_venv(tmp_path, pip=True)
     stand_in = tmp_path / "stand_in" / "google" / "colab"   # google/ stays a namespace package
     stand_in.mkdir(parents=True)
     (stand_in / "__init__.py").write_text('"""A stand-in for Colab\'s google.colab."""\n')
@@ -72,9 +55,7 @@ def test_setup_cell_installs_the_book_and_keeps_the_installed_jax(tmp_path: Path
     cell_file.write_text(cell.replace('"/content/gemma2-lite"', repr(str(content / "gemma2-lite"))))
     (tmp_path / "driver.py").write_text(DRIVER)
     content.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTHON", "VIRTUAL_ENV", "GEMMA2_LITE_", "PIP_"))}
-    env.update({
+    env = clean_env(**{
         "PYTHONPATH": str(tmp_path / "stand_in"),
         "PIP_NO_INDEX": "1",                 # nothing may be downloaded
         "PIP_NO_BUILD_ISOLATION": "0",       # (pip's spelling of "no build isolation")

@@ -3,7 +3,8 @@
 import pytest
 
 from gemma2_lite import Gemma2Config, get_config, param_counts
-from gemma2_lite.config import ConfigError
+from gemma2_lite.checkpoint import CheckpointError, config_from_hf, config_to_hf
+from gemma2_lite.config import ConfigError, rope_base_from_hf
 
 # The Gemma 2 report's table (embedding / non-embedding parameters).
 REPORT_COUNTS = {
@@ -58,6 +59,12 @@ def test_layer_types_alternate_starting_local():
     ({"attn_logit_softcap": -1.0}, "attn_logit_softcap"),
     ({"dtype": "float8"}, "dtype must be one of"),
     ({"num_layers": 2.5}, "positive integer"),
+    # A bool is never a size: True is not W = 1, not one layer, not a cap of 1.0.
+    ({"sliding_window": True}, r"sliding_window must be a positive integer or None .*got True"),
+    ({"num_layers": True}, r"num_layers must be a positive integer, got True"),
+    ({"vocab_size": False}, r"vocab_size must be a positive integer, got False"),
+    ({"final_logit_softcap": True}, r"final_logit_softcap must be a positive finite number"),
+    ({"rope_base": float("inf")}, r"rope_base must be a positive finite number, got inf"),
 ])
 def test_impossible_configs_fail_clearly(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -78,3 +85,34 @@ def test_config_is_frozen_and_round_trips():
     assert Gemma2Config.from_dict(c.to_dict()) == c
     assert get_config("9b") == c
     assert "D=3584" in repr(c)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rope_scaling", {"rope_type": "linear", "factor": 4.0}),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 8.0}),
+])
+def test_an_unknown_rope_scaling_is_refused(field, value):
+    """A scaled RoPE changes every rotation; ignoring it would run the wrong positions."""
+    hf = {**config_to_hf(get_config("tiny")), field: value}
+    kind = value.get("rope_type", value.get("type"))
+    with pytest.raises(CheckpointError, match=rf"field '{field}' asks for '{kind}' RoPE scaling"):
+        config_from_hf(hf)
+    with pytest.raises(CheckpointError, match=rf"'{field}' must be an object or null, got list"):
+        config_from_hf({**hf, field: [1]})
+
+
+def test_plain_rope_in_either_spelling_is_read():
+    hf = config_to_hf(get_config("tiny", rope_base=500.0))
+    assert rope_base_from_hf(hf) == 500.0                      # transformers 5.x
+    old = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    assert rope_base_from_hf({**old, "rope_scaling": None}) == 500.0          # 4.x
+    assert rope_base_from_hf({**old, "rope_scaling": {"rope_type": "default"}}) == 500.0
+    assert rope_base_from_hf({}) == 10_000.0
+
+
+def test_a_bool_sliding_window_in_config_json_is_refused():
+    hf = {**config_to_hf(get_config("tiny")), "sliding_window": True, "layer_types": None}
+    with pytest.raises(CheckpointError, match=r"sliding_window must be a positive integer or "
+                       r"None.*got True \(config.json field 'sliding_window'\)"):
+        config_from_hf(hf)

@@ -105,6 +105,21 @@ def test_bad_arguments(tmp_path: Path) -> None:
         data.load_documents("train", path=bad)
 
 
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"title": "x", "source": "s", "split": "train", "text": "y"})
+    bad = tmp_path / "bad.jsonl"
+    for line, message in (('{"title": "x", oops}', r"not valid JSON \(Expecting property name"),
+                          ("[1, 2]", "a line must be a JSON object"),
+                          ('"title source split text"', "a line must be a JSON object"),
+                          (good.replace('"y"', "7"), r"field\(s\) \['text'\] must be strings")):
+        bad.write_text(f"{good}\n\n{line}\n{good}\n")   # the bad line is line 3
+        with pytest.raises(ValueError, match=f"bad.jsonl:3: {message}"):
+            data.load_documents("train", path=bad)
+    bad.write_bytes(good.encode() + b"\n" + good.encode().replace(b"y", b"\xff") + b"\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 58 of the line\)"):
+        data.load_documents("all", path=bad)
+
+
 def test_clean_text_rules() -> None:
     raw = ("\r\n\r\nTITLE  \r\n\r\n\r\n\r\nThe Project Gutenberg EBook of X\n"
            "\tIndented line\t \nline two   \rline three\n\n\n\n")

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import gemma2_lite.attention as attention
 from gemma2_lite import get_config
-from gemma2_lite.attention import attention_mask, band_mask, banded_attention, gqa_attention
+from gemma2_lite.attention import (AttentionPlan, attention_mask, band_mask, banded_attention,
+                                   gqa_attention)
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate, prefill
 
@@ -168,12 +170,13 @@ def test_banded_attention_equals_the_full_window(length: int) -> None:
 
 
 def test_prefill_attends_in_bands_and_fills_the_same_cache(model, monkeypatch) -> None:
+    """The forward's attention plan bands the local layers of a prompt into a cache, whatever
+    the attention function (a wrapped copy of the default takes the same path), and gives the
+    logits and the cache of the plain (B, T, T) plan."""
     calls = []
     real = attention.banded_attention
     monkeypatch.setattr(attention, "banded_attention",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    # Any mask but the default's own function takes the plain (B, T, T) path.
-    plain = model.replace(mask=lambda q_pos, k_pos, w: attention_mask(q_pos, k_pos, w))
     tokens = np.asarray(np.random.default_rng(0).integers(3, 700, (3, 17)), np.int32)
     valid = np.ones(tokens.shape, bool)
     valid[1, :6], valid[2, :12] = False, False
@@ -182,16 +185,44 @@ def test_prefill_attends_in_bands_and_fills_the_same_cache(model, monkeypatch) -
     locals_ = sum(w is not None for w in map(CONFIG.window_for_layer, range(CONFIG.num_layers)))
     assert len(calls) == locals_ > 0              # every local layer, none of the global ones
     calls.clear()
-    want, want_cache = prefill(plain, jnp.asarray(tokens), jnp.asarray(valid),
-                               plain.init_cache(3, 40))
+    wrapped = model.replace(attention=lambda *a, **kw: gqa_attention(*a, **kw))
+    again, _ = prefill(wrapped, jnp.asarray(tokens), jnp.asarray(valid), model.init_cache(3, 40))
+    assert len(calls) == locals_
+    assert_close(again, got, 1e-6, "a wrapped attention function")
+    calls.clear()
+    plain = model.forward(jnp.asarray(tokens), jnp.asarray(valid), cache=model.init_cache(3, 40),
+                          last_only=True, plan=AttentionPlan("full"))
     assert not calls
-    assert_close(got, want, 1e-5, "last-position logits")
-    for mine, theirs in zip(got_cache, want_cache):
+    assert_close(got, plain.logits[:, -1], 1e-5, "last-position logits")
+    for mine, theirs in zip(got_cache, plain.cache):
         np.testing.assert_array_equal(mine.pos, theirs.pos)
         real_slots = np.asarray(theirs.pos) >= 0
         assert_close(np.asarray(mine.k)[real_slots], np.asarray(theirs.k)[real_slots], 1e-5, "k")
         assert_close(np.asarray(mine.v)[real_slots], np.asarray(theirs.v)[real_slots], 1e-5, "v")
-    # And the tokens generated from a long prompt are the plain path's.
+    # And the tokens generated from a long prompt are those of recomputing the whole sequence
+    # at every step without a cache (the plain plan throughout).
+    # (Right-padded to one length, so one compiled program: causal attention never sees it.)
     prompt = [2] + list(range(40, 70))
-    assert generate(model, [prompt], max_new_tokens=12) == \
-        generate(plain, [prompt], max_new_tokens=12)
+    seq = list(prompt)
+    forward = nnx.jit(lambda m, t: m(t))
+    for _ in range(12):
+        padded = jnp.asarray([seq + [0] * (48 - len(seq))], jnp.int32)
+        seq.append(int(np.argmax(np.asarray(forward(model, padded))[0, len(seq) - 1])))
+    assert generate(model, [prompt], max_new_tokens=12) == [seq[len(prompt):]]
+
+
+def test_an_explicit_plan_is_checked(model) -> None:
+    tokens = jnp.asarray([[2, 5, 7]], jnp.int32)
+    cache = model.init_cache(1, 16)
+    with pytest.raises(ValueError, match="needs a cache"):
+        model.forward(tokens, plan=AttentionPlan("append"))
+    with pytest.raises(ValueError, match="one token"):
+        model.forward(tokens, positions=jnp.asarray([[0, 1, 2]]), cache=cache,
+                      plan=AttentionPlan("decode"))
+    with pytest.raises(ValueError, match="band=True"):
+        model.forward(tokens, plan=AttentionPlan("full", band=True))
+    with pytest.raises(ValueError, match="needs mode 'full'"):
+        AttentionPlan("decode", band=True)
+    used = model.forward(tokens, cache=cache).cache
+    with pytest.raises(ValueError, match="used cache"):
+        model.forward(tokens, cache=used)

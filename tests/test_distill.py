@@ -239,5 +239,27 @@ def test_teacher_topk_compute_save_load_roundtrip(tmp_path) -> None:
     assert topk_bytes_per_token(128, 256_128) == 128 * (2 + 4)
     with pytest.raises(ValueError, match="k must"):
         compute_teacher_topk(teacher, tokens, 98)
+    with pytest.raises(ValueError, match="tokens has no rows"):
+        compute_teacher_topk(teacher, tokens[:0], k)
     with pytest.raises(ValueError, match="ids must be in"):
         save_teacher_topk(tmp_path / "bad.npz", values, ids + 97, vocab_size=97)
+
+
+def test_teacher_topk_is_compiled_once_for_every_call() -> None:
+    """The jitted forward + top-k is made once, not per call: a second call (and its padded
+    last chunk) runs the program the first compiled, so the model is traced once."""
+    traces = []
+
+    class Counting(Gemma2):
+        def __call__(self, *args, **kwargs):                 # runs only while tracing
+            traces.append(1)
+            return super().__call__(*args, **kwargs)
+
+    cfg = get_config("tiny", vocab_size=31, d_model=8, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=4, ffn_dim=16, max_seq_len=16)
+    teacher = Counting(cfg, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(1).integers(0, 31, (3, 6)).astype(np.int32)
+    first = compute_teacher_topk(teacher, tokens, 4, batch_size=2)   # chunks of 2 and 1 + pad
+    second = compute_teacher_topk(teacher, tokens, 4, batch_size=2)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(first[1], second[1])

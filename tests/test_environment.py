@@ -8,7 +8,9 @@
 - the notebooks' imports are all installed by the setup cell (the package and its
   ``notebooks`` extra), so no chapter fails on Colab for a missing module;
 - the repository address (gemma2_lite.profile.REPOSITORY) is the one in _config.yml, the README
-  and every notebook's setup cell.
+  and every notebook's setup cell;
+- pyproject's package-data lists exactly the files in gemma2_lite/assets/ (tests/test_install.py
+  builds the wheel and runs it).
 """
 
 from __future__ import annotations
@@ -161,3 +163,22 @@ def test_repository_address_is_the_same_everywhere() -> None:
                              if c["cell_type"] == "code")["source"])
         urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", setup))
         assert urls == {REPOSITORY}, f"{path.name}'s setup cell names {urls}, not {REPOSITORY}"
+
+
+def test_package_data_lists_every_shipped_file() -> None:
+    """pyproject's package-data names exactly the files in gemma2_lite/assets/ (a file added
+    there but not listed would be missing from the wheel, and only an installed user would
+    notice), and every name gemma2_lite.paths ships is among them."""
+    from gemma2_lite import paths
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["package-data"]["gemma2_lite"])
+    present = {str(p.relative_to(ROOT / "gemma2_lite")) for p in paths.ASSETS.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert listed == present, (sorted(listed - present), sorted(present - listed))
+    for name in paths.SHIPPED:
+        assert any(entry == f"assets/{name}" or entry.startswith(f"assets/{name}/")
+                   for entry in listed), name
+    # one copy in git: none of them is also under data/
+    for name in paths.SHIPPED:
+        assert not (ROOT / "data" / name).exists(), name

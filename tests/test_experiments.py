@@ -16,6 +16,7 @@ from gemma2_lite.experiments import (REPORT, corpus_tokens, main, run_deep_vs_wi
 from gemma2_lite.model import param_counts
 from gemma2_lite.tokenizer import Tokenizer
 from gemma2_lite.profile import data_path
+from gemma2_lite.seed_records import RecordError, read_record, record_digest, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +125,7 @@ def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
     assert "2 seeds" in text and "gap between the means" in text
     stale = json.loads(path.read_text())
     stale["per_seed"]["0"] = {k: 2 * v for k, v in stale["per_seed"]["0"].items()}
-    path.write_text(json.dumps(stale))
+    write_record(path, stale)                   # a record made by other code: sealed, stale
     with pytest.raises(AssertionError, match="differ from the record"):
         ex.seed_report(run)
 
@@ -152,6 +153,37 @@ def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path,
     path = tmp_path / "ablations" / "window-smoke.json"
     stale = json.loads(path.read_text())
     stale["replay"]["payload"]["check"]["train_loss"][-1] *= 1.01
-    path.write_text(json.dumps(stale))
+    write_record(path, stale)
     with pytest.raises(AssertionError, match="stale"):
         ex.run_window("smoke", results_dir=results, quiet=True)
+    # An edited result with the fingerprint kept, not resealed: refused before it is shown.
+    edited = json.loads(path.read_text())
+    edited["replay"]["payload"]["check"]["train_loss"][-1] /= 1.01        # fingerprint back
+    edited["replay"]["payload"]["results"][0]["val_perplexity"] *= 0.5   # a better number
+    path.write_text(json.dumps(edited, indent=1))
+    with pytest.raises(RecordError, match=r"window-smoke.json was changed after it was "
+                                          r"recorded: .*remake it with `python -m"):
+        ex.run_window("smoke", results_dir=results, quiet=True)
+    with pytest.raises(RecordError, match="was changed after it was recorded"):
+        ex.seed_report(replayed)
+
+
+def test_the_books_seed_records_are_sealed() -> None:
+    """Every committed record carries the sha256 of its whole content, and a change to any
+    number breaks it."""
+    paths = sorted((ROOT / "data" / "ablations").glob("*.json"))
+    assert paths
+    for path in paths:
+        record = read_record(path)
+        assert path.read_text() == json.dumps(record, indent=1) + "\n"   # as write_record writes
+        record["summary"][next(iter(record["summary"]))]["mean"] += 1e-9
+        assert record_digest(record) != record["sha256"]
+
+
+def test_train_tiny_steps_zero_trains_nothing(tmp_path: Path) -> None:
+    """--steps 0 (and steps=0) means zero steps, not the profile's default."""
+    assert main(["train-tiny", "--profile", "smoke", "--steps", "0", "--quiet",
+                 "--results-dir", str(tmp_path), "--out", str(tmp_path / "model")]) == 0
+    saved = _outputs(tmp_path, "train-tiny")
+    assert saved["train_config"]["steps"] == 0 and saved["tokens_trained"] == 0
+    assert saved["command"].endswith("--steps 0")

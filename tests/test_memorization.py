@@ -170,3 +170,37 @@ def test_canaries_inserted_by_count_and_extracted():
                                 else [0] * 20)
     rates = canary_extraction(None, CharTokenizer(), canaries, generate_fn=gen)
     assert rates[1].rate == 1.0 and rates[4].rate == 0.0
+
+
+def test_out_of_range_and_empty_inputs_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"successes \(5\) cannot exceed the number of trials"):
+        wilson_interval(5, 3)
+    with pytest.raises(ValueError, match="successes must be a non-negative integer"):
+        wilson_interval(-1, 3)
+    with pytest.raises(ValueError, match="count .* cannot exceed n"):
+        Rate(4, 3)
+    gen, _ = recording_generate(lambda p: TRUTH[tuple(p)])
+    # a negative threshold would make "approximate" stricter than "exact"
+    with pytest.raises(ValueError, match=r"threshold .* must be a number in \[0, 1\], got -0.1"):
+        memorization_test(None, DOCS, threshold=-0.1, generate_fn=gen)
+    with pytest.raises(ValueError, match="threshold"):
+        memorization_test(None, DOCS, generate_fn=gen).samples[0].approximate(-1)
+    with pytest.raises(ValueError, match="documents is empty"):
+        memorization_test(None, [], generate_fn=gen)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        memorization_test(None, DOCS, batch_size=0, generate_fn=gen)
+    with pytest.raises(ValueError, match="canaries is empty"):
+        canary_extraction(None, None, [], generate_fn=gen)
+    with pytest.raises(ValueError, match="texts is empty"):
+        pii_report([])
+    with pytest.raises(ValueError, match="documents is empty"):
+        insert_canaries([], make_canaries((1,), per_count=1))
+
+
+def test_email_scan_reports_the_address_from_its_first_letter():
+    """The linear-time e-mail pattern reports what the old one did on ordinary text."""
+    emails = lambda text: [m for k, _, m in scan_pii(text) if k == "email"]
+    assert emails("mail jane.doe@example.org or") == ["jane.doe@example.org"]
+    assert emails("..foo@bar.com, x.y+z@d-e.co.uk.") == ["foo@bar.com", "x.y+z@d-e.co.uk"]
+    assert emails("a@b.com@c.org; é.è@ü.de") == ["a@b.com", "é.è@ü.de"]
+    assert emails("foo@bar and a.a.a.a") == []

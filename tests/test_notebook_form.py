@@ -1,5 +1,6 @@
 """The chapters' form on the web: code fits the book's column, the setup cell is the shared one
-(hidden in the web book, its output line kept), and notebooks are committed without outputs."""
+(hidden in the web book, its output line kept), the sizes cell (profile plumbing) is folded the
+same way, and notebooks are committed without outputs."""
 
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def test_setup_cell_is_the_shared_one_and_hidden(path: Path) -> None:
     if not path.name.startswith("10_"):
         assert source == SETUP
     assert "hide-input" in setup["metadata"].get("tags", [])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sizes_cell_is_folded_like_the_setup_cell(path: Path) -> None:
+    """The profile's sizes are not the first code a reader sees: the cell is tagged hide-input
+    (the web book folds its code behind a toggle, as it does the setup cell's)."""
+    code = [c for c in _cells(path) if c["cell_type"] == "code"]
+    sizes = [c for c in code if "sizes" in c["metadata"].get("tags", [])]
+    assert len(sizes) == 1, f"{path.name}: {len(sizes)} cells tagged sizes, want one"
+    assert sizes[0] is code[1], f"{path.name}: the sizes cell comes right after the setup cell"
+    assert "hide-input" in sizes[0]["metadata"]["tags"], \
+        f"{path.name}: tag the sizes cell hide-input, like the setup cell"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -124,3 +124,28 @@ def test_average_and_interpolate() -> None:
         average_states(trees, [0.5, 0.5, 0.5])
     with pytest.raises(ValueError):
         average_states([])
+
+
+def test_average_keeps_integer_leaves_exactly_or_refuses() -> None:
+    """A step counter (int) is never averaged into a truncated value: kept when the states
+    agree, refused by its name when they do not."""
+    a = {"w": jnp.ones(3), "count": jnp.asarray(7, jnp.int32)}
+    b = {"w": jnp.zeros(3), "count": jnp.asarray(7, jnp.int32)}
+    out = average_states([a, b], [0.3, 0.7])
+    assert out["count"].dtype == jnp.int32 and int(out["count"]) == 7
+    np.testing.assert_allclose(out["w"], 0.3 * np.ones(3))
+    with pytest.raises(ValueError, match="integer leaf count differs"):
+        average_states([a, {**b, "count": jnp.asarray(8, jnp.int32)}])
+
+
+def test_sft_eval_refuses_rows_without_a_model_turn() -> None:
+    """An example with no model turn has nothing to score: it would count as loss 0 and
+    exactly right; sft_eval names the row instead."""
+    model = random_model(SMALL, 0)
+    exs = build_instructions(seed=1, n=3, split="valid")
+    exs[1] = {**exs[1], "messages": exs[1]["messages"][:1]}        # the user turn only
+    batch, mask = sft_batch(TOK, exs, SEQ)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of mask have no masked target"):
+        sft_eval(model, batch, mask)
+    with pytest.raises(ValueError, match="no rows"):
+        sft_eval(model, batch[:0], mask[:0])

@@ -90,3 +90,26 @@ def test_bad_profile_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(profile.ENV_VAR, "tpu")
     with pytest.raises(ValueError, match="'tpu' is not a profile"):
         profile.get_profile()
+
+
+def test_one_profile_table_with_smoke_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``smoke`` is a profile like the others: the environment, pick and the experiments'
+    command line all accept it; a value picked without a smoke size takes its ci one."""
+    from gemma2_lite import experiments
+
+    assert experiments.PROFILES is PROFILES
+    assert list(PROFILES) == ["smoke", "ci", "colab", "full"]
+    assert profile.BOOK_PROFILES == ("ci", "colab", "full")
+    monkeypatch.setenv(profile.ENV_VAR, "smoke")
+    monkeypatch.delenv(profile.LOOP_CAP_VAR, raising=False)
+    assert profile.get_profile() == "smoke"
+    assert pick(ci=3, colab=30, full=300) == 3                     # no smoke size: ci's
+    assert pick(ci=3, colab=30, full=300, smoke=1) == 1
+    for name in PROFILES:
+        assert pick(ci="c", colab="g", full="f", profile=name) == \
+            {"smoke": "c", "ci": "c", "colab": "g", "full": "f"}[name]
+    with pytest.raises(ValueError, match=r"unknown profile 'tiny'; choose one of \('smoke', "):
+        pick(ci=1, colab=2, full=3, profile="tiny")
+    monkeypatch.setenv(profile.ENV_VAR, "tiny")
+    with pytest.raises(ValueError, match=r"'tiny' is not a profile; choose one of \('smoke', "):
+        profile.get_profile()

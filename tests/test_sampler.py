@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import LayerCache
-from gemma2_lite.sampler import (PAD_ID, _decode_layout_jit, _relayout, check_prompts,
-                                 decode_step, generate, pad_prompts, prefill, sample_logits)
+from gemma2_lite.layers import RowProjection, Rows
+from gemma2_lite.quantize import as_rows
+from gemma2_lite.sampler import (PAD_ID, check_prompts, decode_step, generate, pad_prompts,
+                                 prefill, sample_logits, serving_model)
 
 from random_models import random_model
 
@@ -65,28 +67,28 @@ def greedy(model: Gemma2) -> list[list[int]]:
 # ----------------------------------------------------------------------------- the cache
 def test_ring_buffer_keeps_the_last_w_columns() -> None:
     """Rows advance in lock-step: column c of the stream sits in slot c mod W, and the slots hold
-    exactly the last W columns, whether written one token at a time (decode), as a prompt into a
-    fresh cache (longer than the window), or as a chunk into a used one (whose padding, common
+    exactly the last W columns, whether written one token at a time (decode), as a prompt into an
+    empty cache (longer than the window), or as a chunk into a used one (whose padding, common
     to all rows, takes no column)."""
     b, k, h = 2, 3, 4
     cache = LayerCache.empty(b, W, k, h)
     rng = np.random.default_rng(0)
     columns: list[tuple[np.ndarray, np.ndarray]] = []     # (pos (B,), kv (2, B, K, H)) per column
-    update = jax.jit(LayerCache.update)
-    # A left-padded prompt longer than the window, one token at a time, then a chunk longer
-    # than the window, then a chunk with two padding columns on the left.
-    chunks = [[[-1, -1] + list(range(9)), list(range(11))]]
-    chunks += [[[p], [p + 2]] for p in range(9, 12)]
-    chunks += [[list(range(12, 21)), list(range(14, 23))]]
-    chunks += [[[-1, -1, 21, 22], [-1, -1, 23, 24]]]
-    for pos in chunks:
+    write = jax.jit(LayerCache.write, static_argnames="mode")
+    # A left-padded prompt longer than the window (the plan's "full" mode), one token at a
+    # time ("decode"), then a chunk longer than the window, then a chunk with two padding
+    # columns on the left ("append").
+    chunks = [("full", [[-1, -1] + list(range(9)), list(range(11))])]
+    chunks += [("decode", [[p], [p + 2]]) for p in range(9, 12)]
+    chunks += [("append", [list(range(12, 21)), list(range(14, 23))])]
+    chunks += [("append", [[-1, -1, 21, 22], [-1, -1, 23, 24]])]
+    for mode, pos in chunks:
         pos = np.array(pos, np.int32)
         kv = rng.normal(size=(2, b, pos.shape[1], k, h)).astype(np.float32)
-        cache = update(cache, jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(pos))
-        lead = 0 if len(columns) == 0 else int(np.argmax((pos >= 0).any(axis=0)))
+        cache = write(cache, mode, jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(pos))
+        lead = 0 if mode == "full" else int(np.argmax((pos >= 0).any(axis=0)))
         columns += [(pos[:, t], kv[:, :, t]) for t in range(lead, pos.shape[1])]
         assert int(cache.end) == len(columns)
-        assert not cache.fresh
         for c in range(max(0, len(columns) - W), len(columns)):
             p, kv_c = columns[c]
             np.testing.assert_array_equal(np.asarray(cache.pos[:, c % W]), p)
@@ -153,27 +155,39 @@ def test_streaming_path_equals_fused_path(model: Gemma2, greedy: list[list[int]]
     assert [[toks[r] for _, toks in seen] for r in range(3)] == greedy
 
 
-def test_decode_layout_moves_only_attention_weights_and_round_trips(model: Gemma2) -> None:
-    """The decode loop reads q, k, v as (D, N, H) and o as (H, N, D) (sampler._DECODE_LAYOUT);
-    every other parameter is handed over untouched, and the inverse restores the model."""
-    _, params = nnx.split(model)
-    laid = _decode_layout_jit(params)
-    back = _relayout(laid, inverse=True)
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    moved = set()
-    for path, x in jax.tree_util.tree_leaves_with_path(laid):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if names[-3] == "attn":
-            moved.add(names[-2])
-            assert x.shape == tuple(flat[path].shape[i] for i in (1, 0, 2))
-        else:
-            assert x is flat[path] or np.array_equal(x, flat[path])
-    assert moved == {"q", "k", "v", "o"}
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    d, n, h = CONFIG.d_model, CONFIG.num_heads, CONFIG.head_dim
-    assert laid["layers"][0]["attn"]["q"][...].shape == (d, n, h)
-    assert laid["layers"][0]["attn"]["o"][...].shape == (h, n, d)
+def test_serving_layout_stores_rows_once_per_model(model: Gemma2) -> None:
+    """The decode loop reads every layer's projection as rows (out, in): q (N, D, H) as
+    (N, H, D), o (N, H, D) as (D, N, H), gate (D, F) as (F, D), down (F, D) as (D, F), the same
+    numbers; the embedding (already rows) and the norms are shared, not copied. It is made once
+    per model and made again only when the model's parameters change."""
+    rows = as_rows(model)
+    n, d, h, f = CONFIG.num_heads, CONFIG.d_model, CONFIG.head_dim, CONFIG.ffn_dim
+    attn, mlp = rows.layers[0].attn, rows.layers[0].mlp
+    shapes = {"q": (n, h, d), "o": (d, n, h), "gate": (f, d), "down": (d, f)}
+    for name, shape in shapes.items():
+        weight = getattr(attn if name in "qo" else mlp, name)
+        assert isinstance(weight, RowProjection) and isinstance(weight.values, Rows)
+        assert weight.values.shape == shape and weight.scale is None
+    orig = model.layers[0]
+    np.testing.assert_array_equal(attn.q.values[...], np.transpose(orig.attn.q[...], (0, 2, 1)))
+    np.testing.assert_array_equal(mlp.down.values[...], np.asarray(orig.mlp.down[...]).T)
+    assert rows.embedder.embedding[...] is model.embedder.embedding[...]
+    assert rows.layers[0].pre_attn_norm.scale[...] is orig.pre_attn_norm.scale[...]
+    tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
+    np.testing.assert_allclose(rows(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    # The rows are not trainable parameters (an optimiser over nnx.Param leaves them alone).
+    params = jax.tree_util.tree_leaves_with_path(nnx.state(rows, nnx.Param))
+    assert params and not any("values" in jax.tree_util.keystr(p) for p, _ in params)
+    # Once per model; again after the parameters change (here: one is replaced).
+    assert serving_model(model) is serving_model(model)
+    first = serving_model(model)
+    old = model.layers[0].mlp.up[...]
+    try:
+        model.layers[0].mlp.up[...] = old * 1.0
+        assert serving_model(model) is not first
+    finally:
+        model.layers[0].mlp.up[...] = old
+    assert serving_model(rows) is rows                    # already rows: used as it is
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -12,7 +12,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from gemma2_lite.config import get_config
 from gemma2_lite.data import load_documents
-from gemma2_lite.profile import data_path
+from gemma2_lite import paths
 from gemma2_lite.tokenizer import Tokenizer, default_tokenizer, train_tokenizer
 
 TOK = default_tokenizer()
@@ -34,7 +34,8 @@ def _proto(tok: Tokenizer) -> model_pb2.ModelProto:
 
 # ------------------------------------------------------------------ layout and settings
 def test_committed_model_matches_tiny_config() -> None:
-    assert Path(data_path("tokenizer.model")).is_file()
+    assert paths.tokenizer_file().is_file()
+    assert TOK.path == str(paths.tokenizer_file())
     assert TOK.vocab_size == len(TOK) == 4096 == get_config("tiny").vocab_size
 
 
@@ -204,7 +205,7 @@ def test_training_is_deterministic(small_sample: list[str], tmp_path: Path) -> N
 
 
 def test_committed_model_is_reproducible() -> None:
-    """Retraining on the committed corpus gives data/tokenizer.model byte for byte."""
+    """Retraining on the shipped corpus gives the shipped tokenizer.model byte for byte."""
     texts = [d["text"] for d in load_documents("train")]
     assert train_tokenizer(texts, None, vocab_size=4096).model_proto == TOK.model_proto
 
@@ -221,8 +222,9 @@ def test_training_errors(small_sample: list[str]) -> None:
         train_tokenizer([], None)
     with pytest.raises(TypeError, match=r"texts_or_path\[1\] is bytes"):
         train_tokenizer(["ok", b"bytes"], None)  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="vocab_size"):
-        train_tokenizer(small_sample, None, vocab_size=0)
+    for bad in (0, True, 4096.0):
+        with pytest.raises(ValueError, match=rf"vocab_size must be a positive integer, got {bad}"):
+            train_tokenizer(small_sample, None, vocab_size=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="training failed"):
         train_tokenizer(small_sample, None, vocab_size=100)  # smaller than specials + bytes
     with pytest.raises(FileNotFoundError, match="not a file"):
@@ -250,8 +252,41 @@ def test_rejects_a_non_gemma_layout(small_sample: list[str]) -> None:
         Tokenizer(model_proto=writer.getvalue())
 
 
-def test_repr_names_the_file_relative_to_the_repository():
-    from gemma2_lite.tokenizer import default_tokenizer
-
+def test_repr_names_the_file_relative_to_the_package():
+    """The same text installed or in a checkout, on every machine."""
     text = repr(default_tokenizer())
-    assert "path='data/tokenizer.model'" in text and "vocab_size=4096" in text, text
+    assert "path='gemma2_lite/assets/tokenizer.model'" in text and "vocab_size=4096" in text, text
+
+
+def test_missing_book_tokenizer_says_how_to_restore_it(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "ASSETS", tmp_path)
+    with pytest.raises(paths.MissingDataError, match=r"the book's tokenizer is missing: .*"
+                       r"tokenizer.model is not there. It ships with gemma2-lite; restore it"):
+        default_tokenizer()
+
+
+# ------------------------------------------------------------------ the command line
+def test_cli_encode_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gemma2_lite.tokenizer import main
+
+    assert main(["encode", "ROMEO:"]) == 0
+    ids = TOK.encode("ROMEO:")
+    assert capsys.readouterr().out == f"{ids}\n{[TOK.id_to_piece(i) for i in ids]}\n"
+    # one line on stderr, status 2, nothing trained or written
+    missing = tmp_path / "no" / "t.model"
+    for args, message in [
+            (["encode", "ab\udcff"], "TEXT is not valid UTF-8 text (byte 0xff at character 2)"),
+            (["train", "--out", str(missing)],
+             f"--out {missing}: no folder {missing.parent} to write in"),
+            (["train", "--out", str(tmp_path)], f"--out {tmp_path}: is a folder; name a file")]:
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    for args, message in [(["train", "--vocab-size", "0"], "must be at least 1, got 0"),
+                          (["train", "--vocab-size", "many"], "invalid whole number: 'many'"),
+                          (["nonsense"], "invalid choice: 'nonsense'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

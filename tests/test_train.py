@@ -89,7 +89,7 @@ def test_schedule_warmup_then_cosine() -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(TrainError, match="steps"):
-        TrainConfig(steps=0)
+        TrainConfig(steps=-1)
     with pytest.raises(TrainError, match="dtype"):
         TrainConfig(dtype="float16")
     with pytest.raises(TrainError, match="token ids"):
@@ -237,3 +237,86 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     # and a later save still works next to the debris
     save_checkpoint(d, 3, {"w": np.ones((3, 5), np.float32)}, {"note": "after"})
     assert latest_checkpoint_step(d) == 3
+
+
+def test_trainable_filter_trains_only_the_adapters() -> None:
+    """trainable=nnx.LoRAParam: the optimizer updates only LoRA-typed variables (here the
+    final norm's scale, retyped as an adapter would be) and every other weight stays bit for
+    bit; the default filter (nnx.Param, of which LoRAParam is a kind) takes them all."""
+    from gemma2_lite.train import split_trainable
+
+    tc = TC.replace(steps=4, eval_every=0)
+    base = Gemma2(CFG, rngs=nnx.Rngs(0))
+    base.final_norm.scale = nnx.LoRAParam(base.final_norm.scale.get_value())
+    before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(base))}
+    adapted, hist = train(CFG, tc, TRAIN_IDS, model=base, trainable=nnx.LoRAParam)
+    after = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(adapted))}
+    changed = sorted(p for p in before if not np.array_equal(before[p], after[p]))
+    assert changed == [("final_norm", "scale")]
+    assert isinstance(adapted.final_norm.scale, nnx.LoRAParam)
+    assert len(hist["train"]) == 4 and all(np.isfinite(r["loss"]) for r in hist["train"])
+    _, params, rest = split_trainable(base)
+    assert ("final_norm", "scale") in dict(nnx.to_flat_state(params))
+    assert not jax.tree.leaves(rest)
+    with pytest.raises(TrainError, match="matches no variable"):
+        train(CFG, tc, TRAIN_IDS, trainable=nnx.LoRAParam)
+
+
+def test_a_non_finite_update_is_caught_at_its_own_step() -> None:
+    """A finite loss whose gradient is NaN (sqrt at 0) makes every weight NaN in step 1's
+    update; the error names step 1, not step 2 whose loss is the first to show it."""
+    def nan_gradient(logits, targets, teacher_logits, rng, mask=None):
+        return jnp.sqrt(jnp.abs(logits[0, 0, 0] - logits[0, 0, 0]))       # 0, d/dx = NaN
+
+    with pytest.raises(FloatingPointError, match=r"update of step 1 made parameter\(s\) "
+                                                 r"\['embed"):
+        train(CFG, TC.replace(eval_every=0), TRAIN_IDS, loss_fn=nan_gradient, stop_at=3)
+
+
+def test_stop_at_and_zero_steps_mean_what_they_say() -> None:
+    with pytest.raises(TrainError, match=r"stop_at \(the step to stop after\) must be a "
+                                         r"non-negative integer, got 2.5"):
+        train(CFG, TC, TRAIN_IDS, stop_at=2.5)
+    with pytest.raises(TrainError, match="stop_at"):
+        train(CFG, TC, TRAIN_IDS, stop_at=True)
+    # steps=0: no update; the initial weights come back, evaluated once at step 0
+    model, hist = train(CFG, TC.replace(steps=0), TRAIN_IDS, VALID_IDS)
+    assert hist["train"] == [] and [e["step"] for e in hist["eval"]] == [0]
+    fresh = Gemma2(CFG, rngs=nnx.Rngs(params=TC.seed))
+    for x, y in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _, hist = train(CFG, TC, TRAIN_IDS, stop_at=0)
+    assert hist["train"] == []
+
+
+def test_step_cache_keys_on_every_field_that_shapes_the_step() -> None:
+    """The cache reuses a step only for configs that compile the same program: a field it
+    does not list as ignored (here b2, or a future field) gives a new step."""
+    from gemma2_lite.train import StepCache
+
+    cache = StepCache()
+    graphdef = nnx.graphdef(Gemma2(CFG, rngs=nnx.Rngs(0)))
+    first = cache.get(graphdef, TC)
+    assert cache.get(graphdef, TC.replace(seed=3, eval_every=5, progress=True)) is first
+    assert cache.get(graphdef, TC.replace(b2=0.9)) is not first
+    assert cache.get(graphdef, TC, trainable=nnx.LoRAParam) is not first
+    assert len(cache) == 3
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_the_split_trainer_keeps_every_public_name_of_gemma2_lite_train() -> None:
+    """train.py became five modules; notebooks and other code import from gemma2_lite.train,
+    so each public name of the one-module trainer is still there (and is the same object)."""
+    import gemma2_lite.train as tr
+    from gemma2_lite import sharding, train_checkpoint, train_step
+
+    names = ["TrainConfig", "TokenBatcher", "train", "evaluate", "make_optimizer",
+             "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
+             "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
+             "checkpoint_steps", "verify_checkpoint", "data_fingerprint",
+             "SkippedCheckpointWarning", "StepShardings", "cross_entropy_loss"]
+    assert all(hasattr(tr, n) and n in tr.__all__ for n in names)
+    assert tr.StepShardings is sharding.StepShardings
+    assert tr.make_train_step is train_step.make_train_step
+    assert tr.save_checkpoint is train_checkpoint.save_checkpoint

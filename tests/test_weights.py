@@ -3,6 +3,7 @@ offline here: every download is replaced by a stub), and the fixtures at the ci 
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -165,3 +166,53 @@ def test_locate_offline_beyond_ci_runs_on_the_fixture_and_says_so(offline, fixtu
     assert not w.is_real and "FIXTURE" in capsys.readouterr().out
     install(fixtures_dir, offline)                  # real files present: they win, offline too
     assert locate("gemma-2-2b", profile="colab").is_real
+
+
+def _flip_byte(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+BROKEN = {
+    "missing shard": (lambda t: (t / "model-00002-of-00003.safetensors").unlink(),
+                      r"missing:? model-00002-of-00003\.safetensors"),
+    "invalid index": (lambda t: (t / "model.safetensors.index.json").write_text("{}"),
+                      r"missing:? a valid model\.safetensors\.index\.json .*non-empty "
+                      r"'weight_map'"),
+    "index names a shard wrongly": (
+        lambda t: (t / "model.safetensors.index.json").write_text(
+            (t / "model.safetensors.index.json").read_text().replace(
+                '"model.norm.weight": "model-00001', '"model.norm.weight": "model-00002')),
+        r"puts 'model.norm.weight' in model-00002-of-00003.safetensors, but it is in"),
+    "flipped byte": (lambda t: _flip_byte(t / "model-00001-of-00003.safetensors"),
+                     r"model-00001-of-00003\.safetensors has changed since it was written "
+                     r"\(sha256 differs\)"),
+    "truncated shard": (lambda t: (t / "model-00003-of-00003.safetensors").write_bytes(
+        (t / "model-00003-of-00003.safetensors").read_bytes()[:-10]),
+        r"model-00003-of-00003\.safetensors: tensor .* truncated"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BROKEN))
+def test_a_broken_real_folder_is_named_never_replaced_by_the_fixture(
+        offline, fixtures_dir, damage, monkeypatch):
+    target = install(fixtures_dir, offline)
+    assert weights.folder_problems(target, "gemma-2-2b") == []
+    edit, expected = BROKEN[damage]
+    edit(target)
+    assert re.search(expected, "\n".join(weights.folder_problems(target, "gemma-2-2b")))
+    with pytest.raises(weights.BrokenWeights, match=rf"(?s)gemma-2-2b \(hf layout\) in "
+                                                     rf"{re.escape(str(target))} is "
+                                                     rf"incomplete or damaged.*{expected}"):
+        locate("gemma-2-2b", profile="ci", fixture_dir=fixtures_dir)
+    monkeypatch.setenv("GEMMA2_LITE_OFFLINE", "1")
+    with pytest.raises(WeightsNotFound, match=expected):     # named there too
+        pretrained("gemma-2-2b")
+
+
+def test_a_broken_flax_folder_is_named_too(offline, fixtures_dir):
+    target = install(fixtures_dir, offline, layout="flax")
+    shutil.rmtree(target / "gemma2-2b")
+    with pytest.raises(weights.BrokenWeights, match=r"missing gemma2-2b/ \(the Orbax checkpoint"):
+        locate("gemma-2-2b", "flax", profile="ci", fixture_dir=fixtures_dir)

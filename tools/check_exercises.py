@@ -1,19 +1,28 @@
 """Run a chapter's exercises the way the exercise contract says, without the rest of the chapter.
 
-    python tools/check_exercises.py notebooks/02_rope.ipynb [more.ipynb ...]
+    python tools/check_exercises.py notebooks/02_rope.ipynb [more.ipynb ...] [--only 02-3]
 
 Per notebook: a namespace gets ``pick`` (what the setup cell would have imported for the sizes
 cell) and then the source of every cell tagged ``sizes`` or ``exercise-context``, in notebook
-order. Then, for every exercise, on a fresh copy of that namespace: the solution and then the
-check must run without an exception, and the check must print exactly ``Exercise N: correct``;
-on another fresh copy the stub must run and the check after it must raise. Exit status 1 when
-any exercise breaks the contract; each failure is printed. tests/test_exercises.py runs this
-once per chapter, in a subprocess, with GEMMA2_LITE_PROFILE=ci and MPLBACKEND=Agg.
+order. Then, for every exercise, each on a fresh copy of that namespace:
+
+* the solution and then the check run without an exception, and the check prints exactly
+  ``Exercise N: correct``;
+* the stub runs, and the check after it raises;
+* every stored wrong answer (the solution cell's metadata ``exercise.wrong``: a list of
+  ``{"name", "why", "source"}`` or ``{"name", "why", "edits": {old: new}}``, each ``old``
+  found exactly once in the solution) runs without an exception, and the check after it
+  raises.
+
+Exit status 1 when any exercise breaks the contract; each failure is printed.
+tests/test_exercises.py runs this once per chapter, in a subprocess, with
+GEMMA2_LITE_PROFILE=ci and MPLBACKEND=Agg.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -22,15 +31,33 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from student_copy import is_check, is_solution, source, stub_of, tags  # noqa: E402
+from student_copy import (ExerciseError, is_check, is_solution, source,  # noqa: E402
+                          stub_of, tags, wrong_answers)
 
 CONTEXT_TAGS = ("sizes", "exercise-context")
 
 
-def exercises(nb: dict, where: str) -> list[tuple[str, str, str, str]]:
-    """(id, solution source, stub source, check source) per exercise, in notebook order."""
+def wrong_source(wrong: dict, solution: str, where: str) -> str:
+    """The source of one stored wrong answer: its ``source``, or its ``edits`` applied to the
+    solution (each ``old`` must occur exactly once)."""
+    if isinstance(wrong.get("source"), str):
+        return wrong["source"]
+    out = solution
+    for old, new in wrong.get("edits", {}).items():
+        count = out.count(old)
+        if count != 1:
+            raise ExerciseError(f"{where}: wrong answer {wrong.get('name')!r}: {old!r} occurs "
+                                f"{count} times in the solution; it must occur exactly once")
+        out = out.replace(old, new)
+    return out
+
+
+def exercises(nb: dict, where: str) -> list[tuple[str, str, str, str, list[tuple[str, str]]]]:
+    """(id, solution, stub, check, [(wrong name, wrong source), ...]) per exercise, in order."""
     cells = nb["cells"]
     out = []
     for i, cell in enumerate(cells):
@@ -42,13 +69,30 @@ def exercises(nb: dict, where: str) -> list[tuple[str, str, str, str]]:
                 or check["metadata"].get("exercise", {}).get("id") != ex_id:
             raise ValueError(f"{where}: exercise {ex_id}: no check cell with that id right "
                              "after its solution")
-        out.append((ex_id, source(cell), stub_of(cell, where), source(check)))
+        solution = source(cell)
+        wrong = [(w.get("name", "?"), wrong_source(w, solution, f"{where} {ex_id}"))
+                 for w in wrong_answers(cell)]
+        out.append((ex_id, solution, stub_of(cell, where), source(check), wrong))
     return out
 
 
 def context_source(nb: dict) -> list[tuple[str, str]]:
     return [(c.get("id", str(i)), source(c)) for i, c in enumerate(nb["cells"])
             if c["cell_type"] == "code" and set(CONTEXT_TAGS) & set(tags(c))]
+
+
+def fresh(base: dict) -> dict:
+    """A copy of the context's namespace in which plain containers and numpy arrays are copies
+    too, so an answer that mutates one (``chat_ex.append(...)``) cannot change what the next
+    exercise sees. Other objects (models, modules, functions) are shared."""
+    ns = dict(base)
+    for name, value in base.items():
+        if type(value) in (list, dict, set) or isinstance(value, np.ndarray):
+            try:
+                ns[name] = copy.deepcopy(value)
+            except Exception:  # noqa: BLE001 - something inside cannot be copied: share it
+                pass
+    return ns
 
 
 def _run(src: str, name: str, ns: dict) -> str:
@@ -59,61 +103,92 @@ def _run(src: str, name: str, ns: dict) -> str:
     return buf.getvalue()
 
 
-def check_notebook(path: Path) -> list[str]:
+def _must_fail(check: str, label: str, ns: dict) -> str | None:
+    """Run the check; the outcome's description if it raised, None if it passed."""
+    try:
+        _run(check, label, ns)
+    except Exception as err:  # noqa: BLE001 - any exception is a failed check
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:70]}"
+    return None
+
+
+def check_exercise(path: Path, base: dict, ex: tuple) -> tuple[list[str], str]:
+    """The contract violations of one exercise, and a line saying what happened."""
+    ex_id, solution, stub, check, wrong = ex
+    k, name = ex_id.split("-")[-1], path.name
+    problems = []
+    ns = fresh(base)
+    try:
+        _run(solution, f"{name}:{ex_id}:solution", ns)
+        printed = _run(check, f"{name}:{ex_id}:check", ns)
+    except Exception:  # noqa: BLE001
+        problems.append(f"{ex_id}: solution + check raised:\n"
+                        f"{traceback.format_exc(limit=3)}")
+    else:
+        if printed.strip() != f"Exercise {k}: correct":
+            problems.append(f"{ex_id}: the check printed {printed!r}; it must print "
+                            f"exactly 'Exercise {k}: correct'")
+    outcomes = []
+    for label, src in [("stub", stub), *((f"wrong answer {w!r}", s) for w, s in wrong)]:
+        ns = fresh(base)
+        try:
+            _run(src, f"{name}:{ex_id}:{label}", ns)
+        except Exception:  # noqa: BLE001
+            problems.append(f"{ex_id}: the {label} itself raised (it must run; the check "
+                            f"must reject it):\n{traceback.format_exc(limit=3)}")
+            continue
+        outcome = _must_fail(check, f"{name}:{ex_id}:check after {label}", ns)
+        if outcome is None:
+            problems.append(f"{ex_id}: the check passed after the {label}; it must fail")
+            outcomes.append(f"{label} PASSED")
+        else:
+            outcomes.append(f"{label} rejected ({outcome})")
+    return problems, "".join(f"\n    {o}" for o in outcomes)
+
+
+def check_notebook(path: Path, only: set[str] | None = None) -> list[str]:
     """The contract violations of one notebook's exercises (empty: all good)."""
     from gemma2_lite.profile import pick
 
     nb = json.loads(path.read_text(encoding="utf-8"))
-    problems = []
     base: dict = {"pick": pick, "__name__": "__exercises__"}
     t0 = time.perf_counter()
     for cell_id, src in context_source(nb):
         try:
             _run(src, f"{path.name}:{cell_id}", base)
-        except Exception:
+        except Exception:  # noqa: BLE001
             return [f"context cell {cell_id} raised:\n{traceback.format_exc(limit=3)}"]
     print(f"{path.name}: context cells ran in {time.perf_counter() - t0:.1f} s")
-    for ex_id, solution, stub, check in exercises(nb, path.name):
-        k = ex_id.split("-")[-1]
-        t0 = time.perf_counter()
-        ns = dict(base)
-        try:
-            _run(solution, f"{path.name}:{ex_id}:solution", ns)
-            printed = _run(check, f"{path.name}:{ex_id}:check", ns)
-        except Exception:
-            problems.append(f"{ex_id}: solution + check raised:\n"
-                            f"{traceback.format_exc(limit=3)}")
-        else:
-            if printed.strip() != f"Exercise {k}: correct":
-                problems.append(f"{ex_id}: the check printed {printed!r}; it must print "
-                                f"exactly 'Exercise {k}: correct'")
-        ns = dict(base)
-        try:
-            _run(stub, f"{path.name}:{ex_id}:stub", ns)
-        except Exception:
-            problems.append(f"{ex_id}: the stub itself raised (it must only define names):\n"
-                            f"{traceback.format_exc(limit=3)}")
+    try:
+        found = exercises(nb, path.name)
+    except ExerciseError as err:
+        return [str(err)]
+    problems = []
+    for ex in found:
+        if only and ex[0] not in only:
             continue
-        try:
-            _run(check, f"{path.name}:{ex_id}:check", ns)
-        except Exception as err:
-            outcome = f"stub fails as it should ({type(err).__name__}: {str(err)[:60]})"
-        else:
-            problems.append(f"{ex_id}: the check passed after the stub; it must fail")
-            outcome = "stub PASSED"
-        print(f"  {ex_id}: solution ok, {outcome}  [{time.perf_counter() - t0:.1f} s]")
+        t0 = time.perf_counter()
+        more, said = check_exercise(path, base, ex)
+        problems += more
+        print(f"  {ex[0]}: {'solution ok' if not more else 'FAILED'} "
+              f"[{time.perf_counter() - t0:.1f} s]{said}", flush=True)
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        only, args = set(args[i + 1].split(",")), args[:i] + args[i + 2:]
+    paths = [Path(p) for p in args]
     if not paths:
         print(__doc__)
         return 2
     os.environ.setdefault("MPLBACKEND", "Agg")
     failed = False
     for path in paths:
-        problems = check_notebook(path)
+        problems = check_notebook(path, only)
         for p in problems:
             print(f"FAIL {path.name} {p}")
         failed |= bool(problems)

@@ -1,0 +1,124 @@
+"""Loading a bf16 Hugging Face checkpoint: time and peak memory, ours next to transformers.
+
+    python benchmarks/load.py                        # gemma2-2b width, 4 layers (~1.8 GB)
+    python benchmarks/load.py --layers 2 --vocab 32000 --repeat 1   # a quick smoke run
+
+Writes (once, into ``--folder``) a released-style folder with random bf16 weights by
+``benchmarks/real_size.py``'s writer, then loads it ``--repeat`` times per side, the sides
+taking turns, each load in a fresh subprocess so that its peak resident memory is its own:
+``gemma2_lite.checkpoint.load_hf(folder, jnp.bfloat16)`` and
+``Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)``. transformers maps the
+files and reads nothing until the weights are used, while our load reads every weight once
+(to lay it out and to check its values), so a third side, "theirs+read", is
+``from_pretrained`` followed by reading every weight once (a chunked check of the exponent
+bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory is the process's
+own high-water mark after the call (``VmHWM``, imports included; not ``ru_maxrss``, which
+Linux carries over from the parent across the spawn, so a child of a big parent would report
+the parent's size), also shown against the weights' bytes.
+Prints the best and the median of each, and the ratios.
+
+:func:`measure` is the one-load measurement, for other benchmarks to call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+_CHILD = """
+import json, resource, sys, time
+side, folder = sys.argv[1], sys.argv[2]
+if side == "ours":
+    import jax, jax.numpy as jnp
+    from gemma2_lite.checkpoint import load_hf
+    start = time.perf_counter()
+    model = load_hf(folder, jnp.bfloat16)
+    jax.block_until_ready(jax.tree.leaves(model))
+else:
+    import torch
+    from transformers import Gemma2ForCausalLM
+    start = time.perf_counter()
+    model = Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if side == "theirs+read":     # what our load also does: read every weight once, checking
+        for p in model.parameters():    # its exponent bits (bf16: all ones = inf or NaN)
+            for c in p.detach().view(-1).view(torch.int16).split(1 << 23):
+                assert int((c & 0x7F80).max()) != 0x7F80
+seconds = time.perf_counter() - start
+try:      # this process's own peak: ru_maxrss would include its parent's at the spawn
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # macOS: bytes
+    peak *= 1 if sys.platform == "darwin" else 1024                     # else KiB
+print(json.dumps({"load_s": seconds, "peak_bytes": peak}))
+"""
+
+
+def measure(folder: str | Path, side: str) -> dict[str, float]:
+    """One load of ``folder`` by ``side`` ("ours", "theirs" or "theirs+read") in a fresh
+    subprocess:
+    ``{"load_s": seconds of the load call, "peak_bytes": the process's peak RSS}``."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, side, str(folder)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def weight_bytes(folder: Path) -> int:
+    index = folder / "model.safetensors.index.json"
+    return int(json.loads(index.read_text())["metadata"]["total_size"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="where the checkpoint is (written there if absent; default: a "
+                             "temporary folder, removed afterwards)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from real_size import write_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.folder or Path(tmp) / "ckpt"
+        if not (folder / "model.safetensors.index.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"writing {args.layers} layers, vocabulary {args.vocab}, into {folder}",
+                  flush=True)
+            write_folder(folder, args.layers, args.vocab)
+        size = weight_bytes(folder)
+        runs: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": [], "theirs+read": []}
+        for _ in range(args.repeat):
+            for side in runs:
+                runs[side].append(measure(folder, side))
+                print(side, runs[side][-1], flush=True)
+        report(runs, size)
+    return 0
+
+
+def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
+    print(f"\nweights: {size / 1e9:.2f} GB (bf16); {len(runs['ours'])} load(s) per side")
+    print(f"{'':26}{'ours':>8}{'theirs':>9}{'ours/theirs':>13}{'theirs+read':>13}"
+          f"{'ours/that':>11}")
+    for key, unit, scale in (("load_s", "s", 1.0), ("peak_bytes", "GB", 1e9)):
+        for name, pick in (("best", min), ("median", statistics.median)):
+            ours, theirs, read = (pick(r[key] for r in runs[side]) / scale
+                                  for side in ("ours", "theirs", "theirs+read"))
+            label = f"{'load time' if key == 'load_s' else 'peak RSS'} ({name}, {unit})"
+            print(f"{label:26}{ours:8.2f}{theirs:9.2f}{ours / theirs:13.2f}{read:13.2f}"
+                  f"{ours / read:11.2f}")
+    ours, theirs, read = (min(r["peak_bytes"] for r in runs[side]) / size
+                          for side in ("ours", "theirs", "theirs+read"))
+    print(f"{'peak RSS / weights':26}{ours:8.2f}{theirs:9.2f}{'':13}{read:13.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
