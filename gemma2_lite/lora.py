@@ -30,9 +30,16 @@ also trains those rows of the embedding, as PEFT's ``trainable_token_indices`` d
 (:class:`TokenRows`).
 
 The base weight can be anything that answers ``[...]`` with an array and has ``.shape``: a plain
-``nnx.Param`` today; an int8 weight that dequantizes itself (QLoRA, Dettmers et al. 2023) when
-:mod:`gemma2_lite.quantize` provides one: :class:`LoRAWeight` reads ``base[...]`` and nothing
-else, and :func:`merge` needs only that too.
+``nnx.Param``, or (QLoRA, Dettmers et al. 2023) a projection of a model that
+:func:`gemma2_lite.quantize.quantize` stored as int8 rows, which :func:`apply_lora` wraps in
+:class:`Dequantized` (``values * scale`` laid out as the model's weight, formed in the forward
+pass; the int8 values stay as they are and never train). :class:`LoRAWeight` reads
+``base[...]`` and nothing else, and :func:`merge` needs only that too (a merged QLoRA model is
+float32: quantize it again to serve it in int8).
+
+Serving: ``generate`` takes an adapted model as it is (:func:`gemma2_lite.decoding.
+serving_model` reads every ``LoRAWeight`` through ``[...]`` when it lays the weights out as
+rows), and ``merge(model)`` first gives a plain model with the same logits.
 
 Adapters on disk use Hugging Face PEFT's layout for ``Gemma2ForCausalLM``: ``adapter_config.json``
 (``peft_type: LORA``, ``r``, ``lora_alpha``, ``target_modules``) and
@@ -61,10 +68,11 @@ import numpy as np
 from flax import nnx
 
 from .checkpoint import CheckpointError, read_safetensors, write_safetensors
+from .layers import RowProjection
 from .model import Gemma2
-from .train import TrainConfig, make_optimizer, make_train_step
+from .train import TrainConfig, make_optimizer, make_train_step, split_trainable
 
-__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "apply_lora", "merge", "lora_state",
+__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "Dequantized", "apply_lora", "merge", "lora_state",
            "count_lora_params", "adapter_state_dict", "adapter_config", "save_adapters",
            "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "finetune", "ema"]
 
@@ -146,6 +154,33 @@ class LoRAWeight(_OverBase):
         return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)[index]
 
 
+class Dequantized(_OverBase):
+    """A projection stored as (int8) rows, :class:`~gemma2_lite.layers.RowProjection`, read
+    like the model's weight: ``d[...]`` is ``values * scale`` (float32) transposed back to the
+    einsum layout of ``spec`` (e.g. q's (N, D, H)). The QLoRA seam: :func:`apply_lora` puts a
+    :class:`LoRAWeight` over this, so the frozen base stays int8 in memory (its values and
+    scales are not ``nnx.Param``, so no trainer filter picks them up) and is dequantized inside
+    the forward pass."""
+
+    def __init__(self, base: RowProjection, spec: str):
+        out, contracted = RowProjection.axes(spec)
+        self.base = base
+        self.perm = tuple(int(i) for i in np.argsort(out + contracted))    # rows -> layout
+        self.n_in = len(contracted)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        rows = tuple(self.base.values.shape)
+        return tuple(rows[i] for i in self.perm)
+
+    def __getitem__(self, index: Any) -> jax.Array:
+        w = self.base.values[...].astype(jnp.float32)                       # (out..., in...)
+        if self.base.scale is not None:
+            scale = self.base.scale[...].astype(jnp.float32)                # (out...)
+            w = w * scale.reshape(scale.shape + (1,) * self.n_in)
+        return jnp.transpose(w, self.perm)[index]
+
+
 class TokenRows(_OverBase):
     """An embedding table with rows ``ids`` replaced by trainable ones: ``t[...]`` is the base
     table with those rows set to ``rows`` (an ``nnx.LoRAParam`` (k, D), float32, starting as a
@@ -220,12 +255,17 @@ def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
         raise ValueError(f"trainable_tokens must be ids in [0, {vocab}), got {ids}")
     out = _copy(model)
     if ids:
+        if isinstance(out.embedder.embedding, RowProjection):
+            raise ValueError("trainable_tokens needs a float embedding table; this model's "
+                             "is stored as (int8) rows: add the rows before quantizing")
         out.embedder.embedding = TokenRows(out.embedder.embedding, ids)
     for block in out.layers:
         for name in names:
             module, in_axes = TARGETS[name]
             parent = getattr(block, module)
             base = getattr(parent, name)
+            if isinstance(base, RowProjection):           # QLoRA: an int8 (or rows) base
+                base = Dequantized(base, type(parent).SPECS[name])
             limit = min(math.prod(base.shape[i] for i in in_axes),
                         math.prod(base.shape) // math.prod(base.shape[i] for i in in_axes))
             if rank > limit:
@@ -249,8 +289,9 @@ def _adapters(model: Gemma2) -> list[tuple[int, str, Any, LoRAWeight]]:
 
 def merge(model: Gemma2) -> Gemma2:
     """A plain :class:`~gemma2_lite.model.Gemma2` whose weights are ``W + (alpha / r) A B``
-    (in the base weight's dtype): no adapters left, the same logits, the model core's speed.
-    A model without adapters comes back as a copy."""
+    (in the base weight's dtype; float32 over an int8 base, whose other projections stay int8
+    rows): no adapters left, the same logits, the model core's speed. A model without adapters
+    comes back as a copy."""
     out = _copy(model)
     for _, name, parent, w in _adapters(out):
         meta = {"logical_axes": _logical_axes(w.base, len(w.shape))}
@@ -467,7 +508,7 @@ def finetune(model: Gemma2, batches: Callable[[int, Gemma2], tuple[Any, Any]], t
         raise ValueError("finetune trains adapters: apply_lora(model, ...) first")
     if anchor_rate is not None and (reference is not None or not 0 < anchor_rate <= 1):
         raise ValueError("anchor_rate must be in (0, 1], and only without a reference")
-    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, params, rest = split_trainable(model, nnx.LoRAParam)
     if anchor_rate is not None:
         ref_graph, anchor = graphdef, jax.tree.map(jnp.copy, params)
     elif reference is not None:

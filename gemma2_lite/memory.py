@@ -387,7 +387,7 @@ def lora_param_count(config: Gemma2Config | str, rank: int,
 
     cfg = get_config(config) if isinstance(config, str) else config
     total = 0
-    for name, shape, _, copies in _param_shapes(cfg):
+    for name, shape, _, copies in _weights(cfg):
         parts = name.split(".")
         if parts[0] != "layers" or parts[-1] not in targets or parts[-1] not in TARGETS:
             continue

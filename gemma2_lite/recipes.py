@@ -1,14 +1,15 @@
 """What chapters 08b and 08c share: the short-answer tasks, a LoRA SFT run of the book's model,
-and the SFT adapters the book ships (``data/tiny-model-sft/``).
+and the SFT adapters the book ships (``gemma2_lite/assets/tiny-model-sft/``).
 
 The tasks are chapter 08a's ``speaker`` and ``play`` questions
 (:func:`gemma2_lite.posttrain.build_instructions`): their answers are a few tokens, one right
 answer each, so exact match is a reward a program can check. (08a's third kind, ``continue``,
 asks for a whole verse line, which a model of this size never gets exactly right.)
 
-    python -m gemma2_lite.recipes sft --seed 0 --steps 1200 --out data/tiny-model-sft/seed-0
+    python -m gemma2_lite.recipes sft --seed 0 --steps 1200 \
+        --out gemma2_lite/assets/tiny-model-sft/seed-0
 
-trains rank-8 adapters on every projection of ``data/tiny-model`` (:func:`lora_sft`) and saves
+trains rank-8 adapters on every projection of the book's model (``weights.book_model``) (:func:`lora_sft`) and saves
 them in Hugging Face PEFT's layout with a README of how they were made and what they score.
 """
 
@@ -28,21 +29,20 @@ import numpy as np
 from flax import nnx
 
 from .chat import encode_chat
-from .checkpoint import load_hf
 from .lora import TARGETS, apply_lora, finetune, load_adapters, save_adapters
 from .model import Gemma2
 from .posttrain import build_instructions, sft_batch, sft_eval
-from .profile import data_path
+from .paths import require, sft_adapters_dir, shown
 from .tokenizer import Tokenizer, default_tokenizer
 from .train import TrainConfig, make_loss_fn
+from .weights import book_model
 
 __all__ = ["TASK_KINDS", "SEQ", "RANK", "ALPHA", "task_examples", "prompt_ids", "answers",
-           "lora_sft", "chat_tokens", "sft_adapters", "SFT_DIR", "main"]
+           "lora_sft", "chat_tokens", "sft_adapters", "main"]
 
 TASK_KINDS = ("speaker", "play")
 SEQ = 48            # T: a question, its answer and the chat template fit in T + 1 tokens
 RANK, ALPHA = 8, 16.0
-SFT_DIR = "tiny-model-sft"   # under data/: one PEFT adapter folder per seed
 
 
 def task_examples(tok: Tokenizer, split: str, n: int, seed: int, seq_len: int = SEQ
@@ -98,9 +98,11 @@ def chat_tokens(tok: Tokenizer) -> tuple[int, int]:
 
 
 def sft_adapters(base: Gemma2 | None = None, seed: int = 0) -> Gemma2:
-    """The book model with its shipped SFT adapters ``data/tiny-model-sft/seed-{seed}``."""
-    base = base if base is not None else load_hf(data_path("tiny-model"))
-    return load_adapters(base, data_path(SFT_DIR, f"seed-{seed}"))
+    """The book model (or ``base``) with its shipped SFT adapters
+    ``gemma2_lite/assets/tiny-model-sft/seed-{seed}`` (:func:`gemma2_lite.paths.
+    sft_adapters_dir`); works installed, without a checkout."""
+    base = base if base is not None else book_model(verbose=False)[0]
+    return load_adapters(base, require(sft_adapters_dir(seed), "adapter_config.json"))
 
 
 def _readme(seed: int, args: argparse.Namespace, n_train: int, scores: dict[str, Any],
@@ -108,15 +110,16 @@ def _readme(seed: int, args: argparse.Namespace, n_train: int, scores: dict[str,
     return f"""# tiny-model-sft/seed-{seed}: SFT adapters for the book's model
 
 Rank-{RANK} LoRA adapters (alpha {ALPHA:g}) on q, k, v, o, gate, up and down of every layer of
-`data/tiny-model`, and new embedding rows for `<start_of_turn>` and `<end_of_turn>` (ids 5
+`gemma2_lite/assets/tiny-model`, and new embedding rows for `<start_of_turn>` and `<end_of_turn>` (ids 5
 and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_config.json`,
 `adapter_model.safetensors`): load them with
-`gemma2_lite.lora.load_adapters(load_hf("data/tiny-model"), "data/tiny-model-sft/seed-{seed}")`.
+`gemma2_lite.recipes.sft_adapters(seed={seed})` (the book model, `weights.book_model()`, with
+`lora.load_adapters` of this folder, `paths.sft_adapters_dir({seed})`).
 
 ## Provenance
 
 * command: `python -m gemma2_lite.recipes sft --seed {seed} --steps {args.steps} --n {args.n}
-  --out data/{SFT_DIR}/seed-{seed}`
+  --out {shown(args.out)}`
 * data: the `speaker` and `play` examples of
   `build_instructions(seed=0, n={args.n}, split="train")` that fit {SEQ + 1} tokens
   ({n_train} examples; the rule is in `gemma2_lite/posttrain.py`), loss on the model turn only
@@ -138,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=6000, help="instructions drawn (train split)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    tok, base = default_tokenizer(), load_hf(data_path("tiny-model"))
+    tok, base = default_tokenizer(), book_model(verbose=False)[0]
     train = task_examples(tok, "train", args.n, seed=0)
     held = task_examples(tok, "valid", 384, seed=1)
     t0 = time.perf_counter()
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     scores = {k: round(v, 4) for k, v in sft_eval(model, *sft_batch(tok, held, SEQ)).items()}
     scores["final train loss (mean of last 50 steps)"] = round(float(np.mean(losses[-50:])), 4)
-    save_adapters(model, args.out, base_model_name_or_path="data/tiny-model")
+    save_adapters(model, args.out, base_model_name_or_path="gemma2_lite/assets/tiny-model")
     (args.out / "README.md").write_text(_readme(args.seed, args, len(train), scores, seconds))
     print(json.dumps(scores))
     return 0

@@ -14,11 +14,13 @@ from flax import nnx
 from gemma2_lite import get_config
 from gemma2_lite.checkpoint import (CheckpointError, from_arrays, hf_state_dict, hf_to_arrays,
                                     save_hf, write_safetensors)
-from gemma2_lite.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, LoRAWeight,
+from gemma2_lite.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, Dequantized, LoRAWeight,
                               adapter_state_dict, apply_lora, count_lora_params, load_adapters,
                               lora_state, merge, save_adapters)
 from gemma2_lite.model import Gemma2
-from gemma2_lite.train import TrainConfig, make_loss_fn, make_optimizer, make_train_step
+from gemma2_lite.quantize import Int8Scale, Int8Values, quantize, weight_bytes
+from gemma2_lite.sampler import generate
+from gemma2_lite.train import TrainConfig, make_loss_fn, make_optimizer, make_train_step, train
 from random_models import random_model
 from tolerance import assert_close
 
@@ -170,29 +172,44 @@ def test_peft_reads_our_adapters_and_we_read_peft(base, tmp_path) -> None:
         assert_close(ours(TOKENS), hf_logits(pm, np.asarray(TOKENS)), 1e-4, "ours vs peft")
 
 
-def test_any_weight_answering_getitem_can_be_the_base(base) -> None:
-    """The QLoRA seam: a base that stores int8 and dequantizes on read."""
+def test_qlora_trains_over_the_int8_base_through_the_trainer(base) -> None:
+    """The QLoRA seam: adapters over gemma2_lite.quantize's int8 model train through
+    train(..., trainable=nnx.LoRAParam); the base stays int8 and unchanged and keeps about a
+    quarter of float32's bytes; merge keeps the logits."""
+    small = quantize(base, "int8")
+    model = apply_lora(small, 4, 8.0, ALL, nnx.Rngs(0))
+    assert isinstance(model.layers[0].attn.q.base, Dequantized)
+    assert_close(model(TOKENS), small(TOKENS), 1e-5, "QLoRA at init vs the int8 model")
+    tokens = np.tile(np.arange(3, 40), 40)                  # a cycle: learnable in a few steps
+    tc = TrainConfig(steps=12, batch_size=2, seq_len=12, lr=3e-2, warmup=0, progress=False)
+    trained, history = train(CFG, tc, tokens, model=model, trainable=nnx.LoRAParam)
+    losses = [row["loss"] for row in history["train"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    before = jax.tree.leaves(nnx.state(small, (Int8Values, Int8Scale)))
+    after = jax.tree.leaves(nnx.state(trained, (Int8Values, Int8Scale)))
+    assert len(after) == len(before) > 0
+    for a, b in zip(before, after):
+        assert a.dtype == b.dtype and a.dtype in (jnp.int8, jnp.float32)
+        np.testing.assert_array_equal(a, b)                   # the int8 base never moved
+    assert any(x.dtype == jnp.int8 for x in after)
+    assert all(isinstance(getattr(getattr(b, m), n), LoRAWeight)
+               for b in trained.layers for n, (m, _) in TARGETS.items())
+    frozen = weight_bytes(trained) - 4 * count_lora_params(trained)
+    assert frozen < 0.35 * weight_bytes(base)                 # int8 + scales vs float32
+    assert min(float(jnp.abs(x).max()) for p, x in nnx.to_flat_state(lora_state(trained))
+               if p[-1] == "lora_b") > 0
+    assert_close(merge(trained)(TOKENS), trained(TOKENS), 1e-5, "merged over an int8 base")
 
-    class Int8Weight(nnx.Module):
-        def __init__(self, w: jax.Array):
-            scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True) / 127
-            self.q = nnx.Variable(jnp.round(w / scale).astype(jnp.int8))
-            self.scale = nnx.Variable(scale)
 
-        @property
-        def shape(self) -> tuple[int, ...]:
-            return self.q.shape
-
-        def __getitem__(self, index):
-            return (self.q[...].astype(jnp.float32) * self.scale[...])[index]
-
-    quantized = nnx.merge(*nnx.split(base))
-    for block in quantized.layers:
-        block.mlp.up = Int8Weight(block.mlp.up[...])
-    model = apply_lora(quantized, 2, 4.0, ("up", "q"), nnx.Rngs(0))
-    np.testing.assert_array_equal(model(TOKENS), quantized(TOKENS))
-    model = trained_looking(model)
-    assert_close(merge(model)(TOKENS), model(TOKENS), 1e-5, "merged over an int8 base")
+def test_generate_serves_an_adapted_model_as_its_merge(base) -> None:
+    model = trained_looking(apply_lora(base, 4, 8.0, ALL, nnx.Rngs(0),
+                                       trainable_tokens=(5, 6)))
+    prompts = [[2, 17, 40, 9], [2, 88]]
+    got = generate(model, prompts, max_new_tokens=4)
+    merged = merge(model)
+    assert got == generate(merged, prompts, max_new_tokens=4)
+    first = [int(jnp.argmax(base(jnp.asarray([p]))[0, -1])) for p in prompts]
+    assert [g[0] for g in got] != first                       # the adapters are used
 
 
 def test_bad_adapters_and_arguments_are_named(base, tmp_path) -> None:

@@ -291,21 +291,21 @@ def test_samples_come_in_groups_and_the_anchor_follows_the_policy(model, example
 
 
 def test_shipped_sft_adapters_load_and_score_as_recorded() -> None:
-    """data/tiny-model-sft: each seed loads in PEFT's layout and gives the held-out numbers
-    its README records (within one question and rounding)."""
+    """gemma2_lite/assets/tiny-model-sft: each seed loads in PEFT's layout and gives the
+    held-out numbers its README records (within one question and rounding)."""
     import json
     import re
 
     from gemma2_lite.posttrain import sft_eval
-    from gemma2_lite.profile import data_path
+    from gemma2_lite.paths import sft_adapters_dir
     from gemma2_lite.recipes import SEQ, sft_adapters
-    from gemma2_lite.checkpoint import load_hf
+    from gemma2_lite.weights import book_model
 
-    base = load_hf(data_path("tiny-model"))
+    base = book_model(verbose=False)[0]
     held = task_examples(TOK, "valid", 384, seed=1)
     rows, mask = sft_batch(TOK, held, SEQ)
     for seed in (0, 1, 2):
-        readme = (data_path("tiny-model-sft", f"seed-{seed}") / "README.md").read_text()
+        readme = (sft_adapters_dir(seed) / "README.md").read_text()
         recorded = json.loads(re.search(r"^  (\{.*\})$", readme, re.M).group(1))
         model = lora.merge(sft_adapters(base, seed=seed))
         got = sft_eval(model, rows, mask)
@@ -315,13 +315,12 @@ def test_shipped_sft_adapters_load_and_score_as_recorded() -> None:
 
 
 def test_recipe_command_writes_a_loadable_adapter_folder(tmp_path) -> None:
-    from gemma2_lite.checkpoint import load_hf
-    from gemma2_lite.profile import data_path
     from gemma2_lite.recipes import main
+    from gemma2_lite.weights import book_model
 
     assert main(["sft", "--steps", "2", "--n", "200", "--seed", "3",
                  "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "--seed 3 --steps 2 --n 200" in readme and "held-out" in readme
-    model = lora.load_adapters(load_hf(data_path("tiny-model")), tmp_path)
+    model = lora.load_adapters(book_model(verbose=False)[0], tmp_path)
     assert model.embedder.embedding.ids == (TOK.start_of_turn_id, TOK.end_of_turn_id)
