@@ -119,14 +119,14 @@ and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_con
 ## Provenance
 
 * command: `python -m gemma2_lite.recipes sft --seed {seed} --steps {args.steps} --n {args.n}
-  --out {shown(args.out)}`
+  {"" if args.held == 384 else f"--held {args.held} "}--out {shown(args.out)}`
 * data: the `speaker` and `play` examples of
   `build_instructions(seed=0, n={args.n}, split="train")` that fit {SEQ + 1} tokens
   ({n_train} examples; the rule is in `gemma2_lite/posttrain.py`), loss on the model turn only
 * training: {args.steps} steps x 16 conversations, order and adapter init from seed {seed};
   AdamW, peak lr 0.01, warm-up {max(1, args.steps // 20)} steps, cosine decay to 0.1 x peak,
   no weight decay, clip 1.0; float32
-* held-out (`build_instructions(seed=1, n=384, split="valid")`, same kinds):
+* held-out (`build_instructions(seed=1, n={args.held}, split="valid")`, same kinds):
   {json.dumps(scores)}
 * wall time: {seconds:.0f} s on {jax.devices()} (jax {jax.__version__}),
   {time.strftime("%Y-%m-%d")}
@@ -139,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--n", type=int, default=6000, help="instructions drawn (train split)")
+    parser.add_argument("--held", type=int, default=384,
+                        help="instructions drawn (valid split) to score the adapters on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     tok, base = default_tokenizer(), book_model(verbose=False)[0]
     train = task_examples(tok, "train", args.n, seed=0)
-    held = task_examples(tok, "valid", 384, seed=1)
+    held = task_examples(tok, "valid", args.held, seed=1)
     t0 = time.perf_counter()
     model, losses = lora_sft(base, *sft_batch(tok, train, SEQ), steps=args.steps,
                              seed=args.seed, trainable_tokens=chat_tokens(tok))

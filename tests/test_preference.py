@@ -318,7 +318,7 @@ def test_recipe_command_writes_a_loadable_adapter_folder(tmp_path) -> None:
     from gemma2_lite.recipes import main
     from gemma2_lite.weights import book_model
 
-    assert main(["sft", "--steps", "2", "--n", "200", "--seed", "3",
+    assert main(["sft", "--steps", "2", "--n", "200", "--held", "24", "--seed", "3",
                  "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "--seed 3 --steps 2 --n 200" in readme and "held-out" in readme
