@@ -83,16 +83,20 @@ def response_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
 
 
 @functools.lru_cache(maxsize=None)
-def make_dpo_loss(beta: float):
+def make_dpo_loss(beta: float | None = None):
     """The DPO objective as the trainer's ``loss_fn``: rows are P chosen then P rejected, the
     reference model's logits come as the step's teacher logits. One function per beta (cached),
-    so runs with the same beta share one compiled step."""
+    so runs with the same beta share one compiled step. ``beta=None``: the step's mask is
+    ``{"mask": (2P, T), "beta": float32 scalar}``, so one compiled step serves every beta."""
 
     def loss(logits, targets, ref_logits, rng, mask):
+        b = beta
+        if beta is None:
+            mask, b = mask["mask"], mask["beta"]
         lp = response_logprobs(logits, targets, mask)                        # (2P,)
         ref = response_logprobs(ref_logits, targets, mask)
         p = lp.shape[0] // 2
-        return dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], beta)
+        return dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], b)
 
     return loss
 

@@ -142,6 +142,12 @@ def test_dpo_through_the_trainer_raises_the_margin(model, examples) -> None:
                  1e-5)
     assert_close(fn(logits, jnp.asarray(rows[:, 1:]), logits, None, jnp.asarray(mask)),
                  np.log(2), 1e-6)
+    as_data = pref.make_dpo_loss()                            # beta read from the batch
+    assert_close(as_data(logits, jnp.asarray(rows[:, 1:]), logits - 0.3 * jnp.arange(
+        2 * p, dtype=jnp.float32)[:, None, None], None,
+        {"mask": jnp.asarray(mask), "beta": jnp.float32(0.5)}),
+        fn(logits, jnp.asarray(rows[:, 1:]), logits - 0.3 * jnp.arange(
+            2 * p, dtype=jnp.float32)[:, None, None], None, jnp.asarray(mask)), 1e-6)
     tc = TrainConfig(steps=8, batch_size=2 * p, seq_len=SEQ, lr=1e-2, warmup=1,
                      weight_decay=0.0, progress=False)
     trained, hist = lora.finetune(policy, lambda i, m: (rows, jnp.asarray(mask)), tc, fn,
