@@ -253,7 +253,7 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     ref_rejected)))``. Each argument is (B,): a response's summed log-probability under the
     policy or the frozen reference; ``beta`` > 0 sets how far from the reference the policy
     may go (the implicit reward is ``beta * log(policy / reference)``)."""
-    if not beta > 0:
+    if not isinstance(beta, jax.core.Tracer) and not beta > 0:   # traced: beta as data
         raise ValueError(f"beta must be positive, got {beta!r}")
     margin = (jnp.asarray(policy_chosen, jnp.float32) - jnp.asarray(ref_chosen, jnp.float32)) \
         - (jnp.asarray(policy_rejected, jnp.float32) - jnp.asarray(ref_rejected, jnp.float32))

@@ -142,7 +142,7 @@ def test_dpo_through_the_trainer_raises_the_margin(model, examples) -> None:
                  1e-5)
     assert_close(fn(logits, jnp.asarray(rows[:, 1:]), logits, None, jnp.asarray(mask)),
                  np.log(2), 1e-6)
-    as_data = pref.make_dpo_loss()                            # beta read from the batch
+    as_data = jax.jit(pref.make_dpo_loss())                   # beta read from the batch
     assert_close(as_data(logits, jnp.asarray(rows[:, 1:]), logits - 0.3 * jnp.arange(
         2 * p, dtype=jnp.float32)[:, None, None], None,
         {"mask": jnp.asarray(mask), "beta": jnp.float32(0.5)}),
