@@ -72,9 +72,9 @@ from .layers import RowProjection
 from .model import Gemma2
 from .train import TrainConfig, make_optimizer, make_train_step, split_trainable
 
-__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "Dequantized", "apply_lora", "merge", "lora_state",
-           "count_lora_params", "adapter_state_dict", "adapter_config", "save_adapters",
-           "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "finetune", "ema"]
+__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "Dequantized", "apply_lora", "merge",
+           "lora_state", "count_lora_params", "adapter_state_dict", "adapter_config",
+           "save_adapters", "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "finetune", "ema"]
 
 #: The projections an adapter can sit on: name -> (sub-module of a block, input axes of the
 #: weight in the model's einsum layout; the other axes are outputs).

@@ -36,8 +36,8 @@ import os
 from pathlib import Path
 
 __all__ = ["ASSETS", "SHIPPED", "MissingDataError", "asset", "tokenizer_file",
-           "book_model_dir", "sft_adapters_dir", "corpus_file", "require", "checkout", "work_dir", "data_path",
-           "repo_root", "shown"]
+           "book_model_dir", "sft_adapters_dir", "corpus_file", "require", "checkout", "work_dir",
+           "data_path", "repo_root", "shown"]
 
 #: The folder of shipped files inside the installed package.
 ASSETS = Path(__file__).resolve().parent / "assets"

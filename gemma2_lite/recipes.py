@@ -9,7 +9,8 @@ asks for a whole verse line, which a model of this size never gets exactly right
     python -m gemma2_lite.recipes sft --seed 0 --steps 1200 \
         --out gemma2_lite/assets/tiny-model-sft/seed-0
 
-trains rank-8 adapters on every projection of the book's model (``weights.book_model``) (:func:`lora_sft`) and saves
+trains rank-8 adapters on every projection of the book's model (``weights.book_model``;
+:func:`lora_sft`) and saves
 them in Hugging Face PEFT's layout with a README of how they were made and what they score.
 """
 
@@ -110,8 +111,8 @@ def _readme(seed: int, args: argparse.Namespace, n_train: int, scores: dict[str,
     return f"""# tiny-model-sft/seed-{seed}: SFT adapters for the book's model
 
 Rank-{RANK} LoRA adapters (alpha {ALPHA:g}) on q, k, v, o, gate, up and down of every layer of
-`gemma2_lite/assets/tiny-model`, and new embedding rows for `<start_of_turn>` and `<end_of_turn>` (ids 5
-and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_config.json`,
+`gemma2_lite/assets/tiny-model`, and new embedding rows for `<start_of_turn>` and
+`<end_of_turn>` (ids 5 and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_config.json`,
 `adapter_model.safetensors`): load them with
 `gemma2_lite.recipes.sft_adapters(seed={seed})` (the book model, `weights.book_model()`, with
 `lora.load_adapters` of this folder, `paths.sft_adapters_dir({seed})`).

