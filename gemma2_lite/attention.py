@@ -26,7 +26,7 @@ from .layers import dense_init, project, soft_cap
 from .rope import rotate
 
 __all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "AttentionPlan", "Mode", "gqa_attention", "banded_attention", "band_chunks",
+           "AttentionPlan", "Mode", "CAPTURES", "attention_logits", "gqa_attention", "banded_attention", "band_chunks",
            "band_keys", "band_mask", "cached_keys", "cached_key_positions"]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
@@ -61,6 +61,21 @@ def sliding_window_mask(length: int, window: int) -> jax.Array:
     return attention_mask(pos, pos, window)[0]
 
 
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """The raw attention scores, float32 (B, T, N, S): before the soft-cap and the mask.
+
+    q: (B, T, N, H) (already scaled and rotated); k: (B, S, K, H). Each group of G = N / K query
+    heads meets its one key/value head ('BTKGH,BSKH->BTKGS'); the result is viewed per head.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if n % kv_heads:
+        raise ValueError(f"{n} query heads cannot be grouped over {kv_heads} key/value heads")
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                        # (B, T, K, G, H)
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k).astype(jnp.float32)
+    return logits.reshape(b, t, n, -1)                                      # (B, T, N, S)
+
+
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                   softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Soft-capped, masked grouped-query attention (queries already scaled and rotated).
@@ -71,10 +86,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    if n % kv_heads:
-        raise ValueError(f"{n} query heads cannot be grouped over {kv_heads} key/value heads")
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                        # (B, T, K, G, H)
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k).astype(jnp.float32)
+    logits = attention_logits(q, k).reshape(b, t, kv_heads, n // kv_heads, -1)  # (B,T,K,G,S)
     logits = soft_cap(logits, softcap)
     logits = jnp.where(mask[:, :, None, None, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)                                 # (B, T, K, G, S)
@@ -133,6 +145,11 @@ def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q
     out, _ = attention_fn(qc, kc, vc, mask.reshape(b * chunks, size, 2 * size), softcap=softcap)
     return out.reshape(b, chunks * size, n, h)[:, :t]                        # (B, T, N, H)
 
+
+#: What a forward can capture from every layer's attention (``Gemma2.forward(capture=...)``):
+#: the raw scores before the cap and the mask (:func:`attention_logits`) and the attention
+#: probabilities the attention component returns, each (B, T, N, S) float32.
+CAPTURES = ("attn_logits", "attn_probs")
 
 #: How one forward attends, per kind of layer (see :class:`AttentionPlan`).
 Mode = Literal["full", "banded", "decode", "append"]
@@ -346,12 +363,16 @@ class Attention(nnx.Module):
                            logical_axes=("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan()
+                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan(),
+                 captured: dict[str, list[jax.Array]] | None = None
                  ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
         mask: bool (B, T, S') over the keys :func:`cached_keys` gives, or (B, n, C, 2C) for
         :func:`banded_attention` (built once per forward by the model); k_pos: int32 (B, T), the
-        new keys' positions (-1 for padding); plan: the forward's :class:`AttentionPlan`.
+        new keys' positions (-1 for padding); plan: the forward's :class:`AttentionPlan`;
+        captured: the forward's intermediates, ``{name: [one array per layer so far]}`` with
+        names from :data:`CAPTURES`, to which this layer appends its own (None: nothing kept,
+        nothing extra computed).
 
         Returns the output (B, T, D) and the updated cache (or None).
         """
@@ -368,6 +389,11 @@ class Attention(nnx.Module):
             out = banded_attention(self.attention_fn, q, keys, values, mask,
                                    softcap=self.softcap)
         else:
-            out, _ = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
+            out, probs = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
+            if captured is not None:
+                if "attn_probs" in captured:
+                    captured["attn_probs"].append(probs)                    # (B, T, N, S')
+                if "attn_logits" in captured:
+                    captured["attn_logits"].append(attention_logits(q, keys))
         out = project(out, self.o, self.SPECS["o"], dt)                      # (B, T, D)
         return out, new_cache

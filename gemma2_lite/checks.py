@@ -149,8 +149,7 @@ def check_token_ids(ids: Any, vocab_size: int, *, name: str = "tokens") -> Any:
                         f"read as an array: {exc})") from None
     if arr.size == 0:
         return arr.astype(np.int32)   # [] reads as float64: no id in it can be wrong
-    if arr.dtype == object and all(
-            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr.flat):
+    if arr.dtype == object and all(is_int(x) for x in arr.flat):
         bad = [int(x) for x in arr.flat if not 0 <= x < vocab_size]   # Python ints past int64
         raise TokenIdError(_range_message(name, vocab_size, bad))
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):

@@ -1,5 +1,6 @@
 """Every command line's policy, written once: ``python -m gemma2_lite`` and the module programs
-(``gemma2_lite.experiments``, ``gemma2_lite.tokenizer``, ``gemma2_lite.fixtures``).
+(``gemma2_lite.book.experiments``, ``gemma2_lite.book.tokenizer``,
+``gemma2_lite.book.fixtures``).
 
 * A problem the user can fix (a bad option, a missing or malformed file, an input the
   library refuses, a folder that cannot be written) is **one line on stderr**, starting with

@@ -8,7 +8,6 @@ W sliding window, C context length.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,11 +112,6 @@ class Gemma2Config:
     def query_scale(self) -> float:
         """Multiplier applied to queries before q·k."""
         return self.query_pre_attn_scalar ** -0.5
-
-    @property
-    def embed_scale(self) -> float:
-        """sqrt(D), applied to embeddings (after casting to the activation dtype)."""
-        return math.sqrt(self.d_model)
 
     @property
     def layer_types(self) -> tuple[str, ...]:

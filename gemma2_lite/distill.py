@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from .batching import padded_batches
+from .checks import check_int
 # The hard-label loss and the masked mean live in the one loss module (re-exported here).
 from .losses import check_logits, cross_entropy_loss, masked_mean
 
@@ -206,10 +207,8 @@ def compute_teacher_topk(teacher: Any, tokens: Any, k: int, *, batch_size: int =
     if tokens.shape[0] == 0:
         raise ValueError("tokens has no rows: there is nothing to run the teacher on")
     vocab = teacher.config.vocab_size
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
-        raise ValueError(f"k must be an int in [1, V = {vocab}], got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    k = check_int(k, "k", low=1, high=vocab, what=f"an int in [1, V = {vocab}]")
+    batch_size = check_int(batch_size, "batch_size", low=1)
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, tokens {tokens.shape}: they "

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .checks import is_int
 from .losses import token_nll
 from .memorization import wilson_interval
 from .paths import asset, require
@@ -78,8 +79,7 @@ def _check_items(items: Sequence[Mapping[str, Any]]) -> None:
         options, answer = item["options"], item["answer"]
         if isinstance(options, str) or len(options) < 2:
             raise ValueError(f"items[{i}]['options'] must be a list of at least 2 strings")
-        if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)) \
-                or not 0 <= answer < len(options):
+        if not is_int(answer) or not 0 <= answer < len(options):
             raise ValueError(f"items[{i}]['answer'] must be an int index into its "
                              f"{len(options)} options, got {answer!r}")
 

@@ -1,8 +1,8 @@
 """Tiny checkpoints in exactly the layouts Gemma 2 was released in, for tests and CI.
 
-    python -m gemma2_lite.fixtures OUT_DIR
+    python -m gemma2_lite.book.fixtures OUT_DIR      # the program (gemma2_lite.book)
 
-writes, for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture, different random
+writes (:func:`write_fixtures`), for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture, different random
 weights; the folder layout is :mod:`gemma2_lite.weights`'s, so ``GEMMA2_LITE_WEIGHTS=OUT_DIR``
 works too)::
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +49,7 @@ from .release import FIXTURE_MARKER, flax_checkpoint_name, model_dir
 
 __all__ = ["FIXTURE_NAMES", "FIXTURE_VERSION", "TOKENIZER_VOCAB", "FLAX_EXTRA_ROWS",
            "TURN_PIECES", "fixture_config", "fixture_tokenizer", "random_arrays",
-           "released_hf_config", "write_fixtures", "ensure", "main"]
+           "released_hf_config", "write_fixtures", "ensure"]
 
 #: Bump when what :func:`write_fixtures` writes changes (cached copies are then rewritten).
 FIXTURE_VERSION = 1
@@ -151,7 +150,7 @@ def released_hf_config(config: Gemma2Config, *, instruct: bool) -> dict[str, obj
 def _marker(folder: Path, name: str) -> None:
     (folder / FIXTURE_MARKER).write_text(
         f"# Test fixture, not {name}\n\nTiny random weights written by `python -m "
-        f"gemma2_lite.fixtures` in the layout {name} was released in. Its text is noise.\n")
+        f"gemma2_lite.book.fixtures` in the layout {name} was released in. Its text is noise.\n")
 
 
 def _write_hf(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) -> None:
@@ -226,33 +225,3 @@ def ensure(out_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gemma2_lite.fixtures OUT_DIR``; errors follow :mod:`gemma2_lite.cmdline`."""
-    from .cmdline import run
-
-    return run(_main, None if argv is None else list(argv))
-
-
-def _main(argv: list[str] | None) -> int:
-    from .cmdline import Parser
-
-    parser = Parser(
-        prog="python -m gemma2_lite.fixtures",
-        description="Write tiny Gemma 2 checkpoints in the released layouts (HF and Orbax).")
-    parser.add_argument("out_dir", help="folder to write into (created if needed)")
-    parser.add_argument("--names", nargs="+", default=list(FIXTURE_NAMES),
-                        choices=FIXTURE_NAMES, help="which models (default: all)")
-    args = parser.parse_args(argv)
-    out = write_fixtures(args.out_dir, args.names)
-    for name in args.names:
-        for layout in ("hf", "flax"):
-            folder = model_dir(name, layout, out)
-            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            print(f"{folder}  ({size / 1e6:.2f} MB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

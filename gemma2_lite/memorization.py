@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int, check_number
+
 __all__ = ["edit_distance", "wilson_interval", "Sample", "Rate", "MemorizationResult",
            "memorization_test", "make_canaries", "insert_canaries", "canary_extraction",
            "PII_PATTERNS", "luhn_valid", "scan_pii", "pii_report", "Canary"]
@@ -42,18 +44,13 @@ def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
 
 
 def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return check_int(value, name, low=0)
 
 
 def _check_threshold(threshold: Any) -> float:
     """The approximate-match threshold: a share of the target length, in [0, 1]."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
-            or not 0 <= threshold <= 1:
-        raise ValueError(f"threshold (the edit distance allowed, as a share of the target "
-                         f"length) must be a number in [0, 1], got {threshold!r}")
-    return float(threshold)
+    return check_number(threshold, "threshold (the edit distance allowed, as a share of the "
+                        "target length)", low=0, high=1, what="a number in [0, 1]")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -64,8 +61,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     successes, n = _count(successes, "successes"), _count(n, "n (the number of trials)")
     if successes > n:
         raise ValueError(f"successes ({successes}) cannot exceed the number of trials n ({n})")
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 < z < math.inf:
-        raise ValueError(f"z must be a positive finite number, got {z!r}")
+    z = check_number(z, "z", low=0, low_open=True, what="a positive finite number")
     if n == 0:
         return (0.0, 1.0)
     p = successes / n

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import (Attention, AttentionPlan, LayerCache, attention_mask, band_mask,
-                        cached_key_positions, gqa_attention)
+from .attention import (CAPTURES, Attention, AttentionPlan, LayerCache, attention_mask,
+                        band_mask, cached_key_positions, gqa_attention)
 from .checks import check_positions, check_token_ids
 from .config import Gemma2Config
 from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, soft_cap
@@ -72,13 +72,15 @@ class Gemma2Output:
     one after the final norm, as Hugging Face reports it), else None; finite: bool (B, T) (or
     (B, 1)), whether every logit of that position was finite BEFORE the final soft-cap, which
     maps an infinite logit to a finite +-c_f (so only this field can tell that the model
-    overflowed; the sampler checks it).
+    overflowed; the sampler checks it); captured: with ``capture=names``, ``{name: [L arrays]}``
+    of each layer's attention intermediates (:data:`~gemma2_lite.attention.CAPTURES`), else None.
     """
 
     logits: jax.Array
     cache: list[LayerCache] | None = None
     hidden: list[jax.Array] | None = None
     finite: jax.Array | None = None
+    captured: dict[str, list[jax.Array]] | None = None
 
 
 class Block(nnx.Module):
@@ -99,10 +101,11 @@ class Block(nnx.Module):
         self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
 
     def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan()
+                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan(),
+                 captured: dict[str, list[jax.Array]] | None = None
                  ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D) -> (B, T, D), plus the layer's updated cache (see :class:`Attention`)."""
-        a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache, plan)
+        a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache, plan, captured)
         x = x + self.post_attn_norm(a)
         m = self.mlp(self.pre_ffw_norm(x))
         x = x + self.post_ffw_norm(m)
@@ -233,7 +236,8 @@ class Gemma2(nnx.Module):
     def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
                 positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
                 return_hidden: bool = False, last_only: bool = False,
-                plan: AttentionPlan | None = None) -> Gemma2Output:
+                plan: AttentionPlan | None = None, capture: tuple[str, ...] = ()
+                ) -> Gemma2Output:
         """The forward pass, with everything it can give.
 
         tokens: int (B, T), ids in [0, V): checked when concrete (a
@@ -248,7 +252,10 @@ class Gemma2(nnx.Module):
         only the last column (B, 1, V): all that sampling needs after a prefill (with left
         padding the last column is every row's last token), and V / (T·V) of the logits'
         memory. plan: how the layers attend (:class:`AttentionPlan`); default
-        :meth:`AttentionPlan.choose` from the above.
+        :meth:`AttentionPlan.choose` from the above. capture: names from
+        :data:`~gemma2_lite.attention.CAPTURES` to keep from every layer's attention, in
+        ``Gemma2Output.captured`` (the chapters' window on the model's insides; nothing is
+        computed for them when empty, the default).
         """
         tokens = self._check_inputs(tokens, positions, cache, attention_mask)
         c, comps = self.config, self.components
@@ -259,6 +266,7 @@ class Gemma2(nnx.Module):
             if valid.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
         plan = self._plan(plan, tokens.shape[1], positions, cache)
+        captured = self._captures(capture, plan)
         if positions is None:
             positions = positions_from_mask(valid)
         positions = jnp.asarray(positions, jnp.int32)                       # (B, T)
@@ -271,9 +279,9 @@ class Gemma2(nnx.Module):
 
         def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
                 ) -> tuple[jax.Array, LayerCache | None]:
-            return block(x, rope, masks[block.attn.window], k_pos, layer_cache, plan)
+            return block(x, rope, masks[block.attn.window], k_pos, layer_cache, plan, captured)
 
-        if self.remat and cache is None:
+        if self.remat and cache is None and captured is None:
             # Keep only each block's input for the backward pass; recompute the rest.
             run = nnx.remat(run)
 
@@ -293,7 +301,25 @@ class Gemma2(nnx.Module):
         finite = jnp.all(jnp.isfinite(raw), axis=-1)                         # (B, T)
         logits = soft_cap(raw, c.final_logit_softcap)
         return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
-                            hidden=hidden if return_hidden else None, finite=finite)
+                            hidden=hidden if return_hidden else None, finite=finite,
+                            captured=captured)
+
+    @staticmethod
+    def _captures(capture: tuple[str, ...], plan: AttentionPlan
+                  ) -> dict[str, list[jax.Array]] | None:
+        """The forward's empty intermediates, ``{name: []}``, or None when nothing is asked."""
+        if isinstance(capture, str):
+            capture = (capture,)
+        if not capture:
+            return None
+        unknown = sorted(set(capture) - set(CAPTURES))
+        if unknown:
+            raise ValueError(f"cannot capture {unknown}; capture names are {list(CAPTURES)}")
+        if plan.band:
+            # Banded layers compute their scores chunk by chunk, never as (B, T, N, S).
+            raise ValueError("capture= needs every layer's whole (T, S) scores; a banded plan "
+                             "(a long prompt into a cache) has none: call without the cache")
+        return {name: [] for name in capture}
 
     def _masks(self, plan: AttentionPlan, positions: jax.Array, k_pos: jax.Array,
                cache: list[LayerCache] | None) -> dict[int | None, jax.Array]:

@@ -26,7 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .checks import check_regular_file
+from .checks import check_regular_file, is_int
 
 __all__ = ["CheckpointError", "DTYPES", "WEIGHT_DTYPES", "read_json", "read_header",
            "read_safetensors", "write_safetensors", "mapping_of", "release_pages", "fsync_dir"]
@@ -85,7 +85,7 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return is_int(x) and x >= 0
 
 
 def _entry(where: str, info: Any, data_size: int) -> Entry:
@@ -101,7 +101,7 @@ def _entry(where: str, info: Any, data_size: int) -> Entry:
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, "
                               f"got {shape!r}")
     if not isinstance(offsets, list) or len(offsets) != 2 or \
-            not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            not all(is_int(o) for o in offsets):
         raise CheckpointError(f"{where}: data_offsets must be [start, end] integers, got "
                               f"{offsets!r}")
     start, end = offsets

@@ -41,8 +41,6 @@ empty cache or, like the official gemma sampler's ``last_state``, from the previ
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +48,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .checks import (check_int, check_sampling_settings, check_seed, check_stop_tokens,
                      check_token_ids)

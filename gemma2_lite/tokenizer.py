@@ -33,7 +33,7 @@ literal ``▁`` as its three UTF-8 byte pieces (``<0xE2><0x96><0x81>``), which d
 Reproduce ``gemma2_lite/assets/tokenizer.model`` (byte-for-byte; training is single-threaded
 and reads no file paths into the model)::
 
-    python -m gemma2_lite.tokenizer train --out retrained.model   # then compare the bytes
+    python -m gemma2_lite.book.tokenizer train --out retrained.model   # then compare the bytes
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ import hashlib
 import io
 import os
 import re
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +307,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}"
-                            + ("; use encode_batch for a list" if isinstance(text, list) else ""))
+                            + ("; encode each text of a list on its own" if isinstance(text, list) else ""))
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -327,12 +326,6 @@ class Tokenizer:
         if add_eos:
             ids.append(self.eos_id)
         return ids
-
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
-                     add_eos: bool = False, *, parse_special: bool = True) -> list[list[int]]:
-        """:meth:`encode` of each text."""
-        return [self.encode(t, add_bos=add_bos, add_eos=add_eos, parse_special=parse_special)
-                for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of a sequence of ids (control ids such as ``<bos>`` decode to "").
@@ -370,51 +363,3 @@ def default_tokenizer() -> Tokenizer:
     """The book's trained tokenizer (vocab 4096), shipped with the package
     (:func:`gemma2_lite.paths.tokenizer_file`)."""
     return Tokenizer(paths.require(paths.tokenizer_file()))
-
-
-def _train_default(out: Path, vocab_size: int) -> Tokenizer:
-    from gemma2_lite.data import load_documents
-
-    texts = [doc["text"] for doc in load_documents("train")]
-    tok = train_tokenizer(texts, None, vocab_size=vocab_size)
-    out.write_bytes(tok.model_proto)
-    return tok
-
-
-def _main(argv: list[str] | None) -> int:
-    from gemma2_lite.cmdline import Parser, UsageError, positive_int, utf8_argument
-
-    parser = Parser(prog="python -m gemma2_lite.tokenizer",
-                    description="Retrain the book's tokenizer, or show how it splits a text.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train on the corpus's train split and write the "
-                           "model (default: the package's tokenizer.model)")
-    train.add_argument("--vocab-size", type=positive_int, default=4096)
-    train.add_argument("--out", type=Path, default=paths.tokenizer_file())
-    show = sub.add_parser("encode", help="print the pieces of a text (the book's tokenizer)")
-    show.add_argument("text")
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        if args.out.is_dir() or not args.out.parent.is_dir():
-            raise UsageError(f"--out {args.out}: " + ("is a folder; name a file" if
-                             args.out.is_dir() else f"no folder {args.out.parent} to write in"))
-        tok = _train_default(args.out, args.vocab_size)
-        print(f"wrote {args.out}: {tok!r}")
-        return 0
-    tok = default_tokenizer()
-    ids = tok.encode(utf8_argument(args.text, "TEXT"))
-    print(ids)
-    print([tok.id_to_piece(i) for i in ids])
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gemma2_lite.tokenizer train`` rebuilds the book's tokenizer; ``encode TEXT``
-    shows its pieces. Errors follow :mod:`gemma2_lite.cmdline`'s policy."""
-    from gemma2_lite.cmdline import run
-
-    return run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import is_int
+
 __all__ = ["TrainConfig", "TrainError", "check_int", "check_real"]
 
 #: float32 is what the optimizer computes in: a larger "finite" Python float is inf there.
@@ -30,7 +32,7 @@ def check_int(value: Any, name: str, *, low: int = 1, what: str = "") -> int:
     bool is refused (``True`` is not a step count) and so is a float, even a whole one:
     ``stop_at=2.5`` would otherwise run 3 steps.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    if not is_int(value) or value < low:
         kind = "positive" if low == 1 else "non-negative" if low == 0 else f">= {low}"
         raise TrainError(f"{name}{what} must be a {kind} integer, got {value!r}")
     return int(value)

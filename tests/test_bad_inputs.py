@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -46,7 +45,7 @@ from gemma2_lite.distill import compute_teacher_topk
 from gemma2_lite.memorization import (canary_extraction, memorization_test, pii_report,
                                       wilson_interval)
 from gemma2_lite.posttrain import average_states, sft_batch, sft_eval
-from gemma2_lite.seed_records import RecordError, read_record, write_record
+from gemma2_lite.book.seed_records import RecordError, read_record, write_record
 from gemma2_lite.train import (SkippedCheckpointWarning, TrainConfig, TrainError, evaluate,
                                latest_checkpoint_step, restore_checkpoint, save_checkpoint, train)
 from gemma2_lite.weights import ENV_VAR, BrokenWeights, locate, model_dir
@@ -782,19 +781,19 @@ def _a_file(env: Env) -> Path:
 
 
 def _experiments_main() -> Callable[[list[str]], int]:
-    from gemma2_lite.experiments import main
+    from gemma2_lite.book.experiments import main
 
     return main
 
 
 def _tokenizer_main() -> Callable[[list[str]], int]:
-    from gemma2_lite.tokenizer import main
+    from gemma2_lite.book.tokenizer import main
 
     return main
 
 
 def _fixtures_main() -> Callable[[list[str]], int]:
-    from gemma2_lite.fixtures import main
+    from gemma2_lite.book.fixtures import main
 
     return main
 

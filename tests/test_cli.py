@@ -148,9 +148,9 @@ def test_bad_inputs(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 PROGRAMS = {                 # each command line of the package, with arguments that get to work
     "main": ["-m", "gemma2_lite", "generate", "--prompt", "ROMEO:", "--max-new-tokens", "4"],
     "script": [str(Path(sys.executable).parent / "gemma2-lite"), "generate", "--prompt", "x"],
-    "experiments": ["-m", "gemma2_lite.experiments", "window", "--profile", "smoke", "--quiet"],
-    "fixtures": ["-m", "gemma2_lite.fixtures", "{tmp}/fixtures"],
-    "tokenizer": ["-m", "gemma2_lite.tokenizer", "encode", "ROMEO:"],
+    "experiments": ["-m", "gemma2_lite.book.experiments", "window", "--profile", "smoke", "--quiet"],
+    "fixtures": ["-m", "gemma2_lite.book.fixtures", "{tmp}/fixtures"],
+    "tokenizer": ["-m", "gemma2_lite.book.tokenizer", "encode", "ROMEO:"],
 }
 # The import that is in progress when the test presses Ctrl-C: JAX's for the programs that
 # import it, numpy's for the tokenizer's (it needs no JAX).
@@ -223,7 +223,7 @@ def test_closed_stderr_never_sends_errors_to_stdout(tmp_path: Path) -> None:
     """Started with fd 2 closed (``2>&-``), Python sets sys.stderr to None, and print(...,
     file=sys.stderr) would then write to stdout."""
     for args in (["-m", "gemma2_lite", "generate", "--checkpoint", str(tmp_path / "no"),
-                  "--prompt", "x"], ["-m", "gemma2_lite.tokenizer", "train", "--out", "/no/x"],
+                  "--prompt", "x"], ["-m", "gemma2_lite.book.tokenizer", "train", "--out", "/no/x"],
                  ["-m", "gemma2_lite", "generate", "--bad-option"]):
         out = subprocess.run(_with_closed(2, [sys.executable, *args]), cwd=tmp_path,
                              stdout=subprocess.PIPE, text=True, timeout=300)

@@ -88,11 +88,12 @@ def test_prompt_cache_prefills_only_the_new_turn(model) -> None:
     cache = PromptCache(model, size=96)
     conversation = list(PROMPTS[0])
     kw = dict(max_new_tokens=5, temperature=0.9, top_k=50, stop_tokens=[3])
+    held = 0                                    # ids the cache holds after the last turn
     for turn in range(3):
         reply = cache.generate(conversation, seed=turn, **kw)
         # What generate gives for the whole conversation at once, with no cache kept.
         assert reply == generate(model, [conversation], seed=turn, **kw)[0]
-        expected_prefill = len(conversation) if turn == 0 else len(conversation) - held
+        expected_prefill = len(conversation) - held
         assert cache.prefilled == expected_prefill
         held = len(cache.ids)
         assert cache.ids == conversation + reply[:-1]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from gemma2_lite.checkpoint import load_hf
-from gemma2_lite.experiments import (REPORT, corpus_tokens, main, run_deep_vs_wide,
+from gemma2_lite.book.experiments import (REPORT, corpus_tokens, main, run_deep_vs_wide,
                                      run_distillation, run_gqa_vs_mha, run_train_tiny, run_window)
 from gemma2_lite.model import param_counts
 from gemma2_lite.tokenizer import Tokenizer
 from gemma2_lite.profile import data_path
-from gemma2_lite.seed_records import RecordError, read_record, record_digest, write_record
+from gemma2_lite.book.seed_records import RecordError, read_record, record_digest, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def test_cli_rejects_unknown_and_misplaced_options(capsys: pytest.CaptureFixture
         main(["window", "--profile", "huge"])
     with pytest.raises(SystemExit):
         main(["window", "--steps", "3"])
-    help_text = subprocess.run([sys.executable, "-m", "gemma2_lite.experiments", "--help"],
+    help_text = subprocess.run([sys.executable, "-m", "gemma2_lite.book.experiments", "--help"],
                                capture_output=True, text=True, cwd=ROOT).stdout
     assert "distillation" in help_text and "smoke" not in help_text
 
@@ -106,11 +106,9 @@ def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
     record that its own seed's run no longer reproduces."""
     import json
 
-    from gemma2_lite import experiments as ex
+    from gemma2_lite.book import experiments as ex
 
-    real = ex.data_path
-    monkeypatch.setattr(ex, "data_path", lambda *parts: tmp_path.joinpath(*parts)
-                        if parts[:1] == (ex.SEED_RECORDS,) else real(*parts))
+    _records_in(tmp_path, monkeypatch)
     record = ex.run_seeds("gqa-vs-mha", (0, 1), "smoke")
     path = tmp_path / "ablations" / "gqa-vs-mha-smoke.json"
     assert json.loads(path.read_text())["seeds"] == [0, 1]
@@ -130,17 +128,26 @@ def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
         ex.seed_report(run)
 
 
+def _records_in(folder, monkeypatch) -> None:
+    """Seed records are written (experiments) and read (seed_records) in ``folder``."""
+    from gemma2_lite.book import experiments, seed_records
+
+    real = seed_records.data_path
+    fake = lambda *parts: (folder.joinpath(*parts) if parts[:1] == (seed_records.SEED_RECORDS,)
+                           else real(*parts))
+    for module in (experiments, seed_records):
+        monkeypatch.setattr(module, "data_path", fake)
+
+
 def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path,
                                                                       monkeypatch) -> None:
     """With a seed record, seed 0 is replayed from it (the chapters' ci build) once its first
     steps, re-run, give the recorded losses; a record those steps no longer reproduce raises."""
     import json
 
-    from gemma2_lite import experiments as ex
+    from gemma2_lite.book import experiments as ex
 
-    real = ex.data_path
-    monkeypatch.setattr(ex, "data_path", lambda *parts: tmp_path.joinpath(*parts)
-                        if parts[:1] == (ex.SEED_RECORDS,) else real(*parts))
+    _records_in(tmp_path, monkeypatch)
     results = tmp_path / "results"
     record = ex.run_seeds("window", (0, 1), "smoke")
     replayed = ex.run_window("smoke", results_dir=results, quiet=True)

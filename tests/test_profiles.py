@@ -95,7 +95,7 @@ def test_bad_profile_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_one_profile_table_with_smoke_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
     """``smoke`` is a profile like the others: the environment, pick and the experiments'
     command line all accept it; a value picked without a smoke size takes its ci one."""
-    from gemma2_lite import experiments
+    from gemma2_lite.book import experiments
 
     assert experiments.PROFILES is PROFILES
     assert list(PROFILES) == ["smoke", "ci", "colab", "full"]

@@ -18,12 +18,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from gemma2_lite.book.fixtures import main
 from gemma2_lite.chat import ChatSession
 from gemma2_lite.checkpoint import (config_from_hf, load_flax, load_hf, read_safetensors,
                                     to_arrays)
 from gemma2_lite.config import Gemma2Config
 from gemma2_lite.fixtures import (FIXTURE_NAMES, FLAX_EXTRA_ROWS, TOKENIZER_VOCAB,
-                                  fixture_config, main, write_fixtures)
+                                  fixture_config, write_fixtures)
 from gemma2_lite.tokenizer import Tokenizer
 from gemma2_lite.weights import model_dir
 from hf_reference import hf_logits

@@ -43,7 +43,6 @@ else:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     import pytest
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P

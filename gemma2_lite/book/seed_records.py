@@ -12,7 +12,8 @@ with :class:`RecordError` naming the file, before any of it is shown. The digest
 the record as canonical JSON (keys sorted, no spaces, ASCII), so it does not depend on how the
 file is indented.
 
-This module reads and checks records; :mod:`gemma2_lite.experiments` runs the seeds and the
+This module reads and checks records, and sets a chapter's run beside the book's record of
+it (:func:`seed_report`); :mod:`gemma2_lite.book.experiments` runs the seeds and the
 fingerprint.
 """
 
@@ -26,11 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gemma2_lite.paths import data_path
+from gemma2_lite.profile import loop_cap
+
 __all__ = ["HASH_FIELD", "CHECK_REL", "RecordError", "record_digest", "seal", "write_record",
            "read_record", "final_numbers", "spread", "compare", "report_lines", "replay_payload",
-           "replay_line"]
+           "replay_line", "SEED_RECORDS", "record_file", "seed_record", "seed_summary",
+           "seed_report"]
 
 HASH_FIELD = "sha256"
+#: The records' folder under ``data/``: ``data/ablations/<name>-<profile>.json``.
+SEED_RECORDS = "ablations"
 #: Rounding moves the fingerprint's losses by ~1e-6 across CPUs; a change, by far more.
 CHECK_REL = 2e-3
 
@@ -174,3 +181,43 @@ def replay_line(payload: dict[str, Any]) -> str:
     return (f"the recorded run of seed {payload['seed']} ({r['record']}, made by `{r['command']}`"
             f"); its first {r['checked_steps']} steps were re-run here and match it to "
             f"{r['max_rel_difference']:.1e} (pass live=True to train it here)")
+
+
+# ----------------------------------------------------------------------------- the book's records
+def record_file(name: str, profile: str) -> str:
+    return f"{name}-{profile}.json"
+
+
+def seed_record(name: str, profile: str) -> dict[str, Any] | None:
+    """``data/ablations/<name>-<profile>.json`` after checking its seal, or None when there is
+    none or the loops are capped (a record is of full runs)."""
+    path = Path(data_path(SEED_RECORDS)) / record_file(name, profile)
+    if loop_cap() is not None or not path.exists():
+        return None
+    return read_record(path)
+
+
+def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] | None:
+    """This run beside the recorded seeds of the same experiment and profile.
+
+    Returns None when there is no record for this profile (or the loops are capped: the record
+    is of full runs). Otherwise ``{"record", "rows": [(label, this run, mean, std, min, max)],
+    "matches": bool}``, where ``matches`` says this run reproduces the record's own run of
+    the same seed within ``rel`` (float rounding differs between CPUs; a different code or
+    data would not stay within it). A record edited after it was made raises RecordError.
+    """
+    record = seed_record(payload["experiment"], payload["profile"])
+    return None if record is None else compare(record, payload, rel)
+
+
+def seed_report(payload: dict[str, Any]) -> str:
+    """Lines for a chapter: this run, the recorded seeds' mean and spread, and whether the gap
+    between two variants is larger than that spread. Raises if this run does not reproduce the
+    record's own run of its seed (the record would be stale)."""
+    summary = seed_summary(payload)
+    if summary is None:
+        name = f"{payload['experiment']}-{payload['profile']}.json"
+        why = ("its loops are capped" if loop_cap() is not None
+               else f"data/{SEED_RECORDS}/{name} has not been recorded")
+        return f"(no seed record to compare with: {why})"
+    return report_lines(summary, payload)

@@ -1,10 +1,10 @@
 """The book's training experiments, each one command that writes its numbers and its figure.
 
-    python -m gemma2_lite.experiments distillation --profile ci
-    python -m gemma2_lite.experiments window       --profile colab
-    python -m gemma2_lite.experiments gqa-vs-mha
-    python -m gemma2_lite.experiments deep-vs-wide
-    python -m gemma2_lite.experiments train-tiny   --profile ci     # -> assets/tiny-model/
+    python -m gemma2_lite.book.experiments distillation --profile ci
+    python -m gemma2_lite.book.experiments window       --profile colab
+    python -m gemma2_lite.book.experiments gqa-vs-mha
+    python -m gemma2_lite.book.experiments deep-vs-wide
+    python -m gemma2_lite.book.experiments train-tiny   --profile ci     # -> assets/tiny-model/
 
 Each writes ``results/NAME/results.json`` (configs, seed, numbers, the report's numbers beside
 them), ``results/NAME/curves.csv`` (validation curves) and ``results/NAME/NAME.png``.
@@ -34,16 +34,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .config import Gemma2Config, get_config
-from .model import Gemma2, abstract_model, param_counts
-from .cmdline import Parser, non_negative_int, run
+from gemma2_lite.cmdline import Parser, non_negative_int, run
+from gemma2_lite.config import Gemma2Config, get_config
+from gemma2_lite.model import Gemma2, abstract_model, param_counts
+from gemma2_lite.paths import data_path, repo_root
+from gemma2_lite.profile import PROFILES, get_profile, pick
+from gemma2_lite.train import TrainConfig, evaluate, train
+
 from .experiment_outputs import (ablation_figure, distillation_figure, loss_figure, tiny_readme,
                                  window_figure, write_results)
-from .paths import data_path, repo_root
-from .profile import PROFILES, get_profile, loop_cap, pick
-from .seed_records import (compare, final_numbers, read_record, replay_line, replay_payload,
-                           report_lines, spread, write_record)
-from .train import TrainConfig, evaluate, train
+from .seed_records import (SEED_RECORDS, final_numbers, record_file, replay_line,
+                           replay_payload, seed_record, seed_report, seed_summary, spread,
+                           write_record)
 
 __all__ = ["REPORT", "EXPERIMENTS", "corpus_tokens", "run_distillation", "run_window",
            "run_gqa_vs_mha", "run_deep_vs_wide", "run_train_tiny", "main", "PROFILES",
@@ -71,8 +73,8 @@ def corpus_tokens(split: str = "train", max_chars: int | None = None) -> np.ndar
     train split takes ~10 s). ``max_chars`` keeps only the first characters of each document
     (for quick runs; not cached).
     """
-    from .data import corpus_path, load_documents
-    from .tokenizer import Tokenizer
+    from gemma2_lite.data import corpus_path, load_documents
+    from gemma2_lite.tokenizer import Tokenizer
 
     tok_file = Path(data_path("tokenizer.model"))
     key = hashlib.sha256(tok_file.read_bytes() + Path(corpus_path()).read_bytes()).hexdigest()[:16]
@@ -336,10 +338,10 @@ def _replay(name: str, profile: str, seed: int, results_dir: Any,
     command it names (every number in it is from that run, and its sha256 binds them), and the
     check re-runs the part that any change to the code or data would move. A mismatch raises:
     rerun the command."""
-    record = _seed_record(name, profile)
+    record = seed_record(name, profile)
     if record is None:
         return None
-    label = f"data/{SEED_RECORDS}/{_record_file(name, profile)}"
+    label = f"data/{SEED_RECORDS}/{record_file(name, profile)}"
     payload = replay_payload(record, label, seed, check)
     return None if payload is None else _finish(payload, results_dir)
 
@@ -407,9 +409,9 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     """Train the book's ``tiny`` preset on the corpus and save it in Hugging Face layout to
     ``gemma2_lite/assets/tiny-model/`` (or ``out``), with a README recording how it was made.
     ``steps`` overrides the profile's step count (0 trains nothing: the initial model is saved)."""
-    from .checkpoint import save_hf
-    from .sampler import generate
-    from .tokenizer import Tokenizer
+    from gemma2_lite.checkpoint import save_hf
+    from gemma2_lite.sampler import generate
+    from gemma2_lite.tokenizer import Tokenizer
 
     profile = profile or get_profile()
     size = partial(pick, profile=profile)
@@ -443,7 +445,7 @@ def run_train_tiny(profile: str | None = None, *, results_dir: str | os.PathLike
     new = generate(model, [prompt], max_new_tokens=sample_len - len(prompt), temperature=0.7,
                    seed=seed)[0]
     sample = tok.decode(prompt + new)
-    command = f"python -m gemma2_lite.experiments train-tiny --profile {profile}"
+    command = f"python -m gemma2_lite.book.experiments train-tiny --profile {profile}"
     if command_steps is not None:
         command += f" --steps {command_steps}"
     epochs = tc.steps * tc.tokens_per_step / train_ids.size
@@ -475,7 +477,6 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 # ----------------------------------------------------------------------------- seeds
-SEED_RECORDS = "ablations"          # data/ablations/<name>-<profile>.json
 ABLATIONS = ("distillation", "window", "gqa-vs-mha", "deep-vs-wide")
 
 
@@ -483,7 +484,7 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
               out: str | os.PathLike | None = None, quiet: bool = True) -> dict[str, Any]:
     """Run one ablation once per seed and record every seed's numbers, their mean and spread
     (sample standard deviation, min, max) in ``data/ablations/<name>-<profile>.json``, sealed
-    by the sha256 of its content (:mod:`gemma2_lite.seed_records`). Returns the record."""
+    by the sha256 of its content (:mod:`gemma2_lite.book.seed_records`). Returns the record."""
     import tempfile
 
     if name not in ABLATIONS:
@@ -502,7 +503,7 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
     record = {"experiment": name, "profile": profile, "seeds": list(seeds),
               "per_seed": {str(s): v for s, v in per_seed.items()},
               "summary": spread([per_seed[s] for s in seeds]),
-              "command": f"python -m gemma2_lite.experiments {name} --profile {profile} "
+              "command": f"python -m gemma2_lite.book.experiments {name} --profile {profile} "
                          f"--seeds {' '.join(map(str, seeds))}",
               "loop_cap": os.environ.get("GEMMA2_LITE_LOOP_CAP"),
               "jax": jax.__version__, "devices": str(jax.devices()),
@@ -511,55 +512,16 @@ def run_seeds(name: str, seeds: tuple[int, ...] = (0, 1, 2), profile: str | None
         # The first seed's whole result, for the chapters to replay (see _replay).
         record["replay"] = {"payload": {k: v for k, v in first.items() if k != "figure"}}
     target = Path(out) if out is not None else Path(data_path(SEED_RECORDS))
-    return write_record(target / _record_file(name, profile), record)
-
-
-def _record_file(name: str, profile: str) -> str:
-    return f"{name}-{profile}.json"
-
-
-def _seed_record(name: str, profile: str) -> dict[str, Any] | None:
-    """``data/ablations/<name>-<profile>.json`` after checking its seal, or None when there is
-    none or the loops are capped (a record is of full runs)."""
-    path = Path(data_path(SEED_RECORDS)) / _record_file(name, profile)
-    if loop_cap() is not None or not path.exists():
-        return None
-    return read_record(path)
-
-
-def seed_summary(payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any] | None:
-    """This run beside the recorded seeds of the same experiment and profile.
-
-    Returns None when there is no record for this profile (or the loops are capped: the record
-    is of full runs). Otherwise ``{"record", "rows": [(label, this run, mean, std, min, max)],
-    "matches": bool}``, where ``matches`` says this run reproduces the record's own run of
-    the same seed within ``rel`` (float rounding differs between CPUs; a different code or
-    data would not stay within it). A record edited after it was made raises RecordError.
-    """
-    record = _seed_record(payload["experiment"], payload["profile"])
-    return None if record is None else compare(record, payload, rel)
-
-
-def seed_report(payload: dict[str, Any]) -> str:
-    """Lines for a chapter: this run, the recorded seeds' mean and spread, and whether the gap
-    between two variants is larger than that spread. Raises if this run does not reproduce the
-    record's own run of its seed (the record would be stale)."""
-    summary = seed_summary(payload)
-    if summary is None:
-        name = f"{payload['experiment']}-{payload['profile']}.json"
-        why = ("its loops are capped" if loop_cap() is not None
-               else f"data/{SEED_RECORDS}/{name} has not been recorded")
-        return f"(no seed record to compare with: {why})"
-    return report_lines(summary, payload)
+    return write_record(target / record_file(name, profile), record)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gemma2_lite.experiments NAME``; errors follow :mod:`gemma2_lite.cmdline`."""
+    """``python -m gemma2_lite.book.experiments NAME``; errors follow :mod:`gemma2_lite.cmdline`."""
     return run(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = Parser(prog="python -m gemma2_lite.experiments",
+    parser = Parser(prog="python -m gemma2_lite.book.experiments",
                     description="Run one of the book's training experiments.")
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     # "smoke" (seconds, for the tests) is accepted but not advertised.

@@ -1,4 +1,4 @@
-"""What the book's training experiments (:mod:`gemma2_lite.experiments`) write from their
+"""What the book's training experiments (:mod:`gemma2_lite.book.experiments`) write from their
 results: ``results.json`` and ``curves.csv``, the figures (PNG), and the README of the book's
 trained model.
 """
