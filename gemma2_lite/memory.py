@@ -373,3 +373,52 @@ def plan_table(setups: Sequence[Setup] = REPORT_SETUPS, *, print_it: bool = True
         for r in rows:
             print("  ".join(str(r[c]).rjust(widths[c]) for c in cols))
     return rows
+
+
+# ----------------------------------------------------------------------------- LoRA
+__all__ += ["lora_param_count", "plan_lora"]
+
+
+def lora_param_count(config: Gemma2Config | str, rank: int,
+                     targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down")) -> int:
+    """Adapter parameters of :func:`gemma2_lite.lora.apply_lora` on ``config``: r (d_in + d_out)
+    per targeted projection per layer, read from the model's own weight shapes."""
+    from .lora import TARGETS
+
+    cfg = get_config(config) if isinstance(config, str) else config
+    total = 0
+    for name, shape, _, copies in _weights(cfg):
+        parts = name.split(".")
+        if parts[0] != "layers" or parts[-1] not in targets or parts[-1] not in TARGETS:
+            continue
+        d_in = math.prod(shape[i] for i in TARGETS[parts[-1]][1])
+        total += copies * rank * (d_in + math.prod(shape) // d_in)
+    return total
+
+
+def plan_lora(config: Gemma2Config | str, *, rank: int, batch: int, seq: int,
+              targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down"),
+              chip: str | Chip | None = None, param_dtype: Any = None, act_dtype: Any = None,
+              base_bytes: float | None = None, flash: bool = False,
+              logits_chunk: int | None = None) -> MemoryPlan:
+    """Memory of LoRA fine-tuning ``config`` on one device: the frozen base weights (no
+    gradients, no optimizer state; ``base_bytes`` per weight, default the ``param_dtype``'s
+    size, e.g. 1 for an int8 base: QLoRA, its per-channel scales, under 0.2% at D >= 2304, not
+    counted), and float32 adapters with float32 gradients and AdamW's two float32 moments
+    (16 bytes per adapter parameter). Activations are full fine-tuning's
+    (:func:`activation_bytes`): the input of every projection is kept either way, since the
+    adapters' gradients need it. In the returned :class:`MemoryPlan`, ``params`` holds base +
+    adapters, ``grads`` and ``optimizer`` the adapters' alone, ``master`` 0."""
+    cfg = get_config(config) if isinstance(config, str) else config
+    full = plan_memory(cfg, {}, batch=batch, seq=seq, chip=chip, param_dtype=param_dtype,
+                       act_dtype=act_dtype, master_fp32=False, flash=flash,
+                       logits_chunk=logits_chunk)
+    weights = full.params // _bytes(param_dtype or cfg.param_dtype)
+    base = int(round(weights * (base_bytes if base_bytes is not None
+                                else _bytes(param_dtype or cfg.param_dtype))))
+    adapters = lora_param_count(cfg, rank, targets)
+    return MemoryPlan(name=f"{cfg.name} + LoRA r={rank}", mesh=full.mesh, chip=full.chip,
+                      batch=batch, seq=seq, params=base + 4 * adapters, grads=4 * adapters,
+                      optimizer=8 * adapters + 8, master=0, activations=full.activations,
+                      activations_remat=full.activations_remat, kv_cache=full.kv_cache,
+                      kv_cache_no_ring=full.kv_cache_no_ring)

@@ -9,6 +9,8 @@ Two kinds of file:
   ``tokenizer.model``  the book's SentencePiece tokenizer (V = 4096), 61 KB
   ``tiny-model/``      the book's trained ``tiny`` Gemma 2 (Hugging Face layout), 6 MB
   ``shakespeare.jsonl`` the corpus both were trained on (train and valid splits), 5 MB
+  ``eval/``            chapter 08d's evaluation sets, 295 KB
+  ``tiny-model-sft/``  LoRA SFT adapters of the book's model, seeds 0-2 (PEFT layout), 1.1 MB
   ==================== =============================================================
 
   The corpus ships (about 2 MB of the wheel, compressed) because public functions read it:
@@ -34,8 +36,8 @@ import os
 from pathlib import Path
 
 __all__ = ["ASSETS", "SHIPPED", "MissingDataError", "asset", "tokenizer_file",
-           "book_model_dir", "corpus_file", "require", "checkout", "work_dir", "data_path",
-           "repo_root", "shown"]
+           "book_model_dir", "sft_adapters_dir", "corpus_file", "require", "checkout", "work_dir",
+           "data_path", "repo_root", "shown"]
 
 #: The folder of shipped files inside the installed package.
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -45,6 +47,7 @@ SHIPPED = {
     "tiny-model": "the book's small model",
     "shakespeare.jsonl": "the book's corpus",
     "eval": "the book's evaluation sets",
+    "tiny-model-sft": "the SFT adapters of the book's model (chapters 08b, 08c)",
 }
 
 
@@ -72,6 +75,12 @@ def tokenizer_file() -> Path:
 def book_model_dir() -> Path:
     """The book's small model, ``gemma2_lite/assets/tiny-model/`` (Hugging Face layout)."""
     return asset("tiny-model")
+
+
+def sft_adapters_dir(seed: int = 0) -> Path:
+    """The shipped LoRA SFT adapters of the book's model for ``seed`` (0, 1 or 2),
+    ``gemma2_lite/assets/tiny-model-sft/seed-{seed}/`` (Hugging Face PEFT layout)."""
+    return asset("tiny-model-sft") / f"seed-{int(seed)}"
 
 
 def corpus_file() -> Path:

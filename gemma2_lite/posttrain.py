@@ -238,3 +238,50 @@ def average_states(states: Sequence[Any], weights: Sequence[float] | None = None
 def interpolate_states(a: Any, b: Any, t: float) -> Any:
     """``(1 - t) * a + t * b``: ``t = 0`` is ``a``, ``t = 1`` is ``b``."""
     return average_states([a, b], [1.0 - t, t])
+
+
+# ----------------------------------------------------------------------------- preferences, RL
+# The three losses of chapters 08b and 08c; the machinery around them (preference pairs, the
+# reward model, sampling, the training loops) is in gemma2_lite.preference and gemma2_lite.rl.
+__all__ += ["dpo_loss", "bradley_terry_loss", "group_advantages"]
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+             ref_rejected: jax.Array, beta: float) -> jax.Array:
+    """Direct preference optimisation (Rafailov et al., 2023), float32 scalar: the mean over
+    pairs of ``-log sigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected -
+    ref_rejected)))``. Each argument is (B,): a response's summed log-probability under the
+    policy or the frozen reference; ``beta`` > 0 sets how far from the reference the policy
+    may go (the implicit reward is ``beta * log(policy / reference)``)."""
+    if not isinstance(beta, jax.core.Tracer) and not beta > 0:   # traced: beta as data
+        raise ValueError(f"beta must be positive, got {beta!r}")
+    margin = (jnp.asarray(policy_chosen, jnp.float32) - jnp.asarray(ref_chosen, jnp.float32)) \
+        - (jnp.asarray(policy_rejected, jnp.float32) - jnp.asarray(ref_rejected, jnp.float32))
+    return jnp.mean(-jax.nn.log_sigmoid(beta * margin))
+
+
+def bradley_terry_loss(r_chosen: jax.Array, r_rejected: jax.Array) -> jax.Array:
+    """The reward model's loss, float32 scalar: mean ``-log sigmoid(r_chosen - r_rejected)``
+    over pairs (B,) (Bradley and Terry, 1952: P(chosen preferred) = sigmoid of the
+    difference of the two scores)."""
+    diff = jnp.asarray(r_chosen, jnp.float32) - jnp.asarray(r_rejected, jnp.float32)
+    return jnp.mean(-jax.nn.log_sigmoid(diff))
+
+
+def group_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """GRPO's advantages (Shao et al., 2024), float32 (G·n,): ``rewards`` holds consecutive
+    groups of ``group_size`` samples of one prompt; each reward minus its group's mean, divided
+    by its group's standard deviation + 1e-6. The standard deviation is the sample one
+    (ddof = 1, as tunix and TRL compute it), so ``group_size`` must be at least 2. A group whose
+    rewards are all equal gets advantages 0: nothing to learn from it."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+            or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2, got {group_size!r}")
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim != 1 or r.shape[0] % group_size:
+        raise ValueError(f"rewards must be 1-D with a length divisible by group_size = "
+                         f"{group_size}, got shape {r.shape}")
+    groups = r.reshape(-1, group_size)                                     # (n, G)
+    mean = groups.mean(axis=1, keepdims=True)
+    std = groups.std(axis=1, ddof=1, keepdims=True)
+    return ((groups - mean) / (std + 1e-6)).reshape(-1)
