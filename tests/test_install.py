@@ -74,7 +74,7 @@ def test_wheel_installs_and_the_cli_runs_from_an_empty_folder(tmp_path: Path) ->
     assert "tokens in" in out.stderr and "Traceback" not in out.stderr
     assert list(elsewhere.iterdir()) == []                      # it wrote nothing here
     # the shipped SFT adapters (chapters 08b, 08c) load from the install, no checkout
-    out = run("-c", "from gemma2_lite import lora, recipes; "
+    out = run("-c", "from gemma2_lite import lora; from gemma2_lite.book import recipes; "
               "print(lora.count_lora_params(recipes.sft_adapters(seed=2)))")
     assert out.returncode == 0 and out.stdout.split()[-1] == "90368", out.stderr[-3000:]
 

@@ -17,7 +17,7 @@ from gemma2_lite import rl
 from gemma2_lite.chat import encode_chat
 from gemma2_lite.posttrain import (bradley_terry_loss, build_instructions, dpo_loss,
                                    group_advantages, sft_batch)
-from gemma2_lite.recipes import TASK_KINDS, answers, prompt_ids, task_examples
+from gemma2_lite.book.recipes import TASK_KINDS, answers, prompt_ids, task_examples
 from gemma2_lite.tokenizer import default_tokenizer
 from gemma2_lite.train import TrainConfig, make_optimizer, make_train_step
 from random_models import random_model
@@ -304,7 +304,7 @@ def test_shipped_sft_adapters_load_and_score_as_recorded() -> None:
 
     from gemma2_lite.posttrain import sft_eval
     from gemma2_lite.paths import sft_adapters_dir
-    from gemma2_lite.recipes import SEQ, sft_adapters
+    from gemma2_lite.book.recipes import SEQ, sft_adapters
     from gemma2_lite.weights import book_model
 
     base = book_model(verbose=False)[0]
@@ -321,7 +321,7 @@ def test_shipped_sft_adapters_load_and_score_as_recorded() -> None:
 
 
 def test_recipe_command_writes_a_loadable_adapter_folder(tmp_path) -> None:
-    from gemma2_lite.recipes import main
+    from gemma2_lite.book.recipes import main
     from gemma2_lite.weights import book_model
 
     assert main(["sft", "--steps", "2", "--n", "200", "--held", "24", "--seed", "3",
@@ -330,3 +330,8 @@ def test_recipe_command_writes_a_loadable_adapter_folder(tmp_path) -> None:
     assert "--seed 3 --steps 2 --n 200" in readme and "held-out" in readme
     model = lora.load_adapters(book_model(verbose=False)[0], tmp_path)
     assert model.embedder.embedding.ids == (TOK.start_of_turn_id, TOK.end_of_turn_id)
+    # The package's command-line policy: bad input is one line and exit 2, not a traceback.
+    with pytest.raises(SystemExit) as usage:          # argparse's one-line usage error
+        main(["sft", "--steps", "0", "--out", str(tmp_path)])
+    assert usage.value.code == 2
+    assert main(["sft", "--out", str(tmp_path / "README.md")]) == 2

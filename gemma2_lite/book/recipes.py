@@ -6,7 +6,7 @@ The tasks are chapter 08a's ``speaker`` and ``play`` questions
 answer each, so exact match is a reward a program can check. (08a's third kind, ``continue``,
 asks for a whole verse line, which a model of this size never gets exactly right.)
 
-    python -m gemma2_lite.recipes sft --seed 0 --steps 1200 \
+    python -m gemma2_lite.book.recipes sft --seed 0 --steps 1200 \
         --out gemma2_lite/assets/tiny-model-sft/seed-0
 
 trains rank-8 adapters on every projection of the book's model (``weights.book_model``;
@@ -29,14 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .chat import encode_chat
-from .lora import TARGETS, apply_lora, finetune, load_adapters, save_adapters
-from .model import Gemma2
-from .posttrain import build_instructions, sft_batch, sft_eval
-from .paths import require, sft_adapters_dir, shown
-from .tokenizer import Tokenizer, default_tokenizer
-from .train import TrainConfig, make_loss_fn
-from .weights import book_model
+from gemma2_lite.chat import encode_chat
+from gemma2_lite.cmdline import Parser, UsageError, non_negative_int, positive_int, run
+from gemma2_lite.lora import TARGETS, apply_lora, finetune, load_adapters, save_adapters
+from gemma2_lite.model import Gemma2
+from gemma2_lite.posttrain import build_instructions, sft_batch, sft_eval
+from gemma2_lite.paths import require, sft_adapters_dir, shown
+from gemma2_lite.tokenizer import Tokenizer, default_tokenizer
+from gemma2_lite.train import TrainConfig, make_loss_fn
+from gemma2_lite.weights import book_model
 
 __all__ = ["TASK_KINDS", "SEQ", "RANK", "ALPHA", "task_examples", "prompt_ids", "answers",
            "lora_sft", "chat_tokens", "sft_adapters", "main"]
@@ -114,12 +115,12 @@ Rank-{RANK} LoRA adapters (alpha {ALPHA:g}) on q, k, v, o, gate, up and down of 
 `gemma2_lite/assets/tiny-model`, and new embedding rows for `<start_of_turn>` and
 `<end_of_turn>` (ids 5 and 6, which pretraining never saw), in Hugging Face PEFT's layout (`adapter_config.json`,
 `adapter_model.safetensors`): load them with
-`gemma2_lite.recipes.sft_adapters(seed={seed})` (the book model, `weights.book_model()`, with
+`gemma2_lite.book.recipes.sft_adapters(seed={seed})` (the book model, `weights.book_model()`, with
 `lora.load_adapters` of this folder, `paths.sft_adapters_dir({seed})`).
 
 ## Provenance
 
-* command: `python -m gemma2_lite.recipes sft --seed {seed} --steps {args.steps} --n {args.n}
+* command: `python -m gemma2_lite.book.recipes sft --seed {seed} --steps {args.steps} --n {args.n}
   {"" if args.held == 384 else f"--held {args.held} "}--out {shown(args.out)}`
 * data: the `speaker` and `play` examples of
   `build_instructions(seed=0, n={args.n}, split="train")` that fit {SEQ + 1} tokens
@@ -134,16 +135,20 @@ Rank-{RANK} LoRA adapters (alpha {ALPHA:g}) on q, k, v, o, gate, up and down of 
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma2_lite.recipes")
+def _main(argv: list[str] | None) -> int:
+    parser = Parser(prog="python -m gemma2_lite.book.recipes",
+                    description="Train the shipped LoRA SFT adapters of the book's model.")
     parser.add_argument("what", choices=["sft"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--n", type=int, default=6000, help="instructions drawn (train split)")
-    parser.add_argument("--held", type=int, default=384,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=1200)
+    parser.add_argument("--n", type=positive_int, default=6000,
+                        help="instructions drawn (train split)")
+    parser.add_argument("--held", type=positive_int, default=384,
                         help="instructions drawn (valid split) to score the adapters on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a file; name a folder for the adapters")
     tok, base = default_tokenizer(), book_model(verbose=False)[0]
     train = task_examples(tok, "train", args.n, seed=0)
     held = task_examples(tok, "valid", args.held, seed=1)
@@ -157,6 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "README.md").write_text(_readme(args.seed, args, len(train), scores, seconds))
     print(json.dumps(scores))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gemma2_lite.book.recipes sft --seed S --out DIR`` trains one shipped adapter
+    set, under the package's command-line policy (one line on stderr, exit 2 for bad input, 130
+    on Ctrl-C). Returns the exit status."""
+    return run(_main, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":
