@@ -36,7 +36,7 @@ from flax import nnx
 
 from .config import Gemma2Config, get_config
 from .model import Gemma2, abstract_model, param_counts
-from .cmdline import Parser, non_negative_int, run
+from .cmdline import Parser, non_negative_int, run, utf8_argument
 from .experiment_outputs import (ablation_figure, distillation_figure, loss_figure, tiny_readme,
                                  window_figure, write_results)
 from .paths import data_path, repo_root
@@ -576,6 +576,8 @@ def _main(argv: list[str] | None) -> int:
                         help="train-tiny only: override steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    for name in ("results_dir", "out"):      # Orbax cannot take a path that is not UTF-8
+        utf8_argument(getattr(args, name) or "", "--" + name.replace("_", "-"))
     profile = args.profile or get_profile()
     kwargs: dict[str, Any] = {"results_dir": args.results_dir, "seed": args.seed,
                               "quiet": args.quiet}

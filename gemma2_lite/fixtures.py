@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .cmdline import Parser
+    from .cmdline import Parser, utf8_argument
 
     parser = Parser(
         prog="python -m gemma2_lite.fixtures",
@@ -245,7 +245,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--names", nargs="+", default=list(FIXTURE_NAMES),
                         choices=FIXTURE_NAMES, help="which models (default: all)")
     args = parser.parse_args(argv)
-    out = write_fixtures(args.out_dir, args.names)
+    out = write_fixtures(utf8_argument(args.out_dir, "OUT_DIR"), args.names)
     for name in args.names:
         for layout in ("hf", "flax"):
             folder = model_dir(name, layout, out)
