@@ -814,6 +814,8 @@ ROWS += [
         r"is the folder this program works in .* save into a folder of its own"),
     Row("save-bool-shard-size", lambda e: save_hf(e.model, e.tmp() / "x", max_shard_bytes=True),
         ValueError, r"max_shard_bytes must be a positive number of bytes or None .*got True"),
+    Row("save-quantized-model", lambda e: save_hf(quantize(e.model), e.tmp() / "x"), ValueError,
+        r"this one is quantized or stored as rows: save the original model"),
     Row("save-not-a-model", lambda e: save_hf("model", e.tmp() / "x"), TypeError,
         r"save_hf saves a Gemma2 model, got str"),
     Row("config-layers-past-int32", lambda e: CFG.replace(num_layers=2 ** 70), ConfigError,
