@@ -35,6 +35,10 @@ class TokenBatcher:
     """
 
     def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int = 0):
+        check_int(batch_size, "batch_size")
+        check_int(seq_len, "seq_len")
+        if check_int(seed, "seed", low=0) >= 2 ** 32:
+            raise TrainError(f"seed must be in [0, 2**32), got {seed}")
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise TrainError(f"tokens must be a 1-D integer array of token ids, got "
@@ -107,7 +111,12 @@ class TokenBatcher:
                 raise TrainError(f"data state was saved with {key}={state[key]}, this batcher has "
                                  f"{key}={mine[key]}: the checkpoint belongs to a different data "
                                  "setup")
-        return {"epoch": int(state["epoch"]), "index": int(state["index"])}
+        position = {key: state.get(key) for key in ("epoch", "index")}
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                   for v in position.values()):
+            raise TrainError(f"data state must hold non-negative integers 'epoch' and 'index', "
+                             f"got {position}")
+        return {key: int(v) for key, v in position.items()}
 
     def set_state(self, state: Mapping[str, int]) -> None:
         position = self.check_state(state)

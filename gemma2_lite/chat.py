@@ -210,6 +210,9 @@ class ChatSession:
         check_int(max_new_tokens, "max_new_tokens", low=1)
         check_sampling_settings(temperature, top_k, top_p)
         check_seed(seed)
+        if max_context is not None:
+            check_int(max_context, "max_context", low=2,
+                      what="an integer >= 2 (a prompt token and a reply token) or None")
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens

@@ -139,14 +139,7 @@ def check_token_ids(ids: Any, vocab_size: int, *, name: str = "tokens") -> Any:
     """
     if _is_tracer(ids):
         return ids
-    if isinstance(ids, (list, tuple)) and _holds_bool(ids):
-        raise TypeError(f"{name} must be integer token ids, found a bool (True/False) among "
-                        "them; a bool is not a token id")
-    try:
-        arr = np.asarray(ids)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise TypeError(f"{name} must be integer token ids (a (ragged?) sequence could not be "
-                        f"read as an array: {exc})") from None
+    arr = _read_integers(ids, name, "token ids", "a token id")
     if arr.size == 0:
         return arr.astype(np.int32)   # [] reads as float64: no id in it can be wrong
     if arr.dtype == object and all(is_int(x) for x in arr.flat):
@@ -159,6 +152,19 @@ def check_token_ids(ids: Any, vocab_size: int, *, name: str = "tokens") -> Any:
         bad = arr[(arr < 0) | (arr >= vocab_size)]
         raise TokenIdError(_range_message(name, vocab_size, bad[:5].tolist()))
     return arr
+
+
+def _read_integers(values: Any, name: str, what: str, one: str) -> np.ndarray:
+    """``values`` as a numpy array (not yet checked to be integers), after refusing a bool
+    anywhere in a (nested) list and a ragged list, naming ``name`` and ``what`` it holds."""
+    if isinstance(values, (list, tuple)) and _holds_bool(values):
+        raise TypeError(f"{name} must be integer {what}, found a bool (True/False) among "
+                        f"them; a bool is not {one}")
+    try:
+        return np.asarray(values)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise TypeError(f"{name} must be integer {what} (a (ragged?) sequence could not be "
+                        f"read as an array: {exc})") from None
 
 
 def _holds_bool(items: Sequence[Any]) -> bool:
@@ -185,9 +191,11 @@ def check_positions(positions: Any, max_seq_len: int, *, valid: Any = None,
     """
     if _is_tracer(positions) or _is_tracer(valid):
         return
-    p = np.asarray(positions)
-    if (isinstance(positions, (list, tuple)) and _holds_bool(positions)) \
-            or p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer):
+    p = _read_integers(positions, name, "positions", "a position")
+    if p.dtype == object and all(is_int(x) for x in p.flat):     # Python ints past int64
+        raise ValueError(f"{name} must be in [0, {max_seq_len}) (the model's context); found "
+                         f"{max((int(x) for x in p.flat), key=abs)}")
+    if p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer):
         raise TypeError(f"{name} must be integer positions, got dtype {p.dtype}")
     real = np.ones(p.shape, bool) if valid is None else np.asarray(valid).astype(bool)
     low = np.argwhere((p < 0) & real)
@@ -256,8 +264,11 @@ def check_stop_tokens(stop_tokens: Any, vocab_size: int) -> tuple[int, ...]:
         hint = f" (for one id write [{stop_tokens}])" if is_int(stop_tokens) else ""
         raise TypeError(f"stop_tokens must be a list of token ids{hint}, got "
                         f"{type(stop_tokens).__name__} {stop_tokens!r}")
-    ids = check_token_ids(list(stop_tokens), vocab_size, name="stop_tokens")
-    return tuple(int(t) for t in np.asarray(ids).reshape(-1))
+    ids = np.asarray(check_token_ids(list(stop_tokens), vocab_size, name="stop_tokens"))
+    if ids.ndim > 1:
+        raise TypeError(f"stop_tokens must be a flat list of token ids, got shape {ids.shape} "
+                        "(a list of lists?)")
+    return tuple(int(t) for t in ids)
 
 
 def check_regular_file(path: str | os.PathLike, what: str,

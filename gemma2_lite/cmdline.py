@@ -26,6 +26,8 @@ needs only the standard library.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import re
 import signal
@@ -157,12 +159,56 @@ def _ensure_std_streams() -> None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
 
 
+def _quiet_library_logs() -> None:
+    """Keep the libraries' own log records off stderr (unless ``GEMMA2_LITE_DEBUG``): Orbax
+    logs, through absl, the full traceback of a failed write (a full disk) from its worker
+    thread before the error reaches the program, which then reports it as its one line."""
+    if not _debug():
+        logging.getLogger("absl").setLevel(logging.CRITICAL + 1)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VAR, "").strip() not in ("", "0")
+
+
+# True once arm() ran: this process is one of the package's programs (python -m ...), so it
+# owns its standard streams.
+_standalone = False
+
+
+def _close_stderr() -> None:
+    """After the program's one error line, send anything else for stderr to ``os.devnull``
+    (a program run with ``python -m`` only): worker threads of the libraries (Orbax and
+    tensorstore after a full disk) go on printing tracebacks while the process ends."""
+    if not _standalone or _debug():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+
+def _interrupt_or(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An ``unraisablehook`` that ends the process with status 130 when the exception is a
+    ``KeyboardInterrupt``: Ctrl-C landing in a garbage-collection callback (JAX has one) or
+    a ``__del__`` is otherwise printed as "Exception ignored" and the program runs on."""
+    def hook(unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _quit_silently(signal.SIGINT, None)
+        previous(unraisable)
+    return hook
+
+
 def arm() -> None:
     """Make Ctrl-C end the process quietly with status 130 until :func:`run` starts.
 
     Called by the package's ``__init__`` when Python runs one of its modules
     (``python -m gemma2_lite...``), before the module's imports (JAX takes seconds)."""
+    global _standalone
+    _standalone = True
     _ensure_std_streams()
+    sys.unraisablehook = _interrupt_or(sys.unraisablehook)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _quit_silently)
 
@@ -183,6 +229,7 @@ def run(body: Callable[[list[str] | None], int | None], argv: list[str] | None =
     ``SystemExit`` passes through (argparse's ``--help`` and usage errors raise it, with one
     line on stderr for the latter)."""
     _ensure_std_streams()
+    _quiet_library_logs()
     if signal.getsignal(signal.SIGINT) is _quit_silently:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -197,10 +244,12 @@ def run(body: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except (UsageError, *BAD_INPUT) as exc:
         report(one_line(exc) if not isinstance(exc, RecursionError) else
                "the input is nested too deeply to read (RecursionError)")
+        _close_stderr()
         return EXIT_USAGE
     except Exception as exc:                # a bug: still one line, unless asked
-        if os.environ.get(DEBUG_VAR, "").strip() not in ("", "0"):
+        if _debug():
             raise
         report(f"unexpected {type(exc).__name__}: {one_line(exc)} (a bug; set {DEBUG_VAR}=1 "
                "for the traceback)")
+        _close_stderr()
         return EXIT_BUG

@@ -75,7 +75,13 @@ class Gemma2Config:
         positive = ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_dim", "max_seq_len"]
         for field in positive:
-            check_int(getattr(self, field), field, low=1, error=ConfigError)
+            # Sizes, ids and positions are int32 on the device: a larger one would wrap.
+            if check_int(getattr(self, field), field, low=1, error=ConfigError) >= 2 ** 31:
+                raise ConfigError(f"{field} must be below 2**31 (sizes are int32 on the "
+                                  f"device), got {getattr(self, field)}")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a str, got {type(self.name).__name__} "
+                              f"{self.name!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "

@@ -46,6 +46,8 @@ def _record(line: bytes, where: str) -> dict[str, str] | None:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to be a record") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a line must be a JSON object with keys {_FIELDS}, "
                          f"got {type(record).__name__}")
@@ -102,4 +104,6 @@ def load_text(split: Split = "train", separator: str = "\n",
     between plays. For language-model training prefer :func:`load_documents` and an ``<eos>``
     token between documents.
     """
+    if not isinstance(separator, str):
+        raise TypeError(f"separator must be a str, got {type(separator).__name__}")
     return separator.join(doc["text"] for doc in load_documents(split, path=path))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checks import is_int
+from .checks import check_int, check_number, is_int
 from .losses import token_nll
 from .memorization import wilson_interval
 from .paths import asset, require
@@ -122,6 +122,7 @@ def option_scores(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]]
     compiled shapes serve any set. ``model(tokens)`` must return logits (B, T, V).
     """
     _check_items(items)
+    check_int(batch_size, "batch_size", low=1)
     max_len = getattr(getattr(model, "config", None), "max_seq_len", 1 << 30)
     rows, starts = _option_rows(tokenizer, items, max_len)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
@@ -150,16 +151,24 @@ def choose(logp: Sequence[float], tokens: Sequence[int], normalize: str = "none"
     (``"length"``, the mean log-probability per token); ties go to the lowest index."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    logp = np.asarray(logp, np.float64)
+    logp, tokens = np.asarray(logp, np.float64), np.asarray(tokens, np.float64)
+    if logp.ndim != 1 or logp.size == 0:
+        raise ValueError(f"logp must hold one log-likelihood per option, got shape {logp.shape}")
     if not np.all(np.isfinite(logp)):
         raise ValueError(f"option log-likelihoods must be finite, got {logp}")
-    score = logp if normalize == "none" else logp / np.asarray(tokens, np.float64)
+    if normalize == "length" and (tokens.shape != logp.shape or not np.all(tokens > 0)):
+        raise ValueError(f"tokens must hold a positive token count per option ({logp.size}), "
+                         f"got {tokens.tolist()}")
+    score = logp if normalize == "none" else logp / tokens
     return int(np.argmax(score))
 
 
 def mc_result(scores: Sequence[tuple[np.ndarray, np.ndarray]],
               items: Sequence[Mapping[str, Any]], normalize: str = "none") -> dict[str, Any]:
     """``{"accuracy", "n", "interval"}`` from :func:`option_scores`' output (95% Wilson)."""
+    if len(items) == 0 or len(scores) != len(items):
+        raise ValueError(f"mc_result needs one score per item and at least one item, got "
+                         f"{len(scores)} scores for {len(items)} items")
     right = sum(choose(lp, nt, normalize) == int(item["answer"])
                 for (lp, nt), item in zip(scores, items, strict=True))
     return {"accuracy": right / len(items), "n": len(items),
@@ -197,8 +206,8 @@ def few_shot(items: Sequence[Mapping[str, Any]], shots: Sequence[Mapping[str, An
     by ``separator``, and one more ``separator`` precedes the item's own context or prompt.
     Every item gets the same shots, in the same order (``k = 0`` gives the items back).
     """
-    if not 0 <= k <= len(shots):
-        raise ValueError(f"k must be in [0, {len(shots)}] (the shots given), got {k}")
+    check_int(k, "k", low=0, high=len(shots), what=f"an integer in [0, {len(shots)}] (the "
+              "shots given)")
     head = "".join(_solved(s) + separator for s in shots[:k])
     key = "context" if items and "options" in items[0] else "prompt"
     return [{**item, key: head + item[key]} for item in items]
@@ -209,7 +218,11 @@ def extract_number(text: str) -> str | None:
     """The answer extractor for arithmetic: the first integer (an optional ``-`` and digits)
     in ``text``, as a string without leading zeros; None if there is none."""
     found = re.search(r"-?\d+", text)
-    return None if found is None else str(int(found.group()))
+    if found is None:
+        return None
+    # By string, not int(): Python refuses int() of more than 4300 digits.
+    digits = found.group().lstrip("-").lstrip("0") or "0"
+    return "-" + digits if found.group().startswith("-") and digits != "0" else digits
 
 
 def extract_line(text: str) -> str:
@@ -234,6 +247,12 @@ def exact_match(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], 
     """
     if len(items) == 0:
         raise ValueError("items is empty: give at least one {'prompt', 'answer'}")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or "answer" not in item \
+                or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"items[{i}] must be {{'prompt': str, 'answer': ...}}, got "
+                             f"{item!r:.200}")
+    check_int(batch_size, "batch_size", low=1)
     if generate_fn is None:
         from .sampler import generate as generate_fn
     stop_ids = [ids[0] for ids in map(tokenizer.encode, stop) if len(ids) == 1]
@@ -289,8 +308,8 @@ def bradley_terry(pairs: Sequence[tuple[str, str]], *, l2: float = 0.0,
         raise ValueError("pairs is empty: give at least one (winner, loser)")
     names = sorted({name for pair in pairs for name in pair})
     wins = _win_matrix(pairs, names)
-    if l2 < 0:
-        raise ValueError(f"l2 must be >= 0, got {l2}")
+    l2 = check_number(l2, "l2", low=0, what="a finite number >= 0 (the prior's weight)")
+    check_int(iters, "iters", low=1, what="a positive integer (Newton steps)")
     if l2 == 0 and not _strongly_connected(wins):
         raise ValueError("some name won (or lost) every game against the rest, so its "
                          "maximum-likelihood rating is infinite; pass l2 > 0 (a weak prior)")
@@ -315,6 +334,10 @@ def bootstrap_ratings(pairs: Sequence[tuple[str, str]], *, n_boot: int = 200, se
     """Percentile bootstrap intervals of :func:`bradley_terry`'s ratings: the pairs resampled
     with replacement ``n_boot`` times (``numpy.random.default_rng(seed)``), refitted, and the
     ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each name's rating taken."""
+    check_int(n_boot, "n_boot", low=1)
+    check_number(level, "level", low=0, high=1, low_open=True, what="a number in (0, 1)")
+    if level == 1:
+        raise ValueError("level must be a number in (0, 1), got 1")
     rng = np.random.default_rng(seed)
     names = sorted({name for pair in pairs for name in pair})
     draws = []
@@ -355,6 +378,9 @@ def judge_pairs(outputs: Mapping[str, Sequence[str]], judge: Callable[[int, str,
                     shown = shown[1:]
                 for first, second in shown:
                     verdict = judge(i, outputs[first][i], outputs[second][i])
+                    if verdict not in (-1, 0, 1):                 # NaN, 2, "yes"
+                        raise ValueError(f"judge must return 1, -1 or 0 (a tie), got "
+                                         f"{verdict!r} for prompt {i}")
                     if verdict:
                         pairs.append((first, second) if verdict > 0 else (second, first))
     return pairs
@@ -363,6 +389,7 @@ def judge_pairs(outputs: Mapping[str, Sequence[str]], judge: Callable[[int, str,
 def char_ngram_f1(candidate: str, reference: str, n: int = 3) -> float:
     """F1 of the character n-grams (multisets) of two strings, lower-cased: 1 for equal
     strings, 0 when they share no n-gram (a chrF-like overlap, for a reference-based judge)."""
+    check_int(n, "n", low=1)
     def grams(s: str) -> dict[str, int]:
         s = s.lower()
         out: dict[str, int] = {}
@@ -382,8 +409,7 @@ def char_ngram_f1(candidate: str, reference: str, n: int = 3) -> float:
 def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     """The word n-grams of ``text``: words are runs of letters and apostrophes, lower-cased
     (punctuation, case and line breaks do not hide an overlap)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_int(n, "n", low=1)
     words = re.findall(r"[a-z']+", text.lower())
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
@@ -404,7 +430,13 @@ def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8
     "short" (items with fewer than n words: never flagged), "ngram_rate" (share of all the
     items' n-grams found), "flags" (bool per item)}``.
     """
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings (one per item), got "
+                         f"{type(texts).__name__} of length {len(texts)}")
     index = ngram_index(train, n) if isinstance(train, str) else np.asarray(train)
+    if index.dtype != np.int64 or index.ndim != 1 or np.any(index[1:] <= index[:-1]):
+        raise ValueError("train must be the training text or its ngram_index (sorted unique "
+                         f"int64 hashes), got an array of {index.dtype} {index.shape}")
     flags, found, total, short = [], 0, 0, 0
     for text in texts:
         grams = np.array([hash(g) for g in word_ngrams(text, n)], np.int64)

@@ -91,6 +91,21 @@ def _swap_in(staging: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _check_movable(path: Path) -> None:
+    """Refuse a folder that cannot (or must not) be swapped: a file system's root or mount
+    point (it cannot be renamed, and carrying its contents over would copy the whole file
+    system), or the folder this process works in or one above it (the process would be left
+    in the replaced, deleted folder)."""
+    if os.path.ismount(path):
+        raise OSError(errno.EBUSY, f"{path} is the root of a file system (a mount point); "
+                      "it cannot be replaced: save into a folder inside it", str(path))
+    cwd = Path.cwd().resolve()
+    if cwd == path or path in cwd.parents:
+        raise OSError(errno.EBUSY, f"{path} is the folder this program works in (or holds "
+                      "it); replacing it would leave the program in a deleted folder: save "
+                      "into a folder of its own", str(path))
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)                                  # no bytes copied
@@ -101,9 +116,16 @@ def _link_or_copy(src: str, dst: str) -> None:
 def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> None:
     """Put every entry of folder ``old`` whose name ``skip`` does not claim into ``new``:
     files as hard links where the file system allows (else copies), folders likewise,
-    symbolic links as links."""
+    symbolic links as links. A sub-folder that is another file system's mount point is
+    refused before anything is carried (it would be copied byte by byte, ``/proc`` forever)."""
     if not old.is_dir():
         return
+    device = old.stat().st_dev
+    for entry in old.iterdir():
+        if not entry.is_symlink() and entry.is_dir() and entry.stat().st_dev != device:
+            raise OSError(errno.EXDEV, f"{old} holds {entry.name}/, another file system's "
+                          "mount point, which cannot be moved with the folder; save into a "
+                          "folder of its own", str(entry))
     for entry in old.iterdir():
         if skip(entry.name) or (new / entry.name).exists():
             continue
@@ -126,6 +148,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path).resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder")
+    _check_movable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_STAGING}-{os.getpid()}-",

@@ -23,11 +23,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import check_int
 from .config import Gemma2Config
 from .folder_swap import carry_over, staged_folder
 from .hf_config import config_from_hf, config_to_hf, declared_dtype, read_hf_config
+from .layers import RowProjection
 from .model import Gemma2
 from .params import Path_, Placer, check_arrays, from_arrays, to_arrays
+from .quantize import is_rows
 from .safetensors_io import (WEIGHT_DTYPES, CheckpointError, fsync_dir, read_json,
                              read_safetensors, write_safetensors)
 from .weight_maps import HF, export_arrays, import_arrays
@@ -324,6 +327,14 @@ def save_hf(model: Gemma2, path: str | os.PathLike, *, max_shard_bytes: int | No
     or a different model, is refused unless ``overwrite=True``: a save into the wrong folder
     cannot delete it.
     """
+    if not isinstance(model, Gemma2):
+        raise TypeError(f"save_hf saves a Gemma2 model, got {type(model).__name__}")
+    if is_rows(model) or isinstance(model.embedder.embedding, RowProjection):
+        raise ValueError("save_hf saves the model's own weights; this one is quantized or "
+                         "stored as rows: save the original model (quantize after loading)")
+    if max_shard_bytes is not None:
+        check_int(max_shard_bytes, "max_shard_bytes", low=1,
+                  what="a positive number of bytes or None (one file)")
     hf_config = dict(config_to_hf(model.config) if hf_config is None else hf_config)
     described = config_from_hf(hf_config, name=model.config.name, dtype=model.config.dtype,
                                param_dtype=model.config.param_dtype)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int, check_number
+from .checks import check_int, check_number, check_seed
 
 __all__ = ["edit_distance", "wilson_interval", "Sample", "Rate", "MemorizationResult",
            "memorization_test", "make_canaries", "insert_canaries", "canary_extraction",
@@ -174,13 +174,16 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
     threshold = _check_threshold(threshold)
     if len(documents) == 0:
         raise ValueError("documents is empty: there is nothing to test for memorisation")
+    if isinstance(documents, str) or any(isinstance(d, str) for d in documents):
+        raise TypeError("documents must be token-id lists, found a str: tokenize them first")
+    check_seed(seed)
     if sources is not None and len(sources) != len(documents):
         raise ValueError(f"{len(sources)} sources for {len(documents)} documents")
     eligible = [i for i, d in enumerate(documents) if len(d) >= prompt_len + target_len]
     if not eligible:
         raise ValueError(f"no document has prompt_len + target_len = "
                          f"{prompt_len + target_len} tokens")
-    n = len(eligible) if n is None else n
+    n = len(eligible) if n is None else _count(n, "n")
     if not 0 < n <= len(eligible):
         raise ValueError(f"n={n}, but only {len(eligible)} documents are long enough")
     rng = np.random.default_rng(seed)
@@ -198,11 +201,22 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
         idx = chosen[start:start + batch_size]
         prompts = [list(documents[i][:prompt_len]) for i in idx]
         targets = [list(documents[i][prompt_len:prompt_len + target_len]) for i in idx]
-        outputs = generate_fn(model, prompts, max_new_tokens=target_len, temperature=0.0)
+        outputs = _rows(generate_fn(model, prompts, max_new_tokens=target_len,
+                                    temperature=0.0), len(prompts))
         for i, prompt, target, out in zip(idx, prompts, targets, outputs):
             source = sources[i] if sources is not None else "all"
             samples.append(Sample(i, source, prompt, target, list(out[:target_len])))
     return _summarise(samples, prompt_len, target_len, threshold)
+
+
+def _rows(outputs: Any, expected: int) -> list[Any]:
+    """``generate_fn``'s outputs, after checking there is one row per prompt (a short answer
+    would otherwise drop samples from the rate without a word)."""
+    outputs = list(outputs)
+    if len(outputs) != expected:
+        raise ValueError(f"generate_fn returned {len(outputs)} rows for {expected} prompts; "
+                         "it must return one list of new ids per prompt")
+    return outputs
 
 
 def _summarise(samples: list[Sample], prompt_len: int, target_len: int,
@@ -229,6 +243,11 @@ class Canary:
     secret: str
     copies: int
 
+    def __post_init__(self) -> None:
+        _count(self.copies, "copies")
+        if not self.secret or not isinstance(self.secret, str):
+            raise ValueError(f"a canary's secret must be a non-empty str, got {self.secret!r}")
+
     @property
     def text(self) -> str:
         return f"{self.prefix}{self.secret}."
@@ -237,6 +256,11 @@ class Canary:
 def make_canaries(copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4,
                   seed: int = 0, digits: int = 6) -> list[Canary]:
     """``per_count`` random secrets for each duplication count (Carlini et al.'s canaries)."""
+    for name, value in (("per_count", per_count), ("digits", digits)):
+        if _count(value, name) == 0:
+            raise ValueError(f"{name} must be a positive integer, got 0")
+    if len(copies) == 0:
+        raise ValueError("copies is empty: give at least one duplication count")
     rng = np.random.default_rng(seed)
     canaries = []
     for c in copies:
@@ -249,6 +273,8 @@ def make_canaries(copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4,
 def insert_canaries(documents: Sequence[str], canaries: Sequence[Canary],
                     seed: int = 0) -> list[str]:
     """Each canary's text inserted ``copies`` times at random line boundaries of the corpus."""
+    if isinstance(documents, str):
+        raise TypeError("documents must be a list of texts, got one str (wrap it: [text])")
     if len(documents) == 0:
         raise ValueError("documents is empty: there is nowhere to insert the canaries")
     rng = np.random.default_rng(seed)
@@ -270,7 +296,8 @@ def canary_extraction(model: Any, tokenizer: Any, canaries: Sequence[Canary], *,
     prompts = [tokenizer.encode(c.prefix) for c in canaries]
     secrets = [tokenizer.encode(c.secret) for c in canaries]
     max_new = max(len(s) for s in secrets)
-    outputs = generate_fn(model, prompts, max_new_tokens=max_new, temperature=0.0)
+    outputs = _rows(generate_fn(model, prompts, max_new_tokens=max_new, temperature=0.0),
+                    len(prompts))
     hits: dict[int, list[bool]] = {}
     for canary, secret, out in zip(canaries, secrets, outputs):
         hits.setdefault(canary.copies, []).append(list(out[:len(secret)]) == secret)
@@ -327,6 +354,8 @@ def scan_pii(text: str) -> list[tuple[str, str, str]]:
 def pii_report(texts: Sequence[str]) -> dict[str, Rate]:
     """Share of ``texts`` containing at least one match of each severity (as the reports
     tabulate). ``texts`` must not be empty (a share of nothing is no finding)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got one str (wrap it: [text])")
     if len(texts) == 0:
         raise ValueError("texts is empty: there is nothing to scan")
     flagged = [{sev for _, sev, _ in scan_pii(t)} for t in texts]

@@ -184,6 +184,11 @@ class Gemma2(nnx.Module):
             raise ValueError(f"sequence of {t} tokens is longer than the model's "
                              f"context ({c.max_seq_len}); truncate it or use a larger max_seq_len")
         if positions is not None:
+            try:
+                np.shape(positions)
+            except ValueError:            # ragged lists: check_positions names them
+                check_positions(positions, c.max_seq_len)
+                raise
             if np.shape(positions) != (b, t):
                 raise ValueError(f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
                                  "pass one position per token")

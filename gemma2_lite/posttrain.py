@@ -49,6 +49,7 @@ from flax import nnx
 
 from gemma2_lite.batching import padded_batches
 from gemma2_lite.chat import encode_chat
+from gemma2_lite.checks import check_token_ids
 from gemma2_lite.data import load_documents
 from gemma2_lite.losses import token_nll
 from gemma2_lite.tokenizer import Tokenizer
@@ -181,7 +182,13 @@ def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict
     one compiled shape serves every chunk. Every row must have at least one masked target: a
     row without (an example with no model turn) has no answer to score, and would count as
     loss 0 and exactly right; it raises ``ValueError`` naming the rows."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:     # checked as given: a float id 2.7 must not become token 2
+        batch = check_token_ids(batch, vocab, name="batch")
     batch, mask = np.asarray(batch, np.int32), np.asarray(mask, np.float32)
+    if not np.all((mask >= 0) & (mask <= 1)):                    # NaN fails both
+        raise ValueError("sft_eval: mask must hold weights in [0, 1] (1 for a target to "
+                         "score), found values outside it")
     if batch.ndim != 2 or mask.shape != (batch.shape[0], batch.shape[1] - 1):
         raise ValueError(f"want batch (B, T + 1) and mask (B, T), got {batch.shape} and "
                          f"{mask.shape}")

@@ -140,6 +140,8 @@ def quantize(model: Gemma2, kind: str = "int8") -> Gemma2:
     stored as rows, or weights that are not finite."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {list(KINDS)}")
+    if not isinstance(model, Gemma2):
+        raise TypeError(f"quantize takes a Gemma2 model, got {type(model).__name__}")
     if isinstance(model.embedder.embedding, RowProjection) or is_rows(model):
         raise ValueError("this model is already stored as rows or quantized: quantize the "
                          "original model")

@@ -204,6 +204,10 @@ def _check_request(model: Gemma2, prompts: Any, max_new_tokens: Any, temperature
     config = model.config
     prompts = check_prompts(prompts, config.vocab_size)
     check_int(max_new_tokens, "max_new_tokens", low=1)
+    if max_new_tokens >= config.max_seq_len:     # before any int32 cast could overflow
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be less than the model's "
+                         f"context of {config.max_seq_len} positions (the prompt takes at "
+                         "least one); ask for fewer tokens")
     check_sampling(temperature, top_k, top_p)
     stops = check_stop_tokens(stop_tokens, config.vocab_size)
     seed = check_seed(seed)
@@ -335,10 +339,10 @@ class PromptCache:
 
     def __init__(self, model: Gemma2, size: int | None = None):
         self.model = model
-        self.size = int(size or model.config.max_seq_len)
-        if not 0 < self.size <= model.config.max_seq_len:
-            raise ValueError(f"size must be in [1, {model.config.max_seq_len}] (the model's "
-                             f"context), got {size}")
+        context = model.config.max_seq_len
+        self.size = context if size is None else check_int(
+            size, "size", low=1, high=context,
+            what=f"an integer in [1, {context}] (the model's context) or None")
         self.state: DecodeState | None = None
         self.ids: list[int] = []
         self.prefilled = 0

@@ -220,6 +220,9 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
     """
     if not isinstance(train_config, TrainConfig):
         raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if not isinstance(model_config, Gemma2Config):
+        raise TypeError(f"model_config must be a Gemma2Config (e.g. get_config('tiny')), got "
+                        f"{type(model_config).__name__}")
     tc = train_config
     stop = tc.steps if stop_at is None else min(
         check_int(stop_at, "stop_at", low=0, what=" (the step to stop after)"), tc.steps)

@@ -14,10 +14,12 @@ restored from the newest intact step) and its metrics (``metrics.csv``, ``metric
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -142,6 +144,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
     flat = {n: np.asarray(leaf) for n, leaf in zip(names, leaves)}
     if (directory / str(step)).exists():
         set_aside_step(directory, step)
+    _check_room(directory, sum(a.nbytes for a in flat.values()))
     with _manager(directory, keep) as mgr:
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
                                                meta=ocp.args.JsonSave(dict(meta))), force=True)
@@ -151,6 +154,19 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": _step_files(step_dir)}, indent=1))
     os.replace(tmp, step_dir / CHECKSUMS_FILE)
     return step_dir
+
+
+def _check_room(directory: Path, nbytes: int) -> None:
+    """Raise ``OSError(ENOSPC)`` before Orbax starts when the disk cannot hold a step of
+    ``nbytes`` of arrays (plus a margin for metadata): a write that fails half-way leaves
+    Orbax's worker threads printing tracebacks, and only a temporary folder behind."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    need = nbytes + nbytes // 10 + (1 << 20)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"no room for a checkpoint in {directory}: a step needs "
+                      f"about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free",
+                      str(directory))
 
 
 def latest_checkpoint_step(directory: str | os.PathLike) -> int | None:

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -50,6 +51,12 @@ from gemma2_lite.train import (SkippedCheckpointWarning, TrainConfig, TrainError
                                latest_checkpoint_step, restore_checkpoint, save_checkpoint, train)
 from gemma2_lite.weights import ENV_VAR, BrokenWeights, locate, model_dir
 
+from gemma2_lite import evaluate as ev
+from gemma2_lite.batching import TokenBatcher
+from gemma2_lite.folder_swap import staged_folder
+from gemma2_lite.memorization import Canary, make_canaries
+from gemma2_lite.quantize import quantize
+from gemma2_lite.sampler import PromptCache
 from random_models import random_model
 
 TOK = default_tokenizer()
@@ -796,6 +803,199 @@ def _fixtures_main() -> Callable[[list[str]], int]:
     from gemma2_lite.book.fixtures import main
 
     return main
+
+
+# --- issue 21, the re-probe: what a second careless/hostile pass still found
+MC = [{"context": "To be", "options": [" or", " and"], "answer": 0}]
+ROWS += [
+    Row("save-into-filesystem-root", lambda e: _enter(staged_folder("/")), OSError,
+        r"/ is the root of a file system \(a mount point\); it cannot be replaced"),
+    Row("save-into-working-folder", lambda e: _save_into_cwd(e), OSError,
+        r"is the folder this program works in .* save into a folder of its own"),
+    Row("save-bool-shard-size", lambda e: save_hf(e.model, e.tmp() / "x", max_shard_bytes=True),
+        ValueError, r"max_shard_bytes must be a positive number of bytes or None .*got True"),
+    Row("save-quantized-model", lambda e: save_hf(quantize(e.model), e.tmp() / "x"), ValueError,
+        r"this one is quantized or stored as rows: save the original model"),
+    Row("save-not-a-model", lambda e: save_hf("model", e.tmp() / "x"), TypeError,
+        r"save_hf saves a Gemma2 model, got str"),
+    Row("config-layers-past-int32", lambda e: CFG.replace(num_layers=2 ** 70), ConfigError,
+        r"num_layers must be below 2\*\*31"),
+    Row("config-name-not-str", lambda e: CFG.replace(name=5), ConfigError,
+        r"name must be a str, got int 5"),
+    Row("model-ragged-positions",
+        lambda e: e.model(np.zeros((1, 2), np.int32), positions=[[0], [1, 2]]), TypeError,
+        r"positions must be integer positions \(a \(ragged\?\) sequence"),
+    Row("model-bool-in-position-list",
+        lambda e: e.model(np.zeros((1, 2), np.int32), positions=[[0, True]]), TypeError,
+        r"positions must be integer positions, found a bool"),
+    Row("model-position-past-int64",
+        lambda e: e.model(np.zeros((1, 2), np.int32), positions=[[0, 2 ** 70]]), ValueError,
+        r"positions must be in \[0, 256\) .*found 1180591620717411303424"),
+    Row("generate-nested-stop-tokens", lambda e: generate(e.model, [[2]], stop_tokens=[[1]]),
+        TypeError, r"stop_tokens must be a flat list of token ids, got shape \(1, 1\)"),
+    Row("generate-max-new-tokens-past-int32",
+        lambda e: generate(e.model, [[2]], max_new_tokens=10 ** 12), ValueError,
+        r"max_new_tokens \(1000000000000\) must be less than the model's context of 256"),
+    Row("generate-prompt-cache-size-0", lambda e: PromptCache(e.model, 0), ValueError,
+        r"size must be an integer in \[1, 256\] \(the model's context\) or None, got 0"),
+    Row("generate-prompt-cache-size-bool", lambda e: PromptCache(e.model, True), ValueError,
+        r"size must be an integer in \[1, 256\] .*got True"),
+    Row("chat-session-bool-max-context", lambda e: session(max_context=True), ValueError,
+        r"max_context must be an integer >= 2 .*got True"),
+    Row("quantize-not-a-model", lambda e: quantize("model"), TypeError,
+        r"quantize takes a Gemma2 model, got str"),
+    Row("cli-max-new-tokens-past-int32",
+        lambda e: run_cli(cli_args(e, None, "--max-new-tokens", str(10 ** 12))), CliFailure,
+        r"max_new_tokens \(1000000000000\) must be less than the model's context"),
+    Row("eval-mc-negative-batch-size",
+        lambda e: ev.multiple_choice(e.model, TOK, MC, batch_size=-1), ValueError,
+        r"batch_size must be a positive integer, got -1"),
+    Row("eval-exact-match-no-answer",
+        lambda e: ev.exact_match(None, TOK, [{"prompt": "1+1="}], generate_fn=_no_call),
+        ValueError, r"items\[0\] must be \{'prompt': str, 'answer': ...\}"),
+    Row("eval-exact-match-negative-batch-size",
+        lambda e: ev.exact_match(None, TOK, [{"prompt": "1+1=", "answer": 2}], batch_size=-1,
+                                 generate_fn=_no_call),
+        ValueError, r"batch_size must be a positive integer, got -1"),
+    Row("eval-mc-result-empty", lambda e: ev.mc_result([], []), ValueError,
+        r"mc_result needs one score per item and at least one item, got 0 scores for 0"),
+    Row("eval-choose-zero-tokens", lambda e: ev.choose([-1.0, -2.0], [0, 1], "length"),
+        ValueError, r"tokens must hold a positive token count per option \(2\), got \[0.0, 1.0\]"),
+    Row("eval-bradley-terry-nan-l2",
+        lambda e: ev.bradley_terry([("a", "b"), ("b", "a")], l2=math.nan), ValueError,
+        r"l2 must be a finite number >= 0 \(the prior's weight\), got nan"),
+    Row("eval-bradley-terry-zero-iters",
+        lambda e: ev.bradley_terry([("a", "b"), ("b", "a")], iters=0), ValueError,
+        r"iters must be a positive integer \(Newton steps\), got 0"),
+    Row("eval-bootstrap-zero-draws",
+        lambda e: ev.bootstrap_ratings([("a", "b"), ("b", "a")], n_boot=0), ValueError,
+        r"n_boot must be a positive integer, got 0"),
+    Row("eval-judge-nan-verdict",
+        lambda e: ev.judge_pairs({"a": ["x"], "b": ["y"]}, lambda i, a, b: math.nan),
+        ValueError, r"judge must return 1, -1 or 0 \(a tie\), got nan for prompt 0"),
+    Row("eval-char-f1-n-0", lambda e: ev.char_ngram_f1("abc", "xyz", 0), ValueError,
+        r"n must be a positive integer, got 0"),
+    Row("eval-word-ngrams-bool-n", lambda e: ev.word_ngrams("a b c", True), ValueError,
+        r"n must be a positive integer, got True"),
+    Row("eval-contamination-no-texts", lambda e: ev.contamination([], "a b c"), ValueError,
+        r"texts must be a non-empty list of strings"),
+    Row("eval-contamination-unsorted-index",
+        lambda e: ev.contamination(["a b"], np.array([5, 1, 3]), 2), ValueError,
+        r"train must be the training text or its ngram_index \(sorted unique int64"),
+    Row("eval-few-shot-bool-k", lambda e: ev.few_shot(MC, MC, True), ValueError,
+        r"k must be an integer in \[0, 1\] \(the shots given\), got True"),
+    Row("eval-sft-float-batch", lambda e: sft_eval(e.model, np.full((1, 5), 2.7),
+                                                   np.ones((1, 4))),
+        TypeError, r"batch must be integer token ids, got dtype float64"),
+    Row("eval-sft-out-of-vocab", lambda e: sft_eval(e.model, np.full((1, 5), V + 10),
+                                                    np.ones((1, 4))),
+        TokenIdError, r"batch: token ids must be in \[0, 4096\); found \[4106"),
+    Row("eval-sft-negative-mask", lambda e: sft_eval(e.model, np.full((1, 5), 2),
+                                                     np.array([[1, -1, 1, 1.0]])),
+        ValueError, r"mask must hold weights in \[0, 1\]"),
+    Row("memorization-generate-fn-drops-rows",
+        lambda e: memorization_test(None, [[1] * 8] * 3, prompt_len=4, target_len=4,
+                                    generate_fn=lambda m, p, **k: []),
+        ValueError, r"generate_fn returned 0 rows for 3 prompts"),
+    Row("memorization-bool-n",
+        lambda e: memorization_test(None, [[1] * 8] * 3, prompt_len=4, target_len=4, n=True,
+                                    generate_fn=_no_call),
+        ValueError, r"n must be a non-negative integer, got True"),
+    Row("memorization-empty-secret", lambda e: Canary("The ", "", 1), ValueError,
+        r"a canary's secret must be a non-empty str, got ''"),
+    Row("memorization-no-digits", lambda e: make_canaries(digits=0), ValueError,
+        r"digits must be a positive integer, got 0"),
+    Row("memorization-pii-report-one-str", lambda e: pii_report("hello"), TypeError,
+        r"texts must be a list of strings, got one str"),
+    Row("corpus-nested-jsonl", lambda e: load_documents("all", path=_nested_jsonl(e)),
+        ValueError, r"corpus.jsonl:1: nested too deeply to be a record"),
+    Row("train-model-config-dict",
+        lambda e: train({"num_layers": 2}, TrainConfig(steps=1, progress=False), np.arange(40)),
+        TypeError, r"model_config must be a Gemma2Config"),
+    Row("train-batcher-state-without-index",
+        lambda e: TokenBatcher(np.arange(40), 1, 4).set_state({"epoch": 0}), TrainError,
+        r"data state must hold non-negative integers 'epoch' and 'index'"),
+    Row("train-checkpoint-disk-full", lambda e: _save_step_on_a_full_disk(e), OSError,
+        r"no room for a checkpoint in .*: a step needs about 1.0 MB, 0.0 MB are free"),
+    Row("cli-fixtures-invalid-utf8-folder",
+        lambda e: run_cli([str(e.tmp() / "out\udcff")], _fixtures_main()), CliFailure,
+        r"OUT_DIR is not valid UTF-8 text \(byte 0xff"),
+    Row("cli-experiments-invalid-utf8-results-dir",
+        lambda e: run_cli(["window", "--profile", "smoke", "--results-dir", "r\udcfe"],
+                          _experiments_main()),
+        CliFailure, r"--results-dir is not valid UTF-8 text \(byte 0xfe at character 1\)"),
+    Row("train-batcher-negative-seed", lambda e: TokenBatcher(np.arange(40), 1, 4, seed=-1),
+        TrainError, r"seed must be a non-negative integer, got -1"),
+]
+
+
+def _enter(manager: Any) -> None:
+    with manager:
+        pass
+
+
+def _save_into_cwd(env: Env) -> None:
+    folder = env.tmp()
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        save_hf(env.model, ".")
+    finally:
+        os.chdir(previous)
+
+
+def _save_step_on_a_full_disk(env: Env) -> None:
+    """A checkpoint is refused before Orbax starts when the disk cannot hold it: a write that
+    fails half-way leaves Orbax's threads printing tracebacks past the CLI's one line."""
+    from unittest import mock
+
+    full = SimpleNamespace(total=10 ** 9, used=10 ** 9, free=1000)
+    folder = env.tmp() / "ckpt"
+    try:
+        with mock.patch("gemma2_lite.train_checkpoint.shutil.disk_usage", return_value=full):
+            save_checkpoint(folder, 1, {"w": np.ones(3, np.float32)}, {})
+    finally:
+        assert not (folder / "1").exists()
+
+
+def test_cli_keeps_library_logs_and_late_interrupts_quiet() -> None:
+    """A program run with ``python -m`` ends with 130 when Ctrl-C lands in a garbage-collection
+    callback (Python would print "Exception ignored" and run on), and absl log records (Orbax
+    logs a failed write's traceback) stay off stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, logging, sys\n"
+        "from gemma2_lite import cmdline\n"
+        "cmdline.arm()\n"
+        "def body(argv):\n"
+        "    logging.getLogger('absl').error('Traceback (most recent call last): noise')\n"
+        "    gc.callbacks.append(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))\n"
+        "    gc.collect()\n"
+        "    print('ran on')\n"
+        "sys.exit(cmdline.run(body))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "GEMMA2_LITE_DEBUG": ""})
+    assert done.returncode == 130, done
+    assert "ran on" not in done.stdout and done.stderr.strip() == "", done
+
+
+def _no_call(*args: Any, **kw: Any) -> Any:
+    raise AssertionError("the input should have been refused before generating")
+
+
+def _nested_jsonl(env: Env) -> Path:
+    path = env.tmp() / "corpus.jsonl"
+    path.write_text("[" * 100_000 + "\n")
+    return path
+
+
+def test_extract_number_reads_any_length() -> None:
+    """Python refuses int() of more than 4300 digits; the extractor normalises by string."""
+    assert ev.extract_number("x " + "0" * 3 + "9" * 5000) == "9" * 5000
+    assert [ev.extract_number(t) for t in ("-000", "a 0042", "-17", "none")] == \
+        ["0", "42", "-17", None]
 
 
 def test_chat_seed_2_32_minus_1_works_on_every_turn() -> None:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gemma2_lite.cmdline import Parser, non_negative_int, run
+from gemma2_lite.cmdline import Parser, non_negative_int, run, utf8_argument
 from gemma2_lite.config import Gemma2Config, get_config
 from gemma2_lite.model import Gemma2, abstract_model, param_counts
 from gemma2_lite.paths import data_path, repo_root
@@ -538,6 +538,8 @@ def _main(argv: list[str] | None) -> int:
                         help="train-tiny only: override steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    for name in ("results_dir", "out"):      # Orbax cannot take a path that is not UTF-8
+        utf8_argument(getattr(args, name) or "", "--" + name.replace("_", "-"))
     profile = args.profile or get_profile()
     kwargs: dict[str, Any] = {"results_dir": args.results_dir, "seed": args.seed,
                               "quiet": args.quiet}

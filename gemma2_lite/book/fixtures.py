@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 # Only the standard library at the top: JAX loads inside run(), where Ctrl-C is handled.
-from gemma2_lite.cmdline import Parser, run
+from gemma2_lite.cmdline import Parser, run, utf8_argument
 
 __all__ = ["main"]
 
@@ -33,7 +33,7 @@ def _main(argv: list[str] | None) -> int:
                         choices=FIXTURE_NAMES,
                         help="which models (default: all)")
     args = parser.parse_args(argv)
-    out = write_fixtures(args.out_dir, args.names)
+    out = write_fixtures(utf8_argument(args.out_dir, "OUT_DIR"), args.names)
     for name in args.names:
         for layout in ("hf", "flax"):
             folder = model_dir(name, layout, out)
