@@ -70,7 +70,7 @@ def _staging_pid(name: str, target: str) -> int | None:
     prefix = f".{target}."
     if not name.startswith(prefix):
         return None
-    kind, _, rest = name[len(prefix):].partition("-")
+    kind, _, rest = name[len(prefix) :].partition("-")
     pid, _, suffix = rest.partition("-")
     if kind not in (_STAGING, _REPLACED) or not pid.isdigit() or not suffix:
         return None
@@ -81,10 +81,11 @@ def _swap_in(staging: Path, path: Path) -> None:
     if not path.exists():
         os.rename(staging, path)
     elif _exchange(staging, path):
-        shutil.rmtree(staging, ignore_errors=True)        # now the old folder
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
     else:
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_REPLACED}-{os.getpid()}-",
-                                      dir=path.parent))
+        aside = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.{_REPLACED}-{os.getpid()}-", dir=path.parent)
+        )
         os.rename(path, aside / "old")
         os.rename(staging, path)
         shutil.rmtree(aside, ignore_errors=True)
@@ -93,7 +94,7 @@ def _swap_in(staging: Path, path: Path) -> None:
 
 def _link_or_copy(src: str, dst: str) -> None:
     try:
-        os.link(src, dst)                                  # no bytes copied
+        os.link(src, dst)  # no bytes copied
     except OSError:
         shutil.copy2(src, dst)
 
@@ -110,8 +111,7 @@ def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> None:
         if entry.is_symlink():
             os.symlink(os.readlink(entry), new / entry.name)
         elif entry.is_dir():
-            shutil.copytree(entry, new / entry.name, symlinks=True,
-                            copy_function=_link_or_copy)
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(str(entry), str(new / entry.name))
 
@@ -128,8 +128,9 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise NotADirectoryError(f"{path} exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_STAGING}-{os.getpid()}-",
-                                    dir=path.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{_STAGING}-{os.getpid()}-", dir=path.parent)
+    )
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -24,12 +24,25 @@ from pathlib import Path
 from typing import TypeVar
 
 from gemma2_lite.checks import is_int
+
 # The path lookups moved to gemma2_lite.paths; the old names stay importable from here.
 from gemma2_lite.paths import data_path, repo_root
 
-__all__ = ["PROFILES", "BOOK_PROFILES", "ENV_VAR", "LOOP_CAP_VAR", "get_profile", "pick",
-           "capped", "loop_cap", "attached_accelerator", "describe_devices", "repo_root",
-           "data_path", "REPOSITORY"]
+__all__ = [
+    "PROFILES",
+    "BOOK_PROFILES",
+    "ENV_VAR",
+    "LOOP_CAP_VAR",
+    "get_profile",
+    "pick",
+    "capped",
+    "loop_cap",
+    "attached_accelerator",
+    "describe_devices",
+    "repo_root",
+    "data_path",
+    "REPOSITORY",
+]
 
 ENV_VAR = "GEMMA2_LITE_PROFILE"
 LOOP_CAP_VAR = "GEMMA2_LITE_LOOP_CAP"
@@ -37,7 +50,7 @@ LOOP_CAP_VAR = "GEMMA2_LITE_LOOP_CAP"
 #: command line that takes a profile accepts exactly these.
 PROFILES: dict[str, str] = {
     "smoke": "the unit tests' runs of the experiments (seconds); values without a smoke "
-             "size take their ci one",
+    "size take their ci one",
     "ci": "a CPU: the whole book in minutes",
     "colab": "one TPU chip or GPU",
     "full": "the real sizes, a TPU slice",
@@ -75,8 +88,7 @@ def get_profile() -> str:
     if not value:
         return "colab" if attached_accelerator() else "ci"
     if value not in PROFILES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of "
-                         f"{tuple(PROFILES)}")
+        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of {tuple(PROFILES)}")
     return value
 
 
@@ -94,8 +106,15 @@ def loop_cap() -> int | None:
     return cap
 
 
-def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = False,
-         smoke: T | None = None) -> T:
+def pick(
+    *,
+    ci: T,
+    colab: T,
+    full: T,
+    profile: str | None = None,
+    loop: bool = False,
+    smoke: T | None = None,
+) -> T:
     """The value for the active (or given) profile.
 
     ``loop=True`` marks a loop count (an int): it is capped at ``$GEMMA2_LITE_LOOP_CAP`` when that
@@ -130,12 +149,15 @@ def describe_devices() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     cap = loop_cap()
-    line = (f"profile={get_profile()}  backend={jax.default_backend()}  "
-            f"devices={len(devices)} x {', '.join(kinds)}"
-            + (f"  loops capped at {cap} ({LOOP_CAP_VAR})" if cap else ""))
+    line = (
+        f"profile={get_profile()}  backend={jax.default_backend()}  "
+        f"devices={len(devices)} x {', '.join(kinds)}"
+        + (f"  loops capped at {cap} ({LOOP_CAP_VAR})" if cap else "")
+    )
     attached = attached_accelerator()
     if attached and jax.default_backend() == "cpu":
-        line += (f"\nA {attached.upper()} is attached but JAX sees only the CPU (a CPU-only "
-                 f"jaxlib). Run  {_FIX[attached]}  and restart the runtime.")
+        line += (
+            f"\nA {attached.upper()} is attached but JAX sees only the CPU (a CPU-only "
+            f"jaxlib). Run  {_FIX[attached]}  and restart the runtime."
+        )
     return line
-

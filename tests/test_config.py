@@ -28,20 +28,42 @@ def test_param_counts_hf_vocab_changes_only_embedding():
 
 def test_presets_follow_the_spec():
     c2, c9, c27 = (get_config(n) for n in ("gemma2-2b", "gemma2-9b", "gemma2-27b"))
-    assert (c2.d_model, c2.num_layers, c2.num_heads, c2.num_kv_heads, c2.head_dim, c2.ffn_dim) == \
-        (2304, 26, 8, 4, 256, 9216)
-    assert (c9.d_model, c9.num_layers, c9.num_heads, c9.num_kv_heads, c9.head_dim, c9.ffn_dim) == \
-        (3584, 42, 16, 8, 256, 14336)
-    assert (c27.d_model, c27.num_layers, c27.num_heads, c27.num_kv_heads, c27.head_dim,
-            c27.ffn_dim) == (4608, 46, 32, 16, 128, 36864)
+    assert (c2.d_model, c2.num_layers, c2.num_heads, c2.num_kv_heads, c2.head_dim, c2.ffn_dim) == (
+        2304,
+        26,
+        8,
+        4,
+        256,
+        9216,
+    )
+    assert (c9.d_model, c9.num_layers, c9.num_heads, c9.num_kv_heads, c9.head_dim, c9.ffn_dim) == (
+        3584,
+        42,
+        16,
+        8,
+        256,
+        14336,
+    )
+    assert (
+        c27.d_model,
+        c27.num_layers,
+        c27.num_heads,
+        c27.num_kv_heads,
+        c27.head_dim,
+        c27.ffn_dim,
+    ) == (4608, 46, 32, 16, 128, 36864)
     # The 27B query scale uses d_model / num_heads = 144, not head_dim = 128.
-    assert c27.query_scale == pytest.approx(144 ** -0.5)
-    assert c27.query_scale != pytest.approx(c27.head_dim ** -0.5)
-    assert c2.query_scale == c9.query_scale == pytest.approx(256 ** -0.5)
+    assert c27.query_scale == pytest.approx(144**-0.5)
+    assert c27.query_scale != pytest.approx(c27.head_dim**-0.5)
+    assert c2.query_scale == c9.query_scale == pytest.approx(256**-0.5)
     for c in (c2, c9, c27):
         assert (c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap) == (4096, 50.0, 30.0)
-        assert (c.rope_base, c.max_seq_len, c.rms_norm_eps, c.vocab_size) == \
-            (10_000.0, 8192, 1e-6, 256_128)
+        assert (c.rope_base, c.max_seq_len, c.rms_norm_eps, c.vocab_size) == (
+            10_000.0,
+            8192,
+            1e-6,
+            256_128,
+        )
 
 
 def test_layer_types_alternate_starting_local():
@@ -51,21 +73,24 @@ def test_layer_types_alternate_starting_local():
     assert set(get_config("tiny", sliding_window=None).layer_types) == {"global"}
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"num_heads": 6, "num_kv_heads": 4}, "multiple of num_kv_heads"),
-    ({"head_dim": 31}, "even"),
-    ({"d_model": 0}, "positive integer"),
-    ({"sliding_window": 0}, "sliding_window"),
-    ({"attn_logit_softcap": -1.0}, "attn_logit_softcap"),
-    ({"dtype": "float8"}, "dtype must be one of"),
-    ({"num_layers": 2.5}, "positive integer"),
-    # A bool is never a size: True is not W = 1, not one layer, not a cap of 1.0.
-    ({"sliding_window": True}, r"sliding_window must be a positive integer or None .*got True"),
-    ({"num_layers": True}, r"num_layers must be a positive integer, got True"),
-    ({"vocab_size": False}, r"vocab_size must be a positive integer, got False"),
-    ({"final_logit_softcap": True}, r"final_logit_softcap must be a positive finite number"),
-    ({"rope_base": float("inf")}, r"rope_base must be a positive finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_heads": 6, "num_kv_heads": 4}, "multiple of num_kv_heads"),
+        ({"head_dim": 31}, "even"),
+        ({"d_model": 0}, "positive integer"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"attn_logit_softcap": -1.0}, "attn_logit_softcap"),
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"num_layers": 2.5}, "positive integer"),
+        # A bool is never a size: True is not W = 1, not one layer, not a cap of 1.0.
+        ({"sliding_window": True}, r"sliding_window must be a positive integer or None .*got True"),
+        ({"num_layers": True}, r"num_layers must be a positive integer, got True"),
+        ({"vocab_size": False}, r"vocab_size must be a positive integer, got False"),
+        ({"final_logit_softcap": True}, r"final_logit_softcap must be a positive finite number"),
+        ({"rope_base": float("inf")}, r"rope_base must be a positive finite number, got inf"),
+    ],
+)
 def test_impossible_configs_fail_clearly(changes, message):
     with pytest.raises(ConfigError, match=message):
         get_config("tiny").replace(**changes)
@@ -87,11 +112,14 @@ def test_config_is_frozen_and_round_trips():
     assert "D=3584" in repr(c)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("rope_scaling", {"rope_type": "linear", "factor": 4.0}),
-    ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 8.0}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rope_scaling", {"rope_type": "linear", "factor": 4.0}),
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 8.0}),
+    ],
+)
 def test_an_unknown_rope_scaling_is_refused(field, value):
     """A scaled RoPE changes every rotation; ignoring it would run the wrong positions."""
     hf = {**config_to_hf(get_config("tiny")), field: value}
@@ -104,15 +132,18 @@ def test_an_unknown_rope_scaling_is_refused(field, value):
 
 def test_plain_rope_in_either_spelling_is_read():
     hf = config_to_hf(get_config("tiny", rope_base=500.0))
-    assert rope_base_from_hf(hf) == 500.0                      # transformers 5.x
+    assert rope_base_from_hf(hf) == 500.0  # transformers 5.x
     old = {k: v for k, v in hf.items() if k != "rope_parameters"}
-    assert rope_base_from_hf({**old, "rope_scaling": None}) == 500.0          # 4.x
+    assert rope_base_from_hf({**old, "rope_scaling": None}) == 500.0  # 4.x
     assert rope_base_from_hf({**old, "rope_scaling": {"rope_type": "default"}}) == 500.0
     assert rope_base_from_hf({}) == 10_000.0
 
 
 def test_a_bool_sliding_window_in_config_json_is_refused():
     hf = {**config_to_hf(get_config("tiny")), "sliding_window": True, "layer_types": None}
-    with pytest.raises(CheckpointError, match=r"sliding_window must be a positive integer or "
-                       r"None.*got True \(config.json field 'sliding_window'\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"sliding_window must be a positive integer or "
+        r"None.*got True \(config.json field 'sliding_window'\)",
+    ):
         config_from_hf(hf)
