@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ANSWER_KEY = "assignment"
 CONTEXT_TAG = "assignment-context"

@@ -53,9 +53,9 @@ from gemma2_lite.attention import (
     cached_key_positions,
 )
 from gemma2_lite.checkpoint import save_hf
+from gemma2_lite.decoding import decode_program
 from gemma2_lite.memory import kv_cache_bytes
 from gemma2_lite.rope import rope_table
-from gemma2_lite.decoding import decode_program
 from gemma2_lite.sampler import (
     DecodeState,
     PromptCache,

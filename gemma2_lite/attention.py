@@ -218,7 +218,7 @@ class AttentionPlan:
     @classmethod
     def choose(
         cls, *, length: int, window: int | None, cached: bool, from_start: bool
-    ) -> "AttentionPlan":
+    ) -> AttentionPlan:
         """The plan for T = ``length`` new columns. cached: a cache is given; from_start: the
         positions are the default ones, cumsum(mask) - 1 (so the columns start at position 0
         and advance one per column; with a cache, it must be empty). ``window``: the local
@@ -257,7 +257,7 @@ class LayerCache:
     @classmethod
     def empty(
         cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype: Any = jnp.float32
-    ) -> "LayerCache":
+    ) -> LayerCache:
         shape = (batch, size, kv_heads, head_dim)
         # Two distinct buffers: sharing one would make donating k and v donate it twice.
         return cls(
@@ -275,7 +275,7 @@ class LayerCache:
         b, s, k, h = self.k.shape
         return f"LayerCache(B={b}, S={s}, K={k}, H={h}, dtype={self.k.dtype})"
 
-    def write(self, mode: Mode, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def write(self, mode: Mode, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """Write new keys/values k, v (B, T, K, H) at positions pos (B, T; -1 = padding) as the
         plan's ``mode`` says: a prompt into an empty cache ("full", "banded"), one token
         ("decode"), or a chunk after the held columns ("append")."""
@@ -286,14 +286,14 @@ class LayerCache:
             return self._write_chunk(k, v, pos)
         return self._write_prompt(k, v, pos)
 
-    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """Append columns k, v (B, T, K, H) at positions pos (B, T) after those already held,
         whatever the cache holds (empty or not): one column as a decode step writes it, more as
         a chat's next turn does (leading columns that are padding in every row take no slot).
         """
         return self.write("decode" if pos.shape[1] == 1 else "append", k, v, pos)
 
-    def _write_token(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_token(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """One column: a ``dynamic_update_slice`` at slot ``end mod S``."""
         slot = self.end % self.size
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
@@ -301,7 +301,7 @@ class LayerCache:
             k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos), end=self.end + 1
         )
 
-    def _write_prompt(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_prompt(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """A prompt into an empty cache: its last min(T, S) columns, rolled into place (column c
         in slot c mod S) and copied; padding columns are kept, with position -1."""
         size, t = self.size, pos.shape[1]
@@ -316,7 +316,7 @@ class LayerCache:
             end=jnp.asarray(t, jnp.int32),
         )
 
-    def _write_chunk(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_chunk(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """A chunk after the held columns: leading columns that are padding in every row are
         dropped, the rest scattered to their slots (of a chunk longer than S, the last S)."""
         size, t = self.size, pos.shape[1]

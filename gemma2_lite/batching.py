@@ -88,7 +88,7 @@ class TokenBatcher:
 
     __next__ = next
 
-    def __iter__(self) -> "TokenBatcher":
+    def __iter__(self) -> TokenBatcher:
         return self
 
     def identity(self) -> dict[str, int]:

@@ -165,7 +165,7 @@ class Gemma2Config:
     def jnp_param_dtype(self) -> Any:
         return _DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "Gemma2Config":
+    def replace(self, **changes: Any) -> Gemma2Config:
         """A copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -179,7 +179,7 @@ class Gemma2Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Gemma2Config":
+    def from_dict(cls, d: dict[str, Any]) -> Gemma2Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -201,7 +201,7 @@ class SamplingSettings:
         top_p: float | None,
         stop_tokens: Sequence[int],
         max_new_tokens: int,
-    ) -> "SamplingSettings":
+    ) -> SamplingSettings:
         # Stop lists are padded to a multiple of 8 ids so their length rarely changes the shape.
         stops = np.full(round_up(max(len(stop_tokens), 1), 8), -1, np.int32)
         stops[: len(stop_tokens)] = stop_tokens
@@ -433,7 +433,7 @@ def decode_program(model: Gemma2, state: DecodeState, settings: SamplingSettings
 # contiguous (layers.rows_product). The model's einsum layout (q (N, D, H), gate (D, F), ...)
 # is not, so the weights are laid out as rows ONCE PER MODEL (quantize.as_rows; the embedding
 # is rows already and is shared) and kept while the model's parameters are the same arrays.
-_SERVING: "weakref.WeakKeyDictionary[Gemma2, tuple[list[weakref.ref], Gemma2]]" = (
+_SERVING: weakref.WeakKeyDictionary[Gemma2, tuple[list[weakref.ref], Gemma2]] = (
     weakref.WeakKeyDictionary()
 )
 

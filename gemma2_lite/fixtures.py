@@ -44,8 +44,8 @@ from flax import nnx
 from .checkpoint import Path_, from_arrays, hf_state_dict, save_hf, to_released_flax_tree
 from .config import Gemma2Config
 from .model import Gemma2, abstract_model
-from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
 from .release import FIXTURE_MARKER, flax_checkpoint_name, model_dir
+from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
 
 __all__ = [
     "FIXTURE_NAMES",

@@ -7,10 +7,9 @@ Parameters carry ``logical_axes`` metadata (names such as ``"embed"`` or ``"mlp"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +153,7 @@ class RowProjection(nnx.Module):
         return out, contracted
 
     @classmethod
-    def from_weight(cls, weight: jax.Array, spec: str) -> "RowProjection":
+    def from_weight(cls, weight: jax.Array, spec: str) -> RowProjection:
         """The rows of ``weight`` (in the model's einsum layout, as ``spec`` uses it)."""
         out, contracted = cls.axes(spec)
         return cls(Rows(jnp.transpose(weight, out + contracted)), len(out))

@@ -193,7 +193,7 @@ class Gemma2(nnx.Module):
 
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
 
-    def replace(self, *, remat: bool | None = None, **components: Any) -> "Gemma2":
+    def replace(self, *, remat: bool | None = None, **components: Any) -> Gemma2:
         """The same parameters (shared, not copied) with other :class:`Components` or remat.
 
         ``model.replace(attention=my_attention)`` runs ``my_attention`` in every layer;

@@ -138,7 +138,7 @@ def train_tokenizer(
     model_prefix: str | os.PathLike[str] | None,
     vocab_size: int = 4096,
     **overrides: object,
-) -> "Tokenizer":
+) -> Tokenizer:
     """Train a Gemma-style SentencePiece BPE tokenizer.
 
     Args:

@@ -180,7 +180,7 @@ class TrainConfig:
         if not isinstance(self.progress, bool):
             raise TrainError(f"progress must be True or False, got {self.progress!r}")
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

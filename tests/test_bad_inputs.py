@@ -29,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
 
-from gemma2_lite import __main__ as cli, get_config
+from gemma2_lite import __main__ as cli
+from gemma2_lite import get_config
+from gemma2_lite.book.seed_records import RecordError, read_record, write_record
 from gemma2_lite.chat import ChatFormatError, ChatSession, encode_chat, format_chat
 from gemma2_lite.checkpoint import (
     CheckpointError,
@@ -45,9 +48,6 @@ from gemma2_lite.checkpoint import (
 )
 from gemma2_lite.checks import TokenIdError
 from gemma2_lite.config import ConfigError
-from gemma2_lite.model import Gemma2
-from gemma2_lite.sampler import NonFiniteLogitsError, generate, sample_logits
-from gemma2_lite.tokenizer import Tokenizer, default_tokenizer
 from gemma2_lite.data import load_documents
 from gemma2_lite.distill import compute_teacher_topk
 from gemma2_lite.memorization import (
@@ -56,8 +56,10 @@ from gemma2_lite.memorization import (
     pii_report,
     wilson_interval,
 )
+from gemma2_lite.model import Gemma2
 from gemma2_lite.posttrain import average_states, sft_batch, sft_eval
-from gemma2_lite.book.seed_records import RecordError, read_record, write_record
+from gemma2_lite.sampler import NonFiniteLogitsError, generate, sample_logits
+from gemma2_lite.tokenizer import Tokenizer, default_tokenizer
 from gemma2_lite.train import (
     SkippedCheckpointWarning,
     TrainConfig,
@@ -69,8 +71,6 @@ from gemma2_lite.train import (
     train,
 )
 from gemma2_lite.weights import ENV_VAR, BrokenWeights, locate, model_dir
-
-from random_models import random_model
 
 TOK = default_tokenizer()
 V = TOK.vocab_size  # 4096: the CLI pairs model and tokenizer
@@ -1697,7 +1697,8 @@ def _regex_alphabet(source: str, flags: int) -> str:
     """One or two characters of every literal, range and class the pattern matches, and '!'
     (which it usually does not): what inputs are built from."""
     try:
-        from re import _constants as c, _parser as parser  # Python >= 3.11
+        from re import _constants as c  # Python >= 3.11
+        from re import _parser as parser
     except ImportError:  # pragma: no cover
         import sre_constants as c  # type: ignore[no-redef]
         import sre_parse as parser  # type: ignore[no-redef]

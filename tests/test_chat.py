@@ -7,7 +7,8 @@ from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import GemmaTokenizer
 
 from gemma2_lite.chat import ChatFormatError, ChatSession, encode_chat, format_chat
@@ -299,7 +300,7 @@ def test_session_two_turns_history_equals_encode_chat() -> None:
 
 def test_session_reply_without_stop_and_uncanonical_tokens() -> None:
     # the "model" spells a word byte by byte and never stops: the turn is still closed canonically
-    spelled = [TOK.piece_to_id(f"<0x{b:02X}>") for b in "Ay me".encode()]
+    spelled = [TOK.piece_to_id(f"<0x{b:02X}>") for b in b"Ay me"]
     fake = FakeGenerate([spelled + TOK.encode(" and more")])
     chat = ChatSession(None, TOK, max_new_tokens=len(spelled), generate_fn=fake)
     assert chat.send("Speak.") == "Ay me"

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import hf_logits
 
 from gemma2_lite import Gemma2, get_config, params
 from gemma2_lite.checkpoint import (
@@ -24,7 +25,6 @@ from gemma2_lite.checkpoint import (
     write_safetensors,
 )
 from gemma2_lite.safetensors_io import mapping_of
-from hf_reference import hf_logits
 
 CFG = get_config(
     "tiny",
@@ -347,14 +347,14 @@ def test_a_killed_save_leaves_one_whole_model(model, tmp_path):
     folder = tmp_path / "ckpt"
     save_hf(model, folder, max_shard_bytes=20_000)
     script = (
-        "import sys; sys.path.insert(0, {tests!r})\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_checkpoint import other_model\n"
         "from gemma2_lite.checkpoint import save_hf\n"
         "a, b = other_model(3), other_model(7)\n"
         "while True:\n"
         "    for m in (a, b):\n"
-        "        save_hf(m, {folder!r}, max_shard_bytes=2_000)\n"
-    ).format(tests=str(Path(__file__).parent), folder=str(folder))
+        f"        save_hf(m, {str(folder)!r}, max_shard_bytes=2_000)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 300

@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from random_models import random_model
 
-from gemma2_lite import __main__ as cli, get_config, paths
+from gemma2_lite import __main__ as cli
+from gemma2_lite import get_config, paths
 from gemma2_lite.chat import ChatSession
 from gemma2_lite.checkpoint import load_hf, save_hf
 from gemma2_lite.sampler import generate
 from gemma2_lite.tokenizer import Tokenizer
 from gemma2_lite.weights import book_model
-
-from random_models import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = paths.tokenizer_file()

@@ -17,10 +17,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from venvs import clean_env, fresh_venv
 
 from gemma2_lite.profile import REPOSITORY
-
-from venvs import clean_env, fresh_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
+from tolerance import assert_close
 
 import gemma2_lite.attention as attention
 from gemma2_lite import get_config
@@ -34,9 +36,6 @@ from gemma2_lite.attention import (
 )
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate, prefill
-
-from random_models import random_model
-from tolerance import assert_close
 
 # One worker runs this file: the compiled programs are shared by its tests.
 pytestmark = pytest.mark.xdist_group("decode")

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
 
 from gemma2_lite import evaluate as ev
 from gemma2_lite import get_config
 from gemma2_lite.posttrain import speeches
 from gemma2_lite.profile import data_path
 from gemma2_lite.tokenizer import default_tokenizer
-from random_models import random_model
 
 TOK = default_tokenizer()
 SMALL = get_config("tiny").replace(

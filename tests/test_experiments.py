@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma2_lite.checkpoint import load_hf
 from gemma2_lite.book.experiments import (
     REPORT,
     corpus_tokens,
@@ -21,10 +20,11 @@ from gemma2_lite.book.experiments import (
     run_train_tiny,
     run_window,
 )
-from gemma2_lite.model import param_counts
-from gemma2_lite.tokenizer import Tokenizer
-from gemma2_lite.profile import data_path
 from gemma2_lite.book.seed_records import RecordError, read_record, record_digest, write_record
+from gemma2_lite.checkpoint import load_hf
+from gemma2_lite.model import param_counts
+from gemma2_lite.profile import data_path
+from gemma2_lite.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,10 +16,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from venvs import clean_env, fresh_venv
 
 from gemma2_lite import paths
-
-from venvs import clean_env, fresh_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -14,10 +14,11 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from gemma2_lite import Gemma2, Gemma2Config, get_config, param_counts
+from gemma2_lite.losses import cross_entropy_loss
 from gemma2_lite.memory import (
     CHIPS,
-    GiB,
     REPORT_SETUPS,
+    GiB,
     activation_bytes,
     comm_bytes,
     kv_cache_bytes,
@@ -25,7 +26,6 @@ from gemma2_lite.memory import (
     plan_memory,
     plan_table,
 )
-from gemma2_lite.losses import cross_entropy_loss
 from gemma2_lite.model import abstract_model
 from gemma2_lite.sharding import ShardingError
 

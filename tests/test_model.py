@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import hf_logits, make_hf_model, save_hf_model
+from tolerance import assert_close
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import attention_mask, gqa_attention, sliding_window_mask
@@ -18,8 +20,6 @@ from gemma2_lite.checkpoint import load_hf
 from gemma2_lite.layers import rms_norm, soft_cap
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.parity import compare_layers, format_report
-from hf_reference import hf_logits, make_hf_model, save_hf_model
-from tolerance import assert_close
 
 ATOL = 1e-4
 WINDOW = 7

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
 
 from gemma2_lite import get_config
 from gemma2_lite.chat import encode_chat
@@ -23,7 +24,6 @@ from gemma2_lite.posttrain import (
     speeches,
 )
 from gemma2_lite.tokenizer import default_tokenizer
-from random_models import random_model
 
 TOK = default_tokenizer()
 SEQ = 80

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
+from tolerance import assert_close
 
 from gemma2_lite import __main__ as cli
 from gemma2_lite import get_config
@@ -30,9 +32,6 @@ from gemma2_lite.quantize import (
 )
 from gemma2_lite.sampler import PromptCache, generate, serving_model
 from gemma2_lite.tokenizer import default_tokenizer
-
-from random_models import random_model
-from tolerance import assert_close
 
 CONFIG = get_config(
     "tiny",

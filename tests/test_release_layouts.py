@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_reference import hf_logits
+from tolerance import assert_close
 
 from gemma2_lite.book.fixtures import main
 from gemma2_lite.chat import ChatSession
@@ -31,8 +33,6 @@ from gemma2_lite.fixtures import (
 )
 from gemma2_lite.tokenizer import Tokenizer
 from gemma2_lite.weights import model_dir
-from hf_reference import hf_logits
-from tolerance import assert_close
 
 REL = 2e-5  # float32 on both sides: rounding is ~1e-6 of the largest logit, a bug ~1e-1
 D = 48  # fixture_config's d_model, written out: the independent conversion must not ask us
@@ -277,7 +277,8 @@ def test_orbax_fixture_matches_an_independent_implementation(release):
     reading the HF folder (its 4.42 config.json included): both give our logits."""
     import orbax.checkpoint as ocp
     import torch
-    from transformers import Gemma2Config as HFConfig, Gemma2ForCausalLM
+    from transformers import Gemma2Config as HFConfig
+    from transformers import Gemma2ForCausalLM
 
     tokens = np.random.default_rng(2).integers(0, TOKENIZER_VOCAB, (2, 21))
     for name in FIXTURE_NAMES:

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_models import random_model
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import LayerCache
@@ -30,8 +31,6 @@ from gemma2_lite.sampler import (
     sample_logits,
     serving_model,
 )
-
-from random_models import random_model
 
 W = 5
 CONFIG = get_config(

@@ -61,7 +61,8 @@ else:
     import numpy as np
     import pytest
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from gemma2_lite import get_config
     from gemma2_lite import sharding as sh

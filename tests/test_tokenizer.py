@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from gemma2_lite import paths
 from gemma2_lite.config import get_config
 from gemma2_lite.data import load_documents
-from gemma2_lite import paths
 from gemma2_lite.tokenizer import Tokenizer, default_tokenizer, train_tokenizer
 
 TOK = default_tokenizer()

@@ -8,7 +8,8 @@ where the Flax tables use ``qkv_einsum``.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gemma2_lite.checkpoint import (
     from_arrays,
