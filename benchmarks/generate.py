@@ -203,7 +203,7 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> flo
     for _ in range(reps):  # interleaved: every contestant shares the same noise
         for name, fn in contestants.items():
             for n in (1, new_tokens):
-                times.setdefault((name, n), []).append(_timed(lambda: fn(n)))
+                times.setdefault((name, n), []).append(_timed(lambda fn=fn, n=n: fn(n)))
     rows = []
     speed: dict[str, tuple[float, float]] = {}
     for name in contestants:
@@ -343,7 +343,9 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> fl
     rows = []
     for c in contexts:
         state = _synthetic_state(model, context=c, steps=steps, size=c + steps, seed=c)
-        run = lambda: jax.block_until_ready(decode_loop(serving, state, settings, donate=False))
+        run = lambda state=state: jax.block_until_ready(
+            decode_loop(serving, state, settings, donate=False)
+        )
         run()
         t_model = min(_timed(run) for _ in range(reps)) / steps
         per_kind = {}

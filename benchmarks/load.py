@@ -11,10 +11,10 @@ taking turns, each load in a fresh subprocess so that its peak resident memory i
 files and reads nothing until the weights are used, while our load reads every weight once
 (to lay it out and to check its values), so a third side, "theirs+read", is
 ``from_pretrained`` followed by reading every weight once (a chunked check of the exponent
-bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory is the process's
-own high-water mark after the call (``VmHWM``, imports included; not ``ru_maxrss``, which
-Linux carries over from the parent across the spawn, so a child of a big parent would report
-the parent's size), also shown against the weights' bytes.
+bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory
+is the process's own high-water mark after the call (``VmHWM``, imports included; not
+``ru_maxrss``, which Linux carries over from the parent across the spawn, so a child of a big
+parent would report the parent's size), also shown against the weights' bytes.
 Prints the best and the median of each, and the ratios.
 
 :func:`measure` is the one-load measurement, for other benchmarks to call.

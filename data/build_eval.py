@@ -2,7 +2,7 @@
 
 One command (from the repository root)::
 
-    python data/build_eval.py            # writes gemma2_lite/assets/eval/{next_line,speaker,arithmetic}.jsonl
+    python data/build_eval.py            # writes gemma2_lite/assets/eval/*.jsonl (three sets)
     python data/build_eval.py --check    # rebuilds in memory, exit 1 if a committed file differs
 
 The output is byte-for-byte the same on every run and machine: the inputs are the committed

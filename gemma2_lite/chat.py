@@ -293,9 +293,10 @@ class ChatSession:
             return self._cache.generate(prompt, **sampling)
         outputs = self._generate_fn(self.model, [prompt], **sampling)
         if not isinstance(outputs, list) or len(outputs) != 1:
+            length = len(outputs) if hasattr(outputs, "__len__") else "?"
             raise TypeError(
                 f"generate_fn must return one list of new tokens per prompt (1 here), "
-                f"got {type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'}"
+                f"got {type(outputs).__name__} of length {length}"
             )
         return [int(t) for t in outputs[0]]
 
@@ -305,7 +306,8 @@ class ChatSession:
         return None if self._cache is None else self._cache.prefilled
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        """The tokens the model sees for the next turn: history + user turn + ``<start_of_turn>model\\n``."""
+        """The tokens the model sees for the next turn: history + user turn +
+        ``<start_of_turn>model\\n``."""
         if not isinstance(user_text, str):
             raise ChatFormatError(f"user_text must be a str, got {type(user_text).__name__}")
         return (

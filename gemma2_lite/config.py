@@ -252,7 +252,8 @@ def list_presets() -> list[str]:
 
 
 def get_config(preset: str, /, **overrides: Any) -> Gemma2Config:
-    """The preset called ``preset`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with overrides."""
+    """The preset called ``preset`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with
+    overrides."""
     key = preset.lower().replace("_", "-")
     if key in {"2b", "9b", "27b"}:
         key = f"gemma2-{key}"

@@ -20,7 +20,8 @@ ratings on the Elo scale with bootstrap intervals (:func:`bradley_terry`,
 (:func:`contamination`), the report's formatting-robustness measure
 (:func:`format_robustness`, :func:`next_line_formats`) and :func:`score_variants`, which
 scores any set of model variants (the post-training chapters' models plug in there).
-The evaluation sets themselves are ``gemma2_lite/assets/eval/*.jsonl``, built by ``data/build_eval.py``.
+The evaluation sets themselves are ``gemma2_lite/assets/eval/*.jsonl``, built by
+``data/build_eval.py``.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ _BUCKET = 32  # row lengths round up to a multiple: few compiles
 
 # ----------------------------------------------------------------------------- the sets
 def load_eval_set(name: str, split: str = "test") -> list[dict[str, Any]]:
-    """The items of ``gemma2_lite/assets/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or ``"shots"``
-    (few-shot examples, from the corpus's train split). See ``data/README.md``."""
+    """The items of ``gemma2_lite/assets/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or
+    ``"shots"`` (few-shot examples, from the corpus's train split). See ``data/README.md``."""
     if name not in EVAL_SETS:
         raise ValueError(f"unknown evaluation set {name!r}; choose one of {EVAL_SETS}")
     if split not in ("test", "shots"):

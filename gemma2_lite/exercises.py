@@ -236,7 +236,7 @@ class _Search:
 
 def _has_contents(cell: Any) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # raises ValueError while the cell is empty
     except ValueError:
         return False
     return True

@@ -2,9 +2,9 @@
 
     python -m gemma2_lite.book.fixtures OUT_DIR      # the program (gemma2_lite.book)
 
-writes (:func:`write_fixtures`), for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture, different random
-weights; the folder layout is :mod:`gemma2_lite.weights`'s, so ``GEMMA2_LITE_WEIGHTS=OUT_DIR``
-works too)::
+writes (:func:`write_fixtures`), for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture,
+different random weights; the folder layout is :mod:`gemma2_lite.weights`'s, so
+``GEMMA2_LITE_WEIGHTS=OUT_DIR`` works too)::
 
     OUT_DIR/gemma-2-2b-it/
       hf/    config.json                  as transformers 4.42 wrote it: rope_theta at the top,

@@ -19,8 +19,8 @@ m the ``model`` axis size (heads, F and V are split by it, D is not)::
     per token, per layer:  (48 + 2a) D                      four RMSNorms (fp32 inside) + residuals
                          + a (2 N H + 2 K H + 8 F) / m      q, k, v, attention out; GeGLU's 8 F-wide
                          + 32                               RMSNorm row statistics
-                         + ((17 + a) S + 8) N / m           soft-capped scores: 4 fp32 + mask + probs
-    per token, once:       (12 + a) D + 12 V / m + 20       final norm; logits, soft-cap and softmax
+                         + ((17 + a) S + 8) N / m           soft-capped scores: 4 fp32, mask, probs
+    per token, once:       (12 + a) D + 12 V / m + 20       final norm; logits, soft-cap, softmax
                          + 4 H                              RoPE sin/cos, built once, shared
     per layer, once:       16 D                             the four norm scales, broadcast
     once:                  4 D                              final norm scale
@@ -379,9 +379,9 @@ def plan_memory(
     the same batch and the model's context).
 
     Parameters and gradients take ``param_dtype`` (default the config's); AdamW keeps two fp32
-    moments and 8 bytes of step counters (Adam's and the learning-rate schedule's); ``master_fp32`` (default:
-    on when the parameters are not fp32) adds an fp32 copy for the update. ``flash`` and
-    ``logits_chunk`` are passed to :func:`activation_bytes`.
+    moments and 8 bytes of step counters (Adam's and the learning-rate schedule's);
+    ``master_fp32`` (default: on when the parameters are not fp32) adds an fp32 copy for the
+    update. ``flash`` and ``logits_chunk`` are passed to :func:`activation_bytes`.
     """
     cfg = get_config(config) if isinstance(config, str) else config
     sizes = _mesh_sizes(mesh)

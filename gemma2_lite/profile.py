@@ -3,10 +3,10 @@
 ``GEMMA2_LITE_PROFILE`` is one of :data:`PROFILES`: ``ci`` (CPU, the whole book in minutes),
 ``colab`` (one TPU chip or GPU), ``full`` (the real sizes, a TPU slice), or ``smoke`` (the unit
 tests' runs of the experiments, in seconds: a value picked without a ``smoke`` size takes its
-``ci`` one, so every chapter runs there as at ``ci``). Unset, the profile follows the hardware: ``colab``
-when a TPU or GPU is attached to this machine, ``ci`` otherwise, so a Colab runtime that restarts
-keeps its profile. Code reads the active profile with :func:`get_profile` and picks sizes with
-:func:`pick`::
+``ci`` one, so every chapter runs there as at ``ci``). Unset, the profile follows the hardware:
+``colab`` when a TPU or GPU is attached to this machine, ``ci`` otherwise, so a Colab runtime
+that restarts keeps its profile. Code reads the active profile with :func:`get_profile` and
+picks sizes with :func:`pick`::
 
     T = pick(ci=23, colab=128, full=512)                         # a shape
     steps = pick(ci=50, colab=2_000, full=20_000, loop=True)     # a loop count
@@ -83,7 +83,8 @@ def attached_accelerator() -> str | None:
 
 
 def get_profile() -> str:
-    """The active profile: ``$GEMMA2_LITE_PROFILE``; unset, ``colab`` on an accelerator, else ``ci``."""
+    """The active profile: ``$GEMMA2_LITE_PROFILE``; unset, ``colab`` on an accelerator, else
+    ``ci``."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if not value:
         return "colab" if attached_accelerator() else "ci"

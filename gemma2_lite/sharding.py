@@ -5,8 +5,8 @@ which of its dimensions is split over which mesh axis (a ``PartitionSpec``), and
 the collectives. Three mesh axes, as in MaxText and *How to Scale Your Model*:
 
 * ``data``  — plain data parallelism: each group holds whole parameters, sees its own batch slice.
-* ``fsdp``  — fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020): the batch *and* every
-  parameter / optimizer moment are split; weights are all-gathered just in time.
+* ``fsdp``  — fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020): the batch *and*
+  every parameter / optimizer moment are split; weights are all-gathered just in time.
 * ``model`` — tensor (Megatron) parallelism: heads, MLP width and vocabulary are split, so each
   matmul is computed in pieces and activations are all-reduced.
 

@@ -7,10 +7,11 @@ piece for, so *every* string encodes and decodes back unchanged. The special pie
     <pad> 0   <eos> 1   <bos> 2   <unk> 3   <mask> 4   <start_of_turn> 106   <end_of_turn> 107
 
 The book's small tokenizer (``gemma2_lite/assets/tokenizer.model``, shipped with the package;
-4096 pieces, trained on the Shakespeare corpus) uses the same choices and the same piece names, with ``<mask>``, ``<start_of_turn>``
-and ``<end_of_turn>`` right after ``<unk>`` (ids 4, 5, 6), then the 256 byte pieces
-``<0x00>``..``<0xFF>`` (ids 7..262), then the learned merges. :class:`Tokenizer` loads either
-file; code must use the id properties (``tok.end_of_turn_id``), never the numbers.
+4096 pieces, trained on the Shakespeare corpus) uses the same choices and the same piece names,
+with ``<mask>``, ``<start_of_turn>`` and ``<end_of_turn>`` right after ``<unk>`` (ids 4, 5, 6),
+then the 256 byte pieces ``<0x00>``..``<0xFF>`` (ids 7..262), then the learned merges.
+:class:`Tokenizer` loads either file; code must use the id properties (``tok.end_of_turn_id``),
+never the numbers.
 
 Special pieces written in text
 ------------------------------

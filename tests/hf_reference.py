@@ -1,4 +1,5 @@
-"""Build small random Hugging Face Gemma 2 models to test against (transformers + torch: test-only)."""
+"""Build small random Hugging Face Gemma 2 models to test against (transformers + torch:
+test-only)."""
 
 from __future__ import annotations
 

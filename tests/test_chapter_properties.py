@@ -56,7 +56,8 @@ def test_rope_scores_do_change_with_distance() -> None:
 
 @jax.jit
 def _rope_and_complex_rotation(x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """apply_rope(x) and the same rotation written as z * exp(i * position * ω), (B, T, N, H) each."""
+    """apply_rope(x) and the same rotation written as z * exp(i * position * ω), (B, T, N, H)
+    each."""
     half = x.shape[-1] // 2
     z = x[..., :half] + 1j * x[..., half:]
     z = z * jnp.exp(1j * positions[..., None, None] * rope_frequencies(2 * half))

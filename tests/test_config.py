@@ -1,5 +1,7 @@
 """Config presets, validation, and the report's parameter counts."""
 
+import dataclasses
+
 import pytest
 
 from gemma2_lite import Gemma2Config, get_config, param_counts
@@ -105,7 +107,7 @@ def test_unknown_preset_and_field():
 
 def test_config_is_frozen_and_round_trips():
     c = get_config("gemma2-9b")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.d_model = 1  # type: ignore[misc]
     assert Gemma2Config.from_dict(c.to_dict()) == c
     assert get_config("9b") == c

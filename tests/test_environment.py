@@ -80,7 +80,8 @@ def test_every_locked_version_satisfies_pyproject() -> None:
 
 
 def test_lower_bounds_are_the_tested_lowest_versions() -> None:
-    """pyproject's lower bounds are exactly constraints-lowest.txt, the set the tests passed with."""
+    """pyproject's lower bounds are exactly constraints-lowest.txt, the set the tests passed
+    with."""
     lowest = {}
     for line in (ROOT / "constraints-lowest.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):

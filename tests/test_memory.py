@@ -86,7 +86,7 @@ def test_activation_formula_equals_jax_saved_residuals(dtype: str, remat: bool) 
         graphdef, params = nnx.split(abstract_model(cfg, remat=remat))
         tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
 
-        def loss(p, t):
+        def loss(p, t, graphdef=graphdef):
             return next_token_loss(nnx.merge(graphdef, p), t)
 
         residuals = saved_residuals(loss, params, tokens)

@@ -1,4 +1,5 @@
-"""Trainer: data order, schedule, learning, metrics, bf16, distillation, exact resume, atomic saves."""
+"""Trainer: data order, schedule, learning, metrics, bf16, distillation, exact resume, atomic
+saves."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from student_copy import (
+# (E402) the sibling script is importable only once its folder is on sys.path
+from student_copy import (  # noqa: E402
     ExerciseError,
     is_check,
     is_solution,

@@ -15,8 +15,8 @@ in the copy every check cell fails until the student solves the exercise.
 
 The copies run from wherever they are written: the chapters find their files through the
 ``gemma2_lite`` package (``gemma2_lite.paths``; the tokenizer, the book's model and the corpus
-ship inside it), never through the working directory, so open them in Jupyter in OUT with the package installed (``make venv``, or the
-chapter's own setup cell on Colab). Standard library only.
+ship inside it), never through the working directory, so open them in Jupyter in OUT with the
+package installed (``make venv``, or the chapter's own setup cell on Colab). Standard library only.
 
 Assignments (``assignments/aN_name/``, see ``assignments/grading.py``): the student gets, per
 assignment, the starter (the notebook with every answer cell replaced by its stub, metadata key

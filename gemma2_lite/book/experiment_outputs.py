@@ -161,8 +161,8 @@ def loss_figure(hist: dict[str, list[dict[str, Any]]], path: str | Path) -> None
 
 
 def tiny_readme(p: dict[str, Any]) -> str:
-    """The README of the book's trained model (``gemma2_lite/assets/tiny-model/README.md``): what it is and
-    how it was made, from run_train_tiny's payload."""
+    """The README of the book's trained model (``gemma2_lite/assets/tiny-model/README.md``):
+    what it is and how it was made, from run_train_tiny's payload."""
     tc, c = p["train_config"], p["model_config"]
     return f"""# tiny-model: the book's trained `tiny` Gemma 2
 
@@ -178,7 +178,8 @@ corpus (`shakespeare.jsonl`, train split) with the book's tokenizer
 
 * command: `{p["command"]}` (seed {p["seed"]})
 * steps: {tc["steps"]} x {tc["batch_size"]} sequences x {tc["seq_len"]} tokens =
-  {p["tokens_trained"]:,} tokens ({p["epochs"]:.2f} epochs of the {p["train_tokens_in_corpus"]:,}-token
+  {p["tokens_trained"]:,} tokens ({p["epochs"]:.2f} epochs of the \
+{p["train_tokens_in_corpus"]:,}-token
   train split)
 * optimizer: AdamW, peak lr {tc["lr"]}, {tc["warmup"]} warm-up steps, cosine decay to
   {tc["min_lr_ratio"]} x peak, weight decay {tc["weight_decay"]}, clip {tc["clip"]}; float32

@@ -86,8 +86,12 @@ WRONG = [
         "(what taking every G-th row of a repeated-KV gradient gives)",
         ("test_gradients_on_the_hard_case",),
         edits={
-            'dv = jnp.einsum("BTKGC,BTKGH->BCKH", p, do)': 'dv = g * jnp.einsum("BTKC,BTKH->BCKH", p[:, :, :, 0], do[:, :, :, 0])',
-            'dk = jnp.einsum("BTKGC,BTKGH->BCKH", ds, qg)': 'dk = g * jnp.einsum("BTKC,BTKH->BCKH", ds[:, :, :, 0], qg[:, :, :, 0])',
+            'dv = jnp.einsum("BTKGC,BTKGH->BCKH", p, do)': (
+                'dv = g * jnp.einsum("BTKC,BTKH->BCKH", p[:, :, :, 0], do[:, :, :, 0])'
+            ),
+            'dk = jnp.einsum("BTKGC,BTKGH->BCKH", ds, qg)': (
+                'dk = g * jnp.einsum("BTKC,BTKH->BCKH", ds[:, :, :, 0], qg[:, :, :, 0])'
+            ),
         },
     ),
     Wrong(

@@ -21,7 +21,9 @@ WRONG = [
         ("test_fit_survives_noise_and_a_diverged_run",),
         edits={
             "terms = jnp.stack([a - alpha * log_n, b - beta * log_d,\n"
-            "                           jnp.broadcast_to(e, log_n.shape)])": "terms = jnp.stack([a - alpha * log_n, b - beta * log_d])",
+            "                           jnp.broadcast_to(e, log_n.shape)])": (
+                "terms = jnp.stack([a - alpha * log_n, b - beta * log_d])"
+            ),
             '"E": math.exp(e)': '"E": 0.0',
         },
     ),
@@ -38,7 +40,9 @@ WRONG = [
         "G = (beta B / (alpha A))^(1 / (alpha + beta)): the first-order condition solved for 1 / N",
         ("test_compute_optimal_minimises_the_loss",),
         edits={
-            'g = (alpha * params["A"] / (beta * params["B"]))': 'g = (beta * params["B"] / (alpha * params["A"]))'
+            'g = (alpha * params["A"] / (beta * params["B"]))': (
+                'g = (beta * params["B"] / (alpha * params["A"]))'
+            )
         },
     ),
     Wrong(

@@ -48,7 +48,9 @@ WRONG = [
         "token t + 1, not token t)",
         ("test_generate_samples_the_target_exactly",),
         edits={
-            "target(tokens + drafted)[len(tokens) - 1:]": "target(tokens + drafted)[len(tokens) - 2:]"
+            "target(tokens + drafted)[len(tokens) - 1:]": (
+                "target(tokens + drafted)[len(tokens) - 2:]"
+            )
         },
     ),
     Wrong(
@@ -75,7 +77,9 @@ WRONG = [
         "which were never judged: the acceptance rate comes out too low",
         ("test_stats_follow_the_acceptance_theory",),
         edits={
-            'stats["rejected"] += len(new) - 1 < todo ': 'stats["rejected"] += todo - (len(new) - 1) '
+            'stats["rejected"] += len(new) - 1 < todo ': (
+                'stats["rejected"] += todo - (len(new) - 1) '
+            )
         },
     ),
     Wrong(
