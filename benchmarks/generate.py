@@ -29,6 +29,7 @@ Prints three tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import re
@@ -147,9 +148,11 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> flo
     try:
         import torch
         from transformers import Gemma2ForCausalLM
+
+        have_torch = True
     except ImportError:
-        torch = None
-    if torch is not None:
+        have_torch = False
+    if have_torch:
         tmp = tempfile.TemporaryDirectory()
         save_hf(model, tmp.name)
         hf = Gemma2ForCausalLM.from_pretrained(
@@ -191,19 +194,19 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> flo
         warm[name] = time.perf_counter() - start
     hf_names = [n for n in contestants if n.startswith("transformers")]
     if len(hf_names) > 1:  # keep only the faster torch thread setting
-        fastest = min(warm[n] for n in hf_names)
-        for n in hf_names:
-            if warm[n] > 1.5 * fastest:
+        fastest = min(warm[hf] for hf in hf_names)
+        for hf in hf_names:
+            if warm[hf] > 1.5 * fastest:
                 print(
-                    f"{n}: {new_tokens / warm[n]:.1f} tok/s in the warm-up run, "
-                    f"{warm[n] / fastest:.1f}x slower than the other setting: not repeated"
+                    f"{hf}: {new_tokens / warm[hf]:.1f} tok/s in the warm-up run, "
+                    f"{warm[hf] / fastest:.1f}x slower than the other setting: not repeated"
                 )
-                del contestants[n]
+                del contestants[hf]
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(reps):  # interleaved: every contestant shares the same noise
         for name, fn in contestants.items():
             for n in (1, new_tokens):
-                times.setdefault((name, n), []).append(_timed(lambda fn=fn, n=n: fn(n)))
+                times.setdefault((name, n), []).append(_timed(functools.partial(fn, n)))
     rows = []
     speed: dict[str, tuple[float, float]] = {}
     for name in contestants:
@@ -397,8 +400,9 @@ def _time_attention(
             # What the model builds once per forward: the rotation table and the mask.
             rope = rope_table(pos, layer.head_dim, layer.rope_base)
             mask = attention_mask(pos, cached_key_positions("decode", cache, pos), layer.window)
-            out, cache = layer(h, rope, mask, pos, cache, AttentionPlan("decode"))
-            return out, cache
+            out, new_cache = layer(h, rope, mask, pos, cache, AttentionPlan("decode"))
+            assert new_cache is not None  # a cache in, a cache out
+            return out, new_cache
 
         return jax.lax.fori_loop(0, steps, body, (x, cache))[0]
 

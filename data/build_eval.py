@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma2_lite.data import load_documents
+from gemma2_lite.data import Split, load_documents
 from gemma2_lite.posttrain import speeches
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "gemma2_lite" / "assets" / "eval"
@@ -120,7 +120,7 @@ def _before(text: str, speaker: str, first: str, second: str) -> str | None:
     return "\n".join(block) if any(line.strip() for line in block) else None
 
 
-def speaker_items(split: str, n: int, seed: int, prefix: str) -> list[dict]:
+def speaker_items(split: Split, n: int, seed: int, prefix: str) -> list[dict]:
     """``n`` "who speaks this line" items from the speeches of ``split`` (rule above)."""
     texts = {doc["title"]: doc["text"] for doc in load_documents(split)}
     cast: dict[str, set[str]] = defaultdict(set)

@@ -69,7 +69,7 @@ class TokenBatcher:
         """The batch at ``position`` and the position after it: int32 (B, T + 1) (inputs are
         [:, :-1], targets [:, 1:]). Leaves the batcher's own position alone."""
         epoch, index = int(position["epoch"]), int(position["index"])
-        rows = []
+        rows: list[np.ndarray] = []
         while len(rows) < self.batch_size:
             order = self._order(epoch)
             if index >= len(order):

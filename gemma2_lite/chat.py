@@ -277,7 +277,7 @@ class ChatSession:
 
     def _reply(self, prompt: list[int], seed: int) -> list[int]:
         """The new tokens after ``prompt``, from the cached conversation or ``generate_fn``."""
-        sampling = dict(
+        sampling: dict[str, Any] = dict(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_k=self.top_k,

@@ -60,8 +60,13 @@ def round_up(n: int, multiple: int) -> int:
 SHORTLIST = 256
 
 
+#: A sampling setting: a numpy value when made (SamplingSettings.make), a traced array inside
+#: the compiled programs.
+Setting = jax.Array | np.ndarray | np.number
+
+
 def sample_tokens(
-    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+    logits: jax.Array, key: jax.Array, temperature: Setting, top_k: Setting, top_p: Setting
 ) -> jax.Array:
     """:func:`~gemma2_lite.sampler.sample_logits` with the settings as arrays (top_k 0 = off,
     top_p 1 = off): logits float32 (B, V) -> int32 (B,), ``BAD_LOGITS`` for a row with NaN or
@@ -162,6 +167,7 @@ def prefill(
         positions = positions_from_mask(jnp.asarray(mask))  # (B, T), pads -1
         positions = jnp.where(positions >= 0, positions + jnp.asarray(start)[:, None], -1)
     out = model.forward(tokens, mask, positions=positions, cache=cache, last_only=True)
+    assert out.cache is not None  # a cache in, a cache out
     return _checked_logits(out), out.cache  # (B, V)
 
 
@@ -174,6 +180,7 @@ def decode_step(
     :func:`prefill`) and the updated cache.
     """
     out = model.forward(tokens[:, None], positions=positions[:, None], cache=cache)
+    assert out.cache is not None  # a cache in, a cache out
     return _checked_logits(out), out.cache
 
 
@@ -187,11 +194,11 @@ class SamplingSettings:
     (1 = off); stop_tokens: int32 (S,) padded with -1; max_new_tokens: int32 ().
     """
 
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    stop_tokens: jax.Array
-    max_new_tokens: jax.Array
+    temperature: Setting
+    top_k: Setting
+    top_p: Setting
+    stop_tokens: Setting
+    max_new_tokens: Setting
 
     @classmethod
     def make(

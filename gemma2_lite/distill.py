@@ -240,11 +240,10 @@ def _teacher_topk_fn() -> Callable[..., tuple[jax.Array, jax.Array]]:
     model graph, chunk shape and k, however often :func:`compute_teacher_topk` is called."""
     from flax import nnx  # local: keep the loss functions importable without flax
 
-    @functools.partial(nnx.jit, static_argnames="k")
     def top(model: Any, x: jax.Array, m: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
         return jax.lax.top_k(model(x, m), k)  # (b, T, k) x2
 
-    return top
+    return nnx.jit(top, static_argnames="k")
 
 
 def compute_teacher_topk(
@@ -320,7 +319,8 @@ def save_teacher_topk(
         arrays[f"values_{j:05d}"] = v
         arrays[f"ids_{j:05d}"] = ids[start : start + chunk_rows].astype(id_dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    # numpy's stub reads **arrays as possibly its allow_pickle: bool (no key here is)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     tokens = int(values.shape[0] * values.shape[1])
     return {
         "path": str(path),

@@ -172,15 +172,17 @@ def option_scores(
     return out
 
 
-def choose(logp: Sequence[float], tokens: Sequence[int], normalize: str = "none") -> int:
+def choose(
+    logp: Sequence[float] | np.ndarray, tokens: Sequence[int] | np.ndarray, normalize: str = "none"
+) -> int:
     """The chosen option: arg-max of ``logp`` (``"none"``) or of ``logp / tokens``
     (``"length"``, the mean log-probability per token); ties go to the lowest index."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    logp = np.asarray(logp, np.float64)
-    if not np.all(np.isfinite(logp)):
-        raise ValueError(f"option log-likelihoods must be finite, got {logp}")
-    score = logp if normalize == "none" else logp / np.asarray(tokens, np.float64)
+    lp = np.asarray(logp, np.float64)
+    if not np.all(np.isfinite(lp)):
+        raise ValueError(f"option log-likelihoods must be finite, got {lp}")
+    score = lp if normalize == "none" else lp / np.asarray(tokens, np.float64)
     return int(np.argmax(score))
 
 
@@ -288,7 +290,9 @@ def exact_match(
     if len(items) == 0:
         raise ValueError("items is empty: give at least one {'prompt', 'answer'}")
     if generate_fn is None:
-        from .sampler import generate as generate_fn
+        from .sampler import generate
+
+        generate_fn = generate
     stop_ids = [ids[0] for ids in map(tokenizer.encode, stop) if len(ids) == 1]
     outputs: list[str] = []
     for first in range(0, len(items), batch_size):

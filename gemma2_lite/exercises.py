@@ -39,7 +39,7 @@ FINGERPRINT_DIRECTIONS = 3
 
 
 # ----------------------------------------------------------------------------- digests
-def _number(x: float, sig: int) -> str:
+def _number(x: float | numbers.Real, sig: int) -> str:
     text = format(float(x), f".{sig}g")
     return "0" if text in ("-0", "0") else text
 

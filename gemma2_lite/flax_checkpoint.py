@@ -167,8 +167,8 @@ def load_flax(
     """
     flat, source = _restore(path_or_tree)
     config = config or infer_flax_config(flat)
-    own = flat[_EMBEDDING].dtype
-    own = own.name if own.name in ("float32", "bfloat16", "float16") else "float32"
+    stored = flat[_EMBEDDING].dtype.name
+    own = stored if stored in ("float32", "bfloat16", "float16") else "float32"
     dtype = jnp.dtype(dtype or own).name
     config = config.replace(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype).name)
     table = flax_table(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -386,7 +386,8 @@ class Gemma2(nnx.Module):
         logits = soft_cap(raw, c.final_logit_softcap)
         return Gemma2Output(
             logits=logits,
-            cache=None if cache is None else new_cache,
+            # a cache in, a cache out: every block returned its layer's
+            cache=None if cache is None else cast(list[LayerCache], new_cache),
             hidden=hidden if return_hidden else None,
             finite=finite,
             captured=captured,
@@ -427,6 +428,7 @@ class Gemma2(nnx.Module):
                 continue
             mode = plan.for_window(w)
             if mode == "banded":
+                assert w is not None  # for_window bands only a local layer
                 # A local layer over a whole prompt attends in chunks of W columns, each to
                 # its own and the previous chunk's keys (attention.banded_attention).
                 masks[w] = band_mask(self.components.mask, k_pos, w)  # (B, n, W, 2W)

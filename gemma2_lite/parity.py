@@ -49,6 +49,7 @@ def compare_layers(
         jnp.asarray(tokens), jnp.asarray(mask), positions=jnp.asarray(positions), return_hidden=True
     )
     ours_logits, ours_hidden = ours.logits, ours.hidden
+    assert ours_hidden is not None  # return_hidden=True
     with torch.no_grad():
         out = hf_model(
             torch.tensor(tokens, dtype=torch.long),
@@ -59,11 +60,11 @@ def compare_layers(
     keep = mask.astype(bool)[..., None]  # compare real tokens only: padding rows are junk
     names = ["embedding"] + [f"layer {i}" for i in range(len(ours_hidden) - 2)] + ["final norm"]
     diffs = []
-    for name, ours, ref in zip(names, ours_hidden, out.hidden_states):
-        ours, ref = np.asarray(ours, np.float32), ref.float().numpy()
+    for name, hidden, ref_hidden in zip(names, ours_hidden, out.hidden_states):
+        mine, ref = np.asarray(hidden, np.float32), ref_hidden.float().numpy()
         diffs.append(
             LayerDiff(
-                name, float(np.abs(np.where(keep, ours - ref, 0)).max()), float(np.abs(ref).max())
+                name, float(np.abs(np.where(keep, mine - ref, 0)).max()), float(np.abs(ref).max())
             )
         )
     ref_logits = out.logits.float().numpy()

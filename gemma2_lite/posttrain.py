@@ -49,7 +49,7 @@ from flax import nnx
 
 from gemma2_lite.batching import padded_batches
 from gemma2_lite.chat import encode_chat
-from gemma2_lite.data import load_documents
+from gemma2_lite.data import Split, load_documents
 from gemma2_lite.losses import token_nll
 from gemma2_lite.tokenizer import Tokenizer
 
@@ -72,7 +72,7 @@ _SPEAKER = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*)*\.$")
 
 
 @lru_cache(maxsize=4)
-def _speeches(split: str) -> tuple[tuple[str, str, str, str], ...]:
+def _speeches(split: Split) -> tuple[tuple[str, str, str, str], ...]:
     out = []
     for doc in load_documents(split):
         for block in doc["text"].split("\n\n"):

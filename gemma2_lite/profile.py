@@ -128,7 +128,7 @@ def pick(
     if profile not in values:
         raise ValueError(f"unknown profile {profile!r}; choose one of {tuple(PROFILES)}")
     value = values[profile]
-    return capped(value) if loop else value  # type: ignore[return-value]
+    return capped(value) if loop else value
 
 
 def capped(count: T) -> T:

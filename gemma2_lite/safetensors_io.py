@@ -107,7 +107,7 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def _is_count(x: Any) -> bool:
-    return is_int(x) and x >= 0
+    return is_int(x) and bool(x >= 0)
 
 
 def _entry(where: str, info: Any, data_size: int) -> Entry:
@@ -295,11 +295,12 @@ def write_safetensors(
     tmp = Path(str(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            for chunk in (
+            chunks: list[bytes | memoryview] = [
                 len(blob).to_bytes(8, "little"),
                 blob,
                 *(a.reshape(-1).view(np.uint8).data for a in arrays if a.size),
-            ):
+            ]
+            for chunk in chunks:
                 f.write(chunk)
                 digest.update(chunk)
             f.flush()

@@ -45,6 +45,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -80,7 +81,7 @@ _MAX_SENTENCE_BYTES = 8192
 _CHUNK_CHARS = 2000
 
 
-def gemma_trainer_options(vocab_size: int = 4096) -> dict[str, object]:
+def gemma_trainer_options(vocab_size: int = 4096) -> dict[str, Any]:
     """The SentencePiece trainer settings that reproduce Gemma's tokenizer choices.
 
     BPE; byte fallback; digits split into single-digit pieces; identity normalisation (no NFKC),
@@ -363,7 +364,7 @@ class Tokenizer:
         Accepts a list of ints or a 1-D numpy/JAX integer array.
         """
         if hasattr(ids, "tolist"):
-            ids = ids.tolist()  # type: ignore[union-attr]
+            ids = ids.tolist()
         ids = list(ids)
         for i, t in enumerate(ids):
             if isinstance(t, list):

@@ -471,8 +471,11 @@ def _resume(run: _Run, state: TrainState, allow_data_change: bool) -> TrainState
         data_state = dict(saved["data_state"])
         if allow_data_change:  # a new stream: keep the position, not its size
             data_state.pop("num_tokens", None)
+        params, opt_state, rng = arrays
         state = TrainState(
-            *arrays,
+            params,
+            opt_state,
+            rng,
             step=step,
             data=run.batcher.check_state(data_state),
             history=saved["history"],
@@ -535,8 +538,8 @@ def _advance(run: _Run, state: TrainState, clock: list[float]) -> dict[str, Any]
     metrics row. Raises FloatingPointError naming the step if the loss or any updated
     parameter is not finite."""
     tc = run.tc
-    batch, state.data = run.batcher.take(state.data)  # (B, T + 1)
-    batch = jnp.asarray(batch) if run.mesh is None else shard_batch(batch, run.mesh)
+    host_batch, state.data = run.batcher.take(state.data)  # (B, T + 1)
+    batch = jnp.asarray(host_batch) if run.mesh is None else shard_batch(host_batch, run.mesh)
     state.params, state.opt_state, state.rng, metrics = run.step_fn(
         *state.arrays, run.rest, run.teacher_state, batch, None
     )

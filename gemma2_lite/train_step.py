@@ -84,9 +84,17 @@ def make_loss_fn(tc: TrainConfig, has_teacher: bool) -> LossFn:
     a stored top-k file would give), mixed with the hard labels when ``tc.distill_alpha`` is set.
     """
     if not has_teacher:
-        return lambda logits, targets, teacher_logits, rng, mask=None: cross_entropy_loss(
-            logits, targets, mask
-        )
+
+        def hard_labels(
+            logits: jax.Array,
+            targets: jax.Array,
+            teacher_logits: jax.Array | None,
+            rng: jax.Array,
+            mask: jax.Array | None = None,
+        ) -> jax.Array:
+            return cross_entropy_loss(logits, targets, mask)
+
+        return hard_labels
     tau, alpha, k = tc.distill_temperature, tc.distill_alpha, tc.distill_topk
 
     def loss(
@@ -118,7 +126,8 @@ def split_trainable(
     ``trainable=nnx.LoRAParam`` trains only LoRA adapters; the base weights then sit in
     ``rest``. Raises ``ValueError`` when the filter matches no variable.
     """
-    graphdef, params, rest = nnx.split(model, trainable, ...)
+    # flax types split's result as variadic; two filters give exactly three parts
+    graphdef, params, rest = nnx.split(model, trainable, ...)  # type: ignore[misc]
     if not jax.tree.leaves(params):
         raise ValueError(
             f"the filter trainable={trainable!r} matches no variable of the model: "

@@ -185,7 +185,7 @@ def run_time_rows() -> list[tuple[str, str, str]]:
         for key in (CI, COLAB):
             entry = rec.get(key, {}).get(path.stem)
             cells.append(str(entry["seconds"]) if entry else "")
-        rows.append((_label(path), *cells))
+        rows.append((_label(path), cells[0], cells[1]))
     return rows
 
 

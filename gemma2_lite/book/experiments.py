@@ -488,7 +488,7 @@ def _check_prefix(
             seq_len=tc.seq_len,
             max_batches=CHECK_BATCHES,
         )["loss"]
-        for w in (windows or [None])
+        for w in ([*windows] if windows else [None])
     ]
     return {
         "steps": len(hist["train"]),
