@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from flax import nnx
 
 from .checks import is_int
@@ -172,9 +173,7 @@ def option_scores(
     return out
 
 
-def choose(
-    logp: Sequence[float] | np.ndarray, tokens: Sequence[int] | np.ndarray, normalize: str = "none"
-) -> int:
+def choose(logp: npt.ArrayLike, tokens: npt.ArrayLike, normalize: str = "none") -> int:
     """The chosen option: arg-max of ``logp`` (``"none"``) or of ``logp / tokens``
     (``"length"``, the mean log-probability per token); ties go to the lowest index."""
     if normalize not in NORMALIZATIONS:

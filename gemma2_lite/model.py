@@ -150,6 +150,17 @@ class Block(nnx.Module):
         return x, cache
 
 
+def _valid_mask(tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """The real-token mask, bool (B, T): ``attention_mask`` (default all ones) checked against
+    the tokens' shape."""
+    if attention_mask is None:
+        return jnp.ones(tokens.shape, bool)
+    valid = jnp.asarray(attention_mask).astype(bool)
+    if valid.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
+    return valid
+
+
 class Gemma2(nnx.Module):
     """Gemma 2 as a Flax NNX module.
 
@@ -340,14 +351,7 @@ class Gemma2(nnx.Module):
         """
         tokens = self._check_inputs(tokens, positions, cache, attention_mask)
         c, comps = self.config, self.components
-        if attention_mask is None:
-            valid = jnp.ones(tokens.shape, bool)
-        else:
-            valid = jnp.asarray(attention_mask).astype(bool)
-            if valid.shape != tokens.shape:
-                raise ValueError(
-                    f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}"
-                )
+        valid = _valid_mask(tokens, attention_mask)  # (B, T) bool
         plan = self._plan(plan, tokens.shape[1], positions, cache)
         captured = self._captures(capture, plan)
         if positions is None:
@@ -386,8 +390,7 @@ class Gemma2(nnx.Module):
         logits = soft_cap(raw, c.final_logit_softcap)
         return Gemma2Output(
             logits=logits,
-            # a cache in, a cache out: every block returned its layer's
-            cache=None if cache is None else cast(list[LayerCache], new_cache),
+            cache=None if cache is None else cast(list[LayerCache], new_cache),  # all filled
             hidden=hidden if return_hidden else None,
             finite=finite,
             captured=captured,
