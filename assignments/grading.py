@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ANSWER_KEY = "assignment"
 CONTEXT_TAG = "assignment-context"
@@ -59,8 +60,9 @@ def graded_cells(nb: dict | str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def load_answers(nb: dict | str | Path, replace: dict[str, str] | None = None,
-                 where: str = "notebook") -> types.SimpleNamespace:
+def load_answers(
+    nb: dict | str | Path, replace: dict[str, str] | None = None, where: str = "notebook"
+) -> types.SimpleNamespace:
     """Run the notebook's context and answer cells in one fresh namespace; return it.
 
     ``replace`` maps an answer id to the source to run instead (a wrong answer's fixture).
@@ -77,8 +79,7 @@ def load_answers(nb: dict | str | Path, replace: dict[str, str] | None = None,
 
 def solution_sources(nb: dict | str | Path) -> dict[str, str]:
     """Answer id -> the cell's source (the reference solution in the instructor's notebook)."""
-    return {answer_id(c): source(c) for c in read_notebook(nb)["cells"]
-            if answer_id(c) is not None}
+    return {answer_id(c): source(c) for c in read_notebook(nb)["cells"] if answer_id(c) is not None}
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,10 @@ class Wrong:
         for old, new in self.edits.items():
             count = out.count(old)
             if count != 1:
-                raise ValueError(f"wrong answer {self.name!r}: {old!r} occurs {count} times in "
-                                 f"{self.part}'s solution; it must occur exactly once")
+                raise ValueError(
+                    f"wrong answer {self.name!r}: {old!r} occurs {count} times in "
+                    f"{self.part}'s solution; it must occur exactly once"
+                )
             out = out.replace(old, new)
         return out
 
@@ -120,8 +123,9 @@ def run_test(test: Callable[[Any], None], impl: Any) -> BaseException | None:
 
 def tests_of(module: types.ModuleType) -> dict[str, Callable[[Any], None]]:
     """The module's ``test_*`` functions, in definition order."""
-    return {name: fn for name, fn in vars(module).items()
-            if name.startswith("test_") and callable(fn)}
+    return {
+        name: fn for name, fn in vars(module).items() if name.startswith("test_") and callable(fn)
+    }
 
 
 def notebook_for(test_file: str | Path) -> Path:
@@ -136,8 +140,9 @@ def notebook_for(test_file: str | Path) -> Path:
         candidate = folder / f"{folder.name}.ipynb"
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"no <folder>/<folder>.ipynb above {test_file}; set "
-                            "ASSIGNMENT_NOTEBOOK=path/to/your.ipynb")
+    raise FileNotFoundError(
+        f"no <folder>/<folder>.ipynb above {test_file}; set ASSIGNMENT_NOTEBOOK=path/to/your.ipynb"
+    )
 
 
 try:
@@ -146,6 +151,7 @@ except ImportError:  # loading answers needs no pytest; only the fixture does
     pytest = None
 
 if pytest is not None:
+
     @pytest.fixture(scope="module")
     def impl(request: Any) -> types.SimpleNamespace:
         """What the graded notebook's context and answer cells define (see the docstring)."""

@@ -27,11 +27,30 @@ from gemma2_lite import Gemma2, get_config, param_counts
 from gemma2_lite.checkpoint import save_hf
 
 # ~20M parameters: 6.3M embedding + 6 layers x 2.2M.
-BENCH = get_config("tiny", name="bench-20m", vocab_size=16_384, d_model=384, num_layers=6,
-                   num_heads=6, num_kv_heads=2, head_dim=64, ffn_dim=1536,
-                   query_pre_attn_scalar=64, sliding_window=128, max_seq_len=1024)
-QUICK = BENCH.replace(name="bench-quick", vocab_size=4096, d_model=128, num_layers=2,
-                      num_heads=4, head_dim=32, ffn_dim=512, query_pre_attn_scalar=32)
+BENCH = get_config(
+    "tiny",
+    name="bench-20m",
+    vocab_size=16_384,
+    d_model=384,
+    num_layers=6,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=64,
+    ffn_dim=1536,
+    query_pre_attn_scalar=64,
+    sliding_window=128,
+    max_seq_len=1024,
+)
+QUICK = BENCH.replace(
+    name="bench-quick",
+    vocab_size=4096,
+    d_model=128,
+    num_layers=2,
+    num_heads=4,
+    head_dim=32,
+    ffn_dim=512,
+    query_pre_attn_scalar=32,
+)
 
 
 def run(quick: bool = False, reps: int | None = None) -> dict[str, float]:
@@ -66,8 +85,10 @@ def run(quick: bool = False, reps: int | None = None) -> dict[str, float]:
 
     # Same numbers first (a fast benchmark of a wrong model is worthless).
     with torch.no_grad():
-        diff = np.abs(np.asarray(forward(state, tokens_jax)) - ref(tokens_torch).logits.numpy()).max()
-    ours(), theirs()   # warm-up: compile / first-call allocations
+        diff = np.abs(
+            np.asarray(forward(state, tokens_jax)) - ref(tokens_torch).logits.numpy()
+        ).max()
+    ours(), theirs()  # warm-up: compile / first-call allocations
     times_ours, times_theirs = [], []
     for _ in range(reps):
         times_ours.append(ours())
@@ -81,16 +102,24 @@ def run(quick: bool = False, reps: int | None = None) -> dict[str, float]:
     }
     result["ratio"] = result["ours_tok_s"] / result["ref_tok_s"]
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+        f"({jax.default_backend()}), torch {torch.__version__}"
+    )
     print(f"config: {cfg!r}")
-    print(f"prefill B={batch} T={seq} ({n_tokens} tokens), {reps} interleaved repetitions, "
-          f"float32, {result['params']:,} parameters; max |logit diff| {diff:.1e}")
+    print(
+        f"prefill B={batch} T={seq} ({n_tokens} tokens), {reps} interleaved repetitions, "
+        f"float32, {result['params']:,} parameters; max |logit diff| {diff:.1e}"
+    )
     print(f"{'implementation':<28}{'median s':>10}{'tokens/s':>12}")
-    print(f"{'gemma2_lite (jax.jit)':<28}{statistics.median(times_ours):>10.4f}"
-          f"{result['ours_tok_s']:>12,.0f}")
-    print(f"{'transformers (torch eager)':<28}{statistics.median(times_theirs):>10.4f}"
-          f"{result['ref_tok_s']:>12,.0f}")
+    print(
+        f"{'gemma2_lite (jax.jit)':<28}{statistics.median(times_ours):>10.4f}"
+        f"{result['ours_tok_s']:>12,.0f}"
+    )
+    print(
+        f"{'transformers (torch eager)':<28}{statistics.median(times_theirs):>10.4f}"
+        f"{result['ref_tok_s']:>12,.0f}"
+    )
     print(f"ratio gemma2_lite / transformers: {result['ratio']:.2f}x  (target >= 1.5x)")
     return result
 

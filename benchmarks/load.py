@@ -11,10 +11,10 @@ taking turns, each load in a fresh subprocess so that its peak resident memory i
 files and reads nothing until the weights are used, while our load reads every weight once
 (to lay it out and to check its values), so a third side, "theirs+read", is
 ``from_pretrained`` followed by reading every weight once (a chunked check of the exponent
-bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory is the process's
-own high-water mark after the call (``VmHWM``, imports included; not ``ru_maxrss``, which
-Linux carries over from the parent across the spawn, so a child of a big parent would report
-the parent's size), also shown against the weights' bytes.
+bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory
+is the process's own high-water mark after the call (``VmHWM``, imports included; not
+``ru_maxrss``, which Linux carries over from the parent across the spawn, so a child of a big
+parent would report the parent's size), also shown against the weights' bytes.
 Prints the best and the median of each, and the ratios.
 
 :func:`measure` is the one-load measurement, for other benchmarks to call.
@@ -65,8 +65,12 @@ def measure(folder: str | Path, side: str) -> dict[str, float]:
     """One load of ``folder`` by ``side`` ("ours", "theirs" or "theirs+read") in a fresh
     subprocess:
     ``{"load_s": seconds of the load call, "peak_bytes": the process's peak RSS}``."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, side, str(folder)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, side, str(folder)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -80,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=256000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--folder", type=Path, default=None,
-                        help="where the checkpoint is (written there if absent; default: a "
-                             "temporary folder, removed afterwards)")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="where the checkpoint is (written there if absent; default: a "
+        "temporary folder, removed afterwards)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from real_size import write_folder
@@ -91,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.folder or Path(tmp) / "ckpt"
         if not (folder / "model.safetensors.index.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
-            print(f"writing {args.layers} layers, vocabulary {args.vocab}, into {folder}",
-                  flush=True)
+            print(
+                f"writing {args.layers} layers, vocabulary {args.vocab}, into {folder}", flush=True
+            )
             write_folder(folder, args.layers, args.vocab)
         size = weight_bytes(folder)
         runs: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": [], "theirs+read": []}
@@ -106,17 +115,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
     print(f"\nweights: {size / 1e9:.2f} GB (bf16); {len(runs['ours'])} load(s) per side")
-    print(f"{'':26}{'ours':>8}{'theirs':>9}{'ours/theirs':>13}{'theirs+read':>13}"
-          f"{'ours/that':>11}")
+    print(f"{'':26}{'ours':>8}{'theirs':>9}{'ours/theirs':>13}{'theirs+read':>13}{'ours/that':>11}")
     for key, unit, scale in (("load_s", "s", 1.0), ("peak_bytes", "GB", 1e9)):
         for name, pick in (("best", min), ("median", statistics.median)):
-            ours, theirs, read = (pick(r[key] for r in runs[side]) / scale
-                                  for side in ("ours", "theirs", "theirs+read"))
+            ours, theirs, read = (
+                pick(r[key] for r in runs[side]) / scale
+                for side in ("ours", "theirs", "theirs+read")
+            )
             label = f"{'load time' if key == 'load_s' else 'peak RSS'} ({name}, {unit})"
-            print(f"{label:26}{ours:8.2f}{theirs:9.2f}{ours / theirs:13.2f}{read:13.2f}"
-                  f"{ours / read:11.2f}")
-    ours, theirs, read = (min(r["peak_bytes"] for r in runs[side]) / size
-                          for side in ("ours", "theirs", "theirs+read"))
+            print(
+                f"{label:26}{ours:8.2f}{theirs:9.2f}{ours / theirs:13.2f}{read:13.2f}"
+                f"{ours / read:11.2f}"
+            )
+    ours, theirs, read = (
+        min(r["peak_bytes"] for r in runs[side]) / size
+        for side in ("ours", "theirs", "theirs+read")
+    )
     print(f"{'peak RSS / weights':26}{ours:8.2f}{theirs:9.2f}{'':13}{read:13.2f}")
 
 

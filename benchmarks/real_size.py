@@ -87,12 +87,25 @@ def hf_config(layers: int, vocab: int):
     """transformers' config of gemma-2-2b as released (optionally shallower / smaller vocab)."""
     from transformers import Gemma2Config
 
-    return Gemma2Config(vocab_size=vocab, hidden_size=2304, intermediate_size=9216,
-                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
-                        max_position_embeddings=8192, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-                        pad_token_id=0, eos_token_id=1, bos_token_id=2, dtype="bfloat16")
+    return Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        max_position_embeddings=8192,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        dtype="bfloat16",
+    )
 
 
 def write_folder(folder: Path, layers: int, vocab: int) -> int:
@@ -108,8 +121,11 @@ def write_folder(folder: Path, layers: int, vocab: int) -> int:
 
     config = hf_config(layers, vocab)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Gemma2ForCausalLM(config).state_dict().items()
-                  if k != "lm_head.weight"}                            # tied to the embedding
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in Gemma2ForCausalLM(config).state_dict().items()
+            if k != "lm_head.weight"
+        }  # tied to the embedding
     # Plan the shards from the shapes first (file names say "of n"), then draw and write one
     # shard at a time, so at most one shard (<= 2 GB) is ever in memory here.
     plan: list[list[str]] = [[]]
@@ -128,14 +144,15 @@ def write_folder(folder: Path, layers: int, vocab: int) -> int:
         # Drawing 2.6e9 normals takes minutes on a small CPU; speed does not depend on the
         # values, so each tensor is cut from a pool of 2^22 normals at random offsets.
         if std not in pools:
-            pools[std] = (rng.standard_normal(1 << 22, dtype=np.float32) * std
-                          ).astype(ml_dtypes.bfloat16)
+            pools[std] = (rng.standard_normal(1 << 22, dtype=np.float32) * std).astype(
+                ml_dtypes.bfloat16
+            )
         pool, n = pools[std], int(np.prod(shape))
         out = np.empty(n, ml_dtypes.bfloat16)
         for at in range(0, n, len(pool) // 2):
             k = min(len(pool) // 2, n - at)
             start = int(rng.integers(0, len(pool) - k + 1))
-            out[at:at + k] = pool[start:start + k]
+            out[at : at + k] = pool[start : start + k]
         return out.reshape(shape)
 
     weight_map, total = {}, 0
@@ -150,8 +167,9 @@ def write_folder(folder: Path, layers: int, vocab: int) -> int:
         weight_map.update({n: fname for n in names})
         total += sum(a.nbytes for a in shard.values())
         del shard
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     # config.json as the release has it (transformers 4.42's keys), read by both sides.
     ours = get_config("gemma2-2b", vocab_size=vocab, num_layers=layers, param_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(released_hf_config(ours, instruct=False)))
@@ -172,24 +190,33 @@ def run_ours(folder: str, prompt: list[int], quantized: bool) -> dict:
     start = time.perf_counter()
     model = load_hf(folder, jnp.bfloat16)
     jax.block_until_ready(jax.tree.leaves(model))
-    load_s, load_rss, load_peak = time.perf_counter() - start, memory_gb("VmRSS"), \
-        memory_gb("VmHWM")
+    load_s, load_rss, load_peak = (
+        time.perf_counter() - start,
+        memory_gb("VmRSS"),
+        memory_gb("VmHWM"),
+    )
     quantize_s = 0.0
     if quantized:
         start = time.perf_counter()
-        model = quantize(model, "int8")                # the bf16 arrays are dropped here
+        model = quantize(model, "int8")  # the bf16 arrays are dropped here
         gc.collect()
         quantize_s = time.perf_counter() - start
     reset_peak()
-    run = lambda n: generate(model, [prompt], max_new_tokens=n)[0]   # noqa: E731
+    run = lambda n: generate(model, [prompt], max_new_tokens=n)[0]  # noqa: E731
     start = time.perf_counter()
-    run(NEW)                          # compiles both programs, lays the weights out as rows
+    run(NEW)  # compiles both programs, lays the weights out as rows
     compile_s = time.perf_counter() - start
     result = timed(run, "jax " + jax.__version__)
     # Decoding reads every weight once per token: the serving model's bytes (rows, or int8).
-    return {"load_s": load_s + quantize_s, "load_rss": load_rss, "load_peak": load_peak,
-            "compile_s": compile_s, "decode_bytes": weight_bytes(serving_model(model)),
-            **result, "peak_rss": memory_gb("VmHWM")}
+    return {
+        "load_s": load_s + quantize_s,
+        "load_rss": load_rss,
+        "load_peak": load_peak,
+        "compile_s": compile_s,
+        "decode_bytes": weight_bytes(serving_model(model)),
+        **result,
+        "peak_rss": memory_gb("VmHWM"),
+    }
 
 
 def run_theirs(folder: str, prompt: list[int]) -> dict:
@@ -198,27 +225,45 @@ def run_theirs(folder: str, prompt: list[int]) -> dict:
     from transformers import Gemma2ForCausalLM
 
     start = time.perf_counter()
-    model = Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
-                                              attn_implementation="eager").eval()
-    load_s, load_rss, load_peak = time.perf_counter() - start, memory_gb("VmRSS"), \
-        memory_gb("VmHWM")
+    model = Gemma2ForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="eager"
+    ).eval()
+    load_s, load_rss, load_peak = (
+        time.perf_counter() - start,
+        memory_gb("VmRSS"),
+        memory_gb("VmHWM"),
+    )
     reset_peak()
     ids = torch.tensor([prompt])
 
     def run(n: int) -> list[int]:
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, use_cache=True,
-                                 pad_token_id=0)
-        return out[0, len(prompt):].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[0, len(prompt) :].tolist()
 
-    run(2)                                                           # warm up
+    run(2)  # warm up
     decode_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"load_s": load_s, "load_rss": load_rss, "load_peak": load_peak, "compile_s": 0.0,
-            "decode_bytes": decode_bytes,
-            **timed(run, f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                         f"transformers {transformers.__version__}"),
-            "peak_rss": memory_gb("VmHWM")}
+    return {
+        "load_s": load_s,
+        "load_rss": load_rss,
+        "load_peak": load_peak,
+        "compile_s": 0.0,
+        "decode_bytes": decode_bytes,
+        **timed(
+            run,
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}",
+        ),
+        "peak_rss": memory_gb("VmHWM"),
+    }
 
 
 def timed(run, version: str) -> dict:
@@ -228,9 +273,14 @@ def timed(run, version: str) -> dict:
     start = time.perf_counter()
     tokens = run(NEW)
     t32 = time.perf_counter() - start
-    return {"t1": t1, "t32": t32, "prefill_tps": PROMPT / t1,
-            "decode_tps": (NEW - 1) / max(t32 - t1, 1e-9), "tokens": tokens,
-            "version": version}
+    return {
+        "t1": t1,
+        "t32": t32,
+        "prefill_tps": PROMPT / t1,
+        "decode_tps": (NEW - 1) / max(t32 - t1, 1e-9),
+        "tokens": tokens,
+        "version": version,
+    }
 
 
 def child(side: str, folder: str, out: str) -> None:
@@ -253,10 +303,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=26, help="26 = the real 2B")
     parser.add_argument("--vocab", type=int, default=256_000, help="256000 = the released HF vocab")
     parser.add_argument("--keep", metavar="DIR", help="write the folder here and keep it")
-    parser.add_argument("--sides", default=",".join(SIDES),
-                        help=f"comma-separated, of {', '.join(SIDES)}")
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}"
+    )
+    parser.add_argument(
+        "--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -268,12 +320,16 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         weight_bytes = write_folder(folder, args.layers, args.vocab)
-        print(f"gemma2-2b shape (L={args.layers}, V={args.vocab}), random bf16 weights: "
-              f"{weight_bytes / 1e9:.2f} GB in {len(list(folder.glob('*.safetensors')))} shards, "
-              f"written in {time.perf_counter() - start:.0f} s")
-        print(f"python {platform.python_version()}, {os.cpu_count()} cores, load average "
-              f"{os.getloadavg()[0]:.1f}; batch 1, prompt {PROMPT}, {NEW} new tokens, greedy; "
-              "default settings (no XLA_FLAGS)")
+        print(
+            f"gemma2-2b shape (L={args.layers}, V={args.vocab}), random bf16 weights: "
+            f"{weight_bytes / 1e9:.2f} GB in {len(list(folder.glob('*.safetensors')))} shards, "
+            f"written in {time.perf_counter() - start:.0f} s"
+        )
+        print(
+            f"python {platform.python_version()}, {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f}; batch 1, prompt {PROMPT}, {NEW} new tokens, greedy; "
+            "default settings (no XLA_FLAGS)"
+        )
         results = {}
         for side in ["bandwidth"] + args.sides.split(","):
             out = Path(tmp) / f"{side}.json"
@@ -282,8 +338,10 @@ def main() -> None:
             proc = subprocess.run(command, capture_output=True, text=True, env=env)
             if proc.returncode:
                 killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-                print(f"{side} failed with exit code {proc.returncode}{killed}:\n"
-                      f"{proc.stderr[-3000:]}")
+                print(
+                    f"{side} failed with exit code {proc.returncode}{killed}:\n"
+                    f"{proc.stderr[-3000:]}"
+                )
                 continue
             results[side] = json.loads(out.read_text())
             if "version" in results[side]:
@@ -297,42 +355,54 @@ def report(results: dict, weight_bytes: int) -> None:
     bandwidth = results.pop("bandwidth", {}).get("bandwidth")
     if bandwidth:
         print(f"memory bandwidth (read, best of 5 sums of 1 GiB): {bandwidth:.1f} GB/s")
-    for r in results.values():         # the rate decode reads its weights at
+    for r in results.values():  # the rate decode reads its weights at
         r["decode_gbs"] = r["decode_bytes"] * r["decode_tps"] / 1e9
         for key in ("load_rss", "load_peak", "peak_rss"):
             r[key + "_x"] = r[key] * 1e9 / weight_bytes
-    rows = [("load time, s", "load_s", "{:.1f}"),
-            ("compile + first call, s", "compile_s", "{:.1f}"),
-            ("RSS after load, GB", "load_rss", "{:.2f}"),
-            ("  / weights", "load_rss_x", "{:.2f}"),
-            ("peak RSS in load / weights", "load_peak_x", "{:.2f}"),
-            ("peak RSS in generate, GB", "peak_rss", "{:.2f}"),
-            ("  / weights", "peak_rss_x", "{:.2f}"),
-            ("prefill, tokens/s", "prefill_tps", "{:.1f}"),
-            ("decode, tokens/s", "decode_tps", "{:.2f}"),
-            ("decode reads / token, GB", "decode_bytes", "{:.2f}"),
-            ("  read rate, GB/s", "decode_gbs", "{:.1f}")]
+    rows = [
+        ("load time, s", "load_s", "{:.1f}"),
+        ("compile + first call, s", "compile_s", "{:.1f}"),
+        ("RSS after load, GB", "load_rss", "{:.2f}"),
+        ("  / weights", "load_rss_x", "{:.2f}"),
+        ("peak RSS in load / weights", "load_peak_x", "{:.2f}"),
+        ("peak RSS in generate, GB", "peak_rss", "{:.2f}"),
+        ("  / weights", "peak_rss_x", "{:.2f}"),
+        ("prefill, tokens/s", "prefill_tps", "{:.1f}"),
+        ("decode, tokens/s", "decode_tps", "{:.2f}"),
+        ("decode reads / token, GB", "decode_bytes", "{:.2f}"),
+        ("  read rate, GB/s", "decode_gbs", "{:.1f}"),
+    ]
     sides = [s for s in SIDES if s in results]
     ratios = [s for s in ("ours", "ours-int8") if s in results and "theirs" in results]
-    print(f"\n{'':28s}" + "".join(f"{s:>12s}" for s in sides)
-          + "".join(f"{s + '/theirs':>20s}" for s in ratios))
+    print(
+        f"\n{'':28s}"
+        + "".join(f"{s:>12s}" for s in sides)
+        + "".join(f"{s + '/theirs':>20s}" for s in ratios)
+    )
     for label, key, fmt in rows:
         values = [results[s][key] / (1e9 if key == "decode_bytes" else 1) for s in sides]
         line = f"{label:28s}" + "".join(f"{fmt.format(v):>12s}" for v in values)
         if key not in ("compile_s", "decode_bytes"):
-            line += "".join(f"{results[s][key] / results['theirs'][key]:20.2f}"
-                            for s in ratios if results["theirs"][key])
+            line += "".join(
+                f"{results[s][key] / results['theirs'][key]:20.2f}"
+                for s in ratios
+                if results["theirs"][key]
+            )
         print(line)
     print(f"weights: {weight_bytes / 1e9:.2f} GB (bf16)")
     if bandwidth:
         for s in sides:
-            print(f"{s}: decode reads its weights at {results[s]['decode_gbs']:.1f} GB/s, "
-                  f"{100 * results[s]['decode_gbs'] / bandwidth:.0f}% of the measured bandwidth")
+            print(
+                f"{s}: decode reads its weights at {results[s]['decode_gbs']:.1f} GB/s, "
+                f"{100 * results[s]['decode_gbs'] / bandwidth:.0f}% of the measured bandwidth"
+            )
     if "ours" in results and "theirs" in results:
         a, b = results["ours"]["tokens"], results["theirs"]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"greedy tokens agree for the first {same} of {NEW} (random weights in bf16: "
-              f"near-ties can flip)")
+        print(
+            f"greedy tokens agree for the first {same} of {NEW} (random weights in bf16: "
+            f"near-ties can flip)"
+        )
 
 
 if __name__ == "__main__":

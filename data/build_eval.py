@@ -2,7 +2,7 @@
 
 One command (from the repository root)::
 
-    python data/build_eval.py            # writes gemma2_lite/assets/eval/{next_line,speaker,arithmetic}.jsonl
+    python data/build_eval.py            # writes gemma2_lite/assets/eval/*.jsonl (three sets)
     python data/build_eval.py --check    # rebuilds in memory, exit 1 if a committed file differs
 
 The output is byte-for-byte the same on every run and machine: the inputs are the committed
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma2_lite.data import load_documents
+from gemma2_lite.data import Split, load_documents
 from gemma2_lite.posttrain import speeches
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "gemma2_lite" / "assets" / "eval"
@@ -65,9 +65,13 @@ def _shuffled(options: list[str], rng: np.random.Generator) -> tuple[list[str], 
     return [options[int(i)] for i in order], int(np.argmax(order == 0))
 
 
-def _draw(split: str, n: int, seed: int, prefix: str,
-          make: Callable[[tuple[str, str, str, str], np.random.Generator], dict | None]
-          ) -> list[dict]:
+def _draw(
+    split: str,
+    n: int,
+    seed: int,
+    prefix: str,
+    make: Callable[[tuple[str, str, str, str], np.random.Generator], dict | None],
+) -> list[dict]:
     """Visit the speeches of ``split`` in an order drawn from ``seed``; ``make`` turns one
     into an item (drawing from the same generator) or refuses it (None); stop at ``n``."""
     pool = speeches(split)
@@ -95,8 +99,14 @@ def next_line_items(split: str, n: int, seed: int, prefix: str) -> list[dict]:
             return None
         picks = rng.choice(len(others), size=N_OPTIONS - 1, replace=False)
         options, answer = _shuffled([second] + [others[int(i)] for i in picks], rng)
-        return {"title": title, "speaker": speaker, "line": first,
-                "context": f"{speaker}.\n{first}\n", "options": options, "answer": answer}
+        return {
+            "title": title,
+            "speaker": speaker,
+            "line": first,
+            "context": f"{speaker}.\n{first}\n",
+            "options": options,
+            "answer": answer,
+        }
 
     return _draw(split, n, seed, prefix, make)
 
@@ -110,7 +120,7 @@ def _before(text: str, speaker: str, first: str, second: str) -> str | None:
     return "\n".join(block) if any(line.strip() for line in block) else None
 
 
-def speaker_items(split: str, n: int, seed: int, prefix: str) -> list[dict]:
+def speaker_items(split: Split, n: int, seed: int, prefix: str) -> list[dict]:
     """``n`` "who speaks this line" items from the speeches of ``split`` (rule above)."""
     texts = {doc["title"]: doc["text"] for doc in load_documents(split)}
     cast: dict[str, set[str]] = defaultdict(set)
@@ -125,8 +135,14 @@ def speaker_items(split: str, n: int, seed: int, prefix: str) -> list[dict]:
             return None
         picks = rng.choice(len(others), size=N_OPTIONS - 1, replace=False)
         names, answer = _shuffled([speaker] + [others[int(i)] for i in picks], rng)
-        return {"title": title, "speaker": speaker, "line": first, "context": f"{before}\n\n",
-                "options": [f"{s}.\n{first}" for s in names], "answer": answer}
+        return {
+            "title": title,
+            "speaker": speaker,
+            "line": first,
+            "context": f"{before}\n\n",
+            "options": [f"{s}.\n{first}" for s in names],
+            "answer": answer,
+        }
 
     return _draw(split, n, seed, prefix, make)
 
@@ -141,29 +157,45 @@ def arithmetic_items(seed: int) -> list[dict]:
         a, b = divmod(int(code), side)
         split = "shots" if k < N_SHOTS else "test"
         number = k if k < N_SHOTS else k - N_SHOTS
-        items.append({"id": f"{split}-{number:04d}", "split": split,
-                      "prompt": f"{a} + {b} =", "answer": str(a + b)})
+        items.append(
+            {
+                "id": f"{split}-{number:04d}",
+                "split": split,
+                "prompt": f"{a} + {b} =",
+                "answer": str(a + b),
+            }
+        )
     return items
 
 
 def build() -> dict[str, str]:
     """Every set's file name and its exact text (one JSON object per line)."""
     sets = {
-        "next_line": (next_line_items("train", N_SHOTS, SEEDS["next_line"], "shots")
-                      + next_line_items("valid", N_TEST, SEEDS["next_line"], "test")),
-        "speaker": (speaker_items("train", N_SHOTS, SEEDS["speaker"], "shots")
-                    + speaker_items("valid", N_TEST, SEEDS["speaker"], "test")),
+        "next_line": (
+            next_line_items("train", N_SHOTS, SEEDS["next_line"], "shots")
+            + next_line_items("valid", N_TEST, SEEDS["next_line"], "test")
+        ),
+        "speaker": (
+            speaker_items("train", N_SHOTS, SEEDS["speaker"], "shots")
+            + speaker_items("valid", N_TEST, SEEDS["speaker"], "test")
+        ),
         "arithmetic": arithmetic_items(SEEDS["arithmetic"]),
     }
-    return {f"{name}.jsonl": "".join(json.dumps(item, sort_keys=True, ensure_ascii=True)
-                                     + "\n" for item in items)
-            for name, items in sets.items()}
+    return {
+        f"{name}.jsonl": "".join(
+            json.dumps(item, sort_keys=True, ensure_ascii=True) + "\n" for item in items
+        )
+        for name, items in sets.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="compare with the committed files instead of writing them")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare with the committed files instead of writing them",
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
     stale = []
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)                              # atomic: a kill leaves the old file
+        tmp.replace(path)  # atomic: a kill leaves the old file
         print(f"{path}: {text.count(chr(10))} items, {len(text.encode()):,} bytes")
     if stale:
         print(f"out of date: {stale}; run python data/build_eval.py", file=sys.stderr)

@@ -23,8 +23,13 @@ if sys.argv[:1] == ["-m"]:
 __all__ = ["Gemma2", "Gemma2Config", "get_config", "list_presets", "param_counts"]
 __version__ = "0.1.0"
 
-_LAZY = {"Gemma2": "model", "param_counts": "model", "Gemma2Config": "config",
-         "get_config": "config", "list_presets": "config"}
+_LAZY = {
+    "Gemma2": "model",
+    "param_counts": "model",
+    "Gemma2Config": "config",
+    "get_config": "config",
+    "list_presets": "config",
+}
 
 
 def __getattr__(name: str) -> Any:

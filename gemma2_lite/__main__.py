@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 # Only the standard library at the top: numpy and JAX load inside run(), where Ctrl-C is handled.
-from gemma2_lite.cmdline import (Parser, UsageError, one_line, positive_int, read_stdin, run,
-                                 utf8_argument)
+from gemma2_lite.cmdline import (
+    Parser,
+    UsageError,
+    one_line,
+    positive_int,
+    read_stdin,
+    run,
+    utf8_argument,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -41,32 +48,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m gemma2_lite",
         description="Generate text or chat with a Gemma 2 checkpoint (the book's tiny model by "
-                    "default).", epilog=__doc__.split("\n\n", 2)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "default).",
+        epilog=__doc__.split("\n\n", 2)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
-    for name, help_text in (("generate", "continue a prompt, streaming the text as it is made"),
-                            ("chat", "talk to the model in Gemma's chat format")):
+    for name, help_text in (
+        ("generate", "continue a prompt, streaming the text as it is made"),
+        ("chat", "talk to the model in Gemma's chat format"),
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
-                       help="Hugging Face-layout folder (config.json + *.safetensors); "
-                       "default: the book's small model, shipped with the package")
-        p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
-                       help="SentencePiece .model file; default: the checkpoint's own "
-                       "tokenizer.model, else the book's tokenizer")
-        p.add_argument("--prompt", default=None, metavar="TEXT",
-                       help="the prompt (generate: default reads stdin; chat: one turn, then exit)")
-        p.add_argument("--max-new-tokens", type=positive_int,
-                       default=64 if name == "generate" else 128,
-                       metavar="N", help="most tokens to generate (per reply for chat)")
-        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7,
-                       metavar="T", help="0 = greedy; higher = more random")
-        p.add_argument("--top-k", type=int, default=None, metavar="K",
-                       help="sample only among the K most likely tokens")
-        p.add_argument("--top-p", type=float, default=None, metavar="P",
-                       help="sample only from the smallest set of tokens with probability >= P")
+        p.add_argument(
+            "--checkpoint",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="Hugging Face-layout folder (config.json + *.safetensors); "
+            "default: the book's small model, shipped with the package",
+        )
+        p.add_argument(
+            "--tokenizer",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="SentencePiece .model file; default: the checkpoint's own "
+            "tokenizer.model, else the book's tokenizer",
+        )
+        p.add_argument(
+            "--prompt",
+            default=None,
+            metavar="TEXT",
+            help="the prompt (generate: default reads stdin; chat: one turn, then exit)",
+        )
+        p.add_argument(
+            "--max-new-tokens",
+            type=positive_int,
+            default=64 if name == "generate" else 128,
+            metavar="N",
+            help="most tokens to generate (per reply for chat)",
+        )
+        p.add_argument(
+            "--temperature",
+            type=float,
+            default=0.0 if name == "generate" else 0.7,
+            metavar="T",
+            help="0 = greedy; higher = more random",
+        )
+        p.add_argument(
+            "--top-k",
+            type=int,
+            default=None,
+            metavar="K",
+            help="sample only among the K most likely tokens",
+        )
+        p.add_argument(
+            "--top-p",
+            type=float,
+            default=None,
+            metavar="P",
+            help="sample only from the smallest set of tokens with probability >= P",
+        )
         p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
-        p.add_argument("--quantize", choices=["int8"], default=None,
-                       help="store the weights as int8 (about half of bf16's memory)")
+        p.add_argument(
+            "--quantize",
+            choices=["int8"],
+            default=None,
+            help="store the weights as int8 (about half of bf16's memory)",
+        )
     return parser
 
 
@@ -82,15 +130,19 @@ def _load(checkpoint: Path | None, tokenizer_file: Path | None) -> tuple[Any, An
         checkpoint = paths.require(paths.book_model_dir(), "config.json")
     elif not (checkpoint / "config.json").is_file():
         what = "does not exist" if not checkpoint.exists() else "has no config.json"
-        raise UsageError(f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging "
-                         "Face-layout Gemma 2 folder (config.json + *.safetensors)")
+        raise UsageError(
+            f"checkpoint {checkpoint} {what}: --checkpoint must be a Hugging "
+            "Face-layout Gemma 2 folder (config.json + *.safetensors)"
+        )
     if tokenizer_file is None:
         own = checkpoint / "tokenizer.model"
         tokenizer_file = own if own.is_file() else paths.require(paths.tokenizer_file())
-    elif not tokenizer_file.exists():   # other kinds of non-file are named by Tokenizer itself
-        raise UsageError(f"tokenizer {tokenizer_file} not found; pass --tokenizer FILE (a "
-                         "SentencePiece .model file), or leave it out for the checkpoint's own "
-                         "tokenizer.model or the book's")
+    elif not tokenizer_file.exists():  # other kinds of non-file are named by Tokenizer itself
+        raise UsageError(
+            f"tokenizer {tokenizer_file} not found; pass --tokenizer FILE (a "
+            "SentencePiece .model file), or leave it out for the checkpoint's own "
+            "tokenizer.model or the book's"
+        )
     from gemma2_lite.checkpoint import CheckpointError, load_hf
     from gemma2_lite.tokenizer import Tokenizer
 
@@ -100,8 +152,10 @@ def _load(checkpoint: Path | None, tokenizer_file: Path | None) -> tuple[Any, An
         raise UsageError(f"cannot load {checkpoint}: {e}") from e
     tokenizer = Tokenizer(tokenizer_file)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-                         f"{model.config.vocab_size} embedding rows: they do not belong together")
+        raise UsageError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+            f"{model.config.vocab_size} embedding rows: they do not belong together"
+        )
     return model, tokenizer
 
 
@@ -128,13 +182,13 @@ class _Streamer:
         self.pending.append(token)
         head = self.tokenizer.decode(self.anchor) if self.anchor else ""
         text = self.tokenizer.decode(self.anchor + self.pending)
-        if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             return
         if text.startswith(head):
-            new = text[len(head):]
-        else:                                # never seen; decode everything to stay right
-            before = self.tokenizer.decode(self.ids[:len(self.ids) - len(self.pending)])
-            new = self.tokenizer.decode(self.ids)[len(before):]
+            new = text[len(head) :]
+        else:  # never seen; decode everything to stay right
+            before = self.tokenizer.decode(self.ids[: len(self.ids) - len(self.pending)])
+            new = self.tokenizer.decode(self.ids)[len(before) :]
         self.out.write(new)
         self.out.flush()
         self.anchor, self.pending = self.pending, []
@@ -143,17 +197,28 @@ class _Streamer:
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:
     from gemma2_lite.sampler import generate
 
-    prompt = (utf8_argument(args.prompt, "--prompt") if args.prompt is not None
-              else read_stdin("prompt", "--prompt TEXT"))
+    prompt = (
+        utf8_argument(args.prompt, "--prompt")
+        if args.prompt is not None
+        else read_stdin("prompt", "--prompt TEXT")
+    )
     ids = tokenizer.encode(prompt, add_bos=True)
     stop = {tokenizer.eos_id}
     streamer = _Streamer(tokenizer, stop, out)
     out.write(prompt)
     out.flush()
     start = time.perf_counter()
-    new = generate(model, [ids], max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_tokens=sorted(stop), callback=streamer)[0]
+    new = generate(
+        model,
+        [ids],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=sorted(stop),
+        callback=streamer,
+    )[0]
     seconds = time.perf_counter() - start
     out.write("\n")
     print(f"[{len(new)} tokens in {seconds:.2f} s, prompt {len(ids)} tokens]", file=sys.stderr)
@@ -162,9 +227,16 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO)
 def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> None:
     from gemma2_lite.chat import ChatSession
 
-    session = ChatSession(model, tokenizer, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, max_context=model.config.max_seq_len)
+    session = ChatSession(
+        model,
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_context=model.config.max_seq_len,
+    )
     if args.prompt is not None:
         out.write(session.send(utf8_argument(args.prompt, "--prompt")) + "\n")
         return
@@ -173,8 +245,10 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
         out.write("you> ")
         out.flush()
         if sys.stdin is None:
-            raise UsageError("stdin is closed, so there is no conversation to read; pass "
-                             "--prompt TEXT for one turn")
+            raise UsageError(
+                "stdin is closed, so there is no conversation to read; pass "
+                "--prompt TEXT for one turn"
+            )
         line = sys.stdin.readline()
         if not line.strip():
             break
@@ -187,8 +261,7 @@ def _chat(args: argparse.Namespace, model: Any, tokenizer: Any, out: TextIO) -> 
         except ValueError as e:
             # e.g. the conversation outgrew the context: send() changed nothing, so the
             # conversation so far is kept; the user may try a shorter line or /reset.
-            print(f"error: {one_line(e)} [conversation kept; /reset starts over]",
-                  file=sys.stderr)
+            print(f"error: {one_line(e)} [conversation kept; /reset starts over]", file=sys.stderr)
             continue
         out.write(f"model> {reply}\n")
 
@@ -198,9 +271,10 @@ def _check_args(args: argparse.Namespace) -> None:
     from gemma2_lite.checks import TOP_K_LIMIT, check_sampling_settings, check_seed
 
     check_seed(args.seed, name="--seed")
-    if args.top_k is not None and args.top_k > TOP_K_LIMIT:   # not an OverflowError later
-        raise UsageError(f"--top-k {args.top_k} is larger than any vocabulary; leave it out "
-                         "to keep every token")
+    if args.top_k is not None and args.top_k > TOP_K_LIMIT:  # not an OverflowError later
+        raise UsageError(
+            f"--top-k {args.top_k} is larger than any vocabulary; leave it out to keep every token"
+        )
     try:
         check_sampling_settings(args.temperature, args.top_k, args.top_p)
     except ValueError as exc:

@@ -25,9 +25,24 @@ from .config import Gemma2Config
 from .layers import dense_init, project, soft_cap
 from .rope import rotate
 
-__all__ = ["attention_mask", "causal_mask", "sliding_window_mask", "LayerCache", "Attention",
-           "AttentionPlan", "Mode", "CAPTURES", "attention_logits", "gqa_attention", "banded_attention", "band_chunks",
-           "band_keys", "band_mask", "cached_keys", "cached_key_positions"]
+__all__ = [
+    "attention_mask",
+    "causal_mask",
+    "sliding_window_mask",
+    "LayerCache",
+    "Attention",
+    "AttentionPlan",
+    "Mode",
+    "CAPTURES",
+    "attention_logits",
+    "gqa_attention",
+    "banded_attention",
+    "band_chunks",
+    "band_keys",
+    "band_mask",
+    "cached_keys",
+    "cached_key_positions",
+]
 
 # Masked logits get the most negative finite float rather than -inf, so that a row with no
 # visible key (a padding query) yields a uniform softmax instead of NaN.
@@ -71,13 +86,14 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
     kv_heads = k.shape[2]
     if n % kv_heads:
         raise ValueError(f"{n} query heads cannot be grouped over {kv_heads} key/value heads")
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                        # (B, T, K, G, H)
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H)
     logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k).astype(jnp.float32)
-    return logits.reshape(b, t, n, -1)                                      # (B, T, N, S)
+    return logits.reshape(b, t, n, -1)  # (B, T, N, S)
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+def gqa_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, softcap: float | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Soft-capped, masked grouped-query attention (queries already scaled and rotated).
 
     q: (B, T, N, H); k, v: (B, S, K, H); mask: bool (B, T, S).
@@ -89,7 +105,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     logits = attention_logits(q, k).reshape(b, t, kv_heads, n // kv_heads, -1)  # (B,T,K,G,S)
     logits = soft_cap(logits, softcap)
     logits = jnp.where(mask[:, :, None, None, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)                                 # (B, T, K, G, S)
+    probs = jax.nn.softmax(logits, axis=-1)  # (B, T, K, G, S)
     out = jnp.einsum("BTKGS,BSKH->BTKGH", probs.astype(v.dtype), v)
     return out.reshape(b, t, n, h), probs.reshape(b, t, n, -1)
 
@@ -107,29 +123,38 @@ def band_keys(x: jax.Array, size: int, fill: Any = 0) -> jax.Array:
     """(B, T, ...) -> (B, n, 2 size, ...): chunk i's keys are the columns of chunks i - 1 and i
     (before chunk 0: ``fill``). With ``size >= W`` they hold every key a sliding window of W lets
     chunk i's queries see, when positions advance one per column."""
-    c = band_chunks(x, size, fill)                                           # (B, n, C, ...)
+    c = band_chunks(x, size, fill)  # (B, n, C, ...)
     before = jnp.concatenate([jnp.full_like(c[:, :1], fill), c[:, :-1]], axis=1)
-    return jnp.concatenate([before, c], axis=2)                              # (B, n, 2C, ...)
+    return jnp.concatenate([before, c], axis=2)  # (B, n, 2C, ...)
 
 
-def band_mask(mask_fn: Callable[[jax.Array, jax.Array, int | None], jax.Array],
-              positions: jax.Array, window: int) -> jax.Array:
+def band_mask(
+    mask_fn: Callable[[jax.Array, jax.Array, int | None], jax.Array],
+    positions: jax.Array,
+    window: int,
+) -> jax.Array:
     """bool (B, n, W, 2W): which of :func:`band_keys`' keys each chunk's queries may see.
 
     positions: int32 (B, T) of the sequence's columns, -1 for padding (queries and keys alike);
     mask_fn: the model's mask component, :func:`attention_mask`.
     """
     b = positions.shape[0]
-    q_pos = band_chunks(positions, window, -1)                               # (B, n, W)
-    k_pos = band_keys(positions, window, -1)                                 # (B, n, 2W)
+    q_pos = band_chunks(positions, window, -1)  # (B, n, W)
+    k_pos = band_keys(positions, window, -1)  # (B, n, 2W)
     n = q_pos.shape[1]
     mask = mask_fn(q_pos.reshape(b * n, window), k_pos.reshape(b * n, 2 * window), window)
     return mask.reshape(b, n, window, 2 * window)
 
 
-def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q: jax.Array,
-                     k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                     softcap: float | None = None) -> jax.Array:
+def banded_attention(
+    attention_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    softcap: float | None = None,
+) -> jax.Array:
     """Sliding-window self-attention over a whole sequence in chunks of C >= W columns: each
     chunk's queries against its own and the previous chunk's keys, 2C keys, not T.
 
@@ -139,11 +164,11 @@ def banded_attention(attention_fn: Callable[..., tuple[jax.Array, jax.Array]], q
     """
     b, t, n, h = q.shape
     _, chunks, size, _ = mask.shape
-    qc = band_chunks(q, size).reshape(b * chunks, size, n, h)               # (B·n, C, N, H)
-    kc = band_keys(k, size).reshape(b * chunks, 2 * size, *k.shape[2:])     # (B·n, 2C, K, H)
+    qc = band_chunks(q, size).reshape(b * chunks, size, n, h)  # (B·n, C, N, H)
+    kc = band_keys(k, size).reshape(b * chunks, 2 * size, *k.shape[2:])  # (B·n, 2C, K, H)
     vc = band_keys(v, size).reshape(b * chunks, 2 * size, *v.shape[2:])
     out, _ = attention_fn(qc, kc, vc, mask.reshape(b * chunks, size, 2 * size), softcap=softcap)
-    return out.reshape(b, chunks * size, n, h)[:, :t]                        # (B, T, N, H)
+    return out.reshape(b, chunks * size, n, h)[:, :t]  # (B, T, N, H)
 
 
 #: What a forward can capture from every layer's attention (``Gemma2.forward(capture=...)``):
@@ -180,8 +205,9 @@ class AttentionPlan:
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "decode", "append"):
-            raise ValueError(f"AttentionPlan mode must be 'full', 'decode' or 'append', "
-                             f"got {self.mode!r}")
+            raise ValueError(
+                f"AttentionPlan mode must be 'full', 'decode' or 'append', got {self.mode!r}"
+            )
         if self.band and self.mode != "full":
             raise ValueError(f"band=True needs mode 'full' (a prompt), not {self.mode!r}")
 
@@ -190,8 +216,9 @@ class AttentionPlan:
         return "banded" if self.band and window is not None else self.mode
 
     @classmethod
-    def choose(cls, *, length: int, window: int | None, cached: bool,
-               from_start: bool) -> "AttentionPlan":
+    def choose(
+        cls, *, length: int, window: int | None, cached: bool, from_start: bool
+    ) -> AttentionPlan:
         """The plan for T = ``length`` new columns. cached: a cache is given; from_start: the
         positions are the default ones, cumsum(mask) - 1 (so the columns start at position 0
         and advance one per column; with a cache, it must be empty). ``window``: the local
@@ -206,8 +233,9 @@ class AttentionPlan:
         return cls("decode") if length == 1 else cls("append")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "end"],
-                   meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "end"], meta_fields=[]
+)
 @dataclass
 class LayerCache:
     """One layer's key/value cache: ``S`` slots that every row fills in lock-step.
@@ -227,12 +255,17 @@ class LayerCache:
     end: jax.Array
 
     @classmethod
-    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int,
-              dtype: Any = jnp.float32) -> "LayerCache":
+    def empty(
+        cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype: Any = jnp.float32
+    ) -> LayerCache:
         shape = (batch, size, kv_heads, head_dim)
         # Two distinct buffers: sharing one would make donating k and v donate it twice.
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.full((batch, size), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.full((batch, size), -1, jnp.int32),
+            end=jnp.zeros((), jnp.int32),
+        )
 
     @property
     def size(self) -> int:
@@ -242,7 +275,7 @@ class LayerCache:
         b, s, k, h = self.k.shape
         return f"LayerCache(B={b}, S={s}, K={k}, H={h}, dtype={self.k.dtype})"
 
-    def write(self, mode: Mode, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def write(self, mode: Mode, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """Write new keys/values k, v (B, T, K, H) at positions pos (B, T; -1 = padding) as the
         plan's ``mode`` says: a prompt into an empty cache ("full", "banded"), one token
         ("decode"), or a chunk after the held columns ("append")."""
@@ -253,49 +286,56 @@ class LayerCache:
             return self._write_chunk(k, v, pos)
         return self._write_prompt(k, v, pos)
 
-    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def update(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """Append columns k, v (B, T, K, H) at positions pos (B, T) after those already held,
         whatever the cache holds (empty or not): one column as a decode step writes it, more as
         a chat's next turn does (leading columns that are padding in every row take no slot).
         """
         return self.write("decode" if pos.shape[1] == 1 else "append", k, v, pos)
 
-    def _write_token(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_token(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """One column: a ``dynamic_update_slice`` at slot ``end mod S``."""
         slot = self.end % self.size
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
-        return LayerCache(k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos),
-                          end=self.end + 1)
+        return LayerCache(
+            k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos), end=self.end + 1
+        )
 
-    def _write_prompt(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_prompt(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """A prompt into an empty cache: its last min(T, S) columns, rolled into place (column c
         in slot c mod S) and copied; padding columns are kept, with position -1."""
         size, t = self.size, pos.shape[1]
-        keep = min(t, size)                       # static: the last `keep` columns survive
-        shift = (t - keep) % size                 # column t-keep lands in slot (t-keep) % S
-        roll = lambda x: jnp.roll(x[:, t - keep:], shift, axis=1)
+        keep = min(t, size)  # static: the last `keep` columns survive
+        shift = (t - keep) % size  # column t-keep lands in slot (t-keep) % S
+        roll = lambda x: jnp.roll(x[:, t - keep :], shift, axis=1)
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, 0, axis=1)
-        return LayerCache(k=put(self.k, roll(k)), v=put(self.v, roll(v)),
-                          pos=put(self.pos, roll(pos)), end=jnp.asarray(t, jnp.int32))
+        return LayerCache(
+            k=put(self.k, roll(k)),
+            v=put(self.v, roll(v)),
+            pos=put(self.pos, roll(pos)),
+            end=jnp.asarray(t, jnp.int32),
+        )
 
-    def _write_chunk(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "LayerCache":
+    def _write_chunk(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
         """A chunk after the held columns: leading columns that are padding in every row are
         dropped, the rest scattered to their slots (of a chunk longer than S, the last S)."""
         size, t = self.size, pos.shape[1]
-        lead = jnp.argmax(jnp.any(pos >= 0, axis=0))                        # all-pad columns
-        col = jnp.arange(t) - lead                                           # (T,)
+        lead = jnp.argmax(jnp.any(pos >= 0, axis=0))  # all-pad columns
+        col = jnp.arange(t) - lead  # (T,)
         new = t - lead
         keep = (col >= 0) & (col >= new - size)
-        slot = jnp.where(keep, (self.end + col) % size, size)               # size -> dropped
+        slot = jnp.where(keep, (self.end + col) % size, size)  # size -> dropped
         return LayerCache(
             k=self.k.at[:, slot].set(k, mode="drop"),
             v=self.v.at[:, slot].set(v, mode="drop"),
             pos=self.pos.at[:, slot].set(pos, mode="drop"),
-            end=self.end + new.astype(jnp.int32))
+            end=self.end + new.astype(jnp.int32),
+        )
 
 
-def cached_keys(mode: Mode, cache: LayerCache | None, k: jax.Array, v: jax.Array,
-                k_pos: jax.Array) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+def cached_keys(
+    mode: Mode, cache: LayerCache | None, k: jax.Array, v: jax.Array, k_pos: jax.Array
+) -> tuple[jax.Array, jax.Array, LayerCache | None]:
     """The keys and values a layer attends to, and its updated cache, as ``mode`` says.
 
     k, v: the new (B, T, K, H); k_pos: int32 (B, T), -1 for padding. "full" / "banded" (or no
@@ -310,7 +350,7 @@ def cached_keys(mode: Mode, cache: LayerCache | None, k: jax.Array, v: jax.Array
     if mode == "decode":
         return new_cache.k, new_cache.v, new_cache
     if mode == "append":
-        keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)        # (B, S+T, K, H)
+        keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)  # (B, S+T, K, H)
         values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
         return keys, values, new_cache
     return k, v, new_cache
@@ -321,8 +361,9 @@ def cached_key_positions(mode: Mode, cache: LayerCache | None, k_pos: jax.Array)
     if cache is None or mode in ("full", "banded"):
         return k_pos
     if mode == "decode":
-        return jax.lax.dynamic_update_slice_in_dim(cache.pos, k_pos.astype(jnp.int32),
-                                                   cache.end % cache.size, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(
+            cache.pos, k_pos.astype(jnp.int32), cache.end % cache.size, axis=1
+        )
     return jnp.concatenate([cache.pos, k_pos], axis=1)
 
 
@@ -337,12 +378,17 @@ class Attention(nnx.Module):
     """
 
     #: Each weight's product, in the stored layout (see :func:`~gemma2_lite.layers.project`).
-    SPECS = {"q": "BTD,NDH->BTNH", "k": "BSD,KDH->BSKH", "v": "BSD,KDH->BSKH",
-             "o": "BTNH,NHD->BTD"}
+    SPECS = {"q": "BTD,NDH->BTNH", "k": "BSD,KDH->BSKH", "v": "BSD,KDH->BSKH", "o": "BTNH,NHD->BTD"}
 
-    def __init__(self, config: Gemma2Config, window: int | None, *, rngs: nnx.Rngs,
-                 attention_fn: Callable[..., tuple[jax.Array, jax.Array]] = gqa_attention,
-                 rotate_fn: Callable[[jax.Array, Any], jax.Array] = rotate):
+    def __init__(
+        self,
+        config: Gemma2Config,
+        window: int | None,
+        *,
+        rngs: nnx.Rngs,
+        attention_fn: Callable[..., tuple[jax.Array, jax.Array]] = gqa_attention,
+        rotate_fn: Callable[[jax.Array, Any], jax.Array] = rotate,
+    ):
         c = config
         pd = c.jnp_param_dtype
         self.window = window
@@ -353,19 +399,33 @@ class Attention(nnx.Module):
         self.rope_base = c.rope_base
         self.dtype = c.jnp_dtype
         d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q = nnx.Param(dense_init(1, (0, 2))(rngs.params(), (n, d, h), pd),
-                           logical_axes=("heads", "embed", "head_dim"))
-        self.k = nnx.Param(dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
-                           logical_axes=("kv_heads", "embed", "head_dim"))
-        self.v = nnx.Param(dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
-                           logical_axes=("kv_heads", "embed", "head_dim"))
-        self.o = nnx.Param(dense_init((0, 1), 2)(rngs.params(), (n, h, d), pd),
-                           logical_axes=("heads", "head_dim", "embed"))
+        self.q = nnx.Param(
+            dense_init(1, (0, 2))(rngs.params(), (n, d, h), pd),
+            logical_axes=("heads", "embed", "head_dim"),
+        )
+        self.k = nnx.Param(
+            dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
+            logical_axes=("kv_heads", "embed", "head_dim"),
+        )
+        self.v = nnx.Param(
+            dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
+            logical_axes=("kv_heads", "embed", "head_dim"),
+        )
+        self.o = nnx.Param(
+            dense_init((0, 1), 2)(rngs.params(), (n, h, d), pd),
+            logical_axes=("heads", "head_dim", "embed"),
+        )
 
-    def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan(),
-                 captured: dict[str, list[jax.Array]] | None = None
-                 ) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: Any,
+        mask: jax.Array,
+        k_pos: jax.Array,
+        cache: LayerCache | None = None,
+        plan: AttentionPlan = AttentionPlan(),
+        captured: dict[str, list[jax.Array]] | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D); rope: the forward's :func:`~gemma2_lite.rope.rope_table`;
         mask: bool (B, T, S') over the keys :func:`cached_keys` gives, or (B, n, C, 2C) for
         :func:`banded_attention` (built once per forward by the model); k_pos: int32 (B, T), the
@@ -379,21 +439,20 @@ class Attention(nnx.Module):
         dt = self.dtype
         mode = plan.for_window(self.window)
         x = x.astype(dt)
-        q = project(x, self.q, self.SPECS["q"], dt)                          # (B, T, N, H)
-        k = project(x, self.k, self.SPECS["k"], dt)                          # (B, T, K, H)
+        q = project(x, self.q, self.SPECS["q"], dt)  # (B, T, N, H)
+        k = project(x, self.k, self.SPECS["k"], dt)  # (B, T, K, H)
         v = project(x, self.v, self.SPECS["v"], dt)
-        q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)      # (B, T, N, H)
-        k = self.rotate_fn(k, rope)                                          # (B, T, K, H)
-        keys, values, new_cache = cached_keys(mode, cache, k, v, k_pos)      # (B, S', K, H)
-        if mode == "banded":   # a local layer over a whole prompt, in bands of W columns
-            out = banded_attention(self.attention_fn, q, keys, values, mask,
-                                   softcap=self.softcap)
+        q = self.rotate_fn(q, rope) * jnp.asarray(self.query_scale, dt)  # (B, T, N, H)
+        k = self.rotate_fn(k, rope)  # (B, T, K, H)
+        keys, values, new_cache = cached_keys(mode, cache, k, v, k_pos)  # (B, S', K, H)
+        if mode == "banded":  # a local layer over a whole prompt, in bands of W columns
+            out = banded_attention(self.attention_fn, q, keys, values, mask, softcap=self.softcap)
         else:
             out, probs = self.attention_fn(q, keys, values, mask, softcap=self.softcap)
             if captured is not None:
                 if "attn_probs" in captured:
-                    captured["attn_probs"].append(probs)                    # (B, T, N, S')
+                    captured["attn_probs"].append(probs)  # (B, T, N, S')
                 if "attn_logits" in captured:
                     captured["attn_logits"].append(attention_logits(q, keys))
-        out = project(out, self.o, self.SPECS["o"], dt)                      # (B, T, D)
+        out = project(out, self.o, self.SPECS["o"], dt)  # (B, T, D)
         return out, new_cache

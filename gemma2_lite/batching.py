@@ -20,7 +20,7 @@ from .train_config import TrainError, check_int
 
 __all__ = ["TokenBatcher", "padded_batches"]
 
-Position = dict[str, int]          # {"epoch", "index"}: where the next batch starts
+Position = dict[str, int]  # {"epoch", "index"}: where the next batch starts
 
 
 class TokenBatcher:
@@ -37,15 +37,19 @@ class TokenBatcher:
     def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int = 0):
         check_int(batch_size, "batch_size")
         check_int(seq_len, "seq_len")
-        if check_int(seed, "seed", low=0) >= 2 ** 32:
+        if check_int(seed, "seed", low=0) >= 2**32:
             raise TrainError(f"seed must be in [0, 2**32), got {seed}")
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise TrainError(f"tokens must be a 1-D integer array of token ids, got "
-                             f"{tokens.dtype} {tokens.shape}")
+            raise TrainError(
+                f"tokens must be a 1-D integer array of token ids, got "
+                f"{tokens.dtype} {tokens.shape}"
+            )
         if tokens.size < 2 * seq_len + 1:
-            raise TrainError(f"{tokens.size} tokens are too few for windows of seq_len + 1 = "
-                             f"{seq_len + 1} (need at least {2 * seq_len + 1})")
+            raise TrainError(
+                f"{tokens.size} tokens are too few for windows of seq_len + 1 = "
+                f"{seq_len + 1} (need at least {2 * seq_len + 1})"
+            )
         self.tokens = tokens.astype(np.int32)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.epoch, self.index = 0, 0
@@ -76,7 +80,7 @@ class TokenBatcher:
                 epoch, index = epoch + 1, 0
                 continue
             start = int(order[index])
-            rows.append(self.tokens[start:start + self.seq_len + 1])
+            rows.append(self.tokens[start : start + self.seq_len + 1])
             index += 1
         return np.stack(rows), {"epoch": epoch, "index": index}
 
@@ -88,19 +92,22 @@ class TokenBatcher:
 
     __next__ = next
 
-    def __iter__(self) -> "TokenBatcher":
+    def __iter__(self) -> TokenBatcher:
         return self
 
     def identity(self) -> dict[str, int]:
         """What a saved position is only valid for: seed, sizes and the stream's length."""
-        return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "num_tokens": int(self.tokens.size)}
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "num_tokens": int(self.tokens.size),
+        }
 
     def state(self, position: Mapping[str, int] | None = None) -> dict[str, int]:
         """``position`` (default: the batcher's own) with :meth:`identity`, as JSON-ready ints."""
         position = {"epoch": self.epoch, "index": self.index} if position is None else position
-        return {"epoch": int(position["epoch"]), "index": int(position["index"]),
-                **self.identity()}
+        return {"epoch": int(position["epoch"]), "index": int(position["index"]), **self.identity()}
 
     def check_state(self, state: Mapping[str, int]) -> Position:
         """The position saved in ``state``, after checking it belongs to this batcher (keys of
@@ -108,14 +115,19 @@ class TokenBatcher:
         mine = self.identity()
         for key in mine:
             if key in state and int(state[key]) != mine[key]:
-                raise TrainError(f"data state was saved with {key}={state[key]}, this batcher has "
-                                 f"{key}={mine[key]}: the checkpoint belongs to a different data "
-                                 "setup")
+                raise TrainError(
+                    f"data state was saved with {key}={state[key]}, this batcher has "
+                    f"{key}={mine[key]}: the checkpoint belongs to a different data "
+                    "setup"
+                )
         position = {key: state.get(key) for key in ("epoch", "index")}
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-                   for v in position.values()):
-            raise TrainError(f"data state must hold non-negative integers 'epoch' and 'index', "
-                             f"got {position}")
+        if not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+            for v in position.values()
+        ):
+            raise TrainError(
+                f"data state must hold non-negative integers 'epoch' and 'index', got {position}"
+            )
         return {key: int(v) for key, v in position.items()}
 
     def set_state(self, state: Mapping[str, int]) -> None:
@@ -123,8 +135,9 @@ class TokenBatcher:
         self.epoch, self.index = position["epoch"], position["index"]
 
 
-def padded_batches(arrays: Sequence[np.ndarray], batch_size: int, fill: Sequence[Any]
-                   ) -> Iterator[tuple[tuple[np.ndarray, ...], int]]:
+def padded_batches(
+    arrays: Sequence[np.ndarray], batch_size: int, fill: Sequence[Any]
+) -> Iterator[tuple[tuple[np.ndarray, ...], int]]:
     """``batch_size`` rows at a time of arrays sharing their first axis (R rows each).
 
     Yields ``(chunks, n)``: each chunk holds exactly ``batch_size`` rows, the first ``n`` real
@@ -138,15 +151,17 @@ def padded_batches(arrays: Sequence[np.ndarray], batch_size: int, fill: Sequence
         raise ValueError(f"{len(arrays)} arrays but {len(fill)} fill values")
     rows = len(arrays[0])
     if any(len(a) != rows for a in arrays):
-        raise ValueError(f"arrays must have the same number of rows, got "
-                         f"{[len(a) for a in arrays]}")
+        raise ValueError(
+            f"arrays must have the same number of rows, got {[len(a) for a in arrays]}"
+        )
     if rows == 0:
         raise ValueError("there are no rows to batch (the input is empty)")
     for start in range(0, rows, batch_size):
-        chunks = tuple(np.asarray(a[start:start + batch_size]) for a in arrays)
+        chunks = tuple(np.asarray(a[start : start + batch_size]) for a in arrays)
         n = len(chunks[0])
         if n < batch_size:
-            chunks = tuple(np.concatenate([c, np.full((batch_size - n, *c.shape[1:]), v,
-                                                      c.dtype)])
-                           for c, v in zip(chunks, fill))
+            chunks = tuple(
+                np.concatenate([c, np.full((batch_size - n, *c.shape[1:]), v, c.dtype)])
+                for c, v in zip(chunks, fill)
+            )
         yield chunks, n

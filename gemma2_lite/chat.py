@@ -34,8 +34,16 @@ from typing import Any, Protocol
 from gemma2_lite.checks import check_int, check_sampling_settings, check_seed, turn_seed
 from gemma2_lite.tokenizer import USER_DEFINED_PIECES, Tokenizer
 
-__all__ = ["ChatFormatError", "format_chat", "encode_chat", "turn_text", "ChatSession",
-           "BOS_TEXT", "GENERATION_PROMPT", "MARKER_MODES"]
+__all__ = [
+    "ChatFormatError",
+    "format_chat",
+    "encode_chat",
+    "turn_text",
+    "ChatSession",
+    "BOS_TEXT",
+    "GENERATION_PROMPT",
+    "MARKER_MODES",
+]
 
 BOS_TEXT = "<bos>"
 START = "<start_of_turn>"
@@ -56,10 +64,19 @@ class ChatFormatError(ValueError):
 class GenerateFn(Protocol):
     """The sampler contract (``gemma2_lite.sampler.generate``): new tokens of each prompt."""
 
-    def __call__(self, model: Any, prompts: list[list[int]], *, max_new_tokens: int = ...,
-                 temperature: float = ..., top_k: int | None = ..., top_p: float | None = ...,
-                 seed: int = ..., stop_tokens: Sequence[int] = ...,
-                 callback: Callable[..., Any] | None = ...) -> list[list[int]]: ...
+    def __call__(
+        self,
+        model: Any,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int | None = ...,
+        top_p: float | None = ...,
+        seed: int = ...,
+        stop_tokens: Sequence[int] = ...,
+        callback: Callable[..., Any] | None = ...,
+    ) -> list[list[int]]: ...
 
 
 def turn_text(role: str, content: str) -> str:
@@ -73,52 +90,64 @@ def _check_markers(markers: str, allowed: Sequence[str] = MARKER_MODES) -> None:
         raise ChatFormatError(f"markers must be one of {tuple(allowed)}, got {markers!r}{hint}")
 
 
-def _normalise(messages: Sequence[Mapping[str, Any]],
-               markers: str = "parse") -> list[tuple[str, str]]:
+def _normalise(
+    messages: Sequence[Mapping[str, Any]], markers: str = "parse"
+) -> list[tuple[str, str]]:
     """``[(role, content)]`` with roles mapped to user/model, after checking every rule
     (and, with ``markers="reject"``, that no content holds a turn marker)."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ChatFormatError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
-            f"{type(messages).__name__}")
+            f"{type(messages).__name__}"
+        )
     if len(messages) == 0:
         raise ChatFormatError("the conversation is empty: give at least one user message")
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ChatFormatError(
-                f"messages[{i}] must be a dict with 'role' and 'content' keys, got {message!r:.80}")
+                f"messages[{i}] must be a dict with 'role' and 'content' keys, got {message!r:.80}"
+            )
         role, content = message["role"], message["content"]
         if role == "system":
             raise ChatFormatError(
                 f"messages[{i}] has role 'system', but Gemma 2 has no system role: put the "
-                "instructions at the start of the first user turn instead")
+                "instructions at the start of the first user turn instead"
+            )
         if role not in _ROLES:
             raise ChatFormatError(
                 f"messages[{i}] has unknown role {role!r}; Gemma 2's roles are 'user' and "
-                "'model' ('assistant' is accepted as 'model')")
+                "'model' ('assistant' is accepted as 'model')"
+            )
         expected = "user" if i % 2 == 0 else "model"
         if _ROLES[role] != expected:
             raise ChatFormatError(
                 f"messages[{i}] has role {role!r} but roles must alternate user/model/user/..., "
-                f"starting with user: position {i} must be {expected!r}")
+                f"starting with user: position {i} must be {expected!r}"
+            )
         if not isinstance(content, str):
             raise ChatFormatError(
                 f"messages[{i}]['content'] must be a str, got {type(content).__name__} "
-                "(Gemma 2's chat format is text-only)")
+                "(Gemma 2's chat format is text-only)"
+            )
         if markers == "reject":
             found = [p for p in USER_DEFINED_PIECES if p in content]
             if found:
                 raise ChatFormatError(
                     f"messages[{i}]['content'] contains {found[0]!r}, a turn marker the "
                     "tokenizer would turn into a control token; remove it (or use "
-                    "encode_chat(..., markers='literal') to keep it as plain text)")
+                    "encode_chat(..., markers='literal') to keep it as plain text)"
+                )
         turns.append((_ROLES[role], content))
     return turns
 
 
-def format_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
-                markers: str = "parse") -> str:
+def format_chat(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    markers: str = "parse",
+) -> str:
     """The conversation as Gemma 2's chat text (a ``str`` that starts with ``"<bos>"``).
 
     Args:
@@ -146,13 +175,20 @@ def _encode_turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
     atomic pieces on both sides of the content, this equals encoding the whole turn at once
     whenever the content holds no marker.
     """
-    return (tokenizer.encode(f"{START}{role}\n")
-            + tokenizer.encode(content.strip(), parse_special=False)
-            + tokenizer.encode(f"{END}\n"))
+    return (
+        tokenizer.encode(f"{START}{role}\n")
+        + tokenizer.encode(content.strip(), parse_special=False)
+        + tokenizer.encode(f"{END}\n")
+    )
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                add_generation_prompt: bool = True, *, markers: str = "parse") -> list[int]:
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    markers: str = "parse",
+) -> list[int]:
     """Token ids of :func:`format_chat`'s text, with exactly one ``<bos>`` (``list[int]``).
 
     The rendered text already says ``<bos>``; tokenizing it with an automatic BOS as well is the
@@ -175,7 +211,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
         return ids + tokenizer.encode(GENERATION_PROMPT) if add_generation_prompt else ids
     text = format_chat(messages, add_generation_prompt=add_generation_prompt, markers=markers)
     assert text.startswith(BOS_TEXT)
-    return [tokenizer.bos_id] + tokenizer.encode(text[len(BOS_TEXT):], add_bos=False)
+    return [tokenizer.bos_id] + tokenizer.encode(text[len(BOS_TEXT) :], add_bos=False)
 
 
 class ChatSession:
@@ -203,16 +239,29 @@ class ChatSession:
         (``session.prefilled`` says how many) and gives the tokens ``generate`` would.
     """
 
-    def __init__(self, model: Any, tokenizer: Tokenizer, *, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, max_context: int | None = None,
-                 generate_fn: GenerateFn | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Tokenizer,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        max_context: int | None = None,
+        generate_fn: GenerateFn | None = None,
+    ) -> None:
         check_int(max_new_tokens, "max_new_tokens", low=1)
         check_sampling_settings(temperature, top_k, top_p)
         check_seed(seed)
         if max_context is not None:
-            check_int(max_context, "max_context", low=2,
-                      what="an integer >= 2 (a prompt token and a reply token) or None")
+            check_int(
+                max_context,
+                "max_context",
+                low=2,
+                what="an integer >= 2 (a prompt token and a reply token) or None",
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -222,7 +271,7 @@ class ChatSession:
         self.seed = seed
         self.max_context = max_context
         self._generate_fn = generate_fn
-        self._cache: Any = None                    # a sampler.PromptCache, made on first use
+        self._cache: Any = None  # a sampler.PromptCache, made on first use
         self.messages: list[dict[str, str]] = []
         self.history: list[int] = [tokenizer.bos_id]
         self.last_reply_ids: list[int] = []
@@ -235,9 +284,14 @@ class ChatSession:
 
     def _reply(self, prompt: list[int], seed: int) -> list[int]:
         """The new tokens after ``prompt``, from the cached conversation or ``generate_fn``."""
-        sampling = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                        top_k=self.top_k, top_p=self.top_p, seed=seed,
-                        stop_tokens=self.stop_tokens)
+        sampling: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=seed,
+            stop_tokens=self.stop_tokens,
+        )
         if self._generate_fn is None:
             if self._cache is None:
                 from gemma2_lite.sampler import PromptCache  # lazy: the model code is optional
@@ -246,8 +300,11 @@ class ChatSession:
             return self._cache.generate(prompt, **sampling)
         outputs = self._generate_fn(self.model, [prompt], **sampling)
         if not isinstance(outputs, list) or len(outputs) != 1:
-            raise TypeError(f"generate_fn must return one list of new tokens per prompt (1 here), "
-                            f"got {type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'}")
+            length = len(outputs) if hasattr(outputs, "__len__") else "?"
+            raise TypeError(
+                f"generate_fn must return one list of new tokens per prompt (1 here), "
+                f"got {type(outputs).__name__} of length {length}"
+            )
         return [int(t) for t in outputs[0]]
 
     @property
@@ -256,11 +313,15 @@ class ChatSession:
         return None if self._cache is None else self._cache.prefilled
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        """The tokens the model sees for the next turn: history + user turn + ``<start_of_turn>model\\n``."""
+        """The tokens the model sees for the next turn: history + user turn +
+        ``<start_of_turn>model\\n``."""
         if not isinstance(user_text, str):
             raise ChatFormatError(f"user_text must be a str, got {type(user_text).__name__}")
-        return (self.history + _encode_turn(self.tokenizer, "user", user_text)
-                + self.tokenizer.encode(GENERATION_PROMPT))
+        return (
+            self.history
+            + _encode_turn(self.tokenizer, "user", user_text)
+            + self.tokenizer.encode(GENERATION_PROMPT)
+        )
 
     def send(self, user_text: str) -> str:
         """Add a user turn, generate the model's reply, close the turn; return the reply text.
@@ -273,7 +334,8 @@ class ChatSession:
             raise ValueError(
                 f"the conversation is {len(prompt)} tokens; with max_new_tokens="
                 f"{self.max_new_tokens} it would exceed max_context={self.max_context}. "
-                "Start a new session (or call reset())")
+                "Start a new session (or call reset())"
+            )
         turn = len(self.messages) // 2
         new = self._reply(prompt, turn_seed(self.seed, turn))
         stop_at = next((i for i, t in enumerate(new) if t in self.stop_tokens), None)
@@ -281,12 +343,17 @@ class ChatSession:
         reply_ids = new if stop_at is None else new[:stop_at]
         self.last_reply_ids = reply_ids
         reply = self.tokenizer.decode(reply_ids).strip()
-        self.messages += [{"role": "user", "content": user_text.strip()},
-                          {"role": "model", "content": reply}]
+        self.messages += [
+            {"role": "user", "content": user_text.strip()},
+            {"role": "model", "content": reply},
+        ]
         # Close the model turn canonically: re-encode the trimmed reply + "<end_of_turn>\n"
         # (a marker the model spelled out in plain characters stays plain text).
-        self.history = prompt + self.tokenizer.encode(reply, parse_special=False) + \
-            self.tokenizer.encode(f"{END}\n")
+        self.history = (
+            prompt
+            + self.tokenizer.encode(reply, parse_special=False)
+            + self.tokenizer.encode(f"{END}\n")
+        )
         return reply
 
     def reset(self) -> None:
@@ -300,9 +367,13 @@ class ChatSession:
 
     def text(self) -> str:
         """The conversation so far as chat text (``format_chat`` without a generation prompt)."""
-        return format_chat(self.messages, add_generation_prompt=False) if self.messages else BOS_TEXT
+        return (
+            format_chat(self.messages, add_generation_prompt=False) if self.messages else BOS_TEXT
+        )
 
     def __repr__(self) -> str:
-        return (f"ChatSession(turns={len(self.messages) // 2}, history_tokens={len(self.history)}, "
-                f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, "
-                f"seed={self.seed})")
+        return (
+            f"ChatSession(turns={len(self.messages) // 2}, history_tokens={len(self.history)}, "
+            f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, "
+            f"seed={self.seed})"
+        )

@@ -21,17 +21,56 @@ safetensors are read for Hugging Face checkpoints (never pickle). The layouts ar
 
 from __future__ import annotations
 
-from .flax_checkpoint import (infer_flax_config, is_orbax_checkpoint, load_flax, save_flax,
-                              to_flax_tree, to_released_flax_tree)
-from .hf_checkpoint import (INDEX_FILE, MANIFEST_FILE, SINGLE_FILE, hf_state_dict, hf_to_arrays,
-                            load_hf, read_hf_tensors, read_index, save_hf, verify_hf_folder)
+from .flax_checkpoint import (
+    infer_flax_config,
+    is_orbax_checkpoint,
+    load_flax,
+    save_flax,
+    to_flax_tree,
+    to_released_flax_tree,
+)
+from .hf_checkpoint import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SINGLE_FILE,
+    hf_state_dict,
+    hf_to_arrays,
+    load_hf,
+    read_hf_tensors,
+    read_index,
+    save_hf,
+    verify_hf_folder,
+)
 from .hf_config import config_from_hf, config_to_hf, read_hf_config
 from .params import Path_, Placer, check_arrays, from_arrays, to_arrays
 from .safetensors_io import CheckpointError, read_safetensors, write_safetensors
 
-__all__ = ["CheckpointError", "read_safetensors", "write_safetensors", "config_from_hf",
-           "config_to_hf", "read_hf_config", "read_hf_tensors", "read_index", "check_arrays",
-           "load_hf", "save_hf", "verify_hf_folder", "load_flax", "save_flax", "to_flax_tree",
-           "to_released_flax_tree", "is_orbax_checkpoint", "infer_flax_config", "from_arrays",
-           "to_arrays", "hf_state_dict", "hf_to_arrays", "Path_", "Placer", "INDEX_FILE",
-           "SINGLE_FILE", "MANIFEST_FILE"]
+__all__ = [
+    "CheckpointError",
+    "read_safetensors",
+    "write_safetensors",
+    "config_from_hf",
+    "config_to_hf",
+    "read_hf_config",
+    "read_hf_tensors",
+    "read_index",
+    "check_arrays",
+    "load_hf",
+    "save_hf",
+    "verify_hf_folder",
+    "load_flax",
+    "save_flax",
+    "to_flax_tree",
+    "to_released_flax_tree",
+    "is_orbax_checkpoint",
+    "infer_flax_config",
+    "from_arrays",
+    "to_arrays",
+    "hf_state_dict",
+    "hf_to_arrays",
+    "Path_",
+    "Placer",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "MANIFEST_FILE",
+]

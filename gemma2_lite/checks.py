@@ -36,21 +36,33 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TokenIdError", "is_int", "check_int", "check_number", "check_token_ids",
-           "check_positions", "check_seed", "turn_seed", "check_sampling_settings",
-           "check_stop_tokens", "check_regular_file", "SEED_LIMIT", "MIN_TEMPERATURE",
-           "TOP_K_LIMIT"]
+__all__ = [
+    "TokenIdError",
+    "is_int",
+    "check_int",
+    "check_number",
+    "check_token_ids",
+    "check_positions",
+    "check_seed",
+    "turn_seed",
+    "check_sampling_settings",
+    "check_stop_tokens",
+    "check_regular_file",
+    "SEED_LIMIT",
+    "MIN_TEMPERATURE",
+    "TOP_K_LIMIT",
+]
 
 #: Seeds are turned into a JAX key of two uint32 words; with 64-bit mode off (the default) a
 #: larger seed silently loses its high bits and aliases a small one, so it is refused.
-SEED_LIMIT = 2 ** 32
+SEED_LIMIT = 2**32
 #: The smallest temperature other than 0 (greedy). Sampling divides the logits by T in
 #: float32: below ~1e-37 that overflows to inf (a wrong token, whatever the seed), and long
 #: before that the distribution is already greedy's. vLLM draws the same line (1e-5).
 MIN_TEMPERATURE = 1e-5
 #: top_k is an int32 on the device; any value at or above the vocabulary size already means
 #: "every token", so a larger one is refused rather than wrapped.
-TOP_K_LIMIT = 2 ** 31 - 1
+TOP_K_LIMIT = 2**31 - 1
 
 
 def is_int(value: Any) -> bool:
@@ -73,36 +85,59 @@ def _what(low: float | None, high: float | None, kind: str) -> str:
     return f"{'an' if kind == 'integer' else 'a'} {kind} in [{low}, {high}]"
 
 
-def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None,
-              what: str | None = None, error: type[Exception] = ValueError) -> int:
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    what: str | None = None,
+    error: type[Exception] = ValueError,
+) -> int:
     """``value`` as an ``int`` after checking it is an integer (not a bool) in [low, high].
 
     ``what`` replaces the description in the message ("a positive integer or None"); the
     message always names ``name`` and shows the value given. ``error`` is the exception
     raised (``ConfigError`` for a config field).
     """
-    if not is_int(value) or (low is not None and value < low) \
-            or (high is not None and value > high):
+    if (
+        not is_int(value)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
         raise error(f"{name} must be {what or _what(low, high, 'integer')}, got {value!r}")
     return int(value)
 
 
-def check_number(value: Any, name: str, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, what: str | None = None,
-                 error: type[Exception] = ValueError) -> float:
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    what: str | None = None,
+    error: type[Exception] = ValueError,
+) -> float:
     """``value`` as a ``float`` after checking it is a finite real number (not a bool) in
     [low, high] (``(low, high]`` with ``low_open``). NaN and infinities are refused: an
     infinite soft-cap or learning rate turns every result into NaN."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if ok:
         number = float(value)
-        ok = math.isfinite(number) and (
-            low is None or (number > low if low_open else number >= low)) and (
-            high is None or number <= high)
+        ok = (
+            math.isfinite(number)
+            and (low is None or (number > low if low_open else number >= low))
+            and (high is None or number <= high)
+        )
     if not ok:
-        default = (f"a finite number > {low}" if low_open and high is None else
-                   f"a finite number in ({low}, {high}]" if low_open else
-                   _what(low, high, "number"))
+        default = (
+            f"a finite number > {low}"
+            if low_open and high is None
+            else f"a finite number in ({low}, {high}]"
+            if low_open
+            else _what(low, high, "number")
+        )
         raise error(f"{name} must be {what or default}, got {value!r}")
     return float(value)
 
@@ -113,7 +148,7 @@ class TokenIdError(ValueError):
 
 def _is_tracer(x: Any) -> bool:
     """True for a JAX tracer (a value inside ``jit``/``grad``), whose contents are unknown."""
-    jax = sys.modules.get("jax")   # if JAX was never imported, nothing can be a tracer
+    jax = sys.modules.get("jax")  # if JAX was never imported, nothing can be a tracer
     return jax is not None and isinstance(x, jax.core.Tracer)
 
 
@@ -141,13 +176,15 @@ def check_token_ids(ids: Any, vocab_size: int, *, name: str = "tokens") -> Any:
         return ids
     arr = _read_integers(ids, name, "token ids", "a token id")
     if arr.size == 0:
-        return arr.astype(np.int32)   # [] reads as float64: no id in it can be wrong
+        return arr.astype(np.int32)  # [] reads as float64: no id in it can be wrong
     if arr.dtype == object and all(is_int(x) for x in arr.flat):
-        bad = [int(x) for x in arr.flat if not 0 <= x < vocab_size]   # Python ints past int64
+        bad = [int(x) for x in arr.flat if not 0 <= x < vocab_size]  # Python ints past int64
         raise TokenIdError(_range_message(name, vocab_size, bad))
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be integer token ids, got dtype {arr.dtype} "
-                        "(a float id would be truncated to another token; tokenize text first)")
+        raise TypeError(
+            f"{name} must be integer token ids, got dtype {arr.dtype} "
+            "(a float id would be truncated to another token; tokenize text first)"
+        )
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         bad = arr[(arr < 0) | (arr >= vocab_size)]
         raise TokenIdError(_range_message(name, vocab_size, bad[:5].tolist()))
@@ -158,13 +195,17 @@ def _read_integers(values: Any, name: str, what: str, one: str) -> np.ndarray:
     """``values`` as a numpy array (not yet checked to be integers), after refusing a bool
     anywhere in a (nested) list and a ragged list, naming ``name`` and ``what`` it holds."""
     if isinstance(values, (list, tuple)) and _holds_bool(values):
-        raise TypeError(f"{name} must be integer {what}, found a bool (True/False) among "
-                        f"them; a bool is not {one}")
+        raise TypeError(
+            f"{name} must be integer {what}, found a bool (True/False) among "
+            f"them; a bool is not {one}"
+        )
     try:
         return np.asarray(values)
     except (ValueError, OverflowError, TypeError) as exc:
-        raise TypeError(f"{name} must be integer {what} (a (ragged?) sequence could not be "
-                        f"read as an array: {exc})") from None
+        raise TypeError(
+            f"{name} must be integer {what} (a (ragged?) sequence could not be "
+            f"read as an array: {exc})"
+        ) from None
 
 
 def _holds_bool(items: Sequence[Any]) -> bool:
@@ -180,8 +221,9 @@ def _holds_bool(items: Sequence[Any]) -> bool:
     return False
 
 
-def check_positions(positions: Any, max_seq_len: int, *, valid: Any = None,
-                    name: str = "positions") -> None:
+def check_positions(
+    positions: Any, max_seq_len: int, *, valid: Any = None, name: str = "positions"
+) -> None:
     """Check concrete ``positions`` (B, T): integers in ``[0, max_seq_len)``.
 
     ``valid`` (B, T), 1 for real tokens and 0 for padding, exempts the padding: a left-padded
@@ -192,25 +234,32 @@ def check_positions(positions: Any, max_seq_len: int, *, valid: Any = None,
     if _is_tracer(positions) or _is_tracer(valid):
         return
     p = _read_integers(positions, name, "positions", "a position")
-    if p.dtype == object and all(is_int(x) for x in p.flat):     # Python ints past int64
-        raise ValueError(f"{name} must be in [0, {max_seq_len}) (the model's context); found "
-                         f"{max((int(x) for x in p.flat), key=abs)}")
+    if p.dtype == object and all(is_int(x) for x in p.flat):  # Python ints past int64
+        raise ValueError(
+            f"{name} must be in [0, {max_seq_len}) (the model's context); found "
+            f"{max((int(x) for x in p.flat), key=abs)}"
+        )
     if p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer):
         raise TypeError(f"{name} must be integer positions, got dtype {p.dtype}")
     real = np.ones(p.shape, bool) if valid is None else np.asarray(valid).astype(bool)
     low = np.argwhere((p < 0) & real)
     if low.size:
         where = tuple(int(i) for i in low[0])
-        raise ValueError(f"{name} must be >= 0 at real tokens; found {int(p[where])} at "
-                         f"{list(where)}")
+        raise ValueError(
+            f"{name} must be >= 0 at real tokens; found {int(p[where])} at {list(where)}"
+        )
     if p.size and p.max() >= max_seq_len:
-        raise ValueError(f"position {int(p.max())} is past the model's context "
-                         f"({max_seq_len} positions, 0..{max_seq_len - 1})")
+        raise ValueError(
+            f"position {int(p.max())} is past the model's context "
+            f"({max_seq_len} positions, 0..{max_seq_len - 1})"
+        )
 
 
 def _range_message(name: str, vocab_size: int, bad: list[int]) -> str:
-    return (f"{name}: token ids must be in [0, {vocab_size}); found {bad[:5]}, out of range — "
-            "was the text tokenized with a different vocabulary?")
+    return (
+        f"{name}: token ids must be in [0, {vocab_size}); found {bad[:5]}, out of range — "
+        "was the text tokenized with a different vocabulary?"
+    )
 
 
 def check_seed(seed: Any, *, name: str = "seed") -> int:
@@ -218,8 +267,9 @@ def check_seed(seed: Any, *, name: str = "seed") -> int:
     if not is_int(seed):
         raise ValueError(f"{name} must be an integer in [0, 2**32), got {seed!r}")
     if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{name} must be in [0, 2**32) (a JAX key holds 32 bits of seed), "
-                         f"got {seed}")
+        raise ValueError(
+            f"{name} must be in [0, 2**32) (a JAX key holds 32 bits of seed), got {seed}"
+        )
     return int(seed)
 
 
@@ -237,20 +287,29 @@ def check_sampling_settings(temperature: Any, top_k: Any, top_p: Any) -> None:
     integer in [1, :data:`TOP_K_LIMIT`] (at or above the vocabulary size it keeps every
     token). top_p: None or a number in (0, 1].
     """
-    check_number(temperature, "temperature", low=0,
-                 what="a finite number >= 0 (0 = greedy)")
+    check_number(temperature, "temperature", low=0, what="a finite number >= 0 (0 = greedy)")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature {temperature!r} is too small to sample with: logits / "
-                         f"T overflows float32 below ~1e-37, and below {MIN_TEMPERATURE} "
-                         "sampling is greedy anyway; use temperature=0 for greedy decoding")
+        raise ValueError(
+            f"temperature {temperature!r} is too small to sample with: logits / "
+            f"T overflows float32 below ~1e-37, and below {MIN_TEMPERATURE} "
+            "sampling is greedy anyway; use temperature=0 for greedy decoding"
+        )
     if top_k is not None:
         check_int(top_k, "top_k", low=1, what="a positive integer or None (no top-k)")
         if top_k > TOP_K_LIMIT:
-            raise ValueError(f"top_k={top_k} is larger than any vocabulary (at most "
-                             f"2**31 - 1); use None to keep every token")
+            raise ValueError(
+                f"top_k={top_k} is larger than any vocabulary (at most "
+                f"2**31 - 1); use None to keep every token"
+            )
     if top_p is not None:
-        check_number(top_p, "top_p", low=0, high=1, low_open=True,
-                     what="in (0, 1] or None (no nucleus filter)")
+        check_number(
+            top_p,
+            "top_p",
+            low=0,
+            high=1,
+            low_open=True,
+            what="in (0, 1] or None (no nucleus filter)",
+        )
 
 
 def check_stop_tokens(stop_tokens: Any, vocab_size: int) -> tuple[int, ...]:
@@ -259,20 +318,26 @@ def check_stop_tokens(stop_tokens: Any, vocab_size: int) -> tuple[int, ...]:
     A single id is refused with the fix in the message: ``stop_tokens=1`` would otherwise fail
     deep inside with Python's "'int' object is not iterable".
     """
-    if isinstance(stop_tokens, (str, bytes)) or \
-            not isinstance(stop_tokens, (Sequence, np.ndarray, set, frozenset)):
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(
+        stop_tokens, (Sequence, np.ndarray, set, frozenset)
+    ):
         hint = f" (for one id write [{stop_tokens}])" if is_int(stop_tokens) else ""
-        raise TypeError(f"stop_tokens must be a list of token ids{hint}, got "
-                        f"{type(stop_tokens).__name__} {stop_tokens!r}")
+        raise TypeError(
+            f"stop_tokens must be a list of token ids{hint}, got "
+            f"{type(stop_tokens).__name__} {stop_tokens!r}"
+        )
     ids = np.asarray(check_token_ids(list(stop_tokens), vocab_size, name="stop_tokens"))
     if ids.ndim > 1:
-        raise TypeError(f"stop_tokens must be a flat list of token ids, got shape {ids.shape} "
-                        "(a list of lists?)")
+        raise TypeError(
+            f"stop_tokens must be a flat list of token ids, got shape {ids.shape} "
+            "(a list of lists?)"
+        )
     return tuple(int(t) for t in ids)
 
 
-def check_regular_file(path: str | os.PathLike, what: str,
-                       error: type[Exception] = ValueError) -> Path:
+def check_regular_file(
+    path: str | os.PathLike, what: str, error: type[Exception] = ValueError
+) -> Path:
     """``path`` as a :class:`Path` after checking that it is a regular file.
 
     ``os.stat`` never opens the file, so a FIFO, socket or device put where a file should be
@@ -289,7 +354,12 @@ def check_regular_file(path: str | os.PathLike, what: str,
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)"
-                if stat.S_ISFIFO(mode) else "not a regular file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)"
+            if stat.S_ISFIFO(mode)
+            else "not a regular file"
+        )
         raise error(f"{what} {path} is {kind}; expected a regular file")
     return path

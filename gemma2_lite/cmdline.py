@@ -35,15 +35,28 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-__all__ = ["UsageError", "Parser", "run", "arm", "report", "one_line", "read_stdin",
-           "utf8_argument",
-           "positive_int", "non_negative_int", "EXIT_USAGE", "EXIT_INTERRUPTED",
-           "EXIT_BROKEN_PIPE", "EXIT_BUG", "DEBUG_VAR"]
+__all__ = [
+    "UsageError",
+    "Parser",
+    "run",
+    "arm",
+    "report",
+    "one_line",
+    "read_stdin",
+    "utf8_argument",
+    "positive_int",
+    "non_negative_int",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+    "EXIT_BROKEN_PIPE",
+    "EXIT_BUG",
+    "DEBUG_VAR",
+]
 
 EXIT_BUG = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130          # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141          # 128 + SIGPIPE
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 DEBUG_VAR = "GEMMA2_LITE_DEBUG"
 
 # What a bad input raises on its way through the library: checked values (ValueError and its
@@ -51,8 +64,16 @@ DEBUG_VAR = "GEMMA2_LITE_DEBUG"
 # the wrong type (TypeError, LookupError), a model whose logits are NaN (FloatingPointError),
 # and the two a hostile input provokes in Python itself: a JSON file nested thousands deep
 # (RecursionError) and a number too large for a C integer (OverflowError).
-BAD_INPUT = (ValueError, TypeError, LookupError, OSError, FloatingPointError, RecursionError,
-             OverflowError, EOFError)
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    LookupError,
+    OSError,
+    FloatingPointError,
+    RecursionError,
+    OverflowError,
+    EOFError,
+)
 
 
 class UsageError(Exception):
@@ -112,8 +133,10 @@ def read_stdin(what: str, instead: str) -> str:
     try:
         return sys.stdin.read()
     except UnicodeDecodeError as exc:
-        raise UsageError(f"stdin is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                         f"offset {exc.start}); pass {what} as UTF-8 or with {instead}") from None
+        raise UsageError(
+            f"stdin is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}); pass {what} as UTF-8 or with {instead}"
+        ) from None
 
 
 def utf8_argument(text: str, name: str) -> str:
@@ -128,8 +151,9 @@ def utf8_argument(text: str, name: str) -> str:
     except UnicodeEncodeError as exc:
         code = ord(text[exc.start])
         what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-        raise UsageError(f"{name} is not valid UTF-8 text ({what} at character {exc.start})"
-                         ) from None
+        raise UsageError(
+            f"{name} is not valid UTF-8 text ({what} at character {exc.start})"
+        ) from None
     return text
 
 
@@ -151,7 +175,7 @@ def _ensure_std_streams() -> None:
             os.fstat(fd)
         except OSError:
             opened = os.open(os.devnull, os.O_RDWR)
-            if opened != fd:            # a lower descriptor was closed too: it took that one
+            if opened != fd:  # a lower descriptor was closed too: it took that one
                 os.dup2(opened, fd)
                 os.close(opened)
     for name in ("stdout", "stderr"):
@@ -193,10 +217,12 @@ def _interrupt_or(previous: Callable[[Any], None]) -> Callable[[Any], None]:
     """An ``unraisablehook`` that ends the process with status 130 when the exception is a
     ``KeyboardInterrupt``: Ctrl-C landing in a garbage-collection callback (JAX has one) or
     a ``__del__`` is otherwise printed as "Exception ignored" and the program runs on."""
+
     def hook(unraisable: Any) -> None:
         if issubclass(unraisable.exc_type, KeyboardInterrupt):
             _quit_silently(signal.SIGINT, None)
         previous(unraisable)
+
     return hook
 
 
@@ -218,7 +244,7 @@ def _stop_on_broken_pipe() -> int:
     # not complain about the pipe again.
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):   # stdout not a real file (captured)
+    except (OSError, ValueError, AttributeError):  # stdout not a real file (captured)
         pass
     return EXIT_BROKEN_PIPE
 
@@ -234,22 +260,27 @@ def run(body: Callable[[list[str] | None], int | None], argv: list[str] | None =
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = body(argv) or 0
-        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
     except KeyboardInterrupt:
-        print(file=sys.stderr)              # end the half-written line, nothing else
+        print(file=sys.stderr)  # end the half-written line, nothing else
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _stop_on_broken_pipe()
     except (UsageError, *BAD_INPUT) as exc:
-        report(one_line(exc) if not isinstance(exc, RecursionError) else
-               "the input is nested too deeply to read (RecursionError)")
+        report(
+            one_line(exc)
+            if not isinstance(exc, RecursionError)
+            else "the input is nested too deeply to read (RecursionError)"
+        )
         _close_stderr()
         return EXIT_USAGE
-    except Exception as exc:                # a bug: still one line, unless asked
+    except Exception as exc:  # a bug: still one line, unless asked
         if _debug():
             raise
-        report(f"unexpected {type(exc).__name__}: {one_line(exc)} (a bug; set {DEBUG_VAR}=1 "
-               "for the traceback)")
+        report(
+            f"unexpected {type(exc).__name__}: {one_line(exc)} (a bug; set {DEBUG_VAR}=1 "
+            "for the traceback)"
+        )
         _close_stderr()
         return EXIT_BUG

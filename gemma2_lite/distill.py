@@ -35,12 +35,22 @@ import numpy as np
 
 from .batching import padded_batches
 from .checks import check_int
+
 # The hard-label loss and the masked mean live in the one loss module (re-exported here).
 from .losses import check_logits, cross_entropy_loss, masked_mean
 
-__all__ = ["cross_entropy_loss", "distillation_loss", "topk_distillation_loss", "mixed_loss",
-           "kl_divergence", "masked_mean", "compute_teacher_topk", "save_teacher_topk",
-           "load_teacher_topk", "topk_bytes_per_token"]
+__all__ = [
+    "cross_entropy_loss",
+    "distillation_loss",
+    "topk_distillation_loss",
+    "mixed_loss",
+    "kl_divergence",
+    "masked_mean",
+    "compute_teacher_topk",
+    "save_teacher_topk",
+    "load_teacher_topk",
+    "topk_bytes_per_token",
+]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -49,20 +59,27 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
-def _soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
-                        temperature: float) -> jax.Array:
+def _soft_cross_entropy(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float
+) -> jax.Array:
     """Per-position tau^2 * sum_x -P_T log P_S over the last axis: (B, T, X) -> (B, T)."""
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     p_t = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     # where(p_t > 0): a teacher logit of -inf gives p_t = 0 and must contribute 0, not 0 * -inf.
     ce = -jnp.sum(jnp.where(p_t > 0, p_t * s, 0.0), axis=-1)
-    return ce * (temperature ** 2)
+    return ce * (temperature**2)
 
 
 # ----------------------------------------------------------------------------- losses
-def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
-                      temperature: float = 1.0, mask: jax.Array | None = None,
-                      alpha: float | None = None, targets: jax.Array | None = None) -> jax.Array:
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    alpha: float | None = None,
+    targets: jax.Array | None = None,
+) -> jax.Array:
     """Cross-entropy from the teacher's to the student's distribution, mean over positions.
 
     student_logits, teacher_logits: float (B, T, V). mask: (B, T), 1 = count the position.
@@ -78,18 +95,26 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
     check_logits("teacher_logits", teacher_logits)
     _check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same (B, T, V) shape; "
-                         "for a stored top-k teacher use topk_distillation_loss")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same (B, T, V) shape; "
+            "for a stored top-k teacher use topk_distillation_loss"
+        )
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     soft = masked_mean(_soft_cross_entropy(student_logits, teacher_logits, temperature), mask)
     return _mix(soft, student_logits, alpha, targets, mask)
 
 
-def topk_distillation_loss(student_logits: jax.Array, teacher_topk_logits: jax.Array,
-                           teacher_topk_ids: jax.Array, *, temperature: float = 1.0,
-                           mask: jax.Array | None = None, alpha: float | None = None,
-                           targets: jax.Array | None = None) -> jax.Array:
+def topk_distillation_loss(
+    student_logits: jax.Array,
+    teacher_topk_logits: jax.Array,
+    teacher_topk_ids: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    alpha: float | None = None,
+    targets: jax.Array | None = None,
+) -> jax.Array:
     """Distillation from a stored sparse teacher: only its top-k logits per position.
 
     student_logits: float (B, T, V); teacher_topk_logits: float (B, T, k) (any float dtype, e.g.
@@ -103,50 +128,80 @@ def topk_distillation_loss(student_logits: jax.Array, teacher_topk_logits: jax.A
     check_logits("teacher_topk_logits", teacher_topk_logits)
     _check_temperature(temperature)
     if teacher_topk_ids.shape != teacher_topk_logits.shape:
-        raise ValueError(f"teacher_topk_ids shape {tuple(teacher_topk_ids.shape)} must equal "
-                         f"teacher_topk_logits shape {tuple(teacher_topk_logits.shape)} (B, T, k)")
+        raise ValueError(
+            f"teacher_topk_ids shape {tuple(teacher_topk_ids.shape)} must equal "
+            f"teacher_topk_logits shape {tuple(teacher_topk_logits.shape)} (B, T, k)"
+        )
     if not jnp.issubdtype(teacher_topk_ids.dtype, jnp.integer):
         raise TypeError(f"teacher_topk_ids must be integer ids, got {teacher_topk_ids.dtype}")
     if teacher_topk_logits.shape[:2] != student_logits.shape[:2]:
-        raise ValueError(f"teacher top-k (B, T) = {tuple(teacher_topk_logits.shape[:2])} does not "
-                         f"match the student's (B, T) = {tuple(student_logits.shape[:2])}")
+        raise ValueError(
+            f"teacher top-k (B, T) = {tuple(teacher_topk_logits.shape[:2])} does not "
+            f"match the student's (B, T) = {tuple(student_logits.shape[:2])}"
+        )
     k, vocab = teacher_topk_logits.shape[-1], student_logits.shape[-1]
     if k > vocab:
-        raise ValueError(f"k = {k} teacher logits per position but the student has only "
-                         f"V = {vocab}")
+        raise ValueError(
+            f"k = {k} teacher logits per position but the student has only V = {vocab}"
+        )
     ids = teacher_topk_ids.astype(jnp.int32)
-    student_k = jnp.take_along_axis(student_logits, ids, axis=-1)           # (B, T, k)
+    student_k = jnp.take_along_axis(student_logits, ids, axis=-1)  # (B, T, k)
     teacher_k = jax.lax.stop_gradient(teacher_topk_logits)
     soft = masked_mean(_soft_cross_entropy(student_k, teacher_k, temperature), mask)
     return _mix(soft, student_logits, alpha, targets, mask)
 
 
-def _mix(soft: jax.Array, student_logits: jax.Array, alpha: float | None,
-         targets: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+def _mix(
+    soft: jax.Array,
+    student_logits: jax.Array,
+    alpha: float | None,
+    targets: jax.Array | None,
+    mask: jax.Array | None,
+) -> jax.Array:
     if alpha is None:
         if targets is not None:
-            raise ValueError("targets were given without alpha; pass alpha in [0, 1] to mix the "
-                             "hard-label loss in (alpha weighs the distillation term)")
+            raise ValueError(
+                "targets were given without alpha; pass alpha in [0, 1] to mix the "
+                "hard-label loss in (alpha weighs the distillation term)"
+            )
         return soft
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (weight of the distillation term), "
-                         f"got {alpha!r}")
+        raise ValueError(
+            f"alpha must be in [0, 1] (weight of the distillation term), got {alpha!r}"
+        )
     if targets is None:
         raise ValueError("alpha mixes in the hard-label loss, which needs targets (B, T) int")
     hard = cross_entropy_loss(student_logits, targets, mask)
     return alpha * soft + (1.0 - alpha) * hard
 
 
-def mixed_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array, *,
-               alpha: float = 0.5, temperature: float = 1.0,
-               mask: jax.Array | None = None) -> jax.Array:
+def mixed_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     """``alpha * distillation_loss + (1 - alpha) * cross_entropy_loss`` (float32 scalar)."""
-    return distillation_loss(student_logits, teacher_logits, temperature=temperature, mask=mask,
-                             alpha=alpha, targets=targets)
+    return distillation_loss(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        mask=mask,
+        alpha=alpha,
+        targets=targets,
+    )
 
 
-def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *,
-                  temperature: float = 1.0, mask: jax.Array | None = None) -> jax.Array:
+def kl_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     """Mean KL(P_T || P_S) over unmasked positions (no tau^2 factor), float32 scalar.
 
     Equals ``distillation_loss / tau^2`` minus the teacher's mean entropy; zero iff the student
@@ -176,7 +231,7 @@ _VALUE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32
 
 
 def _id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.int32)
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
 
 @functools.lru_cache(maxsize=1)
@@ -185,16 +240,15 @@ def _teacher_topk_fn() -> Callable[..., tuple[jax.Array, jax.Array]]:
     model graph, chunk shape and k, however often :func:`compute_teacher_topk` is called."""
     from flax import nnx  # local: keep the loss functions importable without flax
 
-    @functools.partial(nnx.jit, static_argnames="k")
-    def top(model: Any, x: jax.Array, m: jax.Array, *, k: int
-            ) -> tuple[jax.Array, jax.Array]:
-        return jax.lax.top_k(model(x, m), k)                                 # (b, T, k) x2
+    def top(model: Any, x: jax.Array, m: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.top_k(model(x, m), k)  # (b, T, k) x2
 
-    return top
+    return nnx.jit(top, static_argnames="k")
 
 
-def compute_teacher_topk(teacher: Any, tokens: Any, k: int, *, batch_size: int = 8,
-                         attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def compute_teacher_topk(
+    teacher: Any, tokens: Any, k: int, *, batch_size: int = 8, attention_mask: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ``teacher`` (a Gemma2 model) over ``tokens`` and keep its k largest logits per position.
 
     tokens: int (R, T) rows (run ``batch_size`` rows at a time so memory stays bounded; the
@@ -211,8 +265,9 @@ def compute_teacher_topk(teacher: Any, tokens: Any, k: int, *, batch_size: int =
     batch_size = check_int(batch_size, "batch_size", low=1)
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}, tokens {tokens.shape}: they "
-                         "must match")
+        raise ValueError(
+            f"attention_mask has shape {mask.shape}, tokens {tokens.shape}: they must match"
+        )
     top = _teacher_topk_fn()
     values, ids = [], []
     for (x, m), n in padded_batches([tokens, mask], batch_size, fill=(0, 1)):
@@ -222,8 +277,15 @@ def compute_teacher_topk(teacher: Any, tokens: Any, k: int, *, batch_size: int =
     return np.concatenate(values), np.concatenate(ids)
 
 
-def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_size: int,
-                      value_dtype: str = "bfloat16", chunk_rows: int = 1024) -> dict[str, Any]:
+def save_teacher_topk(
+    path: str | os.PathLike,
+    values: Any,
+    ids: Any,
+    *,
+    vocab_size: int,
+    value_dtype: str = "bfloat16",
+    chunk_rows: int = 1024,
+) -> dict[str, Any]:
     """Write a teacher's top-k to an uncompressed ``.npz``, in chunks of ``chunk_rows`` rows.
 
     values: float (R, T, k); ids: int (R, T, k). Values are stored as ``value_dtype``
@@ -237,8 +299,9 @@ def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_s
     if value_dtype not in _VALUE_DTYPES:
         raise ValueError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}, got {value_dtype!r}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"ids must be in [0, vocab_size={vocab_size}); found "
-                         f"[{ids.min()}, {ids.max()}]")
+        raise ValueError(
+            f"ids must be in [0, vocab_size={vocab_size}); found [{ids.min()}, {ids.max()}]"
+        )
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     path = Path(path)
@@ -250,16 +313,21 @@ def save_teacher_topk(path: str | os.PathLike, values: Any, ids: Any, *, vocab_s
         "value_dtype": np.array(value_dtype),
     }
     for j, start in enumerate(range(0, values.shape[0], chunk_rows)):
-        v = values[start:start + chunk_rows].astype(_VALUE_DTYPES[value_dtype])
+        v = values[start : start + chunk_rows].astype(_VALUE_DTYPES[value_dtype])
         if value_dtype == "bfloat16":
-            v = v.view(np.uint16)                     # .npz cannot name bfloat16; keep the bits
+            v = v.view(np.uint16)  # .npz cannot name bfloat16; keep the bits
         arrays[f"values_{j:05d}"] = v
-        arrays[f"ids_{j:05d}"] = ids[start:start + chunk_rows].astype(id_dtype)
+        arrays[f"ids_{j:05d}"] = ids[start : start + chunk_rows].astype(id_dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    # numpy's stub reads **arrays as possibly its allow_pickle: bool (no key here is)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     tokens = int(values.shape[0] * values.shape[1])
-    return {"path": str(path), "file_bytes": path.stat().st_size, "tokens": tokens,
-            "bytes_per_token": topk_bytes_per_token(values.shape[2], vocab_size, value_dtype)}
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "tokens": tokens,
+        "bytes_per_token": topk_bytes_per_token(values.shape[2], vocab_size, value_dtype),
+    }
 
 
 def load_teacher_topk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +355,7 @@ def load_teacher_topk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         rows, length, k, _ = (int(x) for x in data["meta"])
     out_v, out_i = np.concatenate(values), np.concatenate(ids)
     if out_v.shape != (rows, length, k):
-        raise ValueError(f"{path}: chunks give shape {out_v.shape}, header says "
-                         f"{(rows, length, k)}")
+        raise ValueError(
+            f"{path}: chunks give shape {out_v.shape}, header says {(rows, length, k)}"
+        )
     return out_v, out_i

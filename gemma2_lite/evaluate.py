@@ -19,8 +19,9 @@ ratings on the Elo scale with bootstrap intervals (:func:`bradley_terry`,
 :func:`bootstrap_ratings`, :func:`judge_pairs`), word n-gram contamination
 (:func:`contamination`), the report's formatting-robustness measure
 (:func:`format_robustness`, :func:`next_line_formats`) and :func:`score_variants`, which
-scores any set of model variants (the post-training chapters' models plug in there).
-The evaluation sets themselves are ``gemma2_lite/assets/eval/*.jsonl``, built by ``data/build_eval.py``.
+scores any set of model variants (the post-training chapters' models plug in there). The
+evaluation sets themselves are ``gemma2_lite/assets/eval/*.jsonl``, built by
+``data/build_eval.py``.
 """
 
 from __future__ import annotations
@@ -41,22 +42,40 @@ from .losses import token_nll
 from .memorization import wilson_interval
 from .paths import asset, require
 
-__all__ = ["NORMALIZATIONS", "EVAL_SETS", "load_eval_set", "option_scores", "choose",
-           "mc_result", "multiple_choice", "few_shot", "extract_number", "extract_line",
-           "exact_match", "bradley_terry", "bootstrap_ratings", "judge_pairs",
-           "char_ngram_f1", "word_ngrams", "ngram_index", "contamination",
-           "next_line_formats", "format_robustness", "score_variants"]
+__all__ = [
+    "NORMALIZATIONS",
+    "EVAL_SETS",
+    "load_eval_set",
+    "option_scores",
+    "choose",
+    "mc_result",
+    "multiple_choice",
+    "few_shot",
+    "extract_number",
+    "extract_line",
+    "exact_match",
+    "bradley_terry",
+    "bootstrap_ratings",
+    "judge_pairs",
+    "char_ngram_f1",
+    "word_ngrams",
+    "ngram_index",
+    "contamination",
+    "next_line_formats",
+    "format_robustness",
+    "score_variants",
+]
 
 NORMALIZATIONS = ("none", "length")
 EVAL_SETS = ("next_line", "speaker", "arithmetic")
-ELO = 400.0 / math.log(10.0)           # Elo points per natural-log unit of odds
-_BUCKET = 32                           # row lengths round up to a multiple: few compiles
+ELO = 400.0 / math.log(10.0)  # Elo points per natural-log unit of odds
+_BUCKET = 32  # row lengths round up to a multiple: few compiles
 
 
 # ----------------------------------------------------------------------------- the sets
 def load_eval_set(name: str, split: str = "test") -> list[dict[str, Any]]:
-    """The items of ``gemma2_lite/assets/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or ``"shots"``
-    (few-shot examples, from the corpus's train split). See ``data/README.md``."""
+    """The items of ``gemma2_lite/assets/eval/{name}.jsonl`` whose ``split`` is ``"test"`` or
+    ``"shots"`` (few-shot examples, from the corpus's train split). See ``data/README.md``."""
     if name not in EVAL_SETS:
         raise ValueError(f"unknown evaluation set {name!r}; choose one of {EVAL_SETS}")
     if split not in ("test", "shots"):
@@ -74,18 +93,23 @@ def _check_items(items: Sequence[Mapping[str, Any]]) -> None:
     for i, item in enumerate(items):
         missing = [k for k in ("context", "options", "answer") if k not in item]
         if missing:
-            raise ValueError(f"items[{i}] lacks {missing}; a multiple-choice item is "
-                             "{'context': str, 'options': [str, ...], 'answer': int}")
+            raise ValueError(
+                f"items[{i}] lacks {missing}; a multiple-choice item is "
+                "{'context': str, 'options': [str, ...], 'answer': int}"
+            )
         options, answer = item["options"], item["answer"]
         if isinstance(options, str) or len(options) < 2:
             raise ValueError(f"items[{i}]['options'] must be a list of at least 2 strings")
         if not is_int(answer) or not 0 <= answer < len(options):
-            raise ValueError(f"items[{i}]['answer'] must be an int index into its "
-                             f"{len(options)} options, got {answer!r}")
+            raise ValueError(
+                f"items[{i}]['answer'] must be an int index into its "
+                f"{len(options)} options, got {answer!r}"
+            )
 
 
-def _option_rows(tokenizer: Any, items: Sequence[Mapping[str, Any]], max_len: int
-                 ) -> tuple[list[list[int]], list[int]]:
+def _option_rows(
+    tokenizer: Any, items: Sequence[Mapping[str, Any]], max_len: int
+) -> tuple[list[list[int]], list[int]]:
     """One row per (item, option): ``[<bos>] + ids(context) + ids(option)``, and where the
     option's ids start. Context and option are encoded separately (the option's tokens are
     exactly ``encode(option)``, whatever the context ends with)."""
@@ -97,8 +121,10 @@ def _option_rows(tokenizer: Any, items: Sequence[Mapping[str, Any]], max_len: in
             if not ids:
                 raise ValueError(f"items[{i}] option {k} encodes to no tokens: {option!r}")
             if len(context) + len(ids) - 1 > max_len:
-                raise ValueError(f"items[{i}] option {k}: {len(context) + len(ids)} tokens do "
-                                 f"not fit the model's context of {max_len}; shorten it")
+                raise ValueError(
+                    f"items[{i}] option {k}: {len(context) + len(ids)} tokens do "
+                    f"not fit the model's context of {max_len}; shorten it"
+                )
             rows.append(context + ids)
             starts.append(len(context))
     return rows, starts
@@ -107,13 +133,14 @@ def _option_rows(tokenizer: Any, items: Sequence[Mapping[str, Any]], max_len: in
 @nnx.jit
 def _option_sums(model: Any, batch: jax.Array, mask: jax.Array) -> jax.Array:
     """Sum of log p(target) where ``mask``: batch int (B, T + 1), mask (B, T) -> (B,)."""
-    logits = model(batch[:, :-1])                                          # (B, T, V)
-    logp = -token_nll(logits, batch[:, 1:])                                # (B, T)
+    logits = model(batch[:, :-1])  # (B, T, V)
+    logp = -token_nll(logits, batch[:, 1:])  # (B, T)
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)
 
 
-def option_scores(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], *,
-                  batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+def option_scores(
+    model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], *, batch_size: int = 32
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per item, ``(logp, tokens)``: float64 (K,) the summed log-probability of each option's
     tokens given ``<bos>`` + context, and int (K,) how many tokens each option has.
 
@@ -128,20 +155,20 @@ def option_scores(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]]
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     sums = np.zeros(len(rows))
     for first in range(0, len(rows), batch_size):
-        chunk = order[first:first + batch_size]
+        chunk = order[first : first + batch_size]
         width = min(-(-max(len(rows[r]) - 1 for r in chunk) // _BUCKET) * _BUCKET, max_len)
-        batch = np.zeros((batch_size, width + 1), np.int32)   # pad id 0 (any id would do)
+        batch = np.zeros((batch_size, width + 1), np.int32)  # pad id 0 (any id would do)
         mask = np.zeros((batch_size, width), bool)
         for j, r in enumerate(chunk):
-            batch[j, :len(rows[r])] = rows[r]
-            mask[j, starts[r] - 1:len(rows[r]) - 1] = True    # targets = the option's ids
+            batch[j, : len(rows[r])] = rows[r]
+            mask[j, starts[r] - 1 : len(rows[r]) - 1] = True  # targets = the option's ids
         got = np.asarray(_option_sums(model, jnp.asarray(batch), jnp.asarray(mask)))
-        sums[chunk] = got[:len(chunk)]
+        sums[chunk] = got[: len(chunk)]
     out, r = [], 0
     for item in items:
         k = len(item["options"])
         lengths = np.array([len(rows[r + j]) - starts[r + j] for j in range(k)])
-        out.append((sums[r:r + k], lengths))
+        out.append((sums[r : r + k], lengths))
         r += k
     return out
 
@@ -157,26 +184,44 @@ def choose(logp: Sequence[float], tokens: Sequence[int], normalize: str = "none"
     if not np.all(np.isfinite(logp)):
         raise ValueError(f"option log-likelihoods must be finite, got {logp}")
     if normalize == "length" and (tokens.shape != logp.shape or not np.all(tokens > 0)):
-        raise ValueError(f"tokens must hold a positive token count per option ({logp.size}), "
-                         f"got {tokens.tolist()}")
+        raise ValueError(
+            f"tokens must hold a positive token count per option ({logp.size}), "
+            f"got {tokens.tolist()}"
+        )
     score = logp if normalize == "none" else logp / tokens
     return int(np.argmax(score))
 
 
-def mc_result(scores: Sequence[tuple[np.ndarray, np.ndarray]],
-              items: Sequence[Mapping[str, Any]], normalize: str = "none") -> dict[str, Any]:
+def mc_result(
+    scores: Sequence[tuple[np.ndarray, np.ndarray]],
+    items: Sequence[Mapping[str, Any]],
+    normalize: str = "none",
+) -> dict[str, Any]:
     """``{"accuracy", "n", "interval"}`` from :func:`option_scores`' output (95% Wilson)."""
     if len(items) == 0 or len(scores) != len(items):
-        raise ValueError(f"mc_result needs one score per item and at least one item, got "
-                         f"{len(scores)} scores for {len(items)} items")
-    right = sum(choose(lp, nt, normalize) == int(item["answer"])
-                for (lp, nt), item in zip(scores, items, strict=True))
-    return {"accuracy": right / len(items), "n": len(items),
-            "interval": wilson_interval(right, len(items))}
+        raise ValueError(
+            f"mc_result needs one score per item and at least one item, got "
+            f"{len(scores)} scores for {len(items)} items"
+        )
+    right = sum(
+        choose(lp, nt, normalize) == int(item["answer"])
+        for (lp, nt), item in zip(scores, items, strict=True)
+    )
+    return {
+        "accuracy": right / len(items),
+        "n": len(items),
+        "interval": wilson_interval(right, len(items)),
+    }
 
 
-def multiple_choice(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]],
-                    normalize: str = "none", *, batch_size: int = 32) -> dict[str, Any]:
+def multiple_choice(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    normalize: str = "none",
+    *,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """Accuracy of ``model`` on multiple-choice ``items`` by option log-likelihood.
 
     items: ``{"context": str, "options": [str, ...], "answer": int}`` (extra keys ignored);
@@ -197,8 +242,13 @@ def _solved(item: Mapping[str, Any]) -> str:
     return f"{item['prompt']} {item['answer']}"
 
 
-def few_shot(items: Sequence[Mapping[str, Any]], shots: Sequence[Mapping[str, Any]], k: int,
-             *, separator: str = "\n\n") -> list[dict[str, Any]]:
+def few_shot(
+    items: Sequence[Mapping[str, Any]],
+    shots: Sequence[Mapping[str, Any]],
+    k: int,
+    *,
+    separator: str = "\n\n",
+) -> list[dict[str, Any]]:
     """Copies of ``items`` with the first ``k`` of ``shots``, solved, before each prompt.
 
     A multiple-choice shot is rendered as its context followed by its right option, an
@@ -206,8 +256,9 @@ def few_shot(items: Sequence[Mapping[str, Any]], shots: Sequence[Mapping[str, An
     by ``separator``, and one more ``separator`` precedes the item's own context or prompt.
     Every item gets the same shots, in the same order (``k = 0`` gives the items back).
     """
-    check_int(k, "k", low=0, high=len(shots), what=f"an integer in [0, {len(shots)}] (the "
-              "shots given)")
+    check_int(
+        k, "k", low=0, high=len(shots), what=f"an integer in [0, {len(shots)}] (the shots given)"
+    )
     head = "".join(_solved(s) + separator for s in shots[:k])
     key = "context" if items and "options" in items[0] else "prompt"
     return [{**item, key: head + item[key]} for item in items]
@@ -232,10 +283,17 @@ def extract_line(text: str) -> str:
     return line[:-1].rstrip() if line[-1:] in (".", ",", ";", ":") else line
 
 
-def exact_match(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], *,
-                extract: Callable[[str], str | None] = extract_number,
-                stop: Sequence[str] = ("\n",), max_new_tokens: int = 8, batch_size: int = 64,
-                generate_fn: Callable[..., list[list[int]]] | None = None) -> dict[str, Any]:
+def exact_match(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    extract: Callable[[str], str | None] = extract_number,
+    stop: Sequence[str] = ("\n",),
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    generate_fn: Callable[..., list[list[int]]] | None = None,
+) -> dict[str, Any]:
     """Greedy generation after each ``{"prompt", "answer"}`` item; right when
     ``extract(generated text) == extract(answer)``.
 
@@ -248,29 +306,39 @@ def exact_match(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]], 
     if len(items) == 0:
         raise ValueError("items is empty: give at least one {'prompt', 'answer'}")
     for i, item in enumerate(items):
-        if not isinstance(item, Mapping) or "answer" not in item \
-                or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"items[{i}] must be {{'prompt': str, 'answer': ...}}, got "
-                             f"{item!r:.200}")
+        if (
+            not isinstance(item, Mapping)
+            or "answer" not in item
+            or not isinstance(item.get("prompt"), str)
+        ):
+            raise ValueError(
+                f"items[{i}] must be {{'prompt': str, 'answer': ...}}, got {item!r:.200}"
+            )
     check_int(batch_size, "batch_size", low=1)
     if generate_fn is None:
         from .sampler import generate as generate_fn
     stop_ids = [ids[0] for ids in map(tokenizer.encode, stop) if len(ids) == 1]
     outputs: list[str] = []
     for first in range(0, len(items), batch_size):
-        chunk = items[first:first + batch_size]
+        chunk = items[first : first + batch_size]
         prompts = [[tokenizer.bos_id] + tokenizer.encode(item["prompt"]) for item in chunk]
-        new = generate_fn(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                          stop_tokens=stop_ids)
+        new = generate_fn(
+            model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop_ids
+        )
         for ids in new:
             text = tokenizer.decode(ids)
             outputs.append(min((text.split(s, 1)[0] for s in stop), key=len, default=text))
     predictions = [extract(text) for text in outputs]
-    right = sum(p is not None and p == extract(str(item["answer"]))
-                for p, item in zip(predictions, items))
-    return {"accuracy": right / len(items), "n": len(items),
-            "interval": wilson_interval(right, len(items)), "outputs": outputs,
-            "predictions": predictions}
+    right = sum(
+        p is not None and p == extract(str(item["answer"])) for p, item in zip(predictions, items)
+    )
+    return {
+        "accuracy": right / len(items),
+        "n": len(items),
+        "interval": wilson_interval(right, len(items)),
+        "outputs": outputs,
+        "predictions": predictions,
+    }
 
 
 # ----------------------------------------------------------------------------- preference
@@ -293,8 +361,9 @@ def _strongly_connected(wins: np.ndarray) -> bool:
     return bool(reach.all())
 
 
-def bradley_terry(pairs: Sequence[tuple[str, str]], *, l2: float = 0.0,
-                  iters: int = 100) -> dict[str, float]:
+def bradley_terry(
+    pairs: Sequence[tuple[str, str]], *, l2: float = 0.0, iters: int = 100
+) -> dict[str, float]:
     """Bradley-Terry ratings from ``(winner, loser)`` pairs, on the Elo scale, mean zero.
 
     The model: p(i beats j) = 1 / (1 + 10 ** ((r_j - r_i) / 400)). The ratings maximise the
@@ -311,15 +380,17 @@ def bradley_terry(pairs: Sequence[tuple[str, str]], *, l2: float = 0.0,
     l2 = check_number(l2, "l2", low=0, what="a finite number >= 0 (the prior's weight)")
     check_int(iters, "iters", low=1, what="a positive integer (Newton steps)")
     if l2 == 0 and not _strongly_connected(wins):
-        raise ValueError("some name won (or lost) every game against the rest, so its "
-                         "maximum-likelihood rating is infinite; pass l2 > 0 (a weak prior)")
-    games = wins + wins.T                                                 # (M, M)
+        raise ValueError(
+            "some name won (or lost) every game against the rest, so its "
+            "maximum-likelihood rating is infinite; pass l2 > 0 (a weak prior)"
+        )
+    games = wins + wins.T  # (M, M)
     theta = np.zeros(len(names))
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(theta[None, :] - theta[:, None]))        # p[i, j]: i beats j
+        p = 1.0 / (1.0 + np.exp(theta[None, :] - theta[:, None]))  # p[i, j]: i beats j
         grad = wins.sum(1) - (games * p).sum(1) - l2 * theta
         w = games * p * (1 - p)
-        hess = np.diag(w.sum(1) + l2) - w                                 # minus the Hessian
+        hess = np.diag(w.sum(1) + l2) - w  # minus the Hessian
         step = np.linalg.lstsq(hess, grad, rcond=None)[0]
         theta = theta + step
         theta -= theta.mean()
@@ -328,9 +399,14 @@ def bradley_terry(pairs: Sequence[tuple[str, str]], *, l2: float = 0.0,
     return {name: float(ELO * t) for name, t in zip(names, theta)}
 
 
-def bootstrap_ratings(pairs: Sequence[tuple[str, str]], *, n_boot: int = 200, seed: int = 0,
-                      level: float = 0.95, l2: float = 0.0
-                      ) -> dict[str, tuple[float, float]]:
+def bootstrap_ratings(
+    pairs: Sequence[tuple[str, str]],
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    l2: float = 0.0,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of :func:`bradley_terry`'s ratings: the pairs resampled
     with replacement ``n_boot`` times (``numpy.random.default_rng(seed)``), refitted, and the
     ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each name's rating taken."""
@@ -349,8 +425,13 @@ def bootstrap_ratings(pairs: Sequence[tuple[str, str]], *, n_boot: int = 200, se
     return {name: (float(a), float(b)) for name, a, b in zip(names, lo, hi)}
 
 
-def judge_pairs(outputs: Mapping[str, Sequence[str]], judge: Callable[[int, str, str], int],
-                *, order: str = "both", seed: int = 0) -> list[tuple[str, str]]:
+def judge_pairs(
+    outputs: Mapping[str, Sequence[str]],
+    judge: Callable[[int, str, str], int],
+    *,
+    order: str = "both",
+    seed: int = 0,
+) -> list[tuple[str, str]]:
     """Pairwise judgments between every two variants on every prompt.
 
     outputs: variant name -> its answer to each prompt (equal lengths). judge(i, first,
@@ -378,9 +459,10 @@ def judge_pairs(outputs: Mapping[str, Sequence[str]], judge: Callable[[int, str,
                     shown = shown[1:]
                 for first, second in shown:
                     verdict = judge(i, outputs[first][i], outputs[second][i])
-                    if verdict not in (-1, 0, 1):                 # NaN, 2, "yes"
-                        raise ValueError(f"judge must return 1, -1 or 0 (a tie), got "
-                                         f"{verdict!r} for prompt {i}")
+                    if verdict not in (-1, 0, 1):  # NaN, 2, "yes"
+                        raise ValueError(
+                            f"judge must return 1, -1 or 0 (a tie), got {verdict!r} for prompt {i}"
+                        )
                     if verdict:
                         pairs.append((first, second) if verdict > 0 else (second, first))
     return pairs
@@ -390,11 +472,12 @@ def char_ngram_f1(candidate: str, reference: str, n: int = 3) -> float:
     """F1 of the character n-grams (multisets) of two strings, lower-cased: 1 for equal
     strings, 0 when they share no n-gram (a chrF-like overlap, for a reference-based judge)."""
     check_int(n, "n", low=1)
+
     def grams(s: str) -> dict[str, int]:
         s = s.lower()
         out: dict[str, int] = {}
         for i in range(len(s) - n + 1):
-            out[s[i:i + n]] = out.get(s[i:i + n], 0) + 1
+            out[s[i : i + n]] = out.get(s[i : i + n], 0) + 1
         return out
 
     a, b = grams(candidate), grams(reference)
@@ -411,7 +494,7 @@ def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     (punctuation, case and line breaks do not hide an overlap)."""
     check_int(n, "n", low=1)
     words = re.findall(r"[a-z']+", text.lower())
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def ngram_index(text: str, n: int) -> np.ndarray:
@@ -420,8 +503,7 @@ def ngram_index(text: str, n: int) -> np.ndarray:
     return np.unique(np.array([hash(g) for g in word_ngrams(text, n)], np.int64))
 
 
-def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8
-                  ) -> dict[str, Any]:
+def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8) -> dict[str, Any]:
     """How much of an evaluation set appears in training text, by word n-grams.
 
     texts: one string per item (e.g. its context and answer). train: the training text, or
@@ -431,12 +513,16 @@ def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8
     items' n-grams found), "flags" (bool per item)}``.
     """
     if isinstance(texts, str) or len(texts) == 0:
-        raise ValueError("texts must be a non-empty list of strings (one per item), got "
-                         f"{type(texts).__name__} of length {len(texts)}")
+        raise ValueError(
+            "texts must be a non-empty list of strings (one per item), got "
+            f"{type(texts).__name__} of length {len(texts)}"
+        )
     index = ngram_index(train, n) if isinstance(train, str) else np.asarray(train)
     if index.dtype != np.int64 or index.ndim != 1 or np.any(index[1:] <= index[:-1]):
-        raise ValueError("train must be the training text or its ngram_index (sorted unique "
-                         f"int64 hashes), got an array of {index.dtype} {index.shape}")
+        raise ValueError(
+            "train must be the training text or its ngram_index (sorted unique "
+            f"int64 hashes), got an array of {index.dtype} {index.shape}"
+        )
     flags, found, total, short = [], 0, 0, 0
     for text in texts:
         grams = np.array([hash(g) for g in word_ngrams(text, n)], np.int64)
@@ -444,9 +530,15 @@ def contamination(texts: Sequence[str], train: str | np.ndarray, n: int = 8
         hits = index[at] == grams if len(index) else np.zeros(len(grams), bool)
         flags.append(bool(hits.any()))
         found, total, short = found + int(hits.sum()), total + len(grams), short + (not len(grams))
-    return {"n": n, "items": len(texts), "contaminated": sum(flags),
-            "rate": sum(flags) / max(len(texts), 1), "short": short,
-            "ngram_rate": found / max(total, 1), "flags": flags}
+    return {
+        "n": n,
+        "items": len(texts),
+        "contaminated": sum(flags),
+        "rate": sum(flags) / max(len(texts), 1),
+        "short": short,
+        "ngram_rate": found / max(total, 1),
+        "flags": flags,
+    }
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -458,32 +550,46 @@ def next_line_formats() -> dict[str, Callable[[Mapping[str, Any]], dict[str, Any
 
     def lettered(x: Mapping[str, Any]) -> dict[str, Any]:
         listed = "".join(f"{letters[k]}. {o}\n" for k, o in enumerate(x["options"]))
-        return {"context": f"{x['speaker']}.\n{x['line']}\nWhich line comes next?\n"
-                           f"{listed}Answer:",
-                "options": [f" {letters[k]}" for k in range(len(x["options"]))],
-                "answer": x["answer"]}
+        return {
+            "context": f"{x['speaker']}.\n{x['line']}\nWhich line comes next?\n{listed}Answer:",
+            "options": [f" {letters[k]}" for k in range(len(x["options"]))],
+            "answer": x["answer"],
+        }
 
-    def make(context: Callable[[Mapping[str, Any]], str], prefix: str = ""
-             ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
-        return lambda x: {"context": context(x), "answer": x["answer"],
-                          "options": [prefix + o for o in x["options"]]}
+    def make(
+        context: Callable[[Mapping[str, Any]], str], prefix: str = ""
+    ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+        return lambda x: {
+            "context": context(x),
+            "answer": x["answer"],
+            "options": [prefix + o for o in x["options"]],
+        }
 
     return {
         "plain": make(lambda x: f"{x['speaker']}.\n{x['line']}\n"),
         "no heading": make(lambda x: f"{x['line']}\n"),
         "question": make(lambda x: f"Which line comes next?\n{x['speaker']}.\n{x['line']}\n"),
-        "Q/A": make(lambda x: f"Question: what does {x['speaker']} say after "
-                              f"\"{x['line']}\"?\nAnswer:", " "),
-        "chat": make(lambda x: f"<start_of_turn>user\nContinue: {x['line']}<end_of_turn>\n"
-                               "<start_of_turn>model\n"),
+        "Q/A": make(
+            lambda x: f'Question: what does {x["speaker"]} say after "{x["line"]}"?\nAnswer:', " "
+        ),
+        "chat": make(
+            lambda x: (
+                f"<start_of_turn>user\nContinue: {x['line']}<end_of_turn>\n<start_of_turn>model\n"
+            )
+        ),
         "letters": lettered,
     }
 
 
-def format_robustness(model: Any, tokenizer: Any, items: Sequence[Mapping[str, Any]],
-                      formats: Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]],
-                      normalizations: Sequence[str] = NORMALIZATIONS, *,
-                      batch_size: int = 32) -> dict[str, Any]:
+def format_robustness(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    formats: Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]],
+    normalizations: Sequence[str] = NORMALIZATIONS,
+    *,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """Accuracy under every (format, normalisation) combination and their spread.
 
     Returns ``{"scores": {(format, normalize): accuracy in %}, "mean", "std" (percentage
@@ -498,15 +604,24 @@ def format_robustness(model: Any, tokenizer: Any, items: Sequence[Mapping[str, A
         for normalize in normalizations:
             scores[(name, normalize)] = 100 * mc_result(raw, shaped, normalize)["accuracy"]
     values = np.array(list(scores.values()))
-    return {"scores": scores, "mean": float(values.mean()), "std": float(values.std()),
-            "n": len(items)}
+    return {
+        "scores": scores,
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "n": len(items),
+    }
 
 
 # ----------------------------------------------------------------------------- variants
-def score_variants(variants: Mapping[str, Any], tokenizer: Any,
-                   sets: Mapping[str, Sequence[Mapping[str, Any]]], *,
-                   normalize: str | Mapping[str, str] = "length", batch_size: int = 32,
-                   max_new_tokens: int = 8) -> dict[str, dict[str, dict[str, Any]]]:
+def score_variants(
+    variants: Mapping[str, Any],
+    tokenizer: Any,
+    sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    normalize: str | Mapping[str, str] = "length",
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Score every model variant on every set: ``{variant: {set: result}}``.
 
     A set of ``{"context", "options", "answer"}`` items is scored by :func:`multiple_choice`
@@ -523,7 +638,8 @@ def score_variants(variants: Mapping[str, Any], tokenizer: Any,
                 norm = normalize if isinstance(normalize, str) else normalize[set_name]
                 result = multiple_choice(model, tokenizer, items, norm, batch_size=batch_size)
             else:
-                result = exact_match(model, tokenizer, items, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
+                result = exact_match(
+                    model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size
+                )
             table[name][set_name] = result
     return table

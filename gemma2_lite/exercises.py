@@ -39,7 +39,7 @@ FINGERPRINT_DIRECTIONS = 3
 
 
 # ----------------------------------------------------------------------------- digests
-def _number(x: float, sig: int) -> str:
+def _number(x: float | numbers.Real, sig: int) -> str:
     text = format(float(x), f".{sig}g")
     return "0" if text in ("-0", "0") else text
 
@@ -53,7 +53,7 @@ def canonical(value: Any, sig: int | None = None) -> str:
         return repr(value)
     if isinstance(value, (bool, np.bool_)):
         return f"b{bool(value)}"
-    if hasattr(value, "shape") and hasattr(value, "tolist"):      # numpy or JAX array
+    if hasattr(value, "shape") and hasattr(value, "tolist"):  # numpy or JAX array
         return canonical(np.asarray(value).tolist(), sig)
     if isinstance(value, numbers.Integral):
         return f"n{_number(value, sig)}" if sig else f"i{int(value)}"
@@ -90,8 +90,9 @@ def fingerprint(x: Any, seed: int = 0) -> tuple[tuple[int, ...], list[float]]:
     return a.shape, [float(np.sqrt(np.sum(flat * flat) / n)), *(dirs @ flat / n).tolist()]
 
 
-def assert_fingerprint(x: Any, shape: tuple[int, ...], expected: list[float], message: str,
-                       *, tol: float = 1e-4) -> None:
+def assert_fingerprint(
+    x: Any, shape: tuple[int, ...], expected: list[float], message: str, *, tol: float = 1e-4
+) -> None:
     """AssertionError(``message``) unless ``x`` has ``shape`` and its fingerprint is within
     ``tol`` times the expected root mean square (plus ``tol``) of ``expected``."""
     got_shape, got = fingerprint(x)
@@ -103,8 +104,7 @@ def assert_fingerprint(x: Any, shape: tuple[int, ...], expected: list[float], me
 
 
 # ----------------------------------------------------------------------------- own work
-_BY_NAME = ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_NAME", "IMPORT_FROM", "LOAD_GLOBAL",
-            "LOAD_NAME")
+_BY_NAME = ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_NAME", "IMPORT_FROM", "LOAD_GLOBAL", "LOAD_NAME")
 
 
 def _label(ref: Any) -> str:
@@ -141,9 +141,9 @@ class _Search:
 
     def __init__(self, references: tuple[Any, ...]) -> None:
         self.objects = [r for r in references if not isinstance(r, str)]
-        self.strings = {r for r in references if isinstance(r, str)}     # names, anywhere
+        self.strings = {r for r in references if isinstance(r, str)}  # names, anywhere
         self.names: dict[str, Any] = {r: r for r in self.strings}
-        self.pairs: list[tuple[Any, str, Any]] = []     # (owner, attribute, the method)
+        self.pairs: list[tuple[Any, str, Any]] = []  # (owner, attribute, the method)
         for r in self.objects:
             if inspect.ismethod(r) and not isinstance(r.__self__, (type, types.ModuleType)):
                 self.pairs.append((r.__self__, r.__name__, r))
@@ -157,8 +157,12 @@ class _Search:
         for r in self.objects:
             if obj is r:
                 return r
-            if inspect.ismethod(r) and inspect.ismethod(obj) and obj.__self__ is r.__self__ \
-                    and obj.__func__ is r.__func__:
+            if (
+                inspect.ismethod(r)
+                and inspect.ismethod(obj)
+                and obj.__self__ is r.__self__
+                and obj.__func__ is r.__func__
+            ):
                 return r
         return None
 
@@ -183,8 +187,7 @@ class _Search:
             hit = self.code(obj, depth)
             if hit is not None:
                 return hit
-            inner += [c.cell_contents for c in obj.__closure__ or ()
-                      if _has_contents(c)]
+            inner += [c.cell_contents for c in obj.__closure__ or () if _has_contents(c)]
             inner += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
         for item in inner:
             hit = self.search(item, depth + 1)
@@ -197,7 +200,7 @@ class _Search:
         imports (matched by name, and resolved along module/class chains)."""
         scope = fn.__globals__
         for code in _codes(fn.__code__):
-            current: Any = None                  # the object the last load resolved to
+            current: Any = None  # the object the last load resolved to
             for ins in dis.get_instructions(code):
                 name = ins.argval if isinstance(ins.argval, str) else None
                 if name is not None and name in self.strings and ins.opname in _BY_NAME:
@@ -233,7 +236,7 @@ class _Search:
 
 def _has_contents(cell: Any) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # raises ValueError while the cell is empty
     except ValueError:
         return False
     return True
@@ -255,4 +258,5 @@ def assert_own_work(answer: Any, *references: Any, name: str | None = None) -> N
         who = name or getattr(answer, "__name__", "the answer")
         raise AssertionError(
             f"{who} uses {_label(hit)}, the reference this check compares with: write it "
-            "yourself (the exercise says what it may use)")
+            "yourself (the exercise says what it may use)"
+        )

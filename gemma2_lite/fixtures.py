@@ -2,9 +2,9 @@
 
     python -m gemma2_lite.book.fixtures OUT_DIR      # the program (gemma2_lite.book)
 
-writes (:func:`write_fixtures`), for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture, different random
-weights; the folder layout is :mod:`gemma2_lite.weights`'s, so ``GEMMA2_LITE_WEIGHTS=OUT_DIR``
-works too)::
+writes (:func:`write_fixtures`), for ``gemma-2-2b`` and ``gemma-2-2b-it`` (same tiny architecture,
+different random weights; the folder layout is :mod:`gemma2_lite.weights`'s, so
+``GEMMA2_LITE_WEIGHTS=OUT_DIR`` works too)::
 
     OUT_DIR/gemma-2-2b-it/
       hf/    config.json                  as transformers 4.42 wrote it: rope_theta at the top,
@@ -44,12 +44,22 @@ from flax import nnx
 from .checkpoint import Path_, from_arrays, hf_state_dict, save_hf, to_released_flax_tree
 from .config import Gemma2Config
 from .model import Gemma2, abstract_model
-from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
 from .release import FIXTURE_MARKER, flax_checkpoint_name, model_dir
+from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
 
-__all__ = ["FIXTURE_NAMES", "FIXTURE_VERSION", "TOKENIZER_VOCAB", "FLAX_EXTRA_ROWS",
-           "TURN_PIECES", "fixture_config", "fixture_tokenizer", "random_arrays",
-           "released_hf_config", "write_fixtures", "ensure"]
+__all__ = [
+    "FIXTURE_NAMES",
+    "FIXTURE_VERSION",
+    "TOKENIZER_VOCAB",
+    "FLAX_EXTRA_ROWS",
+    "TURN_PIECES",
+    "fixture_config",
+    "fixture_tokenizer",
+    "random_arrays",
+    "released_hf_config",
+    "write_fixtures",
+    "ensure",
+]
 
 #: Bump when what :func:`write_fixtures` writes changes (cached copies are then rewritten).
 FIXTURE_VERSION = 1
@@ -59,8 +69,14 @@ TOKENIZER_VOCAB = 1024
 #: Rows the official Flax embedding has beyond the tokenizer's (256128 - 256000).
 FLAX_EXTRA_ROWS = 128
 #: Gemma's user-defined pieces in id order from 4: ids 106 and 107 are the turn markers.
-TURN_PIECES = ("<mask>", "<2mass>", "[@BOS@]", *(f"<unused{i}>" for i in range(99)),
-               "<start_of_turn>", "<end_of_turn>")
+TURN_PIECES = (
+    "<mask>",
+    "<2mass>",
+    "[@BOS@]",
+    *(f"<unused{i}>" for i in range(99)),
+    "<start_of_turn>",
+    "<end_of_turn>",
+)
 _TOKENIZER_TEXT_CHARS = 120_000
 
 
@@ -73,13 +89,23 @@ def fixture_config(*, flax: bool = False) -> Gemma2Config:
     vocabulary (:data:`FLAX_EXTRA_ROWS` longer). Layers alternate local (window 8) / global.
     """
     return Gemma2Config(
-        name="gemma-2-2b-fixture", vocab_size=TOKENIZER_VOCAB + (FLAX_EXTRA_ROWS if flax else 0),
-        d_model=48, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16, ffn_dim=96,
-        query_pre_attn_scalar=16, sliding_window=8, param_dtype="bfloat16")
+        name="gemma-2-2b-fixture",
+        vocab_size=TOKENIZER_VOCAB + (FLAX_EXTRA_ROWS if flax else 0),
+        d_model=48,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=16,
+        ffn_dim=96,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        param_dtype="bfloat16",
+    )
 
 
-def random_arrays(config: Gemma2Config, seed: int, *, qk_gain: float = 1.0
-                  ) -> dict[Path_, np.ndarray]:
+def random_arrays(
+    config: Gemma2Config, seed: int, *, qk_gain: float = 1.0
+) -> dict[Path_, np.ndarray]:
     """Random float32 parameters for ``config`` (numpy, so no compilation per shape).
 
     Weights are fan-in scaled so logits stay O(1); norm scales are random too (N(0, 0.3)),
@@ -94,13 +120,13 @@ def random_arrays(config: Gemma2Config, seed: int, *, qk_gain: float = 1.0
         shape, name = tuple(var.shape), path[-1]
         if name == "scale":
             std = 0.3
-        elif name == "embedding":                            # (V, D): rows of norm ~1
+        elif name == "embedding":  # (V, D): rows of norm ~1
             std = 1.0 / np.sqrt(shape[1])
-        elif name in ("q", "k", "v"):                        # (N|K, D, H): fan-in D
+        elif name in ("q", "k", "v"):  # (N|K, D, H): fan-in D
             std = (qk_gain if name != "v" else 1.0) / np.sqrt(shape[1])
-        elif name == "o":                                    # (N, H, D): fan-in N*H
+        elif name == "o":  # (N, H, D): fan-in N*H
             std = 1.0 / np.sqrt(shape[0] * shape[1])
-        else:                                                # gate/up (D, F), down (F, D)
+        else:  # gate/up (D, F), down (F, D)
             std = 1.0 / np.sqrt(shape[0])
         arrays[tuple(path)] = rng.normal(0.0, std, shape).astype(np.float32)
     return arrays
@@ -114,8 +140,12 @@ def fixture_tokenizer() -> Tokenizer:
     from .data import load_text
 
     text = load_text("train")[:_TOKENIZER_TEXT_CHARS]
-    tok = train_tokenizer([text], None, vocab_size=TOKENIZER_VOCAB,
-                          user_defined_symbols=[*TURN_PIECES, *NEWLINE_PIECES])
+    tok = train_tokenizer(
+        [text],
+        None,
+        vocab_size=TOKENIZER_VOCAB,
+        user_defined_symbols=[*TURN_PIECES, *NEWLINE_PIECES],
+    )
     assert (tok.start_of_turn_id, tok.end_of_turn_id) == (106, 107), tok.special_ids
     return tok
 
@@ -130,19 +160,33 @@ def released_hf_config(config: Gemma2Config, *, instruct: bool) -> dict[str, obj
     """
     c = config
     return {
-        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
-        "attention_dropout": 0.0, "attn_logit_softcapping": c.attn_logit_softcap,
-        "bos_token_id": 2, "cache_implementation": "hybrid",
+        "architectures": ["Gemma2ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": c.attn_logit_softcap,
+        "bos_token_id": 2,
+        "cache_implementation": "hybrid",
         "eos_token_id": [1, 107] if instruct else 1,
-        "final_logit_softcapping": c.final_logit_softcap, "head_dim": c.head_dim,
-        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": c.d_model, "initializer_range": 0.02, "intermediate_size": c.ffn_dim,
-        "max_position_embeddings": c.max_seq_len, "model_type": "gemma2",
-        "num_attention_heads": c.num_heads, "num_hidden_layers": c.num_layers,
-        "num_key_value_heads": c.num_kv_heads, "pad_token_id": 0,
-        "query_pre_attn_scalar": c.query_pre_attn_scalar, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_base, "sliding_window": c.sliding_window,
-        "torch_dtype": c.param_dtype, "transformers_version": "4.42.4", "use_cache": True,
+        "final_logit_softcapping": c.final_logit_softcap,
+        "head_dim": c.head_dim,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": c.d_model,
+        "initializer_range": 0.02,
+        "intermediate_size": c.ffn_dim,
+        "max_position_embeddings": c.max_seq_len,
+        "model_type": "gemma2",
+        "num_attention_heads": c.num_heads,
+        "num_hidden_layers": c.num_layers,
+        "num_key_value_heads": c.num_kv_heads,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": c.query_pre_attn_scalar,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_base,
+        "sliding_window": c.sliding_window,
+        "torch_dtype": c.param_dtype,
+        "transformers_version": "4.42.4",
+        "use_cache": True,
         "vocab_size": c.vocab_size,
     }
 
@@ -150,7 +194,8 @@ def released_hf_config(config: Gemma2Config, *, instruct: bool) -> dict[str, obj
 def _marker(folder: Path, name: str) -> None:
     (folder / FIXTURE_MARKER).write_text(
         f"# Test fixture, not {name}\n\nTiny random weights written by `python -m "
-        f"gemma2_lite.book.fixtures` in the layout {name} was released in. Its text is noise.\n")
+        f"gemma2_lite.book.fixtures` in the layout {name} was released in. Its text is noise.\n"
+    )
 
 
 def _write_hf(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) -> None:
@@ -159,9 +204,14 @@ def _write_hf(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) -> N
     config = released_hf_config(model.config, instruct=instruct)
     # Half the bytes per shard: at least two shards plus an index, as on the hub.
     save_hf(model, folder, max_shard_bytes=total // 2 + 1, hf_config=config)
-    generation = {"_from_model_config": True, "bos_token_id": 2,
-                  "cache_implementation": "hybrid", "eos_token_id": config["eos_token_id"],
-                  "pad_token_id": 0, "transformers_version": "4.42.4"}
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": 2,
+        "cache_implementation": "hybrid",
+        "eos_token_id": config["eos_token_id"],
+        "pad_token_id": 0,
+        "transformers_version": "4.42.4",
+    }
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (folder / "tokenizer.model").write_bytes(tokenizer.model_proto)
     _marker(folder, name)
@@ -173,8 +223,8 @@ def _write_flax(folder: Path, model: Gemma2, name: str, tokenizer: Tokenizer) ->
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / flax_checkpoint_name(name)
     if ckpt.exists():
-        shutil.rmtree(ckpt)     # Orbax refuses to overwrite a checkpoint
-    tree = to_released_flax_tree(model, gating="DF")      # the 2B's (2, D, F)
+        shutil.rmtree(ckpt)  # Orbax refuses to overwrite a checkpoint
+    tree = to_released_flax_tree(model, gating="DF")  # the 2B's (2, D, F)
     ocp.PyTreeCheckpointer().save(os.fspath(ckpt.resolve()), tree)
     (folder / "tokenizer.model").write_bytes(tokenizer.model_proto)
     _marker(folder, name)
@@ -206,8 +256,11 @@ def ensure(out_dir: str | os.PathLike | None = None) -> Path:
 
     Default ``out_dir``: ``gemma2-lite-fixtures-v{FIXTURE_VERSION}`` in the temporary directory.
     """
-    out = Path(out_dir) if out_dir is not None else \
-        Path(tempfile.gettempdir()) / f"gemma2-lite-fixtures-v{FIXTURE_VERSION}"
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path(tempfile.gettempdir()) / f"gemma2-lite-fixtures-v{FIXTURE_VERSION}"
+    )
     done = out / ".complete"
     if done.exists():
         return out
@@ -217,9 +270,9 @@ def ensure(out_dir: str | os.PathLike | None = None) -> Path:
         write_fixtures(staging)
         (staging / ".complete").write_text(f"{FIXTURE_VERSION}\n")
         try:
-            staging.rename(out)                     # atomic; fails if someone else won
+            staging.rename(out)  # atomic; fails if someone else won
         except OSError:
-            if not done.exists():                   # a stale, incomplete folder: replace it
+            if not done.exists():  # a stale, incomplete folder: replace it
                 shutil.rmtree(out, ignore_errors=True)
                 staging.rename(out)
     finally:

@@ -23,8 +23,14 @@ from .params import Placer, from_arrays, to_arrays
 from .safetensors_io import CheckpointError
 from .weight_maps import export_arrays, flatten, flax_table, import_arrays, nest
 
-__all__ = ["to_flax_tree", "to_released_flax_tree", "is_orbax_checkpoint", "infer_flax_config",
-           "load_flax", "save_flax"]
+__all__ = [
+    "to_flax_tree",
+    "to_released_flax_tree",
+    "is_orbax_checkpoint",
+    "infer_flax_config",
+    "load_flax",
+    "save_flax",
+]
 
 _EMBEDDING = "transformer/embedder/input_embedding"
 _GATING = re.compile(r"transformer/layer_\d+/mlp/gating_einsum(/w)?")
@@ -43,8 +49,7 @@ def to_flax_tree(model: Gemma2) -> dict[str, Any]:
     return nest(_export(model, released=False, gating="FD"))
 
 
-def to_released_flax_tree(model: Gemma2, *, gating: str = "DF"
-                          ) -> dict[str, dict[str, np.ndarray]]:
+def to_released_flax_tree(model: Gemma2, *, gating: str = "DF") -> dict[str, dict[str, np.ndarray]]:
     """Our parameters exactly as the official Orbax checkpoints were released (numpy arrays).
 
     The released trees are flat: each key is a whole module path, each value that module's
@@ -86,7 +91,8 @@ def infer_flax_config(flat: Mapping[str, Any]) -> Gemma2Config:
             return preset.replace(vocab_size=emb.shape[0])
     raise CheckpointError(
         f"checkpoint (D={emb.shape[1]}, {n_layers} layers) matches no Gemma 2 preset; "
-        f"pass config= explicitly")
+        f"pass config= explicitly"
+    )
 
 
 def _gating(flat: Mapping[str, np.ndarray], c: Gemma2Config) -> str:
@@ -99,16 +105,20 @@ def _gating(flat: Mapping[str, np.ndarray], c: Gemma2Config) -> str:
             elif w.shape == (2, c.d_model, c.ffn_dim):
                 found.add("DF")
             else:
-                raise CheckpointError(f"{key}: expected (2, {c.ffn_dim}, {c.d_model}) or "
-                                      f"(2, {c.d_model}, {c.ffn_dim}), found {w.shape}")
+                raise CheckpointError(
+                    f"{key}: expected (2, {c.ffn_dim}, {c.d_model}) or "
+                    f"(2, {c.d_model}, {c.ffn_dim}), found {w.shape}"
+                )
     if len(found) > 1:
-        raise CheckpointError("gating_einsum is stored (2, F, D) in some layers and (2, D, F) "
-                              "in others")
+        raise CheckpointError(
+            "gating_einsum is stored (2, F, D) in some layers and (2, D, F) in others"
+        )
     return found.pop() if found else "FD"
 
 
-def _restore(path_or_tree: str | os.PathLike | Mapping[str, Any]
-             ) -> tuple[dict[str, np.ndarray], str]:
+def _restore(
+    path_or_tree: str | os.PathLike | Mapping[str, Any],
+) -> tuple[dict[str, np.ndarray], str]:
     """The tree's leaves by '/'-joined key (``transformer/`` prefixed), and what to call it."""
     if isinstance(path_or_tree, Mapping):
         tree, source = path_or_tree, "params tree"
@@ -120,8 +130,10 @@ def _restore(path_or_tree: str | os.PathLike | Mapping[str, Any]
         if not directory.is_dir():
             raise CheckpointError(f"{source} is not a directory; expected an Orbax checkpoint")
         tree = ocp.PyTreeCheckpointer().restore(os.fspath(directory))
-    flat = {k if k.startswith("transformer/") else f"transformer/{k}": np.asarray(v)
-            for k, v in flatten(tree).items()}
+    flat = {
+        k if k.startswith("transformer/") else f"transformer/{k}": np.asarray(v)
+        for k, v in flatten(tree).items()
+    }
     if not flat:
         raise CheckpointError(f"{source} holds no tensors")
     if _EMBEDDING not in flat:
@@ -129,9 +141,14 @@ def _restore(path_or_tree: str | os.PathLike | Mapping[str, Any]
     return flat, source
 
 
-def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
-              config: Gemma2Config | None = None, dtype: Any = None,
-              param_dtype: Any = None, place: Placer | None = None) -> Gemma2:
+def load_flax(
+    path_or_tree: str | os.PathLike | Mapping[str, Any],
+    *,
+    config: Gemma2Config | None = None,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    place: Placer | None = None,
+) -> Gemma2:
     """Load the official Flax (Orbax) checkpoint of Gemma 2, or its already-restored params tree.
 
     Every form the official weights come in is read: the tree as released (flat module-path
@@ -150,14 +167,15 @@ def load_flax(path_or_tree: str | os.PathLike | Mapping[str, Any], *,
     """
     flat, source = _restore(path_or_tree)
     config = config or infer_flax_config(flat)
-    own = flat[_EMBEDDING].dtype
-    own = own.name if own.name in ("float32", "bfloat16", "float16") else "float32"
+    stored = flat[_EMBEDDING].dtype.name
+    own = stored if stored in ("float32", "bfloat16", "float16") else "float32"
     dtype = jnp.dtype(dtype or own).name
     config = config.replace(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype).name)
-    table = flax_table(released=any(re.search(r"/mlp/(gating_einsum|linear)/w$", k)
-                                    for k in flat),
-                       gating=_gating(flat, config),
-                       qkv=any("/attn/qkv_einsum/" in k for k in flat))
+    table = flax_table(
+        released=any(re.search(r"/mlp/(gating_einsum|linear)/w$", k) for k in flat),
+        gating=_gating(flat, config),
+        qkv=any("/attn/qkv_einsum/" in k for k in flat),
+    )
     arrays, names = import_arrays(table, config, flat, source=source)
     return from_arrays(config, arrays, source=source, place=place, origins=names)
 

@@ -70,7 +70,7 @@ def _staging_pid(name: str, target: str) -> int | None:
     prefix = f".{target}."
     if not name.startswith(prefix):
         return None
-    kind, _, rest = name[len(prefix):].partition("-")
+    kind, _, rest = name[len(prefix) :].partition("-")
     pid, _, suffix = rest.partition("-")
     if kind not in (_STAGING, _REPLACED) or not pid.isdigit() or not suffix:
         return None
@@ -81,10 +81,11 @@ def _swap_in(staging: Path, path: Path) -> None:
     if not path.exists():
         os.rename(staging, path)
     elif _exchange(staging, path):
-        shutil.rmtree(staging, ignore_errors=True)        # now the old folder
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
     else:
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_REPLACED}-{os.getpid()}-",
-                                      dir=path.parent))
+        aside = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.{_REPLACED}-{os.getpid()}-", dir=path.parent)
+        )
         os.rename(path, aside / "old")
         os.rename(staging, path)
         shutil.rmtree(aside, ignore_errors=True)
@@ -97,18 +98,26 @@ def _check_movable(path: Path) -> None:
     system), or the folder this process works in or one above it (the process would be left
     in the replaced, deleted folder)."""
     if os.path.ismount(path):
-        raise OSError(errno.EBUSY, f"{path} is the root of a file system (a mount point); "
-                      "it cannot be replaced: save into a folder inside it", str(path))
+        raise OSError(
+            errno.EBUSY,
+            f"{path} is the root of a file system (a mount point); "
+            "it cannot be replaced: save into a folder inside it",
+            str(path),
+        )
     cwd = Path.cwd().resolve()
     if cwd == path or path in cwd.parents:
-        raise OSError(errno.EBUSY, f"{path} is the folder this program works in (or holds "
-                      "it); replacing it would leave the program in a deleted folder: save "
-                      "into a folder of its own", str(path))
+        raise OSError(
+            errno.EBUSY,
+            f"{path} is the folder this program works in (or holds "
+            "it); replacing it would leave the program in a deleted folder: save "
+            "into a folder of its own",
+            str(path),
+        )
 
 
 def _link_or_copy(src: str, dst: str) -> None:
     try:
-        os.link(src, dst)                                  # no bytes copied
+        os.link(src, dst)  # no bytes copied
     except OSError:
         shutil.copy2(src, dst)
 
@@ -123,17 +132,20 @@ def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> None:
     device = old.stat().st_dev
     for entry in old.iterdir():
         if not entry.is_symlink() and entry.is_dir() and entry.stat().st_dev != device:
-            raise OSError(errno.EXDEV, f"{old} holds {entry.name}/, another file system's "
-                          "mount point, which cannot be moved with the folder; save into a "
-                          "folder of its own", str(entry))
+            raise OSError(
+                errno.EXDEV,
+                f"{old} holds {entry.name}/, another file system's "
+                "mount point, which cannot be moved with the folder; save into a "
+                "folder of its own",
+                str(entry),
+            )
     for entry in old.iterdir():
         if skip(entry.name) or (new / entry.name).exists():
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), new / entry.name)
         elif entry.is_dir():
-            shutil.copytree(entry, new / entry.name, symlinks=True,
-                            copy_function=_link_or_copy)
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(str(entry), str(new / entry.name))
 
@@ -151,8 +163,9 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     _check_movable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_STAGING}-{os.getpid()}-",
-                                    dir=path.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{_STAGING}-{os.getpid()}-", dir=path.parent)
+    )
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -31,12 +31,28 @@ from .layers import RowProjection
 from .model import Gemma2
 from .params import Path_, Placer, check_arrays, from_arrays, to_arrays
 from .quantize import is_rows
-from .safetensors_io import (WEIGHT_DTYPES, CheckpointError, fsync_dir, read_json,
-                             read_safetensors, write_safetensors)
+from .safetensors_io import (
+    WEIGHT_DTYPES,
+    CheckpointError,
+    fsync_dir,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+)
 from .weight_maps import HF, export_arrays, import_arrays
 
-__all__ = ["INDEX_FILE", "SINGLE_FILE", "MANIFEST_FILE", "read_index", "read_hf_tensors",
-           "hf_to_arrays", "hf_state_dict", "load_hf", "save_hf", "verify_hf_folder"]
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "MANIFEST_FILE",
+    "read_index",
+    "read_hf_tensors",
+    "hf_to_arrays",
+    "hf_state_dict",
+    "load_hf",
+    "save_hf",
+    "verify_hf_folder",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,16 +64,29 @@ _WRITER = "gemma2-lite save_hf"
 # sha256 of the files already read, by (path, size, mtime, inode).
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 # Config fields that make two models the same model (dtypes and name may differ).
-_ARCHITECTURE = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "ffn_dim")
+_ARCHITECTURE = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_dim",
+)
 
 
 # ----------------------------------------------------------------------------- reading
 def _is_plain_shard_name(name: Any) -> bool:
     """A file name inside the checkpoint folder: no directory part, no '..', not absolute."""
-    return (isinstance(name, str) and name.endswith(".safetensors") and name not in ("", ".", "..")
-            and "/" not in name and "\\" not in name and Path(name).name == name
-            and not os.path.isabs(name))
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and Path(name).name == name
+        and not os.path.isabs(name)
+    )
 
 
 def read_index(path: str | os.PathLike) -> dict[str, str]:
@@ -72,13 +101,16 @@ def read_index(path: str | os.PathLike) -> dict[str, str]:
     data = read_json(index, "shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"shard index {index} must be a JSON object with a non-empty "
-                              "'weight_map' of {tensor name: shard file name}")
+        raise CheckpointError(
+            f"shard index {index} must be a JSON object with a non-empty "
+            "'weight_map' of {tensor name: shard file name}"
+        )
     for tensor, shard in weight_map.items():
         if not _is_plain_shard_name(shard):
             raise CheckpointError(
                 f"shard index {index}: tensor {tensor!r} names shard {shard!r}; a shard must be "
-                f"a plain *.safetensors file name inside {path} (no directories, no '..')")
+                f"a plain *.safetensors file name inside {path} (no directories, no '..')"
+            )
     return weight_map
 
 
@@ -88,15 +120,18 @@ def _hf_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index.exists() and single.exists():
         raise CheckpointError(
             f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}, two different saves: remove the "
-            "stale one (save_hf never leaves both)")
+            "stale one (save_hf never leaves both)"
+        )
     if index.exists():
         weight_map = read_index(path)
         files = []
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).exists():
                 first = next(t for t, s in weight_map.items() if s == shard)
-                raise CheckpointError(f"shard index {index} names shard {shard} (e.g. for "
-                                      f"{first!r}), but {path / shard} does not exist")
+                raise CheckpointError(
+                    f"shard index {index} names shard {shard} (e.g. for "
+                    f"{first!r}), but {path / shard} does not exist"
+                )
             files.append(path / shard)
         return files, weight_map
     if single.exists():
@@ -104,8 +139,11 @@ def _hf_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     found = sorted(path.glob("*.safetensors"))
     if not found:
         pickles = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {pickles}: pickle files are not loaded; convert them to safetensors)" \
-            if pickles else ""
+        hint = (
+            f" (found {pickles}: pickle files are not loaded; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"no *.safetensors files in {path}{hint}")
     return found, None
 
@@ -122,11 +160,15 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
             tensors[name], origin[name] = value, file
     for name, shard in (weight_map or {}).items():
         if origin.get(name, path / shard) != path / shard:
-            raise CheckpointError(f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
-                                  f"but it is in {origin.get(name, 'no shard')}")
+            raise CheckpointError(
+                f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
+                f"but it is in {origin.get(name, 'no shard')}"
+            )
         if name not in origin:
-            raise CheckpointError(f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
-                                  "but that shard does not hold it")
+            raise CheckpointError(
+                f"shard index {path / INDEX_FILE} puts {name!r} in {shard}, "
+                "but that shard does not hold it"
+            )
     return tensors, origin
 
 
@@ -139,8 +181,9 @@ def read_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _read_tensors(Path(path))[0]
 
 
-def hf_to_arrays(config: Gemma2Config, tensors: Mapping[str, np.ndarray]
-                 ) -> dict[Path_, np.ndarray]:
+def hf_to_arrays(
+    config: Gemma2Config, tensors: Mapping[str, np.ndarray]
+) -> dict[Path_, np.ndarray]:
     """Hugging Face tensors in our parameter layout (views where possible; shapes checked
     later), by the :data:`gemma2_lite.weight_maps.HF` table."""
     return import_arrays(HF, config, tensors)[0]
@@ -154,14 +197,19 @@ def hf_state_dict(model: Gemma2) -> dict[str, np.ndarray]:
 
 def _first_float_dtype(tensors: Mapping[str, np.ndarray]) -> str | None:
     for value in tensors.values():
-        if value.dtype in WEIGHT_DTYPES and value.dtype.name in ("float32", "bfloat16",
-                                                                  "float16"):
+        if value.dtype in WEIGHT_DTYPES and value.dtype.name in ("float32", "bfloat16", "float16"):
             return value.dtype.name
     return None
 
 
-def load_hf(path: str | os.PathLike, dtype: Any = None, *, param_dtype: Any = None,
-            place: Placer | None = None, **config_overrides: Any) -> Gemma2:
+def load_hf(
+    path: str | os.PathLike,
+    dtype: Any = None,
+    *,
+    param_dtype: Any = None,
+    place: Placer | None = None,
+    **config_overrides: Any,
+) -> Gemma2:
     """Load a Hugging Face Gemma 2 checkpoint directory (``config.json`` + safetensors).
 
     Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``) layouts
@@ -195,7 +243,8 @@ def _is_model_file(name: str) -> bool:
     """A file a save writes (or an earlier save's leftover temporary of one)."""
     name = name.removesuffix(".tmp")
     return name in ("config.json", SINGLE_FILE, INDEX_FILE, MANIFEST_FILE) or bool(
-        _SHARD_NAME.fullmatch(name))
+        _SHARD_NAME.fullmatch(name)
+    )
 
 
 def _architecture(config: Gemma2Config) -> dict[str, Any]:
@@ -207,8 +256,9 @@ def _manifest_problems(path: Path, *, checksums: bool) -> list[str]:
     try:
         manifest = read_json(path / MANIFEST_FILE, "save manifest")
         files = manifest["files"]
-        listed = {str(name): (int(info["bytes"]), str(info["sha256"]))
-                  for name, info in files.items()}
+        listed = {
+            str(name): (int(info["bytes"]), str(info["sha256"])) for name, info in files.items()
+        }
     except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as exc:
         return [f"its {MANIFEST_FILE} is not one save_hf wrote ({exc})"]
     problems = []
@@ -220,8 +270,11 @@ def _manifest_problems(path: Path, *, checksums: bool) -> list[str]:
             problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
         elif checksums and _sha256(file) != digest:
             problems.append(f"{name} has changed since it was written (sha256 differs)")
-    extra = sorted(p.name for p in path.iterdir() if _is_model_file(p.name)
-                   and p.name != MANIFEST_FILE and p.name not in listed)
+    extra = sorted(
+        p.name
+        for p in path.iterdir()
+        if _is_model_file(p.name) and p.name != MANIFEST_FILE and p.name not in listed
+    )
     problems += [f"{name} was not written by that save" for name in extra]
     return problems
 
@@ -247,26 +300,32 @@ def _sha256(file: Path) -> str:
 def _check_replaceable(path: Path, config: Gemma2Config, overwrite: bool) -> None:
     """Refuse to replace a folder holding a model that save_hf did not write, or another
     model (another architecture), unless ``overwrite``."""
-    held = sorted(p.name for p in path.iterdir() if _is_model_file(p.name)) \
-        if path.is_dir() else []
+    held = sorted(p.name for p in path.iterdir() if _is_model_file(p.name)) if path.is_dir() else []
     if not held or overwrite:
         return
     how = "pass overwrite=True to replace it, or save into another folder"
     if MANIFEST_FILE not in held:
-        raise CheckpointError(f"{path} holds a model that save_hf did not write ({held[:4]}); "
-                              f"refusing to replace it: {how}")
+        raise CheckpointError(
+            f"{path} holds a model that save_hf did not write ({held[:4]}); "
+            f"refusing to replace it: {how}"
+        )
     problems = _manifest_problems(path, checksums=False)
     if problems:
-        raise CheckpointError(f"{path} holds a model that has changed since save_hf wrote it "
-                              f"({'; '.join(problems[:4])}); refusing to replace it: {how}")
+        raise CheckpointError(
+            f"{path} holds a model that has changed since save_hf wrote it "
+            f"({'; '.join(problems[:4])}); refusing to replace it: {how}"
+        )
     theirs = read_json(path / MANIFEST_FILE, "save manifest").get("architecture")
     if theirs != _architecture(config):
-        raise CheckpointError(f"{path} holds a different model ({theirs}, this one is "
-                              f"{_architecture(config)}); refusing to replace it: {how}")
+        raise CheckpointError(
+            f"{path} holds a different model ({theirs}, this one is "
+            f"{_architecture(config)}); refusing to replace it: {how}"
+        )
 
 
-def _plan_shards(sd: Mapping[str, np.ndarray], max_shard_bytes: int | None
-                 ) -> dict[str, dict[str, np.ndarray]]:
+def _plan_shards(
+    sd: Mapping[str, np.ndarray], max_shard_bytes: int | None
+) -> dict[str, dict[str, np.ndarray]]:
     """{file name: tensors}: one file, or shards of at most ``max_shard_bytes`` (a tensor
     larger than that gets a shard of its own)."""
     if max_shard_bytes is None:
@@ -279,8 +338,10 @@ def _plan_shards(sd: Mapping[str, np.ndarray], max_shard_bytes: int | None
             size = 0
         shards[-1][name] = arr
         size += arr.nbytes
-    return {f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors": shard
-            for j, shard in enumerate(shards)}
+    return {
+        f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors": shard
+        for j, shard in enumerate(shards)
+    }
 
 
 def _write_text(path: Path, text: str) -> dict[str, Any]:
@@ -292,28 +353,37 @@ def _write_text(path: Path, text: str) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _write_model(folder: Path, model: Gemma2, hf_config: Mapping[str, Any],
-                 max_shard_bytes: int | None) -> None:
+def _write_model(
+    folder: Path, model: Gemma2, hf_config: Mapping[str, Any], max_shard_bytes: int | None
+) -> None:
     """config.json, the weights (and index), then the manifest, into a fresh ``folder``."""
-    written = {"config.json": _write_text(folder / "config.json",
-                                          json.dumps(hf_config, indent=2) + "\n")}
+    written = {
+        "config.json": _write_text(folder / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    }
     sd = hf_state_dict(model)
     plan = _plan_shards(sd, max_shard_bytes)
     for name, tensors in plan.items():
         digest = write_safetensors(folder / name, tensors)
         written[name] = {"bytes": (folder / name).stat().st_size, "sha256": digest}
     if max_shard_bytes is not None:
-        index = {"metadata": {"total_size": sum(a.nbytes for a in sd.values())},
-                 "weight_map": {t: name for name, tensors in plan.items() for t in tensors}}
+        index = {
+            "metadata": {"total_size": sum(a.nbytes for a in sd.values())},
+            "weight_map": {t: name for name, tensors in plan.items() for t in tensors},
+        }
         written[INDEX_FILE] = _write_text(folder / INDEX_FILE, json.dumps(index, indent=2))
-    manifest = {"writer": _WRITER, "architecture": _architecture(model.config),
-                "files": written}
+    manifest = {"writer": _WRITER, "architecture": _architecture(model.config), "files": written}
     _write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     fsync_dir(folder)
 
 
-def save_hf(model: Gemma2, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
-            overwrite: bool = False, hf_config: Mapping[str, Any] | None = None) -> None:
+def save_hf(
+    model: Gemma2,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    hf_config: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``model`` as a Hugging Face checkpoint (config.json + safetensors).
 
     With ``max_shard_bytes`` the weights are split into several files with an index, as the
@@ -330,17 +400,28 @@ def save_hf(model: Gemma2, path: str | os.PathLike, *, max_shard_bytes: int | No
     if not isinstance(model, Gemma2):
         raise TypeError(f"save_hf saves a Gemma2 model, got {type(model).__name__}")
     if is_rows(model) or isinstance(model.embedder.embedding, RowProjection):
-        raise ValueError("save_hf saves the model's own weights; this one is quantized or "
-                         "stored as rows: save the original model (quantize after loading)")
+        raise ValueError(
+            "save_hf saves the model's own weights; this one is quantized or "
+            "stored as rows: save the original model (quantize after loading)"
+        )
     if max_shard_bytes is not None:
-        check_int(max_shard_bytes, "max_shard_bytes", low=1,
-                  what="a positive number of bytes or None (one file)")
+        check_int(
+            max_shard_bytes,
+            "max_shard_bytes",
+            low=1,
+            what="a positive number of bytes or None (one file)",
+        )
     hf_config = dict(config_to_hf(model.config) if hf_config is None else hf_config)
-    described = config_from_hf(hf_config, name=model.config.name, dtype=model.config.dtype,
-                               param_dtype=model.config.param_dtype)
+    described = config_from_hf(
+        hf_config,
+        name=model.config.name,
+        dtype=model.config.dtype,
+        param_dtype=model.config.param_dtype,
+    )
     if described != model.config:
-        raise CheckpointError(f"hf_config describes {described!r}, not the model's "
-                              f"{model.config!r}")
+        raise CheckpointError(
+            f"hf_config describes {described!r}, not the model's {model.config!r}"
+        )
     target = Path(path).resolve()
     _check_replaceable(target, model.config, overwrite)
     with staged_folder(target) as staging:

@@ -18,13 +18,24 @@ _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 # Our config field <- the Hugging Face config.json field it is read from (required fields).
-_HF_REQUIRED = {"vocab_size": "vocab_size", "d_model": "hidden_size",
-                "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-                "ffn_dim": "intermediate_size", "query_pre_attn_scalar": "query_pre_attn_scalar"}
-_HF_OPTIONAL = {"sliding_window": "sliding_window", "attn_logit_softcap": "attn_logit_softcapping",
-                "final_logit_softcap": "final_logit_softcapping", "rope_base": "rope_theta",
-                "max_seq_len": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps"}
+_HF_REQUIRED = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "ffn_dim": "intermediate_size",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+}
+_HF_OPTIONAL = {
+    "sliding_window": "sliding_window",
+    "attn_logit_softcap": "attn_logit_softcapping",
+    "final_logit_softcap": "final_logit_softcapping",
+    "rope_base": "rope_theta",
+    "max_seq_len": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+}
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
@@ -40,15 +51,18 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
     Raises :class:`CheckpointError` naming the config.json field that is missing or invalid.
     """
     if not isinstance(hf, Mapping):
-        raise CheckpointError(f"config.json must be a JSON object of fields, got "
-                              f"{type(hf).__name__}")
+        raise CheckpointError(
+            f"config.json must be a JSON object of fields, got {type(hf).__name__}"
+        )
     if hf.get("model_type") not in (None, "gemma2"):
-        raise CheckpointError(f"config.json is for model_type {hf.get('model_type')!r}, "
-                              f"expected 'gemma2'")
+        raise CheckpointError(
+            f"config.json is for model_type {hf.get('model_type')!r}, expected 'gemma2'"
+        )
     missing = [name for name in _HF_REQUIRED.values() if name not in hf]
     if missing:
-        raise CheckpointError(f"config.json lacks the field(s) {missing} that a Gemma 2 "
-                              "config needs")
+        raise CheckpointError(
+            f"config.json lacks the field(s) {missing} that a Gemma 2 config needs"
+        )
     try:
         rope_base = rope_base_from_hf(hf)
     except ConfigError as exc:
@@ -59,26 +73,34 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Gemma2Config:
     window = hf.get("sliding_window", hf.get("sliding_window_size"))
     if layer_types is not None:
         if not isinstance(layer_types, list):
-            raise CheckpointError(f"config.json field 'layer_types' must be a list, got "
-                                  f"{type(layer_types).__name__}")
+            raise CheckpointError(
+                f"config.json field 'layer_types' must be a list, got {type(layer_types).__name__}"
+            )
         if all(t == "full_attention" for t in layer_types):
             window = None
         else:
-            alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                           for i in range(len(layer_types))]
+            alternating = [
+                "sliding_attention" if i % 2 == 0 else "full_attention"
+                for i in range(len(layer_types))
+            ]
             if list(layer_types) != alternating or len(layer_types) != n_layers:
                 raise CheckpointError(
                     "config.json layer_types must alternate sliding/full starting with sliding "
-                    f"(Gemma 2's pattern), one per layer, or be all full; got {layer_types[:8]}")
+                    f"(Gemma 2's pattern), one per layer, or be all full; got {layer_types[:8]}"
+                )
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise CheckpointError(f"activation {act!r} is not Gemma 2's tanh GELU")
     fields = {ours: hf[theirs] for ours, theirs in _HF_REQUIRED.items()}
     fields.update(
-        sliding_window=window, attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"), rope_base=rope_base,
+        sliding_window=window,
+        attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        rope_base=rope_base,
         max_seq_len=hf.get("max_position_embeddings", 8192),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), name=str(hf.get("_name_or_path") or "hf"))
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        name=str(hf.get("_name_or_path") or "hf"),
+    )
     fields.update(overrides)
     try:
         return Gemma2Config(**fields)
@@ -98,8 +120,14 @@ def declared_dtype(hf: Mapping[str, Any]) -> str | None:
     return None
 
 
-def read_hf_config(path: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
-                   *, fallback_dtype: Any = jnp.float32, **overrides: Any) -> Gemma2Config:
+def read_hf_config(
+    path: str | os.PathLike,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    *,
+    fallback_dtype: Any = jnp.float32,
+    **overrides: Any,
+) -> Gemma2Config:
     """The :class:`Gemma2Config` of a Hugging Face checkpoint folder's ``config.json``.
 
     ``dtype`` is the activation dtype and, unless ``param_dtype`` is given, the parameter
@@ -116,8 +144,12 @@ def read_hf_config(path: str | os.PathLike, dtype: Any = None, param_dtype: Any 
         dtype = declared_dtype(hf) or fallback_dtype
     dtype = fallback_dtype if dtype is None else dtype
     try:
-        return config_from_hf(hf, dtype=jnp.dtype(dtype).name,
-                              param_dtype=jnp.dtype(param_dtype or dtype).name, **overrides)
+        return config_from_hf(
+            hf,
+            dtype=jnp.dtype(dtype).name,
+            param_dtype=jnp.dtype(param_dtype or dtype).name,
+            **overrides,
+        )
     except CheckpointError as exc:
         raise CheckpointError(f"{cfg_file}: {exc}") from None
 
@@ -125,22 +157,34 @@ def read_hf_config(path: str | os.PathLike, dtype: Any = None, param_dtype: Any 
 def config_to_hf(config: Gemma2Config) -> dict[str, Any]:
     """The Hugging Face ``config.json`` describing ``config``."""
     c = config
-    layer_types = ["sliding_attention" if t == "local" else "full_attention"
-                   for t in c.layer_types]
+    layer_types = ["sliding_attention" if t == "local" else "full_attention" for t in c.layer_types]
     return {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.ffn_dim,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
-        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ffn_dim,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
         "query_pre_attn_scalar": c.query_pre_attn_scalar,
-        "sliding_window": c.sliding_window or c.max_seq_len, "layer_types": layer_types,
+        "sliding_window": c.sliding_window or c.max_seq_len,
+        "layer_types": layer_types,
         "attn_logit_softcapping": c.attn_logit_softcap,
         "final_logit_softcapping": c.final_logit_softcap,
-        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-        "dtype": c.param_dtype, "torch_dtype": c.param_dtype,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "dtype": c.param_dtype,
+        "torch_dtype": c.param_dtype,
     }

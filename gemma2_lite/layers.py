@@ -7,17 +7,28 @@ Parameters carry ``logical_axes`` metadata (names such as ``"embed"`` or ``"mlp"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["soft_cap", "rms_norm", "gelu_tanh", "RMSNorm", "FeedForward", "Embedder",
-           "dense_init", "Rows", "RowScale", "RowProjection", "project", "rows_product"]
+__all__ = [
+    "soft_cap",
+    "rms_norm",
+    "gelu_tanh",
+    "RMSNorm",
+    "FeedForward",
+    "Embedder",
+    "dense_init",
+    "Rows",
+    "RowScale",
+    "RowProjection",
+    "project",
+    "rows_product",
+]
 
 # A product whose contracted vector is at least this many float32 bytes is not fused by
 # XLA:CPU (its elemental matrix-vector emitter takes vectors under 16 KiB); longer ones are
@@ -51,8 +62,9 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def dense_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
     """Fan-in truncated-normal initialiser for einsum weights of any rank."""
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                             in_axis=in_axis, out_axis=out_axis)
+    return nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
 
 
 # ---------------------------------------------------------------------------- products
@@ -81,13 +93,13 @@ def _matvec(x: jax.Array, values: jax.Array) -> jax.Array:
     if size <= MATVEC_PIECE:
         return jnp.dot(x, values.astype(jnp.float32).T)
     cuts = list(range(0, size, MATVEC_PIECE)) + [size]
-    parts = [jnp.dot(x[a:b], values[:, a:b].astype(jnp.float32).T)
-             for a, b in zip(cuts[:-1], cuts[1:])]
+    parts = [
+        jnp.dot(x[a:b], values[:, a:b].astype(jnp.float32).T) for a, b in zip(cuts[:-1], cuts[1:])
+    ]
     return jnp.concatenate(parts).reshape(len(parts), -1).sum(axis=0)
 
 
-def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
-                 ) -> jax.Array:
+def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x (M, I) · values (O, I)^T [· scale (O,)] -> float32 (M, O).
 
     A few rows (decoding: M = B) of bf16 or int8 weights are matrix-vector products in
@@ -99,8 +111,9 @@ def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
         x32 = x.astype(jnp.float32)
         out = jnp.stack([_matvec(x32[r], values) for r in range(x.shape[0])])
     else:
-        out = jax.lax.dot_general(x, values.astype(x.dtype), (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
+        out = jax.lax.dot_general(
+            x, values.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
     return out if scale is None else out * scale.astype(jnp.float32)
 
 
@@ -122,11 +135,11 @@ class RowProjection(nnx.Module):
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape[:self.n_out])
+        return tuple(self.values.shape[: self.n_out])
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape[self.n_out:])
+        return tuple(self.values.shape[self.n_out :])
 
     @staticmethod
     def axes(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -135,12 +148,12 @@ class RowProjection(nnx.Module):
         (xs, ws), ys = spec.split("->")[0].split(","), spec.split("->")[1]
         out = tuple(ws.index(a) for a in ys if a in ws)
         contracted = tuple(ws.index(a) for a in xs if a in ws and a not in ys)
-        if xs[len(xs) - len(contracted):] != "".join(ws[i] for i in contracted):
+        if xs[len(xs) - len(contracted) :] != "".join(ws[i] for i in contracted):
             raise ValueError(f"{spec}: the contracted axes must be x's last ones")
         return out, contracted
 
     @classmethod
-    def from_weight(cls, weight: jax.Array, spec: str) -> "RowProjection":
+    def from_weight(cls, weight: jax.Array, spec: str) -> RowProjection:
         """The rows of ``weight`` (in the model's einsum layout, as ``spec`` uses it)."""
         out, contracted = cls.axes(spec)
         return cls(Rows(jnp.transpose(weight, out + contracted)), len(out))
@@ -148,7 +161,7 @@ class RowProjection(nnx.Module):
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
         """x (..., in...) -> (..., out...) in ``dtype``."""
         n_in = len(self.in_shape)
-        lead = x.shape[:x.ndim - n_in]
+        lead = x.shape[: x.ndim - n_in]
         values = self.values[...]
         o, i = math.prod(self.out_shape), math.prod(self.in_shape)
         scale = None if self.scale is None else self.scale[...].reshape(o)
@@ -161,8 +174,9 @@ def project(x: jax.Array, weight: Any, spec: str, dtype: Any) -> jax.Array:
     model's layout (an ``nnx.Param``) or stored as rows (:class:`RowProjection`)."""
     if isinstance(weight, RowProjection):
         return weight(x, dtype)
-    out = jnp.einsum(spec, x.astype(dtype), weight[...].astype(dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        spec, x.astype(dtype), weight[...].astype(dtype), preferred_element_type=jnp.float32
+    )
     return out.astype(dtype)
 
 
@@ -183,29 +197,39 @@ class FeedForward(nnx.Module):
     #: Each weight's product, in the stored layout (see :func:`project`).
     SPECS = {"gate": "MD,DF->MF", "up": "MD,DF->MF", "down": "MF,FD->MD"}
 
-    def __init__(self, d_model: int, ffn_dim: int, *, rngs: nnx.Rngs,
-                 param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-                 activation: Callable[[jax.Array], jax.Array] = gelu_tanh):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = jnp.float32,
+        activation: Callable[[jax.Array], jax.Array] = gelu_tanh,
+    ):
         self.dtype = dtype
-        self.activation = activation     # the seam chapter 5 swaps (Components.activation)
+        self.activation = activation  # the seam chapter 5 swaps (Components.activation)
         init = dense_init(0, 1)
-        self.gate = nnx.Param(init(rngs.params(), (d_model, ffn_dim), param_dtype),
-                              logical_axes=("embed", "mlp"))
-        self.up = nnx.Param(init(rngs.params(), (d_model, ffn_dim), param_dtype),
-                            logical_axes=("embed", "mlp"))
-        self.down = nnx.Param(init(rngs.params(), (ffn_dim, d_model), param_dtype),
-                              logical_axes=("mlp", "embed"))
+        self.gate = nnx.Param(
+            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
+        )
+        self.up = nnx.Param(
+            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
+        )
+        self.down = nnx.Param(
+            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
         dt = self.dtype
         # Tokens as one axis M = B·T: the same products, but the backward pass's weight
         # gradients become plain 2-D matmuls, which XLA's CPU backend runs ~3x faster than a
         # contraction over both B and T.
-        m = x.astype(dt).reshape(-1, x.shape[-1])                               # (M, D)
-        gate = project(m, self.gate, self.SPECS["gate"], dt)                    # (M, F)
-        up = project(m, self.up, self.SPECS["up"], dt)                          # (M, F)
+        m = x.astype(dt).reshape(-1, x.shape[-1])  # (M, D)
+        gate = project(m, self.gate, self.SPECS["gate"], dt)  # (M, F)
+        up = project(m, self.up, self.SPECS["up"], dt)  # (M, F)
         out = project(self.activation(gate) * up, self.down, self.SPECS["down"], dt)
-        return out.reshape(x.shape)                                             # (..., D)
+        return out.reshape(x.shape)  # (..., D)
 
 
 class Embedder(nnx.Module):
@@ -215,14 +239,16 @@ class Embedder(nnx.Module):
     token): both directions read the same rows.
     """
 
-    SPEC = "MD,VD->MV"     # the unembedding; E (V, D) is already rows (out V, in D)
+    SPEC = "MD,VD->MV"  # the unembedding; E (V, D) is already rows (out V, in D)
 
-    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
-                 param_dtype: Any = jnp.float32):
+    def __init__(
+        self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32
+    ):
         # std 1/sqrt(D): after the sqrt(D) input scaling, embeddings have unit-variance entries.
-        init = nnx.initializers.normal(stddev=d_model ** -0.5)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                                   logical_axes=("vocab", "embed"))
+        init = nnx.initializers.normal(stddev=d_model**-0.5)
+        self.embedding = nnx.Param(
+            init(rngs.params(), (vocab_size, d_model), param_dtype), logical_axes=("vocab", "embed")
+        )
 
     def encode(self, tokens: jax.Array, dtype: Any) -> jax.Array:
         """int (B, T) -> (B, T, D) in ``dtype``, times sqrt(D) rounded to ``dtype`` first.
@@ -238,22 +264,22 @@ class Embedder(nnx.Module):
         tokens = jnp.where(tokens < 0, vocab, tokens)
         if isinstance(table, RowProjection) and table.scale is not None:
             rows = jnp.take(values, tokens, axis=0, mode="fill", fill_value=0)
-            scale = jnp.take(table.scale[...], tokens, axis=0, mode="fill",
-                             fill_value=jnp.nan)                              # (B, T)
+            scale = jnp.take(
+                table.scale[...], tokens, axis=0, mode="fill", fill_value=jnp.nan
+            )  # (B, T)
             x = (rows.astype(jnp.float32) * scale[..., None]).astype(dtype)
         else:
-            x = jnp.take(values, tokens, axis=0, mode="fill",
-                         fill_value=jnp.nan).astype(dtype)
+            x = jnp.take(values, tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
         # The reference casts sqrt(D) to the activation dtype before multiplying
         # (48.0 for 2B in bfloat16, not 48.0000...).
-        return x * jnp.asarray(d_model ** 0.5, dtype=dtype)
+        return x * jnp.asarray(d_model**0.5, dtype=dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits with the same table (no sqrt(D) factor)."""
-        m = x.reshape(-1, x.shape[-1])                   # (M, D), M = B·T: see FeedForward
+        m = x.reshape(-1, x.shape[-1])  # (M, D), M = B·T: see FeedForward
         table = self.embedding
         if isinstance(table, RowProjection):
             logits = table(m, x.dtype)
-        else:       # E is already rows: the product a few rows want reads it in place
+        else:  # E is already rows: the product a few rows want reads it in place
             logits = rows_product(m, table[...]).astype(x.dtype)
-        return logits.reshape(*x.shape[:-1], -1)                                # (B, T, V)
+        return logits.reshape(*x.shape[:-1], -1)  # (B, T, V)

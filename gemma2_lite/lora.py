@@ -72,25 +72,47 @@ from .layers import RowProjection
 from .model import Gemma2
 from .train import TrainConfig, make_optimizer, make_train_step, split_trainable
 
-__all__ = ["TARGETS", "HF_NAMES", "LoRAWeight", "TokenRows", "Dequantized", "apply_lora", "merge",
-           "lora_state", "count_lora_params", "adapter_state_dict", "adapter_config",
-           "save_adapters", "load_adapters", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "finetune", "ema"]
+__all__ = [
+    "TARGETS",
+    "HF_NAMES",
+    "LoRAWeight",
+    "TokenRows",
+    "Dequantized",
+    "apply_lora",
+    "merge",
+    "lora_state",
+    "count_lora_params",
+    "adapter_state_dict",
+    "adapter_config",
+    "save_adapters",
+    "load_adapters",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "finetune",
+    "ema",
+]
 
 #: The projections an adapter can sit on: name -> (sub-module of a block, input axes of the
 #: weight in the model's einsum layout; the other axes are outputs).
 TARGETS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "q": ("attn", (1,)),        # (N, D, H): D in, (N, H) out
-    "k": ("attn", (1,)),        # (K, D, H)
-    "v": ("attn", (1,)),        # (K, D, H)
-    "o": ("attn", (0, 1)),      # (N, H, D): (N, H) in, D out
-    "gate": ("mlp", (0,)),      # (D, F)
-    "up": ("mlp", (0,)),        # (D, F)
-    "down": ("mlp", (0,)),      # (F, D)
+    "q": ("attn", (1,)),  # (N, D, H): D in, (N, H) out
+    "k": ("attn", (1,)),  # (K, D, H)
+    "v": ("attn", (1,)),  # (K, D, H)
+    "o": ("attn", (0, 1)),  # (N, H, D): (N, H) in, D out
+    "gate": ("mlp", (0,)),  # (D, F)
+    "up": ("mlp", (0,)),  # (D, F)
+    "down": ("mlp", (0,)),  # (F, D)
 }
 #: Our names -> Hugging Face's module names inside ``model.layers.{i}`` (PEFT's target_modules).
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-            "down": "mlp.down_proj"}
+HF_NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers."
@@ -122,8 +144,16 @@ class LoRAWeight(_OverBase):
     The sum is computed in float32 and returned in the base's dtype.
     """
 
-    def __init__(self, base: Any, in_axes: tuple[int, ...], rank: int, alpha: float, *,
-                 rngs: nnx.Rngs, use_rslora: bool = False):
+    def __init__(
+        self,
+        base: Any,
+        in_axes: tuple[int, ...],
+        rank: int,
+        alpha: float,
+        *,
+        rngs: nnx.Rngs,
+        use_rslora: bool = False,
+    ):
         shape = tuple(base.shape)
         self.base = base
         self.in_axes = tuple(in_axes)
@@ -134,10 +164,13 @@ class LoRAWeight(_OverBase):
         axes = _logical_axes(base, len(shape))
         bound = 1.0 / math.sqrt(math.prod(in_shape))
         self.lora_a = nnx.LoRAParam(
-            jax.random.uniform(rngs.params(), in_shape + (self.rank,), jnp.float32, -bound,
-                               bound), logical_axes=tuple(axes[i] for i in self.in_axes) + (None,))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((self.rank,) + out_shape, jnp.float32),
-                                    logical_axes=(None,) + tuple(axes[i] for i in self.out_axes))
+            jax.random.uniform(rngs.params(), in_shape + (self.rank,), jnp.float32, -bound, bound),
+            logical_axes=tuple(axes[i] for i in self.in_axes) + (None,),
+        )
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros((self.rank,) + out_shape, jnp.float32),
+            logical_axes=(None,) + tuple(axes[i] for i in self.out_axes),
+        )
 
     @property
     def scale(self) -> float:
@@ -146,7 +179,7 @@ class LoRAWeight(_OverBase):
     def delta(self) -> jax.Array:
         """scale * A @ B in the base's layout, float32."""
         a, b = self.lora_a[...], self.lora_b[...]
-        prod = jnp.tensordot(a, b, axes=1) * self.scale              # in_shape + out_shape
+        prod = jnp.tensordot(a, b, axes=1) * self.scale  # in_shape + out_shape
         return jnp.transpose(prod, np.argsort(self.in_axes + self.out_axes))
 
     def __getitem__(self, index: Any) -> jax.Array:
@@ -165,7 +198,7 @@ class Dequantized(_OverBase):
     def __init__(self, base: RowProjection, spec: str):
         out, contracted = RowProjection.axes(spec)
         self.base = base
-        self.perm = tuple(int(i) for i in np.argsort(out + contracted))    # rows -> layout
+        self.perm = tuple(int(i) for i in np.argsort(out + contracted))  # rows -> layout
         self.n_in = len(contracted)
 
     @property
@@ -174,9 +207,9 @@ class Dequantized(_OverBase):
         return tuple(rows[i] for i in self.perm)
 
     def __getitem__(self, index: Any) -> jax.Array:
-        w = self.base.values[...].astype(jnp.float32)                       # (out..., in...)
+        w = self.base.values[...].astype(jnp.float32)  # (out..., in...)
         if self.base.scale is not None:
-            scale = self.base.scale[...].astype(jnp.float32)                # (out...)
+            scale = self.base.scale[...].astype(jnp.float32)  # (out...)
             w = w * scale.reshape(scale.shape + (1,) * self.n_in)
         return jnp.transpose(w, self.perm)[index]
 
@@ -191,8 +224,10 @@ class TokenRows(_OverBase):
         self.base = base
         self.ids = tuple(int(i) for i in ids)
         table = base[...]
-        self.rows = nnx.LoRAParam(jnp.asarray(table[np.asarray(self.ids)], jnp.float32),
-                                  logical_axes=(None, _logical_axes(base, 2)[1]))
+        self.rows = nnx.LoRAParam(
+            jnp.asarray(table[np.asarray(self.ids)], jnp.float32),
+            logical_axes=(None, _logical_axes(base, 2)[1]),
+        )
 
     def __getitem__(self, index: Any) -> jax.Array:
         w = self.base[...]
@@ -212,8 +247,10 @@ def _resolve_targets(targets: Iterable[str]) -> tuple[str, ...]:
     for t in targets:
         name = by_hf.get(t, t)
         if name not in TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}; choose from {list(TARGETS)} (or the "
-                             f"Hugging Face names {list(by_hf)})")
+            raise ValueError(
+                f"unknown LoRA target {t!r}; choose from {list(TARGETS)} (or the "
+                f"Hugging Face names {list(by_hf)})"
+            )
         if name not in out:
             out.append(name)
     if not out:
@@ -226,9 +263,16 @@ def _copy(model: Gemma2) -> Gemma2:
     return nnx.merge(*nnx.split(model))
 
 
-def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
-               targets: Iterable[str] = tuple(TARGETS), rngs: nnx.Rngs | None = None, *,
-               use_rslora: bool = False, trainable_tokens: Iterable[int] = ()) -> Gemma2:
+def apply_lora(
+    model: Gemma2,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Iterable[str] = tuple(TARGETS),
+    rngs: nnx.Rngs | None = None,
+    *,
+    use_rslora: bool = False,
+    trainable_tokens: Iterable[int] = (),
+) -> Gemma2:
     """The model with a rank-``rank`` adapter on each of ``targets`` in every layer.
 
     targets: names from :data:`TARGETS` (``q k v o gate up down``) or Hugging Face's
@@ -246,8 +290,10 @@ def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     names = _resolve_targets(targets)
     if count_lora_params(model):
-        raise ValueError("this model already has LoRA adapters; merge(model) first to stack "
-                         "another set on the merged weights")
+        raise ValueError(
+            "this model already has LoRA adapters; merge(model) first to stack "
+            "another set on the merged weights"
+        )
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     ids = sorted({int(i) for i in trainable_tokens})
     vocab = model.config.vocab_size
@@ -256,22 +302,31 @@ def apply_lora(model: Gemma2, rank: int = 8, alpha: float = 16.0,
     out = _copy(model)
     if ids:
         if isinstance(out.embedder.embedding, RowProjection):
-            raise ValueError("trainable_tokens needs a float embedding table; this model's "
-                             "is stored as (int8) rows: add the rows before quantizing")
+            raise ValueError(
+                "trainable_tokens needs a float embedding table; this model's "
+                "is stored as (int8) rows: add the rows before quantizing"
+            )
         out.embedder.embedding = TokenRows(out.embedder.embedding, ids)
     for block in out.layers:
         for name in names:
             module, in_axes = TARGETS[name]
             parent = getattr(block, module)
             base = getattr(parent, name)
-            if isinstance(base, RowProjection):           # QLoRA: an int8 (or rows) base
+            if isinstance(base, RowProjection):  # QLoRA: an int8 (or rows) base
                 base = Dequantized(base, type(parent).SPECS[name])
-            limit = min(math.prod(base.shape[i] for i in in_axes),
-                        math.prod(base.shape) // math.prod(base.shape[i] for i in in_axes))
+            limit = min(
+                math.prod(base.shape[i] for i in in_axes),
+                math.prod(base.shape) // math.prod(base.shape[i] for i in in_axes),
+            )
             if rank > limit:
                 raise ValueError(f"rank {rank} exceeds the smaller side ({limit}) of {name}")
-            setattr(parent, name, LoRAWeight(base, in_axes, int(rank), float(alpha),
-                                             rngs=rngs, use_rslora=use_rslora))
+            setattr(
+                parent,
+                name,
+                LoRAWeight(
+                    base, in_axes, int(rank), float(alpha), rngs=rngs, use_rslora=use_rslora
+                ),
+            )
     return out
 
 
@@ -298,8 +353,7 @@ def merge(model: Gemma2) -> Gemma2:
         setattr(parent, name, nnx.Param(w[...], **meta))
     table = out.embedder.embedding
     if isinstance(table, TokenRows):
-        out.embedder.embedding = nnx.Param(table[...],
-                                           logical_axes=_logical_axes(table.base, 2))
+        out.embedder.embedding = nnx.Param(table[...], logical_axes=_logical_axes(table.base, 2))
     return out
 
 
@@ -336,8 +390,7 @@ def adapter_state_dict(model: Gemma2) -> dict[str, np.ndarray]:
     return out
 
 
-def adapter_config(model: Gemma2, base_model_name_or_path: str | None = None
-                   ) -> dict[str, Any]:
+def adapter_config(model: Gemma2, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for the model's adapters (one rank and alpha for all)."""
     found = _adapters(model)
     if not found:
@@ -345,20 +398,34 @@ def adapter_config(model: Gemma2, base_model_name_or_path: str | None = None
     ranks = {(w.rank, w.alpha, w.use_rslora) for *_, w in found}
     if len(ranks) != 1:
         raise ValueError(f"adapters differ in (rank, alpha, use_rslora): {sorted(ranks)}")
-    (rank, alpha, rslora), = ranks
+    ((rank, alpha, rslora),) = ranks
     names = sorted({n for _, n, *_ in found}, key=list(TARGETS).index)
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-            "target_modules": [HF_NAMES[n].split(".")[-1] for n in names],
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": rslora, "use_dora": False, "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-            "trainable_token_indices": list(model.embedder.embedding.ids) if isinstance(
-                model.embedder.embedding, TokenRows) else None,
-            "base_model_name_or_path": base_model_name_or_path, "revision": None}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": [HF_NAMES[n].split(".")[-1] for n in names],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": rslora,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "trainable_token_indices": list(model.embedder.embedding.ids)
+        if isinstance(model.embedder.embedding, TokenRows)
+        else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+    }
 
 
-def save_adapters(model: Gemma2, path: str | os.PathLike, *,
-                  base_model_name_or_path: str | None = None) -> Path:
+def save_adapters(
+    model: Gemma2, path: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
     """Write the adapters alone into folder ``path`` (created): ``adapter_config.json`` and
     ``adapter_model.safetensors`` in PEFT's layout (each written atomically). Returns ``path``."""
     path = Path(path)
@@ -380,10 +447,18 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"{file}: peft_type must be 'LORA', got "
-                              f"{cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}")
-    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none",
-                   "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+        raise CheckpointError(
+            f"{file}: peft_type must be 'LORA', got "
+            f"{cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}"
+        )
+    unsupported = {
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
     for key, want in unsupported.items():
         if cfg.get(key, want) not in (want, None) and not (want == {} and not cfg.get(key)):
             raise CheckpointError(f"{file}: {key}={cfg[key]!r} is not supported (want {want!r})")
@@ -407,20 +482,29 @@ def load_adapters(model: Gemma2, path: str | os.PathLike) -> Gemma2:
     cfg = _read_adapter_config(path)
     targets = cfg.get("target_modules")
     if isinstance(targets, str) or not isinstance(targets, list):
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: target_modules must be a list of "
-                              f"module names, got {targets!r}")
+        raise CheckpointError(
+            f"{path / ADAPTER_CONFIG}: target_modules must be a list of "
+            f"module names, got {targets!r}"
+        )
     try:
         names = _resolve_targets(targets)
     except ValueError as exc:
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: {exc}") from None
-    tensors = read_safetensors(path / ADAPTER_WEIGHTS) if (path / ADAPTER_WEIGHTS).is_file() \
-        else None
+    tensors = (
+        read_safetensors(path / ADAPTER_WEIGHTS) if (path / ADAPTER_WEIGHTS).is_file() else None
+    )
     if tensors is None:
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
     ids = _token_indices(cfg, path)
     try:
-        out = apply_lora(model, cfg["r"], float(cfg["lora_alpha"]), names,
-                         use_rslora=bool(cfg.get("use_rslora", False)), trainable_tokens=ids)
+        out = apply_lora(
+            model,
+            cfg["r"],
+            float(cfg["lora_alpha"]),
+            names,
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            trainable_tokens=ids,
+        )
     except ValueError as exc:
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: {exc}") from None
     expected = {}
@@ -436,9 +520,11 @@ def load_adapters(model: Gemma2, path: str | os.PathLike) -> Gemma2:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: missing {missing[:4]}, unexpected "
-                              f"{extra[:4]} (for a {model.config.num_layers}-layer model with "
-                              f"targets {list(names)})")
+        raise CheckpointError(
+            f"{path / ADAPTER_WEIGHTS}: missing {missing[:4]}, unexpected "
+            f"{extra[:4]} (for a {model.config.num_layers}-layer model with "
+            f"targets {list(names)})"
+        )
     for key, (w, attr, shape) in expected.items():
         t = tensors[key]
         if tuple(t.shape) != shape:
@@ -459,13 +545,18 @@ def _token_indices(cfg: dict[str, Any], path: Path) -> list[int]:
     if isinstance(raw, dict):
         unknown = set(raw) - {"embed_tokens"}
         if unknown:
-            raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable tokens on {sorted(unknown)}"
-                                  " are not supported (only embed_tokens)")
+            raise CheckpointError(
+                f"{path / ADAPTER_CONFIG}: trainable tokens on {sorted(unknown)}"
+                " are not supported (only embed_tokens)"
+            )
         raw = raw.get("embed_tokens", [])
-    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                            for i in raw):
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable_token_indices must be a "
-                              f"list of token ids, got {raw!r}")
+    if not isinstance(raw, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in raw
+    ):
+        raise CheckpointError(
+            f"{path / ADAPTER_CONFIG}: trainable_token_indices must be a "
+            f"list of token ids, got {raw!r}"
+        )
     if len(set(raw)) != len(raw):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: trainable_token_indices repeats ids")
     return raw
@@ -476,20 +567,24 @@ def _strip_adapter_name(key: str) -> str:
     return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)
 
 
-
 # ----------------------------------------------------------------------------- training
 _STEPS: dict[Any, Callable[..., Any]] = {}
 
 
 def ema(anchor: Any, params: Any, rate: float) -> Any:
     """``(1 - rate) * anchor + rate * params``, leaf by leaf (an exponential moving average)."""
-    return jax.tree.map(lambda a, p: ((1.0 - rate) * a + rate * p).astype(a.dtype), anchor,
-                        params)
+    return jax.tree.map(lambda a, p: ((1.0 - rate) * a + rate * p).astype(a.dtype), anchor, params)
 
 
-def finetune(model: Gemma2, batches: Callable[[int, Gemma2], tuple[Any, Any]], tc: TrainConfig,
-             loss_fn: Callable[..., jax.Array], *, reference: Gemma2 | None = None,
-             anchor_rate: float | None = None) -> tuple[Gemma2, list[dict[str, float]]]:
+def finetune(
+    model: Gemma2,
+    batches: Callable[[int, Gemma2], tuple[Any, Any]],
+    tc: TrainConfig,
+    loss_fn: Callable[..., jax.Array],
+    *,
+    reference: Gemma2 | None = None,
+    anchor_rate: float | None = None,
+) -> tuple[Gemma2, list[dict[str, float]]]:
     """Train only the adapters of ``model`` for ``tc.steps`` steps through the one training
     step, :func:`gemma2_lite.train.make_train_step` (AdamW as ``tc`` says; the base weights are
     passed as the step's frozen ``rest``). Returns the trained model and per-step
@@ -519,15 +614,16 @@ def finetune(model: Gemma2, batches: Callable[[int, Gemma2], tuple[Any, Any]], t
     if key not in _STEPS:
         _STEPS[key] = make_train_step(graphdef, make_optimizer(tc), loss_fn, ref_graph)
     step, tx = _STEPS[key], make_optimizer(tc)
-    params = jax.tree.map(jnp.copy, params)           # the step donates its inputs
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
     opt_state, rng = tx.init(params), jax.random.key(tc.seed)
     history = []
     for i in range(tc.steps):
         batch, mask = batches(i, nnx.merge(graphdef, params, rest))
         if anchor_rate is not None:
             ref_state = nnx.merge_state(anchor, rest)
-        params, opt_state, rng, m = step(params, opt_state, rng, rest, ref_state,
-                                         jnp.asarray(batch), mask)
+        params, opt_state, rng, m = step(
+            params, opt_state, rng, rest, ref_state, jnp.asarray(batch), mask
+        )
         if anchor_rate is not None:
             anchor = ema(anchor, params, anchor_rate)
         history.append({k: float(v) for k, v in m.items()})

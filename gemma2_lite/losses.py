@@ -34,24 +34,28 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
         return jnp.mean(values)
     mask = jnp.asarray(mask)
     if mask.shape != values.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the loss shape "
-                         f"{tuple(values.shape)} (B, T)")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal the loss shape {tuple(values.shape)} (B, T)"
+        )
     mask = mask.astype(bool)
     total = jnp.sum(jnp.where(mask, values, 0.0))
     count = jnp.sum(mask.astype(jnp.float32))
     return total / jnp.maximum(count, 1.0)
 
 
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array,
-                       mask: jax.Array | None = None) -> jax.Array:
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
     """Mean next-token cross-entropy (the one-hot / hard-label loss), float32 scalar.
 
     logits: float (B, T, V); targets: int (B, T) in [0, V); mask: (B, T), 1 = count the position.
     """
     check_logits("logits", logits)
     if targets.shape != logits.shape[:2]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must be logits' (B, T) = "
-                         f"{tuple(logits.shape[:2])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must be logits' (B, T) = "
+            f"{tuple(logits.shape[:2])}"
+        )
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
     return masked_mean(token_nll(logits, targets), mask)
@@ -74,22 +78,24 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return _token_nll_fwd(logits, targets)[0]
 
 
-def _token_nll_fwd(logits: jax.Array, targets: jax.Array
-                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    z = logits.astype(jnp.float32)                                          # (B, T, V)
-    lse = jax.nn.logsumexp(z, axis=-1)                                      # (B, T)
+def _token_nll_fwd(
+    logits: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    z = logits.astype(jnp.float32)  # (B, T, V)
+    lse = jax.nn.logsumexp(z, axis=-1)  # (B, T)
     picked = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return lse - picked, (logits, targets, lse)                             # (B, T)
+    return lse - picked, (logits, targets, lse)  # (B, T)
 
 
-def _token_nll_bwd(saved: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
-                   ) -> tuple[jax.Array, None]:
+def _token_nll_bwd(
+    saved: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, None]:
     logits, targets, lse = saved
-    z = logits.astype(jnp.float32)                                          # (B, T, V)
-    vocab = jnp.arange(z.shape[-1], dtype=jnp.int32)                        # (V,)
-    onehot = targets[..., None].astype(jnp.int32) == vocab                  # (B, T, V) bool
-    grad = g[..., None] * (jnp.exp(z - lse[..., None]) - onehot)            # (B, T, V)
-    return grad.astype(logits.dtype), None      # integer targets get no gradient
+    z = logits.astype(jnp.float32)  # (B, T, V)
+    vocab = jnp.arange(z.shape[-1], dtype=jnp.int32)  # (V,)
+    onehot = targets[..., None].astype(jnp.int32) == vocab  # (B, T, V) bool
+    grad = g[..., None] * (jnp.exp(z - lse[..., None]) - onehot)  # (B, T, V)
+    return grad.astype(logits.dtype), None  # integer targets get no gradient
 
 
 token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)

@@ -23,9 +23,22 @@ import numpy as np
 
 from .checks import check_int, check_number, check_seed
 
-__all__ = ["edit_distance", "wilson_interval", "Sample", "Rate", "MemorizationResult",
-           "memorization_test", "make_canaries", "insert_canaries", "canary_extraction",
-           "PII_PATTERNS", "luhn_valid", "scan_pii", "pii_report", "Canary"]
+__all__ = [
+    "edit_distance",
+    "wilson_interval",
+    "Sample",
+    "Rate",
+    "MemorizationResult",
+    "memorization_test",
+    "make_canaries",
+    "insert_canaries",
+    "canary_extraction",
+    "PII_PATTERNS",
+    "luhn_valid",
+    "scan_pii",
+    "pii_report",
+    "Canary",
+]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -49,8 +62,13 @@ def _count(value: Any, name: str) -> int:
 
 def _check_threshold(threshold: Any) -> float:
     """The approximate-match threshold: a share of the target length, in [0, 1]."""
-    return check_number(threshold, "threshold (the edit distance allowed, as a share of the "
-                        "target length)", low=0, high=1, what="a number in [0, 1]")
+    return check_number(
+        threshold,
+        "threshold (the edit distance allowed, as a share of the target length)",
+        low=0,
+        high=1,
+        what="a number in [0, 1]",
+    )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -140,25 +158,37 @@ class MemorizationResult:
 
         lines = [row("source", "n", "exact", "approximate")]
         for source, rates in sorted(self.by_source.items()):
-            lines.append(row(source, rates["exact"].n, repr(rates["exact"]),
-                             repr(rates["approximate"])))
+            lines.append(
+                row(source, rates["exact"].n, repr(rates["exact"]), repr(rates["approximate"]))
+            )
         lines.append(row("all", self.exact.n, repr(self.exact), repr(self.approximate)))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"MemorizationResult(n={self.exact.n}, prompt={self.prompt_len}, "
-                f"target={self.target_len}, exact={self.exact!r}, "
-                f"approximate={self.approximate!r})")
+        return (
+            f"MemorizationResult(n={self.exact.n}, prompt={self.prompt_len}, "
+            f"target={self.target_len}, exact={self.exact!r}, "
+            f"approximate={self.approximate!r})"
+        )
 
 
 GenerateFn = Callable[..., list[list[int]]]
 
 
-def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_len: int = 50,
-                      target_len: int = 50, n: int | None = None, seed: int = 0,
-                      sources: Sequence[str] | None = None, batch_size: int = 32,
-                      threshold: float = 0.1, generate_fn: GenerateFn | None = None,
-                      progress: bool = False) -> MemorizationResult:
+def memorization_test(
+    model: Any,
+    documents: Sequence[Sequence[int]],
+    *,
+    prompt_len: int = 50,
+    target_len: int = 50,
+    n: int | None = None,
+    seed: int = 0,
+    sources: Sequence[str] | None = None,
+    batch_size: int = 32,
+    threshold: float = 0.1,
+    generate_fn: GenerateFn | None = None,
+    progress: bool = False,
+) -> MemorizationResult:
     """Run the memorisation test on ``n`` documents drawn uniformly (without replacement).
 
     documents: token-id lists (documents shorter than prompt_len + target_len are not eligible).
@@ -167,8 +197,11 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
     (``gemma2_lite.sampler.generate`` unless ``generate_fn`` is given).
     threshold: the approximate-match edit distance, as a share of ``target_len``, in [0, 1].
     """
-    for name, value in (("prompt_len", prompt_len), ("target_len", target_len),
-                        ("batch_size", batch_size)):
+    for name, value in (
+        ("prompt_len", prompt_len),
+        ("target_len", target_len),
+        ("batch_size", batch_size),
+    ):
         if _count(value, name) == 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     threshold = _check_threshold(threshold)
@@ -181,8 +214,9 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
         raise ValueError(f"{len(sources)} sources for {len(documents)} documents")
     eligible = [i for i, d in enumerate(documents) if len(d) >= prompt_len + target_len]
     if not eligible:
-        raise ValueError(f"no document has prompt_len + target_len = "
-                         f"{prompt_len + target_len} tokens")
+        raise ValueError(
+            f"no document has prompt_len + target_len = {prompt_len + target_len} tokens"
+        )
     n = len(eligible) if n is None else _count(n, "n")
     if not 0 < n <= len(eligible):
         raise ValueError(f"n={n}, but only {len(eligible)} documents are long enough")
@@ -198,11 +232,12 @@ def memorization_test(model: Any, documents: Sequence[Sequence[int]], *, prompt_
 
         batches = tqdm(batches, desc="memorization", unit="batch")
     for start in batches:
-        idx = chosen[start:start + batch_size]
+        idx = chosen[start : start + batch_size]
         prompts = [list(documents[i][:prompt_len]) for i in idx]
-        targets = [list(documents[i][prompt_len:prompt_len + target_len]) for i in idx]
-        outputs = _rows(generate_fn(model, prompts, max_new_tokens=target_len,
-                                    temperature=0.0), len(prompts))
+        targets = [list(documents[i][prompt_len : prompt_len + target_len]) for i in idx]
+        outputs = _rows(
+            generate_fn(model, prompts, max_new_tokens=target_len, temperature=0.0), len(prompts)
+        )
         for i, prompt, target, out in zip(idx, prompts, targets, outputs):
             source = sources[i] if sources is not None else "all"
             samples.append(Sample(i, source, prompt, target, list(out[:target_len])))
@@ -214,24 +249,35 @@ def _rows(outputs: Any, expected: int) -> list[Any]:
     would otherwise drop samples from the rate without a word)."""
     outputs = list(outputs)
     if len(outputs) != expected:
-        raise ValueError(f"generate_fn returned {len(outputs)} rows for {expected} prompts; "
-                         "it must return one list of new ids per prompt")
+        raise ValueError(
+            f"generate_fn returned {len(outputs)} rows for {expected} prompts; "
+            "it must return one list of new ids per prompt"
+        )
     return outputs
 
 
-def _summarise(samples: list[Sample], prompt_len: int, target_len: int,
-               threshold: float) -> MemorizationResult:
+def _summarise(
+    samples: list[Sample], prompt_len: int, target_len: int, threshold: float
+) -> MemorizationResult:
     def rates(group: list[Sample]) -> dict[str, Rate]:
-        return {"exact": Rate(sum(s.exact for s in group), len(group)),
-                "approximate": Rate(sum(s.approximate(threshold) for s in group), len(group))}
+        return {
+            "exact": Rate(sum(s.exact for s in group), len(group)),
+            "approximate": Rate(sum(s.approximate(threshold) for s in group), len(group)),
+        }
 
     by_source: dict[str, list[Sample]] = {}
     for s in samples:
         by_source.setdefault(s.source, []).append(s)
     overall = rates(samples)
-    return MemorizationResult(overall["exact"], overall["approximate"],
-                              {k: rates(v) for k, v in by_source.items()}, samples,
-                              prompt_len, target_len, threshold)
+    return MemorizationResult(
+        overall["exact"],
+        overall["approximate"],
+        {k: rates(v) for k, v in by_source.items()},
+        samples,
+        prompt_len,
+        target_len,
+        threshold,
+    )
 
 
 # ----------------------------------------------------------------------------- canaries
@@ -253,8 +299,9 @@ class Canary:
         return f"{self.prefix}{self.secret}."
 
 
-def make_canaries(copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4,
-                  seed: int = 0, digits: int = 6) -> list[Canary]:
+def make_canaries(
+    copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4, seed: int = 0, digits: int = 6
+) -> list[Canary]:
     """``per_count`` random secrets for each duplication count (Carlini et al.'s canaries)."""
     for name, value in (("per_count", per_count), ("digits", digits)):
         if _count(value, name) == 0:
@@ -270,8 +317,9 @@ def make_canaries(copies: Sequence[int] = (1, 4, 16, 64), per_count: int = 4,
     return canaries
 
 
-def insert_canaries(documents: Sequence[str], canaries: Sequence[Canary],
-                    seed: int = 0) -> list[str]:
+def insert_canaries(
+    documents: Sequence[str], canaries: Sequence[Canary], seed: int = 0
+) -> list[str]:
     """Each canary's text inserted ``copies`` times at random line boundaries of the corpus."""
     if isinstance(documents, str):
         raise TypeError("documents must be a list of texts, got one str (wrap it: [text])")
@@ -286,8 +334,9 @@ def insert_canaries(documents: Sequence[str], canaries: Sequence[Canary],
     return ["\n".join(lines) for lines in docs]
 
 
-def canary_extraction(model: Any, tokenizer: Any, canaries: Sequence[Canary], *,
-                      generate_fn: GenerateFn | None = None) -> dict[int, Rate]:
+def canary_extraction(
+    model: Any, tokenizer: Any, canaries: Sequence[Canary], *, generate_fn: GenerateFn | None = None
+) -> dict[int, Rate]:
     """Greedy-decode after each canary's prefix; the share of secrets reproduced, by copies."""
     if len(canaries) == 0:
         raise ValueError("canaries is empty: there is no secret to extract")
@@ -296,11 +345,12 @@ def canary_extraction(model: Any, tokenizer: Any, canaries: Sequence[Canary], *,
     prompts = [tokenizer.encode(c.prefix) for c in canaries]
     secrets = [tokenizer.encode(c.secret) for c in canaries]
     max_new = max(len(s) for s in secrets)
-    outputs = _rows(generate_fn(model, prompts, max_new_tokens=max_new, temperature=0.0),
-                    len(prompts))
+    outputs = _rows(
+        generate_fn(model, prompts, max_new_tokens=max_new, temperature=0.0), len(prompts)
+    )
     hits: dict[int, list[bool]] = {}
     for canary, secret, out in zip(canaries, secrets, outputs):
-        hits.setdefault(canary.copies, []).append(list(out[:len(secret)]) == secret)
+        hits.setdefault(canary.copies, []).append(list(out[: len(secret)]) == secret)
     return {c: Rate(sum(h), len(h)) for c, h in sorted(hits.items())}
 
 
@@ -329,13 +379,31 @@ def luhn_valid(number: str) -> bool:
 # its first letter or digit, as before; each run is scanned once.
 PII_PATTERNS: dict[str, tuple[str, re.Pattern[str], Callable[[str], bool] | None]] = {
     "credit_card": ("high", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), luhn_valid),
-    "national_id": ("high", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), None),   # US SSN-like
-    "email": ("medium", re.compile(r"(?<![\w.+-])[.+-]*"
-                                   r"(?P<pii>\w[\w.+-]*@[\w-]+(?:\.[\w-]+)+)\b"), None),
-    "phone": ("medium", re.compile(r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})"
-                                   r"[ .-]\d{3}[ .-]\d{4}\b"), None),
-    "ip_address": ("low", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}"
-                                     r"(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None),
+    "national_id": ("high", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), None),  # US SSN-like
+    "email": (
+        "medium",
+        re.compile(
+            r"(?<![\w.+-])[.+-]*"
+            r"(?P<pii>\w[\w.+-]*@[\w-]+(?:\.[\w-]+)+)\b"
+        ),
+        None,
+    ),
+    "phone": (
+        "medium",
+        re.compile(
+            r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})"
+            r"[ .-]\d{3}[ .-]\d{4}\b"
+        ),
+        None,
+    ),
+    "ip_address": (
+        "low",
+        re.compile(
+            r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}"
+            r"(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"
+        ),
+        None,
+    ),
 }
 SEVERITIES = ("high", "medium", "low")
 

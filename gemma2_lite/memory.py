@@ -19,8 +19,8 @@ m the ``model`` axis size (heads, F and V are split by it, D is not)::
     per token, per layer:  (48 + 2a) D                      four RMSNorms (fp32 inside) + residuals
                          + a (2 N H + 2 K H + 8 F) / m      q, k, v, attention out; GeGLU's 8 F-wide
                          + 32                               RMSNorm row statistics
-                         + ((17 + a) S + 8) N / m           soft-capped scores: 4 fp32 + mask + probs
-    per token, once:       (12 + a) D + 12 V / m + 20       final norm; logits, soft-cap and softmax
+                         + ((17 + a) S + 8) N / m           soft-capped scores: 4 fp32, mask, probs
+    per token, once:       (12 + a) D + 12 V / m + 20       final norm; logits, soft-cap, softmax
                          + 4 H                              RoPE sin/cos, built once, shared
     per layer, once:       16 D                             the four norm scales, broadcast
     once:                  4 D                              final norm scale
@@ -46,11 +46,23 @@ from .config import Gemma2Config, get_config
 from .params import param_infos, path_name
 from .sharding import BATCH_AXES, MESH_AXES, Rule, ShardingError, logical_to_spec
 
-__all__ = ["GiB", "Chip", "CHIPS", "Setup", "REPORT_SETUPS", "MemoryPlan", "param_shard_elements",
-           "activation_bytes", "kv_cache_bytes", "plan_memory", "comm_bytes", "plan_table",
-           "format_bytes"]
+__all__ = [
+    "GiB",
+    "Chip",
+    "CHIPS",
+    "Setup",
+    "REPORT_SETUPS",
+    "MemoryPlan",
+    "param_shard_elements",
+    "activation_bytes",
+    "kv_cache_bytes",
+    "plan_memory",
+    "comm_bytes",
+    "plan_table",
+    "format_bytes",
+]
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -90,12 +102,30 @@ class Setup:
 # style, which in this package's vocabulary is the fsdp axis. The report gives no per-chip
 # batch: one 8192-token sequence per data-parallel rank is this book's assumption.
 REPORT_SETUPS: tuple[Setup, ...] = (
-    Setup("gemma2-2b", "tpu-v5e", {"fsdp": 512}, batch=512, seq=8192,
-          note="512 TPUv5e, 512-way data (ZeRO-3)"),
-    Setup("gemma2-9b", "tpu-v4", {"fsdp": 1024, "model": 4}, batch=1024, seq=8192,
-          note="4096 TPUv4, 1024 data x 4 model"),
-    Setup("gemma2-27b", "tpu-v5p", {"fsdp": 768, "model": 8}, batch=768, seq=8192,
-          note="6144 TPUv5p, 768 data x 8 model"),
+    Setup(
+        "gemma2-2b",
+        "tpu-v5e",
+        {"fsdp": 512},
+        batch=512,
+        seq=8192,
+        note="512 TPUv5e, 512-way data (ZeRO-3)",
+    ),
+    Setup(
+        "gemma2-9b",
+        "tpu-v4",
+        {"fsdp": 1024, "model": 4},
+        batch=1024,
+        seq=8192,
+        note="4096 TPUv4, 1024 data x 4 model",
+    ),
+    Setup(
+        "gemma2-27b",
+        "tpu-v5p",
+        {"fsdp": 768, "model": 8},
+        batch=768,
+        seq=8192,
+        note="6144 TPUv5p, 768 data x 8 model",
+    ),
 )
 
 
@@ -109,13 +139,19 @@ def format_bytes(n: float) -> str:
 
 
 def _mesh_sizes(mesh: Mapping[str, int] | Any) -> dict[str, int]:
-    shape = dict(mesh.shape) if hasattr(mesh, "shape") and not isinstance(mesh, Mapping) else dict(mesh)
+    shape = (
+        dict(mesh.shape) if hasattr(mesh, "shape") and not isinstance(mesh, Mapping) else dict(mesh)
+    )
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ShardingError(f"unknown mesh axis name(s) {sorted(unknown)}; the axes are {MESH_AXES}")
+        raise ShardingError(
+            f"unknown mesh axis name(s) {sorted(unknown)}; the axes are {MESH_AXES}"
+        )
     for axis, size in shape.items():
         if not isinstance(size, (int, np.integer)) or size < 1:
-            raise ShardingError(f"mesh axis {axis!r} must have a positive integer size, got {size!r}")
+            raise ShardingError(
+                f"mesh axis {axis!r} must have a positive integer size, got {size!r}"
+            )
     return {a: int(shape.get(a, 1)) for a in MESH_AXES}
 
 
@@ -136,8 +172,9 @@ def _weights(config: Gemma2Config) -> tuple[tuple[str, tuple[int, ...], tuple, i
     return tuple(out)
 
 
-def param_shard_elements(config: Gemma2Config, mesh: Mapping[str, int] | Any,
-                         rules: Mapping[str, Rule] | None = None) -> tuple[int, list[str]]:
+def param_shard_elements(
+    config: Gemma2Config, mesh: Mapping[str, int] | Any, rules: Mapping[str, Rule] | None = None
+) -> tuple[int, list[str]]:
     """Parameters held per device under the rules, and which weights split unevenly.
 
     A dimension that its mesh axis does not divide is padded by XLA to the next multiple, so a
@@ -162,9 +199,18 @@ def _bytes(dtype: str | Any) -> int:
     return int(np.dtype(jax.numpy.dtype(dtype)).itemsize)
 
 
-def activation_bytes(config: Gemma2Config, tokens: int, seq: int, *, model_ways: int = 1,
-                     remat: bool = False, peak: bool = True, act_dtype: Any = None,
-                     flash: bool = False, logits_chunk: int | None = None) -> int:
+def activation_bytes(
+    config: Gemma2Config,
+    tokens: int,
+    seq: int,
+    *,
+    model_ways: int = 1,
+    remat: bool = False,
+    peak: bool = True,
+    act_dtype: Any = None,
+    flash: bool = False,
+    logits_chunk: int | None = None,
+) -> int:
     """Bytes of activations kept for the backward pass: ``tokens`` tokens (B x T on this device)
     of sequences with ``seq`` keys per query, ``model_ways``-way tensor parallelism.
 
@@ -181,21 +227,32 @@ def activation_bytes(config: Gemma2Config, tokens: int, seq: int, *, model_ways:
     """
     c = config
     a = _bytes(act_dtype or c.dtype)
-    d, n, k, h, f, v, layers = (c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim,
-                                c.vocab_size, c.num_layers)
+    d, n, k, h, f, v, layers = (
+        c.d_model,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.ffn_dim,
+        c.vocab_size,
+        c.num_layers,
+    )
     m = model_ways
     scores = 4 * n / m if flash else ((17 + a) * seq + 8) * n / m
-    per_token_layer = ((48 + 2 * a) * d + a * (2 * n * h + 2 * k * h + 8 * f) / m
-                       + 32 + scores)
+    per_token_layer = (48 + 2 * a) * d + a * (2 * n * h + 2 * k * h + 8 * f) / m + 32 + scores
     # The rotation table (sin, cos: 4 H bytes) is built once per forward and shared by layers.
     per_token_once = (12 + a) * d + 20 + 4 * h
     logit_tokens = tokens if logits_chunk is None else min(tokens, logits_chunk)
-    logits = logit_tokens * 12 * v / m                # fp32 logits, soft-capped, softmax
+    logits = logit_tokens * 12 * v / m  # fp32 logits, soft-capped, softmax
     per_layer_once = 16 * d
-    once = 4 * d + logits                 # the final norm's broadcast scale
+    once = 4 * d + logits  # the final norm's broadcast scale
     if not remat:
-        return int(round(tokens * (layers * per_token_layer + per_token_once)
-                         + layers * per_layer_once + once))
+        return int(
+            round(
+                tokens * (layers * per_token_layer + per_token_once)
+                + layers * per_layer_once
+                + once
+            )
+        )
     # Block inputs (a D per token per layer) + the bool masks the blocks are called with: one
     # (T, S) mask per kind of layer (global, local), built once per forward.
     kinds = len(set(c.layer_types))
@@ -205,8 +262,16 @@ def activation_bytes(config: Gemma2Config, tokens: int, seq: int, *, model_ways:
     return int(round(kept))
 
 
-def kv_cache_bytes(config: Gemma2Config, batch: int, length: int, *, ring_buffer: bool = True,
-                   cache_dtype: Any = None, batch_ways: int = 1, model_ways: int = 1) -> int:
+def kv_cache_bytes(
+    config: Gemma2Config,
+    batch: int,
+    length: int,
+    *,
+    ring_buffer: bool = True,
+    cache_dtype: Any = None,
+    batch_ways: int = 1,
+    model_ways: int = 1,
+) -> int:
     """Bytes per device of a KV cache for ``batch`` sequences of up to ``length`` positions.
 
     Each layer keeps k and v (B, S, K, H) plus int32 positions (B, S) and an int32 count of
@@ -271,30 +336,52 @@ class MemoryPlan:
     def row(self) -> dict[str, Any]:
         g = lambda x: round(x / GiB, 2)  # noqa: E731
         mesh = " x ".join(f"{s} {a}" for a, s in self.mesh.items() if s > 1) or "1 device"
-        return {"model": self.name, "chip": self.chip.name if self.chip else "-",
-                "devices": self.devices, "mesh": mesh, "B x T": f"{self.batch} x {self.seq}",
-                "params GiB": g(self.params), "grads GiB": g(self.grads),
-                "adam GiB": g(self.optimizer), "master GiB": g(self.master),
-                "acts GiB": g(self.activations), "acts remat GiB": g(self.activations_remat),
-                "train GiB": g(self.train), "train remat GiB": g(self.train_remat),
-                "HBM GiB": g(self.chip.hbm_bytes) if self.chip else None,
-                "fits": self.fits(remat=False), "fits remat": self.fits(remat=True),
-                "KV cache GiB": g(self.kv_cache), "KV no ring GiB": g(self.kv_cache_no_ring)}
+        return {
+            "model": self.name,
+            "chip": self.chip.name if self.chip else "-",
+            "devices": self.devices,
+            "mesh": mesh,
+            "B x T": f"{self.batch} x {self.seq}",
+            "params GiB": g(self.params),
+            "grads GiB": g(self.grads),
+            "adam GiB": g(self.optimizer),
+            "master GiB": g(self.master),
+            "acts GiB": g(self.activations),
+            "acts remat GiB": g(self.activations_remat),
+            "train GiB": g(self.train),
+            "train remat GiB": g(self.train_remat),
+            "HBM GiB": g(self.chip.hbm_bytes) if self.chip else None,
+            "fits": self.fits(remat=False),
+            "fits remat": self.fits(remat=True),
+            "KV cache GiB": g(self.kv_cache),
+            "KV no ring GiB": g(self.kv_cache_no_ring),
+        }
 
 
-def plan_memory(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, batch: int,
-                seq: int, chip: str | Chip | None = None, rules: Mapping[str, Rule] | None = None,
-                param_dtype: Any = None, act_dtype: Any = None, master_fp32: bool | None = None,
-                kv_batch: int | None = None, kv_length: int | None = None,
-                flash: bool = False, logits_chunk: int | None = None) -> MemoryPlan:
+def plan_memory(
+    config: Gemma2Config | str,
+    mesh: Mapping[str, int] | Any,
+    *,
+    batch: int,
+    seq: int,
+    chip: str | Chip | None = None,
+    rules: Mapping[str, Rule] | None = None,
+    param_dtype: Any = None,
+    act_dtype: Any = None,
+    master_fp32: bool | None = None,
+    kv_batch: int | None = None,
+    kv_length: int | None = None,
+    flash: bool = False,
+    logits_chunk: int | None = None,
+) -> MemoryPlan:
     """Per-device memory of training ``config`` on ``mesh`` with a global batch of ``batch``
     sequences of ``seq`` tokens (and of a KV cache for ``kv_batch`` x ``kv_length``, default
     the same batch and the model's context).
 
     Parameters and gradients take ``param_dtype`` (default the config's); AdamW keeps two fp32
-    moments and 8 bytes of step counters (Adam's and the learning-rate schedule's); ``master_fp32`` (default:
-    on when the parameters are not fp32) adds an fp32 copy for the update. ``flash`` and
-    ``logits_chunk`` are passed to :func:`activation_bytes`.
+    moments and 8 bytes of step counters (Adam's and the learning-rate schedule's);
+    ``master_fp32`` (default: on when the parameters are not fp32) adds an fp32 copy for the
+    update. ``flash`` and ``logits_chunk`` are passed to :func:`activation_bytes`.
     """
     cfg = get_config(config) if isinstance(config, str) else config
     sizes = _mesh_sizes(mesh)
@@ -308,23 +395,44 @@ def plan_memory(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, ba
     batch_ways = _ways(sizes, BATCH_AXES)
     local_batch = -(-batch // batch_ways)
     m = sizes["model"]
-    act = dict(config=cfg, tokens=local_batch * seq, seq=seq, model_ways=m, act_dtype=act_dtype,
-               flash=flash, logits_chunk=logits_chunk)
+    act = dict(
+        config=cfg,
+        tokens=local_batch * seq,
+        seq=seq,
+        model_ways=m,
+        act_dtype=act_dtype,
+        flash=flash,
+        logits_chunk=logits_chunk,
+    )
     kv = dict(batch_ways=batch_ways, model_ways=m, cache_dtype=act_dtype)
     kv_b, kv_len = kv_batch or batch, kv_length or cfg.max_seq_len
     return MemoryPlan(
-        name=cfg.name, mesh=sizes, chip=chip_, batch=batch, seq=seq,
-        params=elems * pbytes, grads=elems * pbytes, optimizer=elems * 2 * 4 + 8,
+        name=cfg.name,
+        mesh=sizes,
+        chip=chip_,
+        batch=batch,
+        seq=seq,
+        params=elems * pbytes,
+        grads=elems * pbytes,
+        optimizer=elems * 2 * 4 + 8,
         master=elems * 4 if master else 0,
-        activations=activation_bytes(**act), activations_remat=activation_bytes(**act, remat=True),
+        activations=activation_bytes(**act),
+        activations_remat=activation_bytes(**act, remat=True),
         kv_cache=kv_cache_bytes(cfg, kv_b, kv_len, **kv),
         kv_cache_no_ring=kv_cache_bytes(cfg, kv_b, kv_len, ring_buffer=False, **kv),
-        uneven=uneven)
+        uneven=uneven,
+    )
 
 
-def comm_bytes(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, batch: int,
-               seq: int, dtype_bytes: int = 2, rules: Mapping[str, Rule] | None = None
-               ) -> dict[str, float]:
+def comm_bytes(
+    config: Gemma2Config | str,
+    mesh: Mapping[str, int] | Any,
+    *,
+    batch: int,
+    seq: int,
+    dtype_bytes: int = 2,
+    rules: Mapping[str, Rule] | None = None,
+) -> dict[str, float]:
     """Bytes each device sends (≈ receives) per training step, by collective (ring algorithms).
 
     * data (d ways, weights replicated across it): gradient all-reduce, 2 (d-1)/d of the
@@ -340,7 +448,7 @@ def comm_bytes(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, bat
     s = _mesh_sizes(mesh)
     d, f, m = s["data"], s["fsdp"], s["model"]
     local, _ = param_shard_elements(cfg, s, rules)
-    weights = local * dtype_bytes                                    # on a device, sharded
+    weights = local * dtype_bytes  # on a device, sharded
     # What a device receives when gathering over fsdp: the gathered weights minus its own
     # slices; weights not split over fsdp (the norms) are not gathered at all.
     unsplit, _ = param_shard_elements(cfg, {**s, "fsdp": 1}, rules)
@@ -355,8 +463,9 @@ def comm_bytes(config: Gemma2Config | str, mesh: Mapping[str, int] | Any, *, bat
     }
 
 
-def plan_table(setups: Sequence[Setup] = REPORT_SETUPS, *, print_it: bool = True,
-               **kwargs: Any) -> list[dict[str, Any]]:
+def plan_table(
+    setups: Sequence[Setup] = REPORT_SETUPS, *, print_it: bool = True, **kwargs: Any
+) -> list[dict[str, Any]]:
     """One row per set-up (see :meth:`MemoryPlan.row`), optionally printed as a table.
 
     Extra keyword arguments (``param_dtype="bfloat16"``, ``act_dtype=...``) go to
@@ -379,8 +488,11 @@ def plan_table(setups: Sequence[Setup] = REPORT_SETUPS, *, print_it: bool = True
 __all__ += ["lora_param_count", "plan_lora"]
 
 
-def lora_param_count(config: Gemma2Config | str, rank: int,
-                     targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down")) -> int:
+def lora_param_count(
+    config: Gemma2Config | str,
+    rank: int,
+    targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down"),
+) -> int:
     """Adapter parameters of :func:`gemma2_lite.lora.apply_lora` on ``config``: r (d_in + d_out)
     per targeted projection per layer, read from the model's own weight shapes."""
     from .lora import TARGETS
@@ -396,11 +508,20 @@ def lora_param_count(config: Gemma2Config | str, rank: int,
     return total
 
 
-def plan_lora(config: Gemma2Config | str, *, rank: int, batch: int, seq: int,
-              targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down"),
-              chip: str | Chip | None = None, param_dtype: Any = None, act_dtype: Any = None,
-              base_bytes: float | None = None, flash: bool = False,
-              logits_chunk: int | None = None) -> MemoryPlan:
+def plan_lora(
+    config: Gemma2Config | str,
+    *,
+    rank: int,
+    batch: int,
+    seq: int,
+    targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down"),
+    chip: str | Chip | None = None,
+    param_dtype: Any = None,
+    act_dtype: Any = None,
+    base_bytes: float | None = None,
+    flash: bool = False,
+    logits_chunk: int | None = None,
+) -> MemoryPlan:
     """Memory of LoRA fine-tuning ``config`` on one device: the frozen base weights (no
     gradients, no optimizer state; ``base_bytes`` per weight, default the ``param_dtype``'s
     size, e.g. 1 for an int8 base: QLoRA, its per-channel scales, under 0.2% at D >= 2304, not
@@ -410,15 +531,38 @@ def plan_lora(config: Gemma2Config | str, *, rank: int, batch: int, seq: int,
     adapters' gradients need it. In the returned :class:`MemoryPlan`, ``params`` holds base +
     adapters, ``grads`` and ``optimizer`` the adapters' alone, ``master`` 0."""
     cfg = get_config(config) if isinstance(config, str) else config
-    full = plan_memory(cfg, {}, batch=batch, seq=seq, chip=chip, param_dtype=param_dtype,
-                       act_dtype=act_dtype, master_fp32=False, flash=flash,
-                       logits_chunk=logits_chunk)
+    full = plan_memory(
+        cfg,
+        {},
+        batch=batch,
+        seq=seq,
+        chip=chip,
+        param_dtype=param_dtype,
+        act_dtype=act_dtype,
+        master_fp32=False,
+        flash=flash,
+        logits_chunk=logits_chunk,
+    )
     weights = full.params // _bytes(param_dtype or cfg.param_dtype)
-    base = int(round(weights * (base_bytes if base_bytes is not None
-                                else _bytes(param_dtype or cfg.param_dtype))))
+    base = int(
+        round(
+            weights
+            * (base_bytes if base_bytes is not None else _bytes(param_dtype or cfg.param_dtype))
+        )
+    )
     adapters = lora_param_count(cfg, rank, targets)
-    return MemoryPlan(name=f"{cfg.name} + LoRA r={rank}", mesh=full.mesh, chip=full.chip,
-                      batch=batch, seq=seq, params=base + 4 * adapters, grads=4 * adapters,
-                      optimizer=8 * adapters + 8, master=0, activations=full.activations,
-                      activations_remat=full.activations_remat, kv_cache=full.kv_cache,
-                      kv_cache_no_ring=full.kv_cache_no_ring)
+    return MemoryPlan(
+        name=f"{cfg.name} + LoRA r={rank}",
+        mesh=full.mesh,
+        chip=full.chip,
+        batch=batch,
+        seq=seq,
+        params=base + 4 * adapters,
+        grads=4 * adapters,
+        optimizer=8 * adapters + 8,
+        master=0,
+        activations=full.activations,
+        activations_remat=full.activations_remat,
+        kv_cache=full.kv_cache,
+        kv_cache_no_ring=full.kv_cache_no_ring,
+    )

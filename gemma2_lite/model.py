@@ -17,22 +17,37 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import (CAPTURES, Attention, AttentionPlan, LayerCache, attention_mask,
-                        band_mask, cached_key_positions, gqa_attention)
+from .attention import (
+    CAPTURES,
+    Attention,
+    AttentionPlan,
+    LayerCache,
+    attention_mask,
+    band_mask,
+    cached_key_positions,
+    gqa_attention,
+)
 from .checks import check_positions, check_token_ids
 from .config import Gemma2Config
 from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, soft_cap
 from .rope import rope_table, rotate
 
-__all__ = ["Block", "Components", "Gemma2", "Gemma2Output", "abstract_model",
-           "positions_from_mask", "param_counts"]
+__all__ = [
+    "Block",
+    "Components",
+    "Gemma2",
+    "Gemma2Output",
+    "abstract_model",
+    "positions_from_mask",
+    "param_counts",
+]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -86,30 +101,64 @@ class Gemma2Output:
 class Block(nnx.Module):
     """One decoder layer, with Gemma 2's four norms (pre and post, around each sub-block)."""
 
-    def __init__(self, config: Gemma2Config, layer_index: int, *, rngs: nnx.Rngs,
-                 components: Components = Components()):
+    def __init__(
+        self,
+        config: Gemma2Config,
+        layer_index: int,
+        *,
+        rngs: nnx.Rngs,
+        components: Components = Components(),
+    ):
         c = config
         pd = c.jnp_param_dtype
         self.kind = c.layer_types[layer_index]
         self.pre_attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
-        self.attn = Attention(c, c.window_for_layer(layer_index), rngs=rngs,
-                              attention_fn=components.attention, rotate_fn=components.rotate)
+        self.attn = Attention(
+            c,
+            c.window_for_layer(layer_index),
+            rngs=rngs,
+            attention_fn=components.attention,
+            rotate_fn=components.rotate,
+        )
         self.post_attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
         self.pre_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
-        self.mlp = FeedForward(c.d_model, c.ffn_dim, rngs=rngs, param_dtype=pd, dtype=c.jnp_dtype,
-                               activation=components.activation)
+        self.mlp = FeedForward(
+            c.d_model,
+            c.ffn_dim,
+            rngs=rngs,
+            param_dtype=pd,
+            dtype=c.jnp_dtype,
+            activation=components.activation,
+        )
         self.post_ffw_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, param_dtype=pd)
 
-    def __call__(self, x: jax.Array, rope: Any, mask: jax.Array, k_pos: jax.Array,
-                 cache: LayerCache | None = None, plan: AttentionPlan = AttentionPlan(),
-                 captured: dict[str, list[jax.Array]] | None = None
-                 ) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: Any,
+        mask: jax.Array,
+        k_pos: jax.Array,
+        cache: LayerCache | None = None,
+        plan: AttentionPlan = AttentionPlan(),
+        captured: dict[str, list[jax.Array]] | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
         """x: (B, T, D) -> (B, T, D), plus the layer's updated cache (see :class:`Attention`)."""
         a, cache = self.attn(self.pre_attn_norm(x), rope, mask, k_pos, cache, plan, captured)
         x = x + self.post_attn_norm(a)
         m = self.mlp(self.pre_ffw_norm(x))
         x = x + self.post_ffw_norm(m)
         return x, cache
+
+
+def _valid_mask(tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """The real-token mask, bool (B, T): ``attention_mask`` (default all ones) checked against
+    the tokens' shape."""
+    if attention_mask is None:
+        return jnp.ones(tokens.shape, bool)
+    valid = jnp.asarray(attention_mask).astype(bool)
+    if valid.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
+    return valid
 
 
 class Gemma2(nnx.Module):
@@ -124,17 +173,29 @@ class Gemma2(nnx.Module):
     activations (``nnx.remat``): the same numbers for ~1/3 more FLOPs and far less memory.
     """
 
-    def __init__(self, config: Gemma2Config, *, rngs: nnx.Rngs,
-                 components: Components | None = None, remat: bool = False):
+    def __init__(
+        self,
+        config: Gemma2Config,
+        *,
+        rngs: nnx.Rngs,
+        components: Components | None = None,
+        remat: bool = False,
+    ):
         self.config = config
         self.components = components or Components()
         self.remat = bool(remat)
-        self.embedder = Embedder(config.vocab_size, config.d_model, rngs=rngs,
-                                 param_dtype=config.jnp_param_dtype)
-        self.layers = nnx.List([Block(config, i, rngs=rngs, components=self.components)
-                                for i in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps,
-                                  param_dtype=config.jnp_param_dtype)
+        self.embedder = Embedder(
+            config.vocab_size, config.d_model, rngs=rngs, param_dtype=config.jnp_param_dtype
+        )
+        self.layers = nnx.List(
+            [
+                Block(config, i, rngs=rngs, components=self.components)
+                for i in range(config.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(
+            config.d_model, eps=config.rms_norm_eps, param_dtype=config.jnp_param_dtype
+        )
 
     def __repr__(self) -> str:
         # Weights stored as rows (serving, int8) count too; their scales do not.
@@ -143,7 +204,7 @@ class Gemma2(nnx.Module):
 
     __str__ = __repr__  # nnx's tree view is one call away: nnx.display(model)
 
-    def replace(self, *, remat: bool | None = None, **components: Any) -> "Gemma2":
+    def replace(self, *, remat: bool | None = None, **components: Any) -> Gemma2:
         """The same parameters (shared, not copied) with other :class:`Components` or remat.
 
         ``model.replace(attention=my_attention)`` runs ``my_attention`` in every layer;
@@ -151,16 +212,24 @@ class Gemma2(nnx.Module):
         """
         unknown = set(components) - {f.name for f in dataclasses.fields(Components)}
         if unknown:
-            raise TypeError(f"unknown component(s) {sorted(unknown)}; the components are "
-                            f"{[f.name for f in dataclasses.fields(Components)]}")
+            raise TypeError(
+                f"unknown component(s) {sorted(unknown)}; the components are "
+                f"{[f.name for f in dataclasses.fields(Components)]}"
+            )
         comps = dataclasses.replace(self.components, **components)
-        abstract = abstract_model(self.config, components=comps,
-                                  remat=self.remat if remat is None else remat)
+        abstract = abstract_model(
+            self.config, components=comps, remat=self.remat if remat is None else remat
+        )
         return nnx.merge(nnx.graphdef(abstract), nnx.state(self))
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, tokens: Any, positions: Any, cache: list[LayerCache] | None,
-                      attention_mask: Any = None) -> jax.Array:
+    def _check_inputs(
+        self,
+        tokens: Any,
+        positions: Any,
+        cache: list[LayerCache] | None,
+        attention_mask: Any = None,
+    ) -> jax.Array:
         """Check the call's inputs; return ``tokens`` as a JAX integer array.
 
         Shapes are checked always (they are static, even under ``jit``); token ids and
@@ -168,7 +237,7 @@ class Gemma2(nnx.Module):
         an out-of-range id embeds as NaN (:meth:`Embedder.encode`) instead of being refused.
         """
         c = self.config
-        if not hasattr(tokens, "ndim"):      # a list: each element checked (no bool as an id)
+        if not hasattr(tokens, "ndim"):  # a list: each element checked (no bool as an id)
             tokens = check_token_ids(tokens, c.vocab_size, name="tokens")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T) integers, got shape {tokens.shape}")
@@ -178,20 +247,25 @@ class Gemma2(nnx.Module):
         check_token_ids(tokens, c.vocab_size, name="tokens")
         b, t = tokens.shape
         if t == 0:
-            raise ValueError(f"tokens has shape {tokens.shape}: every row needs at least one "
-                             "token (T >= 1)")
+            raise ValueError(
+                f"tokens has shape {tokens.shape}: every row needs at least one token (T >= 1)"
+            )
         if cache is None and t > c.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens is longer than the model's "
-                             f"context ({c.max_seq_len}); truncate it or use a larger max_seq_len")
+            raise ValueError(
+                f"sequence of {t} tokens is longer than the model's "
+                f"context ({c.max_seq_len}); truncate it or use a larger max_seq_len"
+            )
         if positions is not None:
             try:
                 np.shape(positions)
-            except ValueError:            # ragged lists: check_positions names them
+            except ValueError:  # ragged lists: check_positions names them
                 check_positions(positions, c.max_seq_len)
                 raise
             if np.shape(positions) != (b, t):
-                raise ValueError(f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
-                                 "pass one position per token")
+                raise ValueError(
+                    f"positions has shape {np.shape(positions)}, tokens {(b, t)}: "
+                    "pass one position per token"
+                )
             check_positions(positions, c.max_seq_len, valid=attention_mask)
         if cache is not None:
             self._check_cache(cache, b, t)
@@ -211,8 +285,10 @@ class Gemma2(nnx.Module):
             raise ValueError(f"cache has {got} layers, the model {c.num_layers}")
         for i, layer in enumerate(cache):
             if layer.k.shape[0] != batch:
-                raise ValueError(f"cache[{i}] holds {layer.k.shape[0]} rows but tokens has "
-                                 f"{batch}: make the cache with init_cache(batch={batch}, ...)")
+                raise ValueError(
+                    f"cache[{i}] holds {layer.k.shape[0]} rows but tokens has "
+                    f"{batch}: make the cache with init_cache(batch={batch}, ...)"
+                )
         for i, layer in enumerate(cache):
             if isinstance(layer.end, jax.core.Tracer):
                 return
@@ -221,11 +297,18 @@ class Gemma2(nnx.Module):
             if (window is None or layer.size < window) and end > layer.size:
                 raise ValueError(
                     f"{end} columns do not fit in the cache: layer {i} has {layer.size} slots "
-                    f"({int(layer.end)} used); make a larger cache with init_cache(batch, max_len)")
+                    f"({int(layer.end)} used); make a larger cache with init_cache(batch, max_len)"
+                )
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
-                 positions: jax.Array | None = None, **unexpected: Any) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        **unexpected: Any,
+    ) -> jax.Array:
         """Next-token logits, float32 (B, T, V): ``self.forward(...).logits``.
 
         tokens: int (B, T); attention_mask: (B, T), 1 for real tokens, 0 for (left) padding;
@@ -233,16 +316,25 @@ class Gemma2(nnx.Module):
         :meth:`forward`, which returns a :class:`Gemma2Output`.
         """
         if unexpected:
-            raise TypeError(f"Gemma2.__call__ got {sorted(unexpected)}: calling the model gives "
-                            "logits only; use model.forward(tokens, ..., cache=..., "
-                            "return_hidden=...), which returns a Gemma2Output")
+            raise TypeError(
+                f"Gemma2.__call__ got {sorted(unexpected)}: calling the model gives "
+                "logits only; use model.forward(tokens, ..., cache=..., "
+                "return_hidden=...), which returns a Gemma2Output"
+            )
         return self.forward(tokens, attention_mask, positions=positions).logits
 
-    def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
-                positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
-                return_hidden: bool = False, last_only: bool = False,
-                plan: AttentionPlan | None = None, capture: tuple[str, ...] = ()
-                ) -> Gemma2Output:
+    def forward(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: list[LayerCache] | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+        plan: AttentionPlan | None = None,
+        capture: tuple[str, ...] = (),
+    ) -> Gemma2Output:
         """The forward pass, with everything it can give.
 
         tokens: int (B, T), ids in [0, V): checked when concrete (a
@@ -264,33 +356,29 @@ class Gemma2(nnx.Module):
         """
         tokens = self._check_inputs(tokens, positions, cache, attention_mask)
         c, comps = self.config, self.components
-        if attention_mask is None:
-            valid = jnp.ones(tokens.shape, bool)
-        else:
-            valid = jnp.asarray(attention_mask).astype(bool)
-            if valid.shape != tokens.shape:
-                raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
+        valid = _valid_mask(tokens, attention_mask)  # (B, T) bool
         plan = self._plan(plan, tokens.shape[1], positions, cache)
         captured = self._captures(capture, plan)
         if positions is None:
             positions = positions_from_mask(valid)
-        positions = jnp.asarray(positions, jnp.int32)                       # (B, T)
-        k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)           # (B, T), pads -1
+        positions = jnp.asarray(positions, jnp.int32)  # (B, T)
+        k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)  # (B, T), pads -1
 
         # Built once per forward, shared by the layers: the rotation table, and one mask per
         # kind of layer (global / local), over the keys that kind attends to in this plan.
         rope = comps.rope_table(positions, c.head_dim, c.rope_base)
         masks = self._masks(plan, positions, k_pos, cache)
 
-        def run(block: Block, x: jax.Array, layer_cache: LayerCache | None
-                ) -> tuple[jax.Array, LayerCache | None]:
+        def run(
+            block: Block, x: jax.Array, layer_cache: LayerCache | None
+        ) -> tuple[jax.Array, LayerCache | None]:
             return block(x, rope, masks[block.attn.window], k_pos, layer_cache, plan, captured)
 
         if self.remat and cache is None and captured is None:
             # Keep only each block's input for the backward pass; recompute the rest.
             run = nnx.remat(run)
 
-        x = self.embedder.encode(tokens, c.jnp_dtype)                        # (B, T, D)
+        x = self.embedder.encode(tokens, c.jnp_dtype)  # (B, T, D)
         hidden = [x]
         new_cache = []
         for i, block in enumerate(self.layers):
@@ -298,20 +386,25 @@ class Gemma2(nnx.Module):
             new_cache.append(layer_cache)
             hidden.append(x)
         if last_only:
-            x = x[:, -1:]                                                    # (B, 1, D)
+            x = x[:, -1:]  # (B, 1, D)
         x = self.final_norm(x)
         hidden[-1] = self.final_norm(hidden[-1]) if last_only else x
-        raw = self.embedder.decode(x).astype(jnp.float32)                    # (B, T, V)
+        raw = self.embedder.decode(x).astype(jnp.float32)  # (B, T, V)
         # Checked before the cap: c_f * tanh(inf / c_f) = c_f hides an overflow.
-        finite = jnp.all(jnp.isfinite(raw), axis=-1)                         # (B, T)
+        finite = jnp.all(jnp.isfinite(raw), axis=-1)  # (B, T)
         logits = soft_cap(raw, c.final_logit_softcap)
-        return Gemma2Output(logits=logits, cache=None if cache is None else new_cache,
-                            hidden=hidden if return_hidden else None, finite=finite,
-                            captured=captured)
+        return Gemma2Output(
+            logits=logits,
+            cache=None if cache is None else cast(list[LayerCache], new_cache),  # all filled
+            hidden=hidden if return_hidden else None,
+            finite=finite,
+            captured=captured,
+        )
 
     @staticmethod
-    def _captures(capture: tuple[str, ...], plan: AttentionPlan
-                  ) -> dict[str, list[jax.Array]] | None:
+    def _captures(
+        capture: tuple[str, ...], plan: AttentionPlan
+    ) -> dict[str, list[jax.Array]] | None:
         """The forward's empty intermediates, ``{name: []}``, or None when nothing is asked."""
         if isinstance(capture, str):
             capture = (capture,)
@@ -322,12 +415,19 @@ class Gemma2(nnx.Module):
             raise ValueError(f"cannot capture {unknown}; capture names are {list(CAPTURES)}")
         if plan.band:
             # Banded layers compute their scores chunk by chunk, never as (B, T, N, S).
-            raise ValueError("capture= needs every layer's whole (T, S) scores; a banded plan "
-                             "(a long prompt into a cache) has none: call without the cache")
+            raise ValueError(
+                "capture= needs every layer's whole (T, S) scores; a banded plan "
+                "(a long prompt into a cache) has none: call without the cache"
+            )
         return {name: [] for name in capture}
 
-    def _masks(self, plan: AttentionPlan, positions: jax.Array, k_pos: jax.Array,
-               cache: list[LayerCache] | None) -> dict[int | None, jax.Array]:
+    def _masks(
+        self,
+        plan: AttentionPlan,
+        positions: jax.Array,
+        k_pos: jax.Array,
+        cache: list[LayerCache] | None,
+    ) -> dict[int | None, jax.Array]:
         """One mask per kind of layer (keyed by its window), as the plan has it attend."""
         masks: dict[int | None, jax.Array] = {}
         for i, block in enumerate(self.layers):
@@ -336,16 +436,22 @@ class Gemma2(nnx.Module):
                 continue
             mode = plan.for_window(w)
             if mode == "banded":
+                assert w is not None  # for_window bands only a local layer
                 # A local layer over a whole prompt attends in chunks of W columns, each to
                 # its own and the previous chunk's keys (attention.banded_attention).
-                masks[w] = band_mask(self.components.mask, k_pos, w)        # (B, n, W, 2W)
+                masks[w] = band_mask(self.components.mask, k_pos, w)  # (B, n, W, 2W)
             else:
                 key_pos = cached_key_positions(mode, None if cache is None else cache[i], k_pos)
-                masks[w] = self.components.mask(positions, key_pos, w)      # (B, T, S')
+                masks[w] = self.components.mask(positions, key_pos, w)  # (B, T, S')
         return masks
 
-    def _plan(self, plan: AttentionPlan | None, length: int, positions: Any,
-              cache: list[LayerCache] | None) -> AttentionPlan:
+    def _plan(
+        self,
+        plan: AttentionPlan | None,
+        length: int,
+        positions: Any,
+        cache: list[LayerCache] | None,
+    ) -> AttentionPlan:
         """The forward's :class:`AttentionPlan`: ``plan`` checked against the call, or chosen.
 
         A prompt from position 0 (positions not given) into a cache needs an empty one: checked
@@ -354,12 +460,18 @@ class Gemma2(nnx.Module):
         if cache is not None and from_start:
             ends = [layer.end for layer in cache if not isinstance(layer.end, jax.core.Tracer)]
             if any(int(e) for e in ends):
-                raise ValueError("with a used cache, pass the absolute positions of the new "
-                                 "tokens (positions=...); without them the tokens would start "
-                                 "at position 0 again")
+                raise ValueError(
+                    "with a used cache, pass the absolute positions of the new "
+                    "tokens (positions=...); without them the tokens would start "
+                    "at position 0 again"
+                )
         if plan is None:
-            return AttentionPlan.choose(length=length, window=self.config.sliding_window,
-                                        cached=cache is not None, from_start=from_start)
+            return AttentionPlan.choose(
+                length=length,
+                window=self.config.sliding_window,
+                cached=cache is not None,
+                from_start=from_start,
+            )
         if not isinstance(plan, AttentionPlan):
             raise TypeError(f"plan must be an AttentionPlan, got {type(plan).__name__}")
         if plan.mode != "full" and cache is None:
@@ -368,8 +480,9 @@ class Gemma2(nnx.Module):
             raise ValueError(f"plan mode 'decode' feeds one token per row, got {length}")
         if plan.band and not (from_start and cache is not None):
             # Bands are exact only when a key W positions back is W columns back.
-            raise ValueError("band=True needs a prompt into a cache with the default positions "
-                             "(positions=None)")
+            raise ValueError(
+                "band=True needs a prompt into a cache with the default positions (positions=None)"
+            )
         return plan
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[LayerCache]:
@@ -383,8 +496,10 @@ class Gemma2(nnx.Module):
         if max_len > c.max_seq_len:
             raise ValueError(f"max_len {max_len} is past the model's context ({c.max_seq_len})")
         dtype = dtype or c.jnp_dtype
-        sizes = [max_len if w is None else min(w, max_len)
-                 for w in (c.window_for_layer(i) for i in range(c.num_layers))]
+        sizes = [
+            max_len if w is None else min(w, max_len)
+            for w in (c.window_for_layer(i) for i in range(c.num_layers))
+        ]
         return [LayerCache.empty(batch, s, c.num_kv_heads, c.head_dim, dtype) for s in sizes]
 
 
@@ -400,8 +515,10 @@ def param_counts(config: Gemma2Config) -> dict[str, int]:
     fraction of a second, with the same numbers.
     """
     one = abstract_model(config.replace(num_layers=1))
-    sizes = [(path[0], int(np.prod(var.shape)))
-             for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param))]
+    sizes = [
+        (path[0], int(np.prod(var.shape)))
+        for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param))
+    ]
     layer = sum(n for top, n in sizes if top == "layers")
     embedding = int(np.prod(one.embedder.embedding.shape))
     total = sum(n for _, n in sizes) + (config.num_layers - 1) * layer

@@ -27,25 +27,38 @@ from .config import Gemma2Config
 from .model import Gemma2, abstract_model
 from .safetensors_io import WEIGHT_DTYPES, CheckpointError, mapping_of, release_pages
 
-__all__ = ["Path_", "Placer", "ParamInfo", "path_name", "param_infos", "param_shapes",
-           "to_arrays", "check_arrays", "check_values", "host_param", "from_arrays"]
+__all__ = [
+    "Path_",
+    "Placer",
+    "ParamInfo",
+    "path_name",
+    "param_infos",
+    "param_shapes",
+    "to_arrays",
+    "check_arrays",
+    "check_values",
+    "host_param",
+    "from_arrays",
+]
 
-Path_ = tuple[Any, ...]   # a parameter path in the model, e.g. ("layers", 0, "attn", "q")
+Path_ = tuple[Any, ...]  # a parameter path in the model, e.g. ("layers", 0, "attn", "q")
 Placer = Callable[[Path_, np.ndarray], jax.Array]
 
-_FLOAT16_MAX = float(np.finfo(np.float16).max)      # 65504
-_CHUNK_BYTES = 1 << 24                               # values are checked 16 MiB at a time
-_TILE = (1024, 8)                                    # a transposed copy's tile (rows, columns)
-_BAND = 1024                                         # rows per thread's share of a tensor
-_THREADED_BYTES = 1 << 22                            # smaller tensors are copied by one thread
-_MAPPED_BYTES = 1 << 20                              # larger host buffers: their own mmap
+_FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+_CHUNK_BYTES = 1 << 24  # values are checked 16 MiB at a time
+_TILE = (1024, 8)  # a transposed copy's tile (rows, columns)
+_BAND = 1024  # rows per thread's share of a tensor
+_THREADED_BYTES = 1 << 22  # smaller tensors are copied by one thread
+_MAPPED_BYTES = 1 << 20  # larger host buffers: their own mmap
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_ALIGN = 64                                          # XLA:CPU uses 64-byte aligned memory in place
+_ALIGN = 64  # XLA:CPU uses 64-byte aligned memory in place
 # The unsigned view of each float dtype and its exponent bits: all ones = inf or NaN.
-_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
-             np.dtype(np.float16): (np.uint16, 0x7C00),
-             np.dtype(np.float32): (np.uint32, 0x7F800000),
-             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+_EXPONENT = {
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
+}
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -84,16 +97,19 @@ def param_shapes(config: Gemma2Config) -> dict[Path_, tuple[int, ...]]:
 def to_arrays(model: Gemma2) -> dict[Path_, np.ndarray]:
     """Every parameter of ``model`` as numpy, keyed by its path, e.g. ("layers", 0, "attn", "q")."""
     state = nnx.state(model, nnx.Param)
-    return {tuple(path): np.asarray(var.get_value() if hasattr(var, "get_value") else var.value)
-            for path, var in nnx.to_flat_state(state)}
+    return {
+        tuple(path): np.asarray(var.get_value() if hasattr(var, "get_value") else var.value)
+        for path, var in nnx.to_flat_state(state)
+    }
 
 
 def _listing(names: list[str]) -> str:
     return f"{names[:8]}{' ...' if len(names) > 8 else ''}"
 
 
-def check_arrays(config: Gemma2Config, arrays: Mapping[Path_, Any], *,
-                 source: str = "checkpoint") -> None:
+def check_arrays(
+    config: Gemma2Config, arrays: Mapping[Path_, Any], *, source: str = "checkpoint"
+) -> None:
     """Check parameter arrays against ``config`` without building the model.
 
     In this order, each step cheap whatever the config claims: the layer indices (a
@@ -104,11 +120,13 @@ def check_arrays(config: Gemma2Config, arrays: Mapping[Path_, Any], *,
     """
     layers = sorted({p[1] for p in arrays if p and p[0] == "layers"}, key=str)
     if len(layers) != config.num_layers or not all(
-            isinstance(i, int) and 0 <= i < config.num_layers for i in layers):
+        isinstance(i, int) and 0 <= i < config.num_layers for i in layers
+    ):
         found = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
         raise CheckpointError(
             f"{source} does not match {config!r}: the config has num_layers="
-            f"{config.num_layers}, the checkpoint holds {len(layers)} ({found})")
+            f"{config.num_layers}, the checkpoint holds {len(layers)} ({found})"
+        )
     shapes = param_shapes(config)
     missing = sorted(path_name(p) for p in shapes.keys() - arrays.keys())
     extra = sorted(path_name(p) for p in arrays.keys() - shapes.keys())
@@ -124,14 +142,15 @@ def check_arrays(config: Gemma2Config, arrays: Mapping[Path_, Any], *,
         dtype = getattr(arrays[path], "dtype", None)
         dtype = np.asarray(arrays[path]).dtype if dtype is None else np.dtype(dtype)
         if dtype not in WEIGHT_DTYPES:
-            problems.append(f"{path_name(path)}: dtype {dtype} is not a floating-point weight "
-                            f"(expected one of {sorted(str(d) for d in WEIGHT_DTYPES)})")
+            problems.append(
+                f"{path_name(path)}: dtype {dtype} is not a floating-point weight "
+                f"(expected one of {sorted(str(d) for d in WEIGHT_DTYPES)})"
+            )
     if problems:
         raise CheckpointError(f"{source} does not match {config!r}:\n  " + "\n  ".join(problems))
 
 
-def check_values(values: np.ndarray, where: str, *, float16: bool = False,
-                 offset: int = 0) -> None:
+def check_values(values: np.ndarray, where: str, *, float16: bool = False, offset: int = 0) -> None:
     """Refuse non-finite weights (and, with ``float16``, any beyond float16's +-65504).
 
     One inf in a norm weight would otherwise load, and the final soft-cap would turn the
@@ -154,11 +173,13 @@ def check_values(values: np.ndarray, where: str, *, float16: bool = False,
         first = int(np.argmin(finite))
         raise CheckpointError(
             f"{where}: {int((~finite).sum())} value(s) are not finite (first: "
-            f"{as32[first]} at flat index {offset + first}); weights must be finite numbers")
+            f"{as32[first]} at flat index {offset + first}); weights must be finite numbers"
+        )
     first = int(np.argmax(np.abs(as32) > _FLOAT16_MAX))
     raise CheckpointError(
         f"{where}: value {as32[first]} at flat index {offset + first} is beyond float16's "
-        f"range (+-{_FLOAT16_MAX:g}) and the model computes in float16")
+        f"range (+-{_FLOAT16_MAX:g}) and the model computes in float16"
+    )
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -175,7 +196,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _same_bytes(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,8 +211,11 @@ def _same_bytes(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _copy_band(d: np.ndarray, s: np.ndarray, rows: range) -> None:
     for i in rows:
         for j in range(0, s.shape[1], _TILE[1]):
-            np.copyto(d[i:i + _TILE[0], j:j + _TILE[1]], s[i:i + _TILE[0], j:j + _TILE[1]],
-                      casting="unsafe")
+            np.copyto(
+                d[i : i + _TILE[0], j : j + _TILE[1]],
+                s[i : i + _TILE[0], j : j + _TILE[1]],
+                casting="unsafe",
+            )
 
 
 def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
@@ -202,9 +226,11 @@ def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
     if src.ndim < 2 or src.strides[-1] == src.itemsize:
         np.copyto(dst, src, casting="unsafe")
         return
-    jobs = [(dst[index], src[index], range(start, min(start + _BAND, src.shape[-2]), _TILE[0]))
-            for index in np.ndindex(*src.shape[:-2])
-            for start in range(0, src.shape[-2], _BAND)]
+    jobs = [
+        (dst[index], src[index], range(start, min(start + _BAND, src.shape[-2]), _TILE[0]))
+        for index in np.ndindex(*src.shape[:-2])
+        for start in range(0, src.shape[-2], _BAND)
+    ]
     if len(jobs) == 1 or src.nbytes < _THREADED_BYTES:
         for job in jobs:
             _copy_band(*job)
@@ -226,8 +252,9 @@ def _chunks(array: np.ndarray) -> list[tuple[int, slice]]:
     return [(start * row, slice(start, start + step)) for start in range(0, len(array), step)]
 
 
-def host_param(array: np.ndarray, dtype: Any, where: str, *, check: bool = True,
-               float16: bool = False) -> np.ndarray:
+def host_param(
+    array: np.ndarray, dtype: Any, where: str, *, check: bool = True, float16: bool = False
+) -> np.ndarray:
     """``array`` as a C-contiguous, 64-byte aligned array of ``dtype``, values checked.
 
     Made for arrays that are views of a memory-mapped file, read tensor by tensor: a view of a
@@ -239,12 +266,16 @@ def host_param(array: np.ndarray, dtype: Any, where: str, *, check: bool = True,
     """
     array = np.asarray(array)
     dtype = np.dtype(dtype)
-    in_place = (array.dtype == dtype and array.flags.c_contiguous
-                and array.ctypes.data % _ALIGN == 0 and mapping_of(array) is not None)
+    in_place = (
+        array.dtype == dtype
+        and array.flags.c_contiguous
+        and array.ctypes.data % _ALIGN == 0
+        and mapping_of(array) is not None
+    )
     out = array if in_place else _aligned_empty(array.shape, dtype)
     contiguous = array.flags.c_contiguous
     if not contiguous and not in_place:
-        with np.errstate(all="ignore"):               # an overflow is reported below
+        with np.errstate(all="ignore"):  # an overflow is reported below
             _copy_tiled(out, array)
     for offset, rows in _chunks(out):
         if contiguous and not in_place:
@@ -254,7 +285,7 @@ def host_param(array: np.ndarray, dtype: Any, where: str, *, check: bool = True,
             try:
                 check_values(out[rows], where, float16=float16, offset=offset)
             except CheckpointError:
-                if not in_place:    # a cast's overflow: say so if the stored values are finite
+                if not in_place:  # a cast's overflow: say so if the stored values are finite
                     check_values(array[rows], where, float16=dtype == np.float16, offset=offset)
                 raise
         if contiguous:
@@ -268,9 +299,15 @@ def _set(var: Any, value: Any) -> None:
     var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
 
 
-def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
-                source: str = "checkpoint", place: Placer | None = None,
-                check: bool = True, origins: Mapping[Path_, str] | None = None) -> Gemma2:
+def from_arrays(
+    config: Gemma2Config,
+    arrays: Mapping[Path_, np.ndarray],
+    *,
+    source: str = "checkpoint",
+    place: Placer | None = None,
+    check: bool = True,
+    origins: Mapping[Path_, str] | None = None,
+) -> Gemma2:
     """Build a :class:`Gemma2` from parameter arrays, checking every name, shape and value.
 
     The arrays are checked by :func:`check_arrays` before the model is even traced; then the
@@ -294,8 +331,9 @@ def from_arrays(config: Gemma2Config, arrays: Mapping[Path_, np.ndarray], *,
         if path in origins:
             where += f" ({origins[path]})"
         if place is None:
-            value = jax.device_put(host_param(arrays[path], dtype, where, check=check,
-                                              float16=float16))
+            value = jax.device_put(
+                host_param(arrays[path], dtype, where, check=check, float16=float16)
+            )
         else:
             # The array as stored: a sharded placer reads (and checks) only each device's slice.
             value = place(path, arrays[path]).astype(dtype)

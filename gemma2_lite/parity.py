@@ -26,11 +26,14 @@ class LayerDiff:
     ref_max_abs: float
 
     def __repr__(self) -> str:
-        return f"{self.name:>12}: max|diff| {self.max_abs_diff:.2e}  (max|ref| {self.ref_max_abs:.2e})"
+        return (
+            f"{self.name:>12}: max|diff| {self.max_abs_diff:.2e}  (max|ref| {self.ref_max_abs:.2e})"
+        )
 
 
-def compare_layers(model: Gemma2, hf_model, tokens, attention_mask=None,
-                   positions=None) -> list[LayerDiff]:
+def compare_layers(
+    model: Gemma2, hf_model, tokens, attention_mask=None, positions=None
+) -> list[LayerDiff]:
     """Differences after the embedding, after each layer, and of the logits.
 
     tokens: int (B, T). ``hf_model`` is a ``transformers.Gemma2ForCausalLM`` holding the same
@@ -42,24 +45,36 @@ def compare_layers(model: Gemma2, hf_model, tokens, attention_mask=None,
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
     if positions is None:
         positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    ours = model.forward(jnp.asarray(tokens), jnp.asarray(mask),
-                         positions=jnp.asarray(positions), return_hidden=True)
+    ours = model.forward(
+        jnp.asarray(tokens), jnp.asarray(mask), positions=jnp.asarray(positions), return_hidden=True
+    )
     ours_logits, ours_hidden = ours.logits, ours.hidden
+    assert ours_hidden is not None  # return_hidden=True
     with torch.no_grad():
-        out = hf_model(torch.tensor(tokens, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(np.asarray(positions), dtype=torch.long),
-                       output_hidden_states=True)
-    keep = mask.astype(bool)[..., None]     # compare real tokens only: padding rows are junk
+        out = hf_model(
+            torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(np.asarray(positions), dtype=torch.long),
+            output_hidden_states=True,
+        )
+    keep = mask.astype(bool)[..., None]  # compare real tokens only: padding rows are junk
     names = ["embedding"] + [f"layer {i}" for i in range(len(ours_hidden) - 2)] + ["final norm"]
     diffs = []
-    for name, ours, ref in zip(names, ours_hidden, out.hidden_states):
-        ours, ref = np.asarray(ours, np.float32), ref.float().numpy()
-        diffs.append(LayerDiff(name, float(np.abs(np.where(keep, ours - ref, 0)).max()),
-                               float(np.abs(ref).max())))
+    for name, hidden, ref_hidden in zip(names, ours_hidden, out.hidden_states):
+        mine, ref = np.asarray(hidden, np.float32), ref_hidden.float().numpy()
+        diffs.append(
+            LayerDiff(
+                name, float(np.abs(np.where(keep, mine - ref, 0)).max()), float(np.abs(ref).max())
+            )
+        )
     ref_logits = out.logits.float().numpy()
-    diffs.append(LayerDiff("logits", float(np.abs(np.where(keep, ours_logits - ref_logits, 0)).max()),
-                           float(np.abs(ref_logits).max())))
+    diffs.append(
+        LayerDiff(
+            "logits",
+            float(np.abs(np.where(keep, ours_logits - ref_logits, 0)).max()),
+            float(np.abs(ref_logits).max()),
+        )
+    )
     return diffs
 
 

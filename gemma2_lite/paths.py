@@ -35,9 +35,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ASSETS", "SHIPPED", "MissingDataError", "asset", "tokenizer_file",
-           "book_model_dir", "sft_adapters_dir", "corpus_file", "require", "checkout", "work_dir",
-           "data_path", "repo_root", "shown"]
+__all__ = [
+    "ASSETS",
+    "SHIPPED",
+    "MissingDataError",
+    "asset",
+    "tokenizer_file",
+    "book_model_dir",
+    "sft_adapters_dir",
+    "corpus_file",
+    "require",
+    "checkout",
+    "work_dir",
+    "data_path",
+    "repo_root",
+    "shown",
+]
 
 #: The folder of shipped files inside the installed package.
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -62,8 +75,7 @@ def asset(name: str) -> Path:
     target. Readers call :func:`require`.
     """
     if name not in SHIPPED:
-        raise ValueError(f"{name!r} is not a file the package ships; those are "
-                         f"{sorted(SHIPPED)}")
+        raise ValueError(f"{name!r} is not a file the package ships; those are {sorted(SHIPPED)}")
     return ASSETS / name
 
 
@@ -105,8 +117,9 @@ def require(path: Path, need: str | None = None) -> Path:
         fix = f"restore it with `git checkout -- {relative}` in {place}"
     else:
         fix = "reinstall the package (pip install --force-reinstall gemma2-lite)"
-    raise MissingDataError(f"{what} is missing: {target} is not there. It ships with "
-                           f"gemma2-lite; {fix}")
+    raise MissingDataError(
+        f"{what} is missing: {target} is not there. It ships with gemma2-lite; {fix}"
+    )
 
 
 def shown(path: str | os.PathLike[str]) -> str:
@@ -126,8 +139,7 @@ def checkout() -> Path | None:
     ``site-packages`` with neither beside it.
     """
     root = Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() \
-        else None
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
 
 
 def work_dir() -> Path:

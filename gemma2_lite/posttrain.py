@@ -54,8 +54,16 @@ from gemma2_lite.data import load_documents
 from gemma2_lite.losses import token_nll
 from gemma2_lite.tokenizer import Tokenizer
 
-__all__ = ["KINDS", "build_instructions", "speeches", "model_turn_mask", "sft_batch",
-           "sft_eval", "average_states", "interpolate_states"]
+__all__ = [
+    "KINDS",
+    "build_instructions",
+    "speeches",
+    "model_turn_mask",
+    "sft_batch",
+    "sft_eval",
+    "average_states",
+    "interpolate_states",
+]
 
 KINDS = ("speaker", "play", "continue")
 MAX_SPEAKER_CHARS = 24
@@ -70,12 +78,13 @@ def _speeches(split: str) -> tuple[tuple[str, str, str, str], ...]:
     for doc in load_documents(split):
         for block in doc["text"].split("\n\n"):
             lines = [line.strip() for line in block.split("\n")]
-            if len(lines) < 3 or len(lines[0]) > MAX_SPEAKER_CHARS \
-                    or not _SPEAKER.match(lines[0]):
+            if len(lines) < 3 or len(lines[0]) > MAX_SPEAKER_CHARS or not _SPEAKER.match(lines[0]):
                 continue
             first, second = lines[1], lines[2]
-            if all(MIN_LINE_CHARS <= len(x) <= MAX_LINE_CHARS and not x.startswith("[")
-                   for x in (first, second)):
+            if all(
+                MIN_LINE_CHARS <= len(x) <= MAX_LINE_CHARS and not x.startswith("[")
+                for x in (first, second)
+            ):
                 out.append((doc["title"], lines[0][:-1], first, second))
     return tuple(out)
 
@@ -87,8 +96,7 @@ def speeches(split: str = "train") -> list[tuple[str, str, str, str]]:
     return list(_speeches(split))
 
 
-def build_instructions(seed: int = 0, n: int = 256, split: str = "train"
-                       ) -> list[dict[str, Any]]:
+def build_instructions(seed: int = 0, n: int = 256, split: str = "train") -> list[dict[str, Any]]:
     """``n`` single-turn instruction examples drawn from ``split`` (see the module docstring).
 
     Returns dicts ``{"kind", "title", "messages": [user, model]}``, each message
@@ -107,14 +115,22 @@ def build_instructions(seed: int = 0, n: int = 256, split: str = "train"
             "play": (f"Which play is this line from?\n{first}", title),
             "continue": (f"Continue: {first}", second),
         }[kind]
-        out.append({"kind": kind, "title": title,
-                    "messages": [{"role": "user", "content": question},
-                                 {"role": "model", "content": answer}]})
+        out.append(
+            {
+                "kind": kind,
+                "title": title,
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "model", "content": answer},
+                ],
+            }
+        )
     return out
 
 
-def model_turn_mask(tok: Tokenizer, messages: Sequence[Mapping[str, str]]
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def model_turn_mask(
+    tok: Tokenizer, messages: Sequence[Mapping[str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, mask)``, int32 of equal length: ``ids = encode_chat(tok, messages, False)`` and
     ``mask`` 1 exactly on each model turn's content tokens and its ``<end_of_turn>``; 0 on
     ``<bos>``, the user turns, every ``<start_of_turn>role\\n`` header and the newline after
@@ -129,14 +145,15 @@ def model_turn_mask(tok: Tokenizer, messages: Sequence[Mapping[str, str]]
         if message["role"] not in ("model", "assistant"):
             continue
         start = len(encode_chat(tok, messages[:i], add_generation_prompt=True))
-        stop = len(encode_chat(tok, messages[:i + 1], add_generation_prompt=False))
+        stop = len(encode_chat(tok, messages[: i + 1], add_generation_prompt=False))
         assert ids[stop - 2] == tok.end_of_turn_id, "a model turn must end <end_of_turn>\\n"
-        mask[start:stop - 1] = 1                      # content + <end_of_turn>, not the "\n"
+        mask[start : stop - 1] = 1  # content + <end_of_turn>, not the "\n"
     return np.asarray(ids, np.int32), mask
 
 
-def sft_batch(tok: Tokenizer, examples: Sequence[Mapping[str, Any]], seq_len: int, *,
-              everything: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def sft_batch(
+    tok: Tokenizer, examples: Sequence[Mapping[str, Any]], seq_len: int, *, everything: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The trainer's inputs for ``examples``: ``batch`` int32 (B, T + 1), one example per row
     padded with ``pad_id``, and ``mask`` float32 (B, T) aligned with the targets
     ``batch[:, 1:]``: 1 where the target is a model-turn token (or, with ``everything=True``,
@@ -148,27 +165,34 @@ def sft_batch(tok: Tokenizer, examples: Sequence[Mapping[str, Any]], seq_len: in
     for row, example in enumerate(examples):
         ids, turn = model_turn_mask(tok, example["messages"])
         if len(ids) > seq_len + 1:
-            raise ValueError(f"example {row} has {len(ids)} tokens, more than T + 1 = "
-                             f"{seq_len + 1}: raise seq_len")
-        batch[row, :len(ids)] = ids
-        mask[row, :len(ids) - 1] = 1.0 if everything else turn[1:]
+            raise ValueError(
+                f"example {row} has {len(ids)} tokens, more than T + 1 = "
+                f"{seq_len + 1}: raise seq_len"
+            )
+        batch[row, : len(ids)] = ids
+        mask[row, : len(ids) - 1] = 1.0 if everything else turn[1:]
     return batch, mask
 
 
 @nnx.jit
-def _sft_sums(model: Any, batch: jax.Array, mask: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _sft_sums(
+    model: Any, batch: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Masked NLL sum, masked token count, per row 'every masked target is the argmax' and
     per row 'the last masked target (the closing <end_of_turn>) is the argmax'."""
-    logits = model(batch[:, :-1])                                            # (B, T, V)
+    logits = model(batch[:, :-1])  # (B, T, V)
     targets = batch[:, 1:]
-    nll = token_nll(logits, targets)                                         # (B, T)
+    nll = token_nll(logits, targets)  # (B, T)
     keep = mask > 0
-    right = jnp.argmax(logits, axis=-1) == targets                           # (B, T)
-    last = jnp.argmax(jnp.where(keep, jnp.arange(keep.shape[1]), -1), axis=-1)   # (B,)
+    right = jnp.argmax(logits, axis=-1) == targets  # (B, T)
+    last = jnp.argmax(jnp.where(keep, jnp.arange(keep.shape[1]), -1), axis=-1)  # (B,)
     ends = jnp.take_along_axis(right, last[:, None], axis=1)[:, 0] & jnp.any(keep, axis=-1)
-    return (jnp.sum(jnp.where(keep, nll, 0.0)), jnp.sum(keep),
-            jnp.all(right | ~keep, axis=-1), ends)
+    return (
+        jnp.sum(jnp.where(keep, nll, 0.0)),
+        jnp.sum(keep),
+        jnp.all(right | ~keep, axis=-1),
+        ends,
+    )
 
 
 def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict[str, float]:
@@ -183,22 +207,27 @@ def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict
     row without (an example with no model turn) has no answer to score, and would count as
     loss 0 and exactly right; it raises ``ValueError`` naming the rows."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None:     # checked as given: a float id 2.7 must not become token 2
+    if vocab is not None:  # checked as given: a float id 2.7 must not become token 2
         batch = check_token_ids(batch, vocab, name="batch")
     batch, mask = np.asarray(batch, np.int32), np.asarray(mask, np.float32)
-    if not np.all((mask >= 0) & (mask <= 1)):                    # NaN fails both
-        raise ValueError("sft_eval: mask must hold weights in [0, 1] (1 for a target to "
-                         "score), found values outside it")
+    if not np.all((mask >= 0) & (mask <= 1)):  # NaN fails both
+        raise ValueError(
+            "sft_eval: mask must hold weights in [0, 1] (1 for a target to "
+            "score), found values outside it"
+        )
     if batch.ndim != 2 or mask.shape != (batch.shape[0], batch.shape[1] - 1):
-        raise ValueError(f"want batch (B, T + 1) and mask (B, T), got {batch.shape} and "
-                         f"{mask.shape}")
+        raise ValueError(
+            f"want batch (B, T + 1) and mask (B, T), got {batch.shape} and {mask.shape}"
+        )
     rows = batch.shape[0]
     if rows == 0:
         raise ValueError("sft_eval: batch has no rows (no examples to evaluate)")
     empty = np.flatnonzero(~(mask > 0).any(axis=1))
     if empty.size:
-        raise ValueError(f"sft_eval: row(s) {empty[:5].tolist()} of mask have no masked target "
-                         "(an example with no model turn?): there is no answer to score")
+        raise ValueError(
+            f"sft_eval: row(s) {empty[:5].tolist()} of mask have no masked target "
+            "(an example with no model turn?): there is no answer to score"
+        )
     total = count = 0.0
     right = ends = 0
     for (b, m), real in padded_batches([batch, mask], batch_size, fill=(0, 0.0)):
@@ -206,8 +235,7 @@ def sft_eval(model: Any, batch: Any, mask: Any, *, batch_size: int = 32) -> dict
         total, count = total + float(s), count + float(c)
         right += int(np.sum(np.asarray(hit)[:real]))
         ends += int(np.sum(np.asarray(end)[:real]))
-    return {"loss": total / count, "exact": right / rows, "ends": ends / rows,
-            "tokens": count}
+    return {"loss": total / count, "exact": right / rows, "ends": ends / rows, "tokens": count}
 
 
 def average_states(states: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
@@ -234,9 +262,11 @@ def average_states(states: Sequence[Any], weights: Sequence[float] | None = None
         if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact):
             return sum(wi * x for wi, x in zip(w, xs)).astype(xs[0].dtype)
         if not all(np.array_equal(np.asarray(x), np.asarray(xs[0])) for x in xs[1:]):
-            raise ValueError(f"average_states: integer leaf {keystr(path)} differs between "
-                             "the states; an average would truncate it (average the floating-"
-                             "point parameters only, e.g. nnx.state(model, nnx.Param))")
+            raise ValueError(
+                f"average_states: integer leaf {keystr(path)} differs between "
+                "the states; an average would truncate it (average the floating-"
+                "point parameters only, e.g. nnx.state(model, nnx.Param))"
+            )
         return xs[0]
 
     return jax.tree_util.tree_map_with_path(mean, *states)
@@ -253,17 +283,23 @@ def interpolate_states(a: Any, b: Any, t: float) -> Any:
 __all__ += ["dpo_loss", "bradley_terry_loss", "group_advantages"]
 
 
-def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
-             ref_rejected: jax.Array, beta: float) -> jax.Array:
+def dpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    beta: float,
+) -> jax.Array:
     """Direct preference optimisation (Rafailov et al., 2023), float32 scalar: the mean over
     pairs of ``-log sigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected -
     ref_rejected)))``. Each argument is (B,): a response's summed log-probability under the
     policy or the frozen reference; ``beta`` > 0 sets how far from the reference the policy
     may go (the implicit reward is ``beta * log(policy / reference)``)."""
-    if not isinstance(beta, jax.core.Tracer) and not beta > 0:   # traced: beta as data
+    if not isinstance(beta, jax.core.Tracer) and not beta > 0:  # traced: beta as data
         raise ValueError(f"beta must be positive, got {beta!r}")
-    margin = (jnp.asarray(policy_chosen, jnp.float32) - jnp.asarray(ref_chosen, jnp.float32)) \
-        - (jnp.asarray(policy_rejected, jnp.float32) - jnp.asarray(ref_rejected, jnp.float32))
+    margin = (jnp.asarray(policy_chosen, jnp.float32) - jnp.asarray(ref_chosen, jnp.float32)) - (
+        jnp.asarray(policy_rejected, jnp.float32) - jnp.asarray(ref_rejected, jnp.float32)
+    )
     return jnp.mean(-jax.nn.log_sigmoid(beta * margin))
 
 
@@ -281,14 +317,19 @@ def group_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
     by its group's standard deviation + 1e-6. The standard deviation is the sample one
     (ddof = 1, as tunix and TRL compute it), so ``group_size`` must be at least 2. A group whose
     rewards are all equal gets advantages 0: nothing to learn from it."""
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
-            or group_size < 2:
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, (int, np.integer))
+        or group_size < 2
+    ):
         raise ValueError(f"group_size must be an integer >= 2, got {group_size!r}")
     r = jnp.asarray(rewards, jnp.float32)
     if r.ndim != 1 or r.shape[0] % group_size:
-        raise ValueError(f"rewards must be 1-D with a length divisible by group_size = "
-                         f"{group_size}, got shape {r.shape}")
-    groups = r.reshape(-1, group_size)                                     # (n, G)
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by group_size = "
+            f"{group_size}, got shape {r.shape}"
+        )
+    groups = r.reshape(-1, group_size)  # (n, G)
     mean = groups.mean(axis=1, keepdims=True)
     std = groups.std(axis=1, ddof=1, keepdims=True)
     return ((groups - mean) / (std + 1e-6)).reshape(-1)

@@ -40,13 +40,24 @@ from .model import Gemma2
 from .posttrain import bradley_terry_loss, dpo_loss, sft_batch
 from .tokenizer import Tokenizer
 
-__all__ = ["preference_pairs", "pair_batch", "response_logprobs", "make_dpo_loss",
-           "dpo_metrics", "RewardModel", "truncate", "reward_rows", "make_bt_loss",
-           "reward_scores", "pair_accuracy", "completion_rows", "kl_per_position"]
+__all__ = [
+    "preference_pairs",
+    "pair_batch",
+    "response_logprobs",
+    "make_dpo_loss",
+    "dpo_metrics",
+    "RewardModel",
+    "truncate",
+    "reward_rows",
+    "make_bt_loss",
+    "reward_scores",
+    "pair_accuracy",
+    "completion_rows",
+    "kl_per_position",
+]
 
 
-def preference_pairs(examples: Sequence[Mapping[str, Any]], seed: int = 0
-                     ) -> list[dict[str, Any]]:
+def preference_pairs(examples: Sequence[Mapping[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
     """One pair per example, by the module's rule: ``{"kind", "prompt": [user message],
     "chosen": [user, model], "rejected": [user, model with another example's answer]}``.
     Examples with no other answer of their kind are left out."""
@@ -61,13 +72,20 @@ def preference_pairs(examples: Sequence[Mapping[str, Any]], seed: int = 0
         if not others:
             continue
         wrong = others[int(rng.integers(len(others)))]
-        out.append({"kind": ex["kind"], "prompt": [user], "chosen": [user, model],
-                    "rejected": [user, {"role": "model", "content": wrong}]})
+        out.append(
+            {
+                "kind": ex["kind"],
+                "prompt": [user],
+                "chosen": [user, model],
+                "rejected": [user, {"role": "model", "content": wrong}],
+            }
+        )
     return out
 
 
-def pair_batch(tok: Tokenizer, pairs: Sequence[Mapping[str, Any]], seq_len: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def pair_batch(
+    tok: Tokenizer, pairs: Sequence[Mapping[str, Any]], seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The trainer's rows for P pairs: ``batch`` int32 (2P, T + 1), the P chosen conversations
     then the P rejected ones (right-padded, as :func:`~gemma2_lite.posttrain.sft_batch`), and
     ``mask`` float32 (2P, T), 1 on each response's targets (its tokens and ``<end_of_turn>``)."""
@@ -82,7 +100,7 @@ def response_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     return -jnp.sum(jnp.where(mask > 0, token_nll(logits, targets), 0.0), axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_dpo_loss(beta: float | None = None):
     """The DPO objective as the trainer's ``loss_fn``: rows are P chosen then P rejected, the
     reference model's logits come as the step's teacher logits. One function per beta (cached),
@@ -93,7 +111,7 @@ def make_dpo_loss(beta: float | None = None):
         b = beta
         if beta is None:
             mask, b = mask["mask"], mask["beta"]
-        lp = response_logprobs(logits, targets, mask)                        # (2P,)
+        lp = response_logprobs(logits, targets, mask)  # (2P,)
         ref = response_logprobs(ref_logits, targets, mask)
         p = lp.shape[0] // 2
         return dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], b)
@@ -110,17 +128,22 @@ def kl_per_position(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def _dpo_sums(policy: Any, reference: Any, batch: jax.Array, mask: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _dpo_sums(
+    policy: Any, reference: Any, batch: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits, ref_logits = policy(inputs), reference(inputs)
     kl = jnp.sum(jnp.where(mask > 0, kl_per_position(logits, ref_logits), 0.0), axis=-1)
-    return (response_logprobs(logits, targets, mask),
-            response_logprobs(ref_logits, targets, mask), kl)
+    return (
+        response_logprobs(logits, targets, mask),
+        response_logprobs(ref_logits, targets, mask),
+        kl,
+    )
 
 
-def dpo_metrics(policy: Any, reference: Any, batch: Any, mask: Any, beta: float, *,
-                pairs_per_call: int = 16) -> dict[str, float]:
+def dpo_metrics(
+    policy: Any, reference: Any, batch: Any, mask: Any, beta: float, *, pairs_per_call: int = 16
+) -> dict[str, float]:
     """DPO's numbers on pairs laid out by :func:`pair_batch`: ``{"loss", "margin": mean of
     beta * ((pi_c - ref_c) - (pi_r - ref_r)), "accuracy": share of pairs whose margin is > 0,
     "kl": mean KL(policy || reference) per response token (chosen and rejected rows),
@@ -132,18 +155,22 @@ def dpo_metrics(policy: Any, reference: Any, batch: Any, mask: Any, beta: float,
         b, m = batch[rows], mask[rows]
         for i in range(0, p, pairs_per_call):
             n = min(pairs_per_call, p - i)
-            pad = pairs_per_call - n                   # one compiled shape for every chunk
-            bb = np.concatenate([b[i:i + n], np.repeat(b[:1], pad, 0)])
-            mm = np.concatenate([m[i:i + n], np.zeros((pad, m.shape[1]), np.float32)])
+            pad = pairs_per_call - n  # one compiled shape for every chunk
+            bb = np.concatenate([b[i : i + n], np.repeat(b[:1], pad, 0)])
+            mm = np.concatenate([m[i : i + n], np.zeros((pad, m.shape[1]), np.float32)])
             out = _dpo_sums(policy, reference, jnp.asarray(bb), jnp.asarray(mm))
             for acc, x in zip((lp, ref, kl), out):
                 acc.append(np.asarray(x)[:n])
     lp, ref, kl = (np.concatenate(x) for x in (lp, ref, kl))
     margin = beta * ((lp[:p] - ref[:p]) - (lp[p:] - ref[p:]))
-    return {"loss": float(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], beta)),
-            "margin": float(margin.mean()), "accuracy": float(np.mean(margin > 0)),
-            "kl": float(kl.sum() / mask.sum()), "chosen_logp": float(lp[:p].mean()),
-            "rejected_logp": float(lp[p:].mean())}
+    return {
+        "loss": float(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], beta)),
+        "margin": float(margin.mean()),
+        "accuracy": float(np.mean(margin > 0)),
+        "kl": float(kl.sum() / mask.sum()),
+        "chosen_logp": float(lp[:p].mean()),
+        "rejected_logp": float(lp[p:].mean()),
+    }
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -153,8 +180,7 @@ def truncate(model: Gemma2, layers: int) -> Gemma2:
     if not 1 <= layers <= model.config.num_layers:
         raise ValueError(f"layers must be in [1, {model.config.num_layers}], got {layers}")
     config = model.config.replace(num_layers=layers)
-    small = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0),
-                                          components=model.components))
+    small = nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0), components=model.components))
     state = nnx.state(model)
     kept = nnx.state(small)
     flat = {path: var for path, var in nnx.to_flat_state(state)}
@@ -179,14 +205,13 @@ class RewardModel(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        valid = tokens != self.pad_id                                         # (B, T)
+        valid = tokens != self.pad_id  # (B, T)
         out = self.backbone.forward(tokens, valid, last_only=True, return_hidden=True)
-        h = out.hidden[-1][:, -1].astype(jnp.float32)                         # (B, D)
-        return h @ self.head[...] + self.bias[...]                           # (B,)
+        h = out.hidden[-1][:, -1].astype(jnp.float32)  # (B, D)
+        return h @ self.head[...] + self.bias[...]  # (B,)
 
 
-def reward_rows(tok: Tokenizer, pairs: Sequence[Mapping[str, Any]], length: int
-                ) -> np.ndarray:
+def reward_rows(tok: Tokenizer, pairs: Sequence[Mapping[str, Any]], length: int) -> np.ndarray:
     """The reward model's trainer rows, int32 (2P, T + 1): each chosen, then each rejected
     conversation, encoded with the chat format (``<end_of_turn>\\n`` after the answer),
     *left*-padded to T = ``length`` columns; column T is padding (the trainer's target column,
@@ -196,14 +221,20 @@ def reward_rows(tok: Tokenizer, pairs: Sequence[Mapping[str, Any]], length: int
         for i, p in enumerate(pairs):
             ids = encode_chat(tok, p[key], add_generation_prompt=False)
             if len(ids) > length:
-                raise ValueError(f"pair {i} ({key}) has {len(ids)} tokens, more than "
-                                 f"length = {length}: raise length")
-            rows[side * len(pairs) + i, length - len(ids):length] = ids
+                raise ValueError(
+                    f"pair {i} ({key}) has {len(ids)} tokens, more than "
+                    f"length = {length}: raise length"
+                )
+            rows[side * len(pairs) + i, length - len(ids) : length] = ids
     return rows
 
 
-def completion_rows(tok: Tokenizer, prompts: Sequence[Sequence[int]],
-                    completions: Sequence[Sequence[int]], length: int) -> np.ndarray:
+def completion_rows(
+    tok: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    length: int,
+) -> np.ndarray:
     """Left-padded rows int32 (B, T) of prompt + sampled completion for a reward model, laid
     out as :func:`reward_rows` lays out a conversation: a completion closed by
     ``<end_of_turn>`` gets the ``\n`` the chat format puts after it. Rows longer than T keep
@@ -215,7 +246,7 @@ def completion_rows(tok: Tokenizer, prompts: Sequence[Sequence[int]],
         if c and c[-1] == tok.end_of_turn_id:
             ids += newline
         ids = ids[-length:]
-        rows[i, length - len(ids):] = ids
+        rows[i, length - len(ids) :] = ids
     return rows
 
 
@@ -243,9 +274,9 @@ def reward_scores(rm: RewardModel, rows: Any, *, batch_size: int = 32) -> np.nda
         rows = rows[:, :-1]
     out = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+        chunk = rows[i : i + batch_size]
         n = len(chunk)
-        if n < batch_size:                            # one compiled shape for every chunk
+        if n < batch_size:  # one compiled shape for every chunk
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, 0)])
         out.append(np.asarray(_scores(rm, jnp.asarray(chunk)))[:n])
     return np.concatenate(out)

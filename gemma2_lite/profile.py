@@ -3,10 +3,10 @@
 ``GEMMA2_LITE_PROFILE`` is one of :data:`PROFILES`: ``ci`` (CPU, the whole book in minutes),
 ``colab`` (one TPU chip or GPU), ``full`` (the real sizes, a TPU slice), or ``smoke`` (the unit
 tests' runs of the experiments, in seconds: a value picked without a ``smoke`` size takes its
-``ci`` one, so every chapter runs there as at ``ci``). Unset, the profile follows the hardware: ``colab``
-when a TPU or GPU is attached to this machine, ``ci`` otherwise, so a Colab runtime that restarts
-keeps its profile. Code reads the active profile with :func:`get_profile` and picks sizes with
-:func:`pick`::
+``ci`` one, so every chapter runs there as at ``ci``). Unset, the profile follows the hardware:
+``colab`` when a TPU or GPU is attached to this machine, ``ci`` otherwise, so a Colab runtime
+that restarts keeps its profile. Code reads the active profile with :func:`get_profile` and
+picks sizes with :func:`pick`::
 
     T = pick(ci=23, colab=128, full=512)                         # a shape
     steps = pick(ci=50, colab=2_000, full=20_000, loop=True)     # a loop count
@@ -24,12 +24,25 @@ from pathlib import Path
 from typing import TypeVar
 
 from gemma2_lite.checks import is_int
+
 # The path lookups moved to gemma2_lite.paths; the old names stay importable from here.
 from gemma2_lite.paths import data_path, repo_root
 
-__all__ = ["PROFILES", "BOOK_PROFILES", "ENV_VAR", "LOOP_CAP_VAR", "get_profile", "pick",
-           "capped", "loop_cap", "attached_accelerator", "describe_devices", "repo_root",
-           "data_path", "REPOSITORY"]
+__all__ = [
+    "PROFILES",
+    "BOOK_PROFILES",
+    "ENV_VAR",
+    "LOOP_CAP_VAR",
+    "get_profile",
+    "pick",
+    "capped",
+    "loop_cap",
+    "attached_accelerator",
+    "describe_devices",
+    "repo_root",
+    "data_path",
+    "REPOSITORY",
+]
 
 ENV_VAR = "GEMMA2_LITE_PROFILE"
 LOOP_CAP_VAR = "GEMMA2_LITE_LOOP_CAP"
@@ -37,7 +50,7 @@ LOOP_CAP_VAR = "GEMMA2_LITE_LOOP_CAP"
 #: command line that takes a profile accepts exactly these.
 PROFILES: dict[str, str] = {
     "smoke": "the unit tests' runs of the experiments (seconds); values without a smoke "
-             "size take their ci one",
+    "size take their ci one",
     "ci": "a CPU: the whole book in minutes",
     "colab": "one TPU chip or GPU",
     "full": "the real sizes, a TPU slice",
@@ -70,13 +83,13 @@ def attached_accelerator() -> str | None:
 
 
 def get_profile() -> str:
-    """The active profile: ``$GEMMA2_LITE_PROFILE``; unset, ``colab`` on an accelerator, else ``ci``."""
+    """The active profile: ``$GEMMA2_LITE_PROFILE``; unset, ``colab`` on an accelerator, else
+    ``ci``."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if not value:
         return "colab" if attached_accelerator() else "ci"
     if value not in PROFILES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of "
-                         f"{tuple(PROFILES)}")
+        raise ValueError(f"{ENV_VAR}={value!r} is not a profile; choose one of {tuple(PROFILES)}")
     return value
 
 
@@ -94,8 +107,15 @@ def loop_cap() -> int | None:
     return cap
 
 
-def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = False,
-         smoke: T | None = None) -> T:
+def pick(
+    *,
+    ci: T,
+    colab: T,
+    full: T,
+    profile: str | None = None,
+    loop: bool = False,
+    smoke: T | None = None,
+) -> T:
     """The value for the active (or given) profile.
 
     ``loop=True`` marks a loop count (an int): it is capped at ``$GEMMA2_LITE_LOOP_CAP`` when that
@@ -108,7 +128,7 @@ def pick(*, ci: T, colab: T, full: T, profile: str | None = None, loop: bool = F
     if profile not in values:
         raise ValueError(f"unknown profile {profile!r}; choose one of {tuple(PROFILES)}")
     value = values[profile]
-    return capped(value) if loop else value  # type: ignore[return-value]
+    return capped(value) if loop else value
 
 
 def capped(count: T) -> T:
@@ -130,12 +150,15 @@ def describe_devices() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     cap = loop_cap()
-    line = (f"profile={get_profile()}  backend={jax.default_backend()}  "
-            f"devices={len(devices)} x {', '.join(kinds)}"
-            + (f"  loops capped at {cap} ({LOOP_CAP_VAR})" if cap else ""))
+    line = (
+        f"profile={get_profile()}  backend={jax.default_backend()}  "
+        f"devices={len(devices)} x {', '.join(kinds)}"
+        + (f"  loops capped at {cap} ({LOOP_CAP_VAR})" if cap else "")
+    )
     attached = attached_accelerator()
     if attached and jax.default_backend() == "cpu":
-        line += (f"\nA {attached.upper()} is attached but JAX sees only the CPU (a CPU-only "
-                 f"jaxlib). Run  {_FIX[attached]}  and restart the runtime.")
+        line += (
+            f"\nA {attached.upper()} is attached but JAX sees only the CPU (a CPU-only "
+            f"jaxlib). Run  {_FIX[attached]}  and restart the runtime."
+        )
     return line
-

@@ -38,8 +38,16 @@ from .attention import Attention
 from .layers import Embedder, FeedForward, RowProjection, Rows, RowScale
 from .model import Gemma2
 
-__all__ = ["quantize", "as_rows", "is_rows", "quantize_int8", "Int8Values", "Int8Scale",
-           "weight_bytes", "KINDS"]
+__all__ = [
+    "quantize",
+    "as_rows",
+    "is_rows",
+    "quantize_int8",
+    "Int8Values",
+    "Int8Scale",
+    "weight_bytes",
+    "KINDS",
+]
 
 #: What :func:`quantize` can make.
 KINDS = ("int8",)
@@ -66,8 +74,11 @@ def _projections(model: Gemma2) -> Iterator[tuple[nnx.Module, str, str]]:
 def is_rows(model: Gemma2) -> bool:
     """Whether ``model``'s layers already hold their weights as rows (:func:`as_rows` or
     :func:`quantize`)."""
-    return any(isinstance(getattr(m, n), RowProjection) for m, n, _ in _projections(model)
-               if m is not model.embedder)
+    return any(
+        isinstance(getattr(m, n), RowProjection)
+        for m, n, _ in _projections(model)
+        if m is not model.embedder
+    )
 
 
 def _copy(model: Gemma2) -> Gemma2:
@@ -79,8 +90,10 @@ def _values(weight: Any, name: str) -> jax.Array:
     """A weight's array, checked finite (a quantization scale of inf would hide it)."""
     values = weight[...]
     if not bool(jnp.all(jnp.isfinite(values))):
-        raise ValueError(f"weight {name} holds NaN or infinite values: it cannot be stored "
-                         "as rows or quantized; check the checkpoint")
+        raise ValueError(
+            f"weight {name} holds NaN or infinite values: it cannot be stored "
+            "as rows or quantized; check the checkpoint"
+        )
     return values
 
 
@@ -93,7 +106,7 @@ def as_rows(model: Gemma2) -> Gemma2:
         return model
     out = _copy(model)
     for module, name, spec in _projections(out):
-        if module is not out.embedder:            # E (V, D) is rows already
+        if module is not out.embedder:  # E (V, D) is rows already
             setattr(module, name, RowProjection.from_weight(getattr(module, name)[...], spec))
     return out
 
@@ -123,11 +136,12 @@ def quantize_int8(weight: jax.Array, spec: str) -> tuple[jax.Array, jax.Array]:
     perm = out + contracted
     rows = weight if perm == tuple(range(weight.ndim)) else jnp.transpose(weight, perm)
     shape = rows.shape
-    flat = rows.reshape(math.prod(shape[:len(out)]), -1)                  # (O, I)
-    parts = [_quantize_rows(flat[a:a + _CHUNK_ROWS]) for a in range(0, flat.shape[0],
-                                                                      _CHUNK_ROWS)]
+    flat = rows.reshape(math.prod(shape[: len(out)]), -1)  # (O, I)
+    parts = [
+        _quantize_rows(flat[a : a + _CHUNK_ROWS]) for a in range(0, flat.shape[0], _CHUNK_ROWS)
+    ]
     values = jnp.concatenate([v for v, _ in parts]).reshape(shape)
-    scale = jnp.concatenate([s for _, s in parts]).reshape(shape[:len(out)])
+    scale = jnp.concatenate([s for _, s in parts]).reshape(shape[: len(out)])
     return values, scale
 
 
@@ -143,8 +157,9 @@ def quantize(model: Gemma2, kind: str = "int8") -> Gemma2:
     if not isinstance(model, Gemma2):
         raise TypeError(f"quantize takes a Gemma2 model, got {type(model).__name__}")
     if isinstance(model.embedder.embedding, RowProjection) or is_rows(model):
-        raise ValueError("this model is already stored as rows or quantized: quantize the "
-                         "original model")
+        raise ValueError(
+            "this model is already stored as rows or quantized: quantize the original model"
+        )
     out = _copy(model)
     for module, name, spec in _projections(out):
         values, scale = quantize_int8(_values(getattr(module, name), name), spec)

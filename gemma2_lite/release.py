@@ -11,14 +11,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "MODELS", "LAYOUTS", "FIXTURE_MARKER", "check_model", "weights_root",
-           "model_dir", "flax_checkpoint_name"]
+__all__ = [
+    "ENV_VAR",
+    "MODELS",
+    "LAYOUTS",
+    "FIXTURE_MARKER",
+    "check_model",
+    "weights_root",
+    "model_dir",
+    "flax_checkpoint_name",
+]
 
 #: The one environment variable naming the weights folder.
 ENV_VAR = "GEMMA2_LITE_WEIGHTS"
 #: The released Gemma 2 models (pre-trained, and "-it": instruction-tuned).
-MODELS = ("gemma-2-2b", "gemma-2-2b-it", "gemma-2-9b", "gemma-2-9b-it", "gemma-2-27b",
-          "gemma-2-27b-it")
+MODELS = (
+    "gemma-2-2b",
+    "gemma-2-2b-it",
+    "gemma-2-9b",
+    "gemma-2-9b-it",
+    "gemma-2-27b",
+    "gemma-2-27b-it",
+)
 LAYOUTS = ("hf", "flax")
 #: A file that only :mod:`gemma2_lite.fixtures` writes: its folders are never "real weights".
 FIXTURE_MARKER = "FIXTURE.md"
@@ -29,8 +43,10 @@ def check_model(name: str, layout: str) -> None:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS} ('hf': Hugging Face safetensors, "
-                         f"'flax': the official Orbax checkpoint), got {layout!r}")
+        raise ValueError(
+            f"layout must be one of {LAYOUTS} ('hf': Hugging Face safetensors, "
+            f"'flax': the official Orbax checkpoint), got {layout!r}"
+        )
 
 
 def weights_root() -> Path:

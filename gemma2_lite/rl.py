@@ -39,28 +39,53 @@ import numpy as np
 
 from .losses import token_nll
 from .model import Gemma2
-from .posttrain import group_advantages
 from .preference import kl_per_position
 from .sampler import generate
 from .tokenizer import Tokenizer
 
-__all__ = ["sample_answers", "completion_batch", "exact_rewards", "length_rewards",
-           "baseline_advantages", "make_pg_loss", "slerp", "slerp_merge", "task_vector"]
+__all__ = [
+    "sample_answers",
+    "completion_batch",
+    "exact_rewards",
+    "length_rewards",
+    "baseline_advantages",
+    "make_pg_loss",
+    "slerp",
+    "slerp_merge",
+    "task_vector",
+]
 
 
-def sample_answers(model: Gemma2, prompts: Sequence[Sequence[int]], group: int, *,
-                   max_new_tokens: int, stop_id: int, temperature: float = 1.0,
-                   seed: int = 0) -> list[list[int]]:
+def sample_answers(
+    model: Gemma2,
+    prompts: Sequence[Sequence[int]],
+    group: int,
+    *,
+    max_new_tokens: int,
+    stop_id: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[list[int]]:
     """``group`` samples for each prompt (ids ending in the generation prompt), consecutive:
     row ``i * group + g`` is sample g of prompt i. Each is the new ids up to and including
     ``stop_id`` (a sample cut at ``max_new_tokens`` has no stop id)."""
     rows = [list(p) for p in prompts for _ in range(group)]
-    return generate(model, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                    seed=seed, stop_tokens=(stop_id,))
+    return generate(
+        model,
+        rows,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        stop_tokens=(stop_id,),
+    )
 
 
-def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                     seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def completion_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    seq_len: int,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Trainer rows for prompt + completion pairs: ``batch`` int32 (B, T + 1), right-padded, and
     ``mask`` float32 (B, T), 1 on the targets that are completion tokens. A completion that does
     not fit is cut (its mask with it); an empty completion gets an all-zero mask row."""
@@ -69,14 +94,15 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     for r, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         if len(p) > seq_len:
             raise ValueError(f"prompt {r} has {len(p)} tokens, more than T = {seq_len}")
-        ids = (list(p) + list(c))[:seq_len + 1]
-        batch[r, :len(ids)] = ids
-        mask[r, len(p) - 1:len(ids) - 1] = 1.0
+        ids = (list(p) + list(c))[: seq_len + 1]
+        batch[r, : len(ids)] = ids
+        mask[r, len(p) - 1 : len(ids) - 1] = 1.0
     return batch, mask
 
 
-def exact_rewards(tok: Tokenizer, completions: Sequence[Sequence[int]],
-                  answers: Sequence[str]) -> np.ndarray:
+def exact_rewards(
+    tok: Tokenizer, completions: Sequence[Sequence[int]], answers: Sequence[str]
+) -> np.ndarray:
     """float32 (B,): 1 where the completion is exactly the answer's text (surrounding spaces
     ignored) closed by ``<end_of_turn>``, else 0. The check is a program, not a model."""
     out = np.zeros(len(completions), np.float32)
@@ -99,7 +125,7 @@ def baseline_advantages(rewards: Any) -> np.ndarray:
     return r - r.mean()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_pg_loss(beta: float):
     """The policy-gradient loss as the trainer's ``loss_fn`` (one per beta, cached so runs
     share a compiled step). Its ``mask`` argument is ``{"mask": (B, T) completion targets,
@@ -108,13 +134,13 @@ def make_pg_loss(beta: float):
     rows that have a completion."""
 
     def loss(logits, targets, ref_logits, rng, extra):
-        mask, adv = extra["mask"], extra["advantages"]                      # (B, T), (B,)
+        mask, adv = extra["mask"], extra["advantages"]  # (B, T), (B,)
         keep = mask > 0
-        logp = -token_nll(logits, targets)                                  # (B, T)
+        logp = -token_nll(logits, targets)  # (B, T)
         per_tok = -adv[:, None] * logp
         if beta:
             per_tok = per_tok + beta * kl_per_position(logits, ref_logits)
-        count = jnp.sum(keep, axis=-1)                                      # (B,)
+        count = jnp.sum(keep, axis=-1)  # (B,)
         per_row = jnp.sum(jnp.where(keep, per_tok, 0.0), axis=-1) / jnp.maximum(count, 1)
         rows = jnp.sum(count > 0)
         return jnp.sum(jnp.where(count > 0, per_row, 0.0)) / jnp.maximum(rows, 1)

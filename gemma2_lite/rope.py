@@ -20,7 +20,7 @@ def rope_frequencies(head_dim: int, base: float = 10_000.0) -> jax.Array:
     fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     # 1 / θ^f rather than θ^-f: the same number, rounded as the reference rounds it, which
     # matters at long positions where the angle is position × frequency.
-    return 1.0 / (base ** fraction)
+    return 1.0 / (base**fraction)
 
 
 def rope_angles(positions: jax.Array, head_dim: int, base: float = 10_000.0) -> jax.Array:
@@ -28,8 +28,9 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float = 10_000.0) -> 
     return positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, base)
 
 
-def rope_table(positions: jax.Array, head_dim: int, base: float = 10_000.0
-               ) -> tuple[jax.Array, jax.Array]:
+def rope_table(
+    positions: jax.Array, head_dim: int, base: float = 10_000.0
+) -> tuple[jax.Array, jax.Array]:
     """The rotation of every position, built once per forward and shared by all layers:
     int (B, T) -> (sin, cos), float32 (B, T, 1, H/2) each (the 1 broadcasts over heads)."""
     angles = rope_angles(positions, head_dim, base)[:, :, None, :]  # (B, T, 1, H/2)
@@ -41,8 +42,8 @@ def rotate(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
 
     The rotation is computed in float32 (as the reference does) and cast back.
     """
-    sin, cos = table                                                # (B, T, 1, H/2) each
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)          # (B, T, N, H/2) each
+    sin, cos = table  # (B, T, 1, H/2) each
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, H/2) each
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 

@@ -28,8 +28,18 @@ import numpy as np
 
 from .checks import check_regular_file, is_int
 
-__all__ = ["CheckpointError", "DTYPES", "WEIGHT_DTYPES", "read_json", "read_header",
-           "read_safetensors", "write_safetensors", "mapping_of", "release_pages", "fsync_dir"]
+__all__ = [
+    "CheckpointError",
+    "DTYPES",
+    "WEIGHT_DTYPES",
+    "read_json",
+    "read_header",
+    "read_safetensors",
+    "write_safetensors",
+    "mapping_of",
+    "release_pages",
+    "fsync_dir",
+]
 
 
 class CheckpointError(ValueError):
@@ -38,21 +48,33 @@ class CheckpointError(ValueError):
 
 
 #: safetensors dtype name -> numpy dtype.
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-          "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
-          "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 #: The dtypes a weight may have: anything else (an int or bool tensor) would be cast to float
 #: without meaning anything.
-WEIGHT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64,
-                                                ml_dtypes.bfloat16))
+WEIGHT_DTYPES = frozenset(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)
+)
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-_MAX_HEADER_BYTES = 100_000_000   # the reference implementation's limit
+_MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 # Where the data section starts is padded to this, so that tensors whose sizes are multiples
 # of it start aligned: the runtime can then use them in place (the format only asks for 8).
 _ALIGN = 64
 
-Entry = tuple[np.dtype, tuple[int, ...], int, int]   # dtype, shape, start, end
+Entry = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, start, end
 # The read-only file mappings read_safetensors made (the only ones release_pages touches).
 _FILE_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
@@ -85,36 +107,41 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def _is_count(x: Any) -> bool:
-    return is_int(x) and x >= 0
+    return is_int(x) and bool(x >= 0)
 
 
 def _entry(where: str, info: Any, data_size: int) -> Entry:
     """One header entry, every field checked against the data section's size."""
     if not isinstance(info, dict):
-        raise CheckpointError(f"{where}: expected {{'dtype', 'shape', 'data_offsets'}}, got "
-                              f"{type(info).__name__}")
+        raise CheckpointError(
+            f"{where}: expected {{'dtype', 'shape', 'data_offsets'}}, got {type(info).__name__}"
+        )
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CheckpointError(f"{where} has unsupported dtype {dtype_name!r}; "
-                              f"expected one of {sorted(DTYPES)}")
+        raise CheckpointError(
+            f"{where} has unsupported dtype {dtype_name!r}; expected one of {sorted(DTYPES)}"
+        )
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, "
-                              f"got {shape!r}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or \
-            not all(is_int(o) for o in offsets):
-        raise CheckpointError(f"{where}: data_offsets must be [start, end] integers, got "
-                              f"{offsets!r}")
+        raise CheckpointError(
+            f"{where}: shape must be a list of non-negative integers, got {shape!r}"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+        raise CheckpointError(
+            f"{where}: data_offsets must be [start, end] integers, got {offsets!r}"
+        )
     start, end = offsets
     if not 0 <= start <= end <= data_size:
         raise CheckpointError(
             f"{where}: data_offsets {offsets} lie outside the file's {data_size} data bytes "
-            "(need 0 <= start <= end <= that); the file is truncated or corrupt")
+            "(need 0 <= start <= end <= that); the file is truncated or corrupt"
+        )
     dtype = np.dtype(DTYPES[dtype_name])
     nbytes = math.prod(shape) * dtype.itemsize
     if end - start != nbytes:
         raise CheckpointError(
             f"{where}: data_offsets {offsets} span {end - start} bytes, but {dtype_name} "
-            f"{shape} needs {nbytes}; the file is corrupt")
+            f"{shape} needs {nbytes}; the file is corrupt"
+        )
     return dtype, tuple(shape), start, end
 
 
@@ -137,7 +164,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Entry], int]:
         if not 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES):
             raise CheckpointError(
                 f"{path} is not a safetensors file or is truncated: its first 8 bytes are not "
-                f"the length of a JSON header that fits in the file ({size} bytes)")
+                f"the length of a JSON header that fits in the file ({size} bytes)"
+            )
         header = f.read(header_len)
     try:
         info_all = json.loads(header, object_pairs_hook=_no_duplicates)
@@ -146,17 +174,24 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Entry], int]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON") from None
     if not isinstance(info_all, dict):
-        raise CheckpointError(f"{path}: the header must be a JSON object of tensors, got "
-                              f"{type(info_all).__name__}")
+        raise CheckpointError(
+            f"{path}: the header must be a JSON object of tensors, got {type(info_all).__name__}"
+        )
     data_size = size - 8 - header_len
-    entries = {name: _entry(f"{path}: tensor {name!r}", info, data_size)
-               for name, info in info_all.items() if name != "__metadata__"}
-    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items()
-                   if end > start)
+    entries = {
+        name: _entry(f"{path}: tensor {name!r}", info, data_size)
+        for name, info in info_all.items()
+        if name != "__metadata__"
+    }
+    spans = sorted(
+        (start, end, name) for name, (_, _, start, end) in entries.items() if end > start
+    )
     for (_, end1, name1), (start2, _, name2) in zip(spans, spans[1:]):
         if start2 < end1:
-            raise CheckpointError(f"{path}: tensors {name1!r} and {name2!r} share bytes "
-                                  "(overlapping data_offsets); the file is corrupt")
+            raise CheckpointError(
+                f"{path}: tensors {name1!r} and {name2!r} share bytes "
+                "(overlapping data_offsets); the file is corrupt"
+            )
     return entries, 8 + header_len
 
 
@@ -176,8 +211,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     _FILE_MAPPINGS.add(mapped)
-    return {name: np.frombuffer(mapped, dtype, math.prod(shape), base + start).reshape(shape)
-            for name, (dtype, shape, start, end) in entries.items()}
+    return {
+        name: np.frombuffer(mapped, dtype, math.prod(shape), base + start).reshape(shape)
+        for name, (dtype, shape, start, end) in entries.items()
+    }
 
 
 def mapping_of(array: np.ndarray) -> mmap.mmap | None:
@@ -226,8 +263,11 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> str:
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> str:
     """Write ``tensors`` to ``path`` in the safetensors format; return the file's sha256.
 
     Atomic: the bytes go to ``path + ".tmp"``, are flushed to disk, and only then renamed over
@@ -242,18 +282,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         arr = np.ascontiguousarray(value)
         if arr.dtype not in _NAMES:
             raise CheckpointError(f"cannot store {name} of dtype {arr.dtype} in safetensors")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % _ALIGN)     # spaces: still JSON, still 8-aligned
+    blob += b" " * (-(8 + len(blob)) % _ALIGN)  # spaces: still JSON, still 8-aligned
     digest = hashlib.sha256()
     tmp = Path(str(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            for chunk in (len(blob).to_bytes(8, "little"), blob,
-                          *(a.reshape(-1).view(np.uint8).data for a in arrays if a.size)):
+            chunks: list[bytes | memoryview] = [
+                len(blob).to_bytes(8, "little"),
+                blob,
+                *(a.reshape(-1).view(np.uint8).data for a in arrays if a.size),
+            ]
+            for chunk in chunks:
                 f.write(chunk)
                 digest.update(chunk)
             f.flush()

@@ -49,18 +49,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import (check_int, check_sampling_settings, check_seed, check_stop_tokens,
-                     check_token_ids)
-from .decoding import (BAD_LOGITS, PAD_ID, SHORTLIST, DecodeState, SamplingSettings, advance,
-                       decode_loop, decode_step, prefill, resume, round_up, sample_tokens,
-                       serving_model, start)
+from .checks import (
+    check_int,
+    check_sampling_settings,
+    check_seed,
+    check_stop_tokens,
+    check_token_ids,
+)
+from .decoding import (
+    BAD_LOGITS,
+    PAD_ID,
+    SHORTLIST,
+    DecodeState,
+    SamplingSettings,
+    advance,
+    decode_loop,
+    decode_step,
+    prefill,
+    resume,
+    round_up,
+    sample_tokens,
+    serving_model,
+    start,
+)
 from .model import Gemma2
 
-__all__ = ["generate", "PromptCache", "sample_logits", "check_sampling", "check_prompts",
-           "pad_prompts", "NonFiniteLogitsError",
-           # The compiled steps, from gemma2_lite.decoding:
-           "prefill", "decode_step", "decode_loop", "serving_model", "DecodeState",
-           "SamplingSettings", "PAD_ID", "BAD_LOGITS", "SHORTLIST"]
+__all__ = [
+    "generate",
+    "PromptCache",
+    "sample_logits",
+    "check_sampling",
+    "check_prompts",
+    "pad_prompts",
+    "NonFiniteLogitsError",
+    # The compiled steps, from gemma2_lite.decoding:
+    "prefill",
+    "decode_step",
+    "decode_loop",
+    "serving_model",
+    "DecodeState",
+    "SamplingSettings",
+    "PAD_ID",
+    "BAD_LOGITS",
+    "SHORTLIST",
+]
 
 # Prompt lengths are padded up to a multiple of this, and default cache sizes to a multiple of
 # _CACHE_BUCKET, so that prompts of similar lengths (a chat growing turn by turn) reuse one
@@ -76,13 +108,13 @@ class NonFiniteLogitsError(FloatingPointError):
 
 def _raise_bad_logits(tokens: np.ndarray, where: str) -> None:
     """Raise :class:`NonFiniteLogitsError` if ``tokens`` (B,) or (B, M) holds ``BAD_LOGITS``."""
-    rows = np.flatnonzero(np.any(np.asarray(tokens).reshape(len(tokens), -1) == BAD_LOGITS,
-                                 axis=1))
+    rows = np.flatnonzero(np.any(np.asarray(tokens).reshape(len(tokens), -1) == BAD_LOGITS, axis=1))
     if rows.size:
         raise NonFiniteLogitsError(
             f"{where}: the logits of row(s) {rows[:8].tolist()} are not finite (NaN or +inf, "
             "or no finite value; or infinite before the final soft-cap), so no token can be "
-            "sampled; check the model's weights and inputs")
+            "sampled; check the model's weights and inputs"
+        )
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -97,8 +129,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 _sample_jit = jax.jit(sample_tokens)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+def sample_logits(
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
     """Pick one token per row from next-token logits.
 
     logits: float (B, V). key: a ``jax.random`` key. Returns int32 (B,). Raises
@@ -117,8 +154,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
     logits = jnp.asarray(logits).astype(jnp.float32)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (B, V), got shape {logits.shape}")
-    token = _sample_jit(logits, key, np.float32(temperature), np.int32(top_k or 0),
-                        np.float32(1.0 if top_p is None else top_p))
+    token = _sample_jit(
+        logits,
+        key,
+        np.float32(temperature),
+        np.int32(top_k or 0),
+        np.float32(1.0 if top_p is None else top_p),
+    )
     if not isinstance(token, jax.core.Tracer):
         _raise_bad_logits(np.asarray(token), "sample_logits")
     return token
@@ -141,22 +183,27 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[lis
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
-            raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}"
-                            " (tokenize text first)")
+            raise TypeError(
+                f"prompts[{i}] must be a list of token ids, got {type(p).__name__}"
+                " (tokenize text first)"
+            )
         if len(p) == 0:
-            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token "
-                             "(e.g. <bos>, id 2)")
+            raise ValueError(
+                f"prompts[{i}] is empty: every prompt needs at least one token (e.g. <bos>, id 2)"
+            )
         # Checked as given, before int(): a float id 7.9 must not quietly become token 7.
         ids = check_token_ids(p, vocab_size, name=f"prompts[{i}]")
         if ids.ndim != 1:
-            raise ValueError(f"prompts[{i}] must be a flat list of token ids, got shape "
-                             f"{ids.shape}")
+            raise ValueError(
+                f"prompts[{i}] must be a flat list of token ids, got shape {ids.shape}"
+            )
         out.append([int(t) for t in ids])
     return out
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], length: int | None = None,
-                pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], length: int | None = None, pad_id: int = PAD_ID
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad prompts to a common ``length`` (default: the longest).
 
     Returns tokens int32 (B, T) and mask bool (B, T) (True for real tokens). Left padding puts
@@ -170,8 +217,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int | None = None,
     mask = np.zeros((len(prompts), length), bool)
     for row, p in enumerate(prompts):
         if len(p):
-            tokens[row, length - len(p):] = p
-            mask[row, length - len(p):] = True
+            tokens[row, length - len(p) :] = p
+            mask[row, length - len(p) :] = True
     return tokens, mask
 
 
@@ -181,7 +228,7 @@ def _truncate(row: np.ndarray, stop_tokens: Sequence[int]) -> list[int]:
     ids = row.tolist()
     for i, t in enumerate(ids):
         if t in stop_tokens:
-            return ids[:i + 1]
+            return ids[: i + 1]
     return ids
 
 
@@ -197,29 +244,50 @@ class _Request:
     callback: Callable[[int, np.ndarray], Any] | None
 
 
-def _check_request(model: Gemma2, prompts: Any, max_new_tokens: Any, temperature: Any,
-                   top_k: Any, top_p: Any, seed: Any, stop_tokens: Any, callback: Any
-                   ) -> _Request:
+def _check_request(
+    model: Gemma2,
+    prompts: Any,
+    max_new_tokens: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    seed: Any,
+    stop_tokens: Any,
+    callback: Any,
+) -> _Request:
     """Validate a generation request (raising with a message naming what is wrong)."""
     config = model.config
     prompts = check_prompts(prompts, config.vocab_size)
     check_int(max_new_tokens, "max_new_tokens", low=1)
-    if max_new_tokens >= config.max_seq_len:     # before any int32 cast could overflow
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be less than the model's "
-                         f"context of {config.max_seq_len} positions (the prompt takes at "
-                         "least one); ask for fewer tokens")
+    if max_new_tokens >= config.max_seq_len:  # before any int32 cast could overflow
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) must be less than the model's "
+            f"context of {config.max_seq_len} positions (the prompt takes at "
+            "least one); ask for fewer tokens"
+        )
     check_sampling(temperature, top_k, top_p)
     stops = check_stop_tokens(stop_tokens, config.vocab_size)
     seed = check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, tokens), got {callback!r}")
     m = int(max_new_tokens)
-    return _Request(prompts, m, stops, SamplingSettings.make(temperature, top_k, top_p, stops, m),
-                    jax.random.key(seed), callback)
+    return _Request(
+        prompts,
+        m,
+        stops,
+        SamplingSettings.make(temperature, top_k, top_p, stops, m),
+        jax.random.key(seed),
+        callback,
+    )
 
 
-def _run(model: Gemma2, request: _Request, *, max_len: int | None = None,
-         last_state: DecodeState | None = None) -> tuple[list[list[int]], DecodeState]:
+def _run(
+    model: Gemma2,
+    request: _Request,
+    *,
+    max_len: int | None = None,
+    last_state: DecodeState | None = None,
+) -> tuple[list[list[int]], DecodeState]:
     """The one generation pipeline: pad, start, decode, check, truncate.
 
     Start: from an empty cache of ``max_len`` columns made inside the program, or (as the
@@ -269,11 +337,19 @@ def _decode(model: Gemma2, state: DecodeState, request: _Request) -> DecodeState
     return state
 
 
-def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, stop_tokens: Sequence[int] = (),
-             callback: Callable[[int, np.ndarray], Any] | None = None,
-             max_len: int | None = None) -> list[list[int]]:
+def generate(
+    model: Gemma2,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    callback: Callable[[int, np.ndarray], Any] | None = None,
+    max_len: int | None = None,
+) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; return only the new tokens.
 
     Args:
@@ -303,22 +379,25 @@ def generate(model: Gemma2, prompts: list[list[int]], *, max_new_tokens: int = 3
         infinite weights), before or after the final soft-cap.
     """
     config = model.config
-    request = _check_request(model, prompts, max_new_tokens, temperature, top_k, top_p, seed,
-                             stop_tokens, callback)
+    request = _check_request(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, callback
+    )
     longest = max(len(p) for p in request.prompts)
     needed = longest + request.max_new_tokens
     if needed > config.max_seq_len:
         raise ValueError(
             f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
             f"exceeds the model's context of {config.max_seq_len} positions; shorten the prompt "
-            "or ask for fewer tokens")
+            "or ask for fewer tokens"
+        )
     if max_len is None:
         max_len = min(round_up(needed, _CACHE_BUCKET), config.max_seq_len)
     elif needed > max_len:
         raise ValueError(
             f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
             f"does not fit in a cache of max_len={max_len} positions; raise max_len (at most the "
-            f"model's context, {config.max_seq_len}) or ask for fewer tokens")
+            f"model's context, {config.max_seq_len}) or ask for fewer tokens"
+        )
     return _run(model, request, max_len=max_len)[0]
 
 
@@ -340,9 +419,17 @@ class PromptCache:
     def __init__(self, model: Gemma2, size: int | None = None):
         self.model = model
         context = model.config.max_seq_len
-        self.size = context if size is None else check_int(
-            size, "size", low=1, high=context,
-            what=f"an integer in [1, {context}] (the model's context) or None")
+        self.size = (
+            context
+            if size is None
+            else check_int(
+                size,
+                "size",
+                low=1,
+                high=context,
+                what=f"an integer in [1, {context}] (the model's context) or None",
+            )
+        )
         self.state: DecodeState | None = None
         self.ids: list[int] = []
         self.prefilled = 0
@@ -350,30 +437,57 @@ class PromptCache:
     def reset(self) -> None:
         self.state, self.ids, self.prefilled = None, [], 0
 
-    def generate(self, prompt: Sequence[int], *, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
-                 callback: Callable[[int, np.ndarray], Any] | None = None) -> list[int]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_tokens: Sequence[int] = (),
+        callback: Callable[[int, np.ndarray], Any] | None = None,
+    ) -> list[int]:
         """Continue ``prompt`` (one list of ids) as :func:`generate` would; return the new ids."""
-        request = _check_request(self.model, [prompt], max_new_tokens, temperature, top_k,
-                                 top_p, seed, stop_tokens, callback)
+        request = _check_request(
+            self.model,
+            [prompt],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop_tokens,
+            callback,
+        )
         (prompt,), m = request.prompts, request.max_new_tokens
         if len(prompt) + m > self.size:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_new_tokens ({m}) exceeds "
-                             f"the cache's {self.size} positions")
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) + max_new_tokens ({m}) exceeds "
+                f"the cache's {self.size} positions"
+            )
         held = len(self.ids)
         columns = 0 if self.state is None else int(self.state.cache[0].end)
-        last, self.state = self.state, None               # its cache is donated (or dropped)
-        reuse = (last is not None and held < len(prompt) and prompt[:held] == self.ids
-                 and columns + (len(prompt) - held) + m <= self.size)
+        last, self.state = self.state, None  # its cache is donated (or dropped)
+        reuse = (
+            last is not None
+            and held < len(prompt)
+            and prompt[:held] == self.ids
+            and columns + (len(prompt) - held) + m <= self.size
+        )
         new = prompt[held:] if reuse else prompt
         self.ids, self.prefilled = [], len(new)
         try:
-            (reply,), state = _run(self.model, dataclasses.replace(request, prompts=[new]),
-                                   max_len=self.size, last_state=last if reuse else None)
+            (reply,), state = _run(
+                self.model,
+                dataclasses.replace(request, prompts=[new]),
+                max_len=self.size,
+                last_state=last if reuse else None,
+            )
         except NonFiniteLogitsError:
             self.reset()
             raise
         self.state = state
-        self.ids = list(prompt) + reply[:-1]              # the last token was never fed
+        self.ids = list(prompt) + reply[:-1]  # the last token was never fed
         return reply

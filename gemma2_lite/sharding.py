@@ -5,8 +5,8 @@ which of its dimensions is split over which mesh axis (a ``PartitionSpec``), and
 the collectives. Three mesh axes, as in MaxText and *How to Scale Your Model*:
 
 * ``data``  — plain data parallelism: each group holds whole parameters, sees its own batch slice.
-* ``fsdp``  — fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020): the batch *and* every
-  parameter / optimizer moment are split; weights are all-gathered just in time.
+* ``fsdp``  — fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020): the batch *and*
+  every parameter / optimizer moment are split; weights are all-gathered just in time.
 * ``model`` — tensor (Megatron) parallelism: heads, MLP width and vocabulary are split, so each
   matmul is computed in pieces and activations are all-reduced.
 
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .checks import is_int
 from .config import Gemma2Config
@@ -52,12 +53,32 @@ from .hf_config import read_hf_config
 from .model import Gemma2, abstract_model
 from .params import host_param, path_name
 
-__all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh",
-           "resolve_rules", "logical_to_spec", "param_specs", "state_shardings", "shard_state",
-           "shard_model", "make_sharded_init", "sharded_init", "tree_shardings",
-           "sharded_opt_init", "StepShardings", "train_shardings", "batch_sharding",
-           "shard_batch", "make_placer", "load_hf_sharded", "sharded_forward", "shard_shape",
-           "maybe_initialize_distributed"]
+__all__ = [
+    "MESH_AXES",
+    "BATCH_AXES",
+    "DEFAULT_RULES",
+    "ShardingError",
+    "make_mesh",
+    "resolve_rules",
+    "logical_to_spec",
+    "param_specs",
+    "state_shardings",
+    "shard_state",
+    "shard_model",
+    "make_sharded_init",
+    "sharded_init",
+    "tree_shardings",
+    "sharded_opt_init",
+    "StepShardings",
+    "train_shardings",
+    "batch_sharding",
+    "shard_batch",
+    "make_placer",
+    "load_hf_sharded",
+    "sharded_forward",
+    "shard_shape",
+    "maybe_initialize_distributed",
+]
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
 # The batch dimension of activations is split over both data-parallel axes.
@@ -66,13 +87,13 @@ BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 Rule = str | tuple[str, ...] | None
 # MaxText's conventions. A logical name absent from the rules is replicated (None).
 DEFAULT_RULES: dict[str, Rule] = {
-    "embed": "fsdp",        # D: the dimension every weight has -> ZeRO-3 style sharding
-    "heads": "model",       # N: attention computed head-parallel
-    "kv_heads": "model",    # K
-    "mlp": "model",         # F: Megatron column/row split of the feed-forward
-    "vocab": "model",       # V: the big table, split for the logits matmul
-    "head_dim": None,       # H: contracted inside one head; splitting it costs an all-reduce
-    "norm": None,           # (D,) vectors: tiny, replicated
+    "embed": "fsdp",  # D: the dimension every weight has -> ZeRO-3 style sharding
+    "heads": "model",  # N: attention computed head-parallel
+    "kv_heads": "model",  # K
+    "mlp": "model",  # F: Megatron column/row split of the feed-forward
+    "vocab": "model",  # V: the big table, split for the logits matmul
+    "head_dim": None,  # H: contracted inside one head; splitting it costs an all-reduce
+    "norm": None,  # (D,) vectors: tiny, replicated
 }
 
 
@@ -81,8 +102,9 @@ class ShardingError(ValueError):
 
 
 # ----------------------------------------------------------------------------- meshes
-def make_mesh(shape: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A mesh with axes ("data", "fsdp", "model") over ``devices`` (default: all of them).
 
     ``shape`` gives each axis's size, e.g. ``{"data": 2, "fsdp": 2, "model": 2}``; axes left
@@ -94,27 +116,30 @@ def make_mesh(shape: Mapping[str, int] | None = None,
     shape = dict({"fsdp": -1} if shape is None else shape)
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ShardingError(f"unknown mesh axis name(s) {sorted(unknown)}; "
-                            f"the axes are {MESH_AXES}")
+        raise ShardingError(
+            f"unknown mesh axis name(s) {sorted(unknown)}; the axes are {MESH_AXES}"
+        )
     sizes = {a: shape.get(a, 1) for a in MESH_AXES}
     for axis, size in sizes.items():
         if not is_int(size) or (size < 1 and size != -1):
-            raise ShardingError(f"mesh axis {axis!r} must have a positive size or -1, "
-                                f"got {size!r}")
+            raise ShardingError(f"mesh axis {axis!r} must have a positive size or -1, got {size!r}")
     rest = [a for a, s in sizes.items() if s == -1]
     if len(rest) > 1:
         raise ShardingError(f"only one mesh axis may be -1 ('the rest'), got {rest}")
     known = math.prod(s for s in sizes.values() if s != -1)
     if rest:
         if n % known:
-            raise ShardingError(f"cannot fill mesh axis {rest[0]!r}: the other axes use {known} "
-                                f"devices, which does not divide the {n} available")
+            raise ShardingError(
+                f"cannot fill mesh axis {rest[0]!r}: the other axes use {known} "
+                f"devices, which does not divide the {n} available"
+            )
         sizes[rest[0]] = n // known
     total = math.prod(sizes.values())
     if total != n:
         raise ShardingError(
             f"mesh {sizes} needs {total} devices but {n} are available; the axis sizes must "
-            f"multiply to the device count (use -1 for one axis to take the rest)")
+            f"multiply to the device count (use -1 for one axis to take the rest)"
+        )
     axis_shapes = tuple(int(sizes[a]) for a in MESH_AXES)
     # Auto axes: GSPMD propagates shardings through the program (jax.make_mesh also orders
     # devices by the physical torus on TPUs, so neighbours on an axis are neighbours in ICI).
@@ -132,14 +157,17 @@ def resolve_rules(rules: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         bad = [t for t in targets if t not in MESH_AXES]
         if bad:
-            raise ShardingError(f"rule {name!r} -> {target!r} names unknown mesh axis {bad}; "
-                                f"use one of {MESH_AXES} or None")
+            raise ShardingError(
+                f"rule {name!r} -> {target!r} names unknown mesh axis {bad}; "
+                f"use one of {MESH_AXES} or None"
+            )
         merged[name] = target
     return merged
 
 
-def logical_to_spec(logical_axes: Sequence[str | None],
-                    rules: Mapping[str, Rule] | None = None) -> P:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], rules: Mapping[str, Rule] | None = None
+) -> P:
     """The PartitionSpec of an array with these logical axis names.
 
     ``("heads", "embed", "head_dim")`` -> ``P("model", "fsdp", None)`` with the default rules.
@@ -163,8 +191,9 @@ def _axis_size(mesh: Mesh, entry: Rule) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def _check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh,
-                     logical_axes: Sequence[str | None]) -> None:
+def _check_divisible(
+    name: str, shape: Sequence[int], spec: P, mesh: Mesh, logical_axes: Sequence[str | None]
+) -> None:
     for dim, (size, entry) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
         if entry is None:
             continue
@@ -175,7 +204,8 @@ def _check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh,
             raise ShardingError(
                 f"{name} dim {dim} ({label}={size}) is not divisible by mesh axis {axis!r} "
                 f"({ways}); choose a mesh whose {axis!r} size divides {size}, or map "
-                f"{label!r} to another axis (or None) in the rules")
+                f"{label!r} to another axis (or None) in the rules"
+            )
 
 
 def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -184,15 +214,18 @@ def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
     return None if axes is None else tuple(axes)
 
 
-def _spec_for(path: Sequence[Any], var: nnx.Variable, mesh: Mesh | None,
-              rules: Mapping[str, Rule]) -> P:
+def _spec_for(
+    path: Sequence[Any], var: nnx.Variable, mesh: Mesh | None, rules: Mapping[str, Rule]
+) -> P:
     axes = _logical_axes(var)
     shape = tuple(getattr(var, "shape", ()))
     if axes is None:
-        return P()                      # no logical names (step counters, rng state): replicate
+        return P()  # no logical names (step counters, rng state): replicate
     if len(axes) != len(shape):
-        raise ShardingError(f"{path_name(path)} has shape {shape} but logical_axes {axes} "
-                            f"({len(axes)} names for {len(shape)} dimensions)")
+        raise ShardingError(
+            f"{path_name(path)} has shape {shape} but logical_axes {axes} "
+            f"({len(axes)} names for {len(shape)} dimensions)"
+        )
     spec = logical_to_spec(axes, rules)
     if mesh is not None:
         _check_divisible(path_name(path), shape, spec, mesh, axes)
@@ -203,8 +236,9 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_specs(state: nnx.State, rules: Mapping[str, Rule] | None = None,
-                mesh: Mesh | None = None) -> nnx.State:
+def param_specs(
+    state: nnx.State, rules: Mapping[str, Rule] | None = None, mesh: Mesh | None = None
+) -> nnx.State:
     """The PartitionSpec of every variable of ``state`` (same tree, a spec per variable).
 
     Variables with ``logical_axes`` metadata (parameters, and optimizer moments, which inherit
@@ -216,12 +250,14 @@ def param_specs(state: nnx.State, rules: Mapping[str, Rule] | None = None,
     return nnx.from_flat_state(flat)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Mapping[str, Rule] | None = None) -> nnx.State:
+def state_shardings(
+    state: nnx.State, mesh: Mesh, rules: Mapping[str, Rule] | None = None
+) -> nnx.State:
     """A ``NamedSharding`` for every variable of ``state`` (usable as jit's out_shardings)."""
     specs = param_specs(state, rules, mesh)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def shard_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
@@ -230,8 +266,7 @@ def shard_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
     return tuple(s // _axis_size(mesh, e) for s, e in zip(shape, entries))
 
 
-def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, Rule] | None = None
-                ) -> nnx.State:
+def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, Rule] | None = None) -> nnx.State:
     """``state`` with every array moved to its sharding (a device-to-device reshard)."""
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
@@ -246,8 +281,9 @@ def shard_model(model: Gemma2, mesh: Mesh, rules: Mapping[str, Rule] | None = No
     return model
 
 
-def make_sharded_init(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None,
-                      seed: int = 0) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+def make_sharded_init(
+    config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None, seed: int = 0
+) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
     """The pieces of :func:`sharded_init`: the model's graphdef and a jitted ``create()`` that
     returns its state already sharded (``create.lower().compile().memory_analysis()`` shows
     each device allocating only its shards)."""
@@ -260,8 +296,9 @@ def make_sharded_init(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule
     return graphdef, jax.jit(create, out_shardings=shardings)
 
 
-def sharded_init(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None,
-                 seed: int = 0) -> Gemma2:
+def sharded_init(
+    config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None, seed: int = 0
+) -> Gemma2:
     """A randomly initialised model created directly in its sharded layout.
 
     The constructor runs inside ``jax.jit`` whose ``out_shardings`` come from the abstract model
@@ -290,8 +327,12 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Rule] | None = Non
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
 
 
-def sharded_opt_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh,
-                     rules: Mapping[str, Rule] | None = None) -> Any:
+def sharded_opt_init(
+    tx: optax.GradientTransformation,
+    params: Any,
+    mesh: Mesh,
+    rules: Mapping[str, Rule] | None = None,
+) -> Any:
     """``tx.init(params)`` computed on the mesh, each moment born in its parameter's layout."""
     shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
     return jax.jit(tx.init, out_shardings=shardings)(params)
@@ -312,16 +353,20 @@ class StepShardings:
     replicated: Any
 
 
-def train_shardings(params: Any, opt_state: Any, rest: Any, mesh: Mesh,
-                    rules: Mapping[str, Rule] | None = None) -> StepShardings:
+def train_shardings(
+    params: Any, opt_state: Any, rest: Any, mesh: Mesh, rules: Mapping[str, Rule] | None = None
+) -> StepShardings:
     """The :class:`StepShardings` that make :func:`~gemma2_lite.train.make_train_step` a
     sharded step: parameters and optimizer state in their rule-given layout (in and out, so
     the donated buffers are reused), the batch split over ("data", "fsdp"), the rng and the
     metrics replicated."""
-    return StepShardings(params=tree_shardings(params, mesh, rules),
-                         opt_state=tree_shardings(opt_state, mesh, rules),
-                         rest=tree_shardings(rest, mesh, rules), batch=batch_sharding(mesh),
-                         replicated=NamedSharding(mesh, P()))
+    return StepShardings(
+        params=tree_shardings(params, mesh, rules),
+        opt_state=tree_shardings(opt_state, mesh, rules),
+        rest=tree_shardings(rest, mesh, rules),
+        batch=batch_sharding(mesh),
+        replicated=NamedSharding(mesh, P()),
+    )
 
 
 # ----------------------------------------------------------------------------- batches
@@ -335,14 +380,17 @@ def shard_batch(x: Any, mesh: Mesh) -> jax.Array:
     x = jnp.asarray(x) if not isinstance(x, (np.ndarray, jax.Array)) else x
     ways = _axis_size(mesh, BATCH_AXES)
     if x.shape[0] % ways:
-        raise ShardingError(f"batch of {x.shape[0]} is not divisible by the data-parallel "
-                            f"mesh axes {BATCH_AXES} ({ways} ways); use a multiple of {ways}")
+        raise ShardingError(
+            f"batch of {x.shape[0]} is not divisible by the data-parallel "
+            f"mesh axes {BATCH_AXES} ({ways} ways); use a multiple of {ways}"
+        )
     return jax.device_put(x, batch_sharding(mesh, x.ndim))
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def make_placer(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None
-                ) -> Callable[[tuple[Any, ...], np.ndarray], jax.Array]:
+def make_placer(
+    config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | None = None
+) -> Callable[[tuple[Any, ...], np.ndarray], jax.Array]:
     """A ``place(path, array)`` for :func:`gemma2_lite.checkpoint.from_arrays` / ``load_hf``.
 
     Each parameter becomes a global ``jax.Array`` in its sharded layout, built with
@@ -351,30 +399,45 @@ def make_placer(config: Gemma2Config, mesh: Mesh, rules: Mapping[str, Rule] | No
     values there (finite; within float16's range when the model computes in float16).
     """
     abstract = abstract_model(config)
-    shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(abstract, nnx.Param), mesh,
-                                                       rules)))
+    shardings = dict(
+        nnx.to_flat_state(state_shardings(nnx.state(abstract, nnx.Param), mesh, rules))
+    )
     dtype = config.jnp_param_dtype
     float16 = "float16" in (config.dtype, config.param_dtype)
 
     def place(path: tuple[Any, ...], array: np.ndarray) -> jax.Array:
         if tuple(path) not in shardings:
-            raise ShardingError(f"no sharding for parameter {path_name(path)}; "
-                                f"is the checkpoint for this config?")
+            raise ShardingError(
+                f"no sharding for parameter {path_name(path)}; is the checkpoint for this config?"
+            )
         sharding = shardings[tuple(path)]
         return jax.make_array_from_callback(
-            array.shape, sharding,
-            lambda index: host_param(array[index], dtype, path_name(path), float16=float16))
+            array.shape,
+            sharding,
+            lambda index: host_param(array[index], dtype, path_name(path), float16=float16),
+        )
 
     return place
 
 
-def load_hf_sharded(path: str | os.PathLike, mesh: Mesh, rules: Mapping[str, Rule] | None = None,
-                    dtype: Any = None, *, param_dtype: Any = None,
-                    **config_overrides: Any) -> Gemma2:
+def load_hf_sharded(
+    path: str | os.PathLike,
+    mesh: Mesh,
+    rules: Mapping[str, Rule] | None = None,
+    dtype: Any = None,
+    *,
+    param_dtype: Any = None,
+    **config_overrides: Any,
+) -> Gemma2:
     """:func:`gemma2_lite.checkpoint.load_hf` with every parameter put straight onto its shards."""
     config = read_hf_config(path, dtype, param_dtype, **config_overrides)
-    return load_hf(path, dtype, param_dtype=param_dtype,
-                   place=make_placer(config, mesh, rules), **config_overrides)
+    return load_hf(
+        path,
+        dtype,
+        param_dtype=param_dtype,
+        place=make_placer(config, mesh, rules),
+        **config_overrides,
+    )
 
 
 # ----------------------------------------------------------------------------- forward

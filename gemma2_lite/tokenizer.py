@@ -7,10 +7,11 @@ piece for, so *every* string encodes and decodes back unchanged. The special pie
     <pad> 0   <eos> 1   <bos> 2   <unk> 3   <mask> 4   <start_of_turn> 106   <end_of_turn> 107
 
 The book's small tokenizer (``gemma2_lite/assets/tokenizer.model``, shipped with the package;
-4096 pieces, trained on the Shakespeare corpus) uses the same choices and the same piece names, with ``<mask>``, ``<start_of_turn>``
-and ``<end_of_turn>`` right after ``<unk>`` (ids 4, 5, 6), then the 256 byte pieces
-``<0x00>``..``<0xFF>`` (ids 7..262), then the learned merges. :class:`Tokenizer` loads either
-file; code must use the id properties (``tok.end_of_turn_id``), never the numbers.
+4096 pieces, trained on the Shakespeare corpus) uses the same choices and the same piece names,
+with ``<mask>``, ``<start_of_turn>`` and ``<end_of_turn>`` right after ``<unk>`` (ids 4, 5, 6),
+then the 256 byte pieces ``<0x00>``..``<0xFF>`` (ids 7..262), then the learned merges.
+:class:`Tokenizer` loads either file; code must use the id properties (``tok.end_of_turn_id``),
+never the numbers.
 
 Special pieces written in text
 ------------------------------
@@ -44,6 +45,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -52,8 +54,12 @@ from gemma2_lite import paths
 from gemma2_lite.checks import check_int, check_regular_file, check_token_ids
 
 __all__ = [
-    "Tokenizer", "train_tokenizer", "gemma_trainer_options", "SPECIAL_PIECES",
-    "DEFAULT_MODEL_FILE", "default_tokenizer",
+    "Tokenizer",
+    "train_tokenizer",
+    "gemma_trainer_options",
+    "SPECIAL_PIECES",
+    "DEFAULT_MODEL_FILE",
+    "default_tokenizer",
 ]
 
 DEFAULT_MODEL_FILE = "tokenizer.model"
@@ -68,13 +74,14 @@ _SPACE_SYMBOL = "\u2581"  # ▁, SentencePiece's visible space
 # What Tokenizer.encode spells as byte pieces (a capturing group: re.split keeps the matches).
 _LITERAL = re.compile(f"({re.escape(_SPACE_SYMBOL)})")
 _LITERAL_AND_SPECIAL = re.compile(
-    "(" + "|".join(re.escape(p) for p in (_SPACE_SYMBOL, *USER_DEFINED_PIECES)) + ")")
+    "(" + "|".join(re.escape(p) for p in (_SPACE_SYMBOL, *USER_DEFINED_PIECES)) + ")"
+)
 # SentencePiece skips training "sentences" longer than this many bytes; we chunk below it.
 _MAX_SENTENCE_BYTES = 8192
 _CHUNK_CHARS = 2000
 
 
-def gemma_trainer_options(vocab_size: int = 4096) -> dict[str, object]:
+def gemma_trainer_options(vocab_size: int = 4096) -> dict[str, Any]:
     """The SentencePiece trainer settings that reproduce Gemma's tokenizer choices.
 
     BPE; byte fallback; digits split into single-digit pieces; identity normalisation (no NFKC),
@@ -92,8 +99,14 @@ def gemma_trainer_options(vocab_size: int = 4096) -> dict[str, object]:
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         character_coverage=1.0,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         user_defined_symbols=[*USER_DEFINED_PIECES, *NEWLINE_PIECES],
         max_sentence_length=_MAX_SENTENCE_BYTES,
         input_sentence_size=0,
@@ -122,10 +135,12 @@ def _chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
         yield chunk
 
 
-def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
-                    model_prefix: str | os.PathLike[str] | None,
-                    vocab_size: int = 4096,
-                    **overrides: object) -> "Tokenizer":
+def train_tokenizer(
+    texts_or_path: Iterable[str] | str | os.PathLike[str],
+    model_prefix: str | os.PathLike[str] | None,
+    vocab_size: int = 4096,
+    **overrides: object,
+) -> Tokenizer:
     """Train a Gemma-style SentencePiece BPE tokenizer.
 
     Args:
@@ -147,7 +162,8 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
         if not path.is_file():
             raise FileNotFoundError(
                 f"texts_or_path={str(texts_or_path)[:80]!r} is not a file; pass a path to a UTF-8 "
-                "text file or a list of strings")
+                "text file or a list of strings"
+            )
         texts: Iterable[str] = [path.read_text(encoding="utf-8")]
     else:
         texts = texts_or_path
@@ -162,8 +178,9 @@ def train_tokenizer(texts_or_path: Iterable[str] | str | os.PathLike[str],
     options.update(overrides)
     writer = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=writer,
-                                       **options)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=writer, **options
+        )
     except RuntimeError as exc:
         raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {exc}") from exc
     model = writer.getvalue()
@@ -179,8 +196,9 @@ class Tokenizer:
     Ids are Python ``int``s; sequences are ``list[int]``.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 model_proto: bytes | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, model_proto: bytes | None = None
+    ) -> None:
         if (path is None) == (model_proto is None):
             raise ValueError("give exactly one of path (a .model file) or model_proto (its bytes)")
         where = "model_proto"
@@ -189,8 +207,9 @@ class Tokenizer:
             if not file.exists():
                 raise FileNotFoundError(
                     f"tokenizer model {file} not found; the book's own is "
-                    f"{paths.tokenizer_file()} (gemma2_lite.tokenizer.default_tokenizer())")
-            check_regular_file(file, "tokenizer model")   # a FIFO would hang read_bytes
+                    f"{paths.tokenizer_file()} (gemma2_lite.tokenizer.default_tokenizer())"
+                )
+            check_regular_file(file, "tokenizer model")  # a FIFO would hang read_bytes
             model_proto = file.read_bytes()
             where = f"tokenizer model {file}"
         self.path = None if path is None else str(path)
@@ -199,24 +218,31 @@ class Tokenizer:
             if not self._proto:
                 raise RuntimeError("it is empty")
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        except RuntimeError as exc:   # sentencepiece's only complaint: the protobuf won't parse
+        except RuntimeError as exc:  # sentencepiece's only complaint: the protobuf won't parse
             reason = str(exc) if str(exc) == "it is empty" else "it does not parse"
-            raise ValueError(f"{where} is not a SentencePiece model ({reason}); expected a "
-                             ".model file such as gemma2_lite/assets/tokenizer.model") from None
+            raise ValueError(
+                f"{where} is not a SentencePiece model ({reason}); expected a "
+                ".model file such as gemma2_lite/assets/tokenizer.model"
+            ) from None
         for piece, expected in SPECIAL_PIECES.items():
             got = self._sp.piece_to_id(piece)
             if got != expected:
-                raise ValueError(f"{piece} has id {got}, expected {expected}: this is not a "
-                                 "Gemma-layout tokenizer (pad 0, eos 1, bos 2, unk 3)")
+                raise ValueError(
+                    f"{piece} has id {got}, expected {expected}: this is not a "
+                    "Gemma-layout tokenizer (pad 0, eos 1, bos 2, unk 3)"
+                )
         for piece in USER_DEFINED_PIECES:
             if self._sp.id_to_piece(self._sp.piece_to_id(piece)) != piece:
-                raise ValueError(f"the model has no {piece} piece; a Gemma tokenizer needs "
-                                 f"{USER_DEFINED_PIECES}")
+                raise ValueError(
+                    f"the model has no {piece} piece; a Gemma tokenizer needs {USER_DEFINED_PIECES}"
+                )
         byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
         self._byte_ids = [int(self._sp.piece_to_id(p)) for p in byte_pieces]
         if any(self._sp.id_to_piece(i) != p for i, p in zip(self._byte_ids, byte_pieces)):
-            raise ValueError("the model has no byte-fallback pieces <0x00>..<0xFF>; "
-                             "train it with byte_fallback=True")
+            raise ValueError(
+                "the model has no byte-fallback pieces <0x00>..<0xFF>; "
+                "train it with byte_fallback=True"
+            )
 
     # ----------------------------------------------------------------- ids
     @property
@@ -295,8 +321,9 @@ class Tokenizer:
         check_token_ids(token_id, self.vocab_size, name="token id")
 
     # ------------------------------------------------------- encode/decode
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *,
-               parse_special: bool = True) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False, *, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of ``text`` (a ``list[int]``, length ≥ 0), optionally framed by bos/eos.
 
         ``<start_of_turn>``/``<end_of_turn>``/``<mask>`` in the text become their single ids
@@ -306,13 +333,17 @@ class Tokenizer:
         text. ``<bos>``/``<eos>``/``<pad>`` written in the text are always ordinary characters.
         """
         if not isinstance(text, str):
-            raise TypeError(f"encode expects a str, got {type(text).__name__}"
-                            + ("; encode each text of a list on its own" if isinstance(text, list) else ""))
+            raise TypeError(
+                f"encode expects a str, got {type(text).__name__}"
+                + ("; encode each text of a list on its own" if isinstance(text, list) else "")
+            )
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"text is not valid Unicode (it has a lone surrogate at index "
-                             f"{exc.start}: {text[exc.start]!r}); it cannot be written as UTF-8") from None
+            raise ValueError(
+                f"text is not valid Unicode (it has a lone surrogate at index "
+                f"{exc.start}: {text[exc.start]!r}); it cannot be written as UTF-8"
+            ) from None
         ids: list[int] = [self.bos_id] if add_bos else []
         # Strings that must come back as written are cut out and spelled as UTF-8 byte pieces:
         # always a literal "▁" (else it decodes as a space), and with parse_special=False the
@@ -333,12 +364,14 @@ class Tokenizer:
         Accepts a list of ints or a 1-D numpy/JAX integer array.
         """
         if hasattr(ids, "tolist"):
-            ids = ids.tolist()  # type: ignore[union-attr]
+            ids = ids.tolist()
         ids = list(ids)
         for i, t in enumerate(ids):
             if isinstance(t, list):
-                raise TypeError(f"decode expects a flat sequence of ids; element {i} is a list "
-                                "(decode each row separately)")
+                raise TypeError(
+                    f"decode expects a flat sequence of ids; element {i} is a list "
+                    "(decode each row separately)"
+                )
         check_token_ids(ids, self.vocab_size, name="ids")
         return str(self._sp.decode([int(t) for t in ids]))
 
@@ -353,10 +386,12 @@ class Tokenizer:
     def __repr__(self) -> str:
         where = f"path={paths.shown(self.path)!r}, " if self.path else ""
         sha = hashlib.sha256(self._proto).hexdigest()[:12]
-        return (f"Tokenizer({where}vocab_size={self.vocab_size}, pad={self.pad_id}, "
-                f"eos={self.eos_id}, bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id}, "
-                f"start_of_turn={self.start_of_turn_id}, end_of_turn={self.end_of_turn_id}, "
-                f"sha256={sha})")
+        return (
+            f"Tokenizer({where}vocab_size={self.vocab_size}, pad={self.pad_id}, "
+            f"eos={self.eos_id}, bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id}, "
+            f"start_of_turn={self.start_of_turn_id}, end_of_turn={self.end_of_turn_id}, "
+            f"sha256={sha})"
+        )
 
 
 def default_tokenizer() -> Tokenizer:

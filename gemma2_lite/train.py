@@ -46,21 +46,64 @@ from .checks import check_token_ids
 from .config import Gemma2Config
 from .losses import cross_entropy_loss, token_nll
 from .model import Gemma2, abstract_model
-from .sharding import (StepShardings, shard_batch, shard_state, sharded_opt_init,
-                       train_shardings, tree_shardings)
-from .train_checkpoint import (SkippedCheckpointWarning, checkpoint_steps, data_fingerprint,
-                               latest_checkpoint_step, load_history, restore_checkpoint,
-                               save_checkpoint, set_aside_step, verify_checkpoint,
-                               write_metrics)
+from .sharding import (
+    StepShardings,
+    shard_batch,
+    shard_state,
+    sharded_opt_init,
+    train_shardings,
+    tree_shardings,
+)
+from .train_checkpoint import (
+    SkippedCheckpointWarning,
+    checkpoint_steps,
+    data_fingerprint,
+    latest_checkpoint_step,
+    load_history,
+    restore_checkpoint,
+    save_checkpoint,
+    set_aside_step,
+    verify_checkpoint,
+    write_metrics,
+)
 from .train_config import TrainConfig, TrainError, check_int
-from .train_step import (STEP_CACHE, LossFn, StepCache, lr_schedule, make_loss_fn,
-                         make_optimizer, make_train_step, split_trainable)
+from .train_step import (
+    STEP_CACHE,
+    LossFn,
+    StepCache,
+    lr_schedule,
+    make_loss_fn,
+    make_optimizer,
+    make_train_step,
+    split_trainable,
+)
 
-__all__ = ["TrainConfig", "TokenBatcher", "train", "evaluate", "cross_entropy_loss",
-           "make_optimizer", "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
-           "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
-           "checkpoint_steps", "verify_checkpoint", "data_fingerprint", "SkippedCheckpointWarning",
-           "StepShardings", "TrainState", "StepCache", "STEP_CACHE", "split_trainable", "LossFn"]
+__all__ = [
+    "TrainConfig",
+    "TokenBatcher",
+    "train",
+    "evaluate",
+    "cross_entropy_loss",
+    "make_optimizer",
+    "lr_schedule",
+    "make_loss_fn",
+    "make_train_step",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "latest_checkpoint_step",
+    "load_history",
+    "TrainError",
+    "checkpoint_steps",
+    "verify_checkpoint",
+    "data_fingerprint",
+    "SkippedCheckpointWarning",
+    "StepShardings",
+    "TrainState",
+    "StepCache",
+    "STEP_CACHE",
+    "split_trainable",
+    "LossFn",
+]
 
 
 # ----------------------------------------------------------------------------- state
@@ -82,7 +125,8 @@ class TrainState:
     step: int = 0
     data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
     history: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"train": [], "eval": []})
+        default_factory=lambda: {"train": [], "eval": []}
+    )
     saved_step: int | None = None
 
     @property
@@ -129,15 +173,22 @@ def _token_stream(tokens: Any, vocab_size: int, name: str) -> np.ndarray:
 
 
 @nnx.jit
-def _eval_batch(model: Gemma2, inputs: jax.Array, targets: jax.Array,
-                weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _eval_batch(
+    model: Gemma2, inputs: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Summed token NLL and token count of one batch (weights (B, T) 0/1 drop padding rows)."""
-    nll = token_nll(model(inputs), targets)                                 # (B, T)
+    nll = token_nll(model(inputs), targets)  # (B, T)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 128,
-             max_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: Gemma2,
+    tokens: Any,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """Mean next-token loss and perplexity of ``model`` on a 1-D token stream.
 
     The stream is cut, in order, into non-overlapping windows of T + 1 tokens (stride T: every
@@ -152,8 +203,9 @@ def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 
     if max_batches is not None:
         check_int(max_batches, "max_batches")
     if seq_len > model.config.max_seq_len:
-        raise TrainError(f"seq_len {seq_len} exceeds the model's context "
-                         f"{model.config.max_seq_len}")
+        raise TrainError(
+            f"seq_len {seq_len} exceeds the model's context {model.config.max_seq_len}"
+        )
     # Out-of-vocabulary ids would be NaN inside the compiled batch: "val_loss: nan".
     tokens = _token_stream(tokens, model.config.vocab_size, "tokens")
     count = (tokens.size - 1) // seq_len
@@ -162,11 +214,12 @@ def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 
     if max_batches is not None:
         count = min(count, max_batches * batch_size)
     windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:count]
-    weights = np.broadcast_to(np.ones(seq_len, np.float32), (count, seq_len))   # views
+    weights = np.broadcast_to(np.ones(seq_len, np.float32), (count, seq_len))  # views
     total = n_tokens = 0.0
     for (rows, w), _ in padded_batches([windows, weights], batch_size, fill=(0, 0.0)):
-        s, c = _eval_batch(model, jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]),
-                           jnp.asarray(w))
+        s, c = _eval_batch(
+            model, jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]), jnp.asarray(w)
+        )
         total += float(s)
         n_tokens += float(c)
     loss = total / n_tokens
@@ -174,14 +227,24 @@ def evaluate(model: Gemma2, tokens: Any, *, batch_size: int = 8, seq_len: int = 
 
 
 # ----------------------------------------------------------------------------- training
-def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: Any,
-          valid_tokens: Any = None, *, out_dir: str | os.PathLike | None = None,
-          loss_fn: LossFn | None = None, teacher: Gemma2 | None = None,
-          model: Gemma2 | None = None, resume: bool = True, stop_at: int | None = None,
-          log: Callable[[str], None] | None = None,
-          allow_data_change: bool = False, mesh: Any = None,
-          rules: Mapping[str, Any] | None = None,
-          trainable: Any = nnx.Param) -> tuple[Gemma2, dict[str, list[dict]]]:
+def train(
+    model_config: Gemma2Config,
+    train_config: TrainConfig,
+    train_tokens: Any,
+    valid_tokens: Any = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    loss_fn: LossFn | None = None,
+    teacher: Gemma2 | None = None,
+    model: Gemma2 | None = None,
+    resume: bool = True,
+    stop_at: int | None = None,
+    log: Callable[[str], None] | None = None,
+    allow_data_change: bool = False,
+    mesh: Any = None,
+    rules: Mapping[str, Any] | None = None,
+    trainable: Any = nnx.Param,
+) -> tuple[Gemma2, dict[str, list[dict]]]:
     """Train a Gemma 2 model on a token stream; returns ``(model, history)``.
 
     Args:
@@ -221,34 +284,55 @@ def train(model_config: Gemma2Config, train_config: TrainConfig, train_tokens: A
     if not isinstance(train_config, TrainConfig):
         raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
     if not isinstance(model_config, Gemma2Config):
-        raise TypeError(f"model_config must be a Gemma2Config (e.g. get_config('tiny')), got "
-                        f"{type(model_config).__name__}")
+        raise TypeError(
+            f"model_config must be a Gemma2Config (e.g. get_config('tiny')), got "
+            f"{type(model_config).__name__}"
+        )
     tc = train_config
-    stop = tc.steps if stop_at is None else min(
-        check_int(stop_at, "stop_at", low=0, what=" (the step to stop after)"), tc.steps)
-    run, state = _start(model_config, tc, train_tokens, valid_tokens, out_dir=out_dir,
-                        loss_fn=loss_fn, teacher=teacher, model=model, log=log, mesh=mesh,
-                        rules=rules, trainable=trainable)
+    stop = (
+        tc.steps
+        if stop_at is None
+        else min(check_int(stop_at, "stop_at", low=0, what=" (the step to stop after)"), tc.steps)
+    )
+    run, state = _start(
+        model_config,
+        tc,
+        train_tokens,
+        valid_tokens,
+        out_dir=out_dir,
+        loss_fn=loss_fn,
+        teacher=teacher,
+        model=model,
+        log=log,
+        mesh=mesh,
+        rules=rules,
+        trainable=trainable,
+    )
     if run.ckpt_dir is not None and resume and checkpoint_steps(run.ckpt_dir):
         state = _resume(run, state, allow_data_change)
     state = _loop(run, state, stop)
     return nnx.merge(run.graphdef, state.params, run.rest), state.history
 
 
-def _check_data(cfg: Gemma2Config, tc: TrainConfig, train_tokens: Any, valid_tokens: Any,
-                teacher: Gemma2 | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _check_data(
+    cfg: Gemma2Config, tc: TrainConfig, train_tokens: Any, valid_tokens: Any, teacher: Gemma2 | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Both token streams checked against the model (now, not after eval_every steps)."""
     if cfg.max_seq_len < tc.seq_len:
         raise TrainError(f"seq_len {tc.seq_len} exceeds the model's context {cfg.max_seq_len}")
     if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
-        raise TrainError(f"teacher vocabulary {teacher.config.vocab_size} != student's "
-                         f"{cfg.vocab_size}: distillation needs the same token ids")
+        raise TrainError(
+            f"teacher vocabulary {teacher.config.vocab_size} != student's "
+            f"{cfg.vocab_size}: distillation needs the same token ids"
+        )
     train_tokens = _token_stream(train_tokens, cfg.vocab_size, "train_tokens")
     if valid_tokens is not None:
         valid_tokens = _token_stream(valid_tokens, cfg.vocab_size, "valid_tokens")
         if valid_tokens.size < tc.seq_len + 1:
-            raise TrainError(f"valid_tokens has {valid_tokens.size} tokens, fewer than one "
-                             f"window of seq_len + 1 = {tc.seq_len + 1}")
+            raise TrainError(
+                f"valid_tokens has {valid_tokens.size} tokens, fewer than one "
+                f"window of seq_len + 1 = {tc.seq_len + 1}"
+            )
     return train_tokens, valid_tokens
 
 
@@ -260,19 +344,32 @@ def _initial_model(cfg: Gemma2Config, tc: TrainConfig, model: Gemma2 | None) -> 
     if model.config.replace(dtype=tc.dtype) != cfg:
         raise TrainError(f"model's config {model.config!r} differs from model_config {cfg!r}")
     state = jax.tree.map(jnp.copy, nnx.state(model))
-    if model.config == cfg:               # its own graph: keeps any extra variables (LoRA)
+    if model.config == cfg:  # its own graph: keeps any extra variables (LoRA)
         return nnx.merge(nnx.graphdef(model), state)
     try:
         return nnx.merge(nnx.graphdef(abstract_model(cfg)), state)
     except (ValueError, KeyError, TypeError) as exc:
-        raise TrainError(f"model holds variables a plain Gemma2 has not (adapters?): build it "
-                         f"with the run's dtype {tc.dtype!r} instead ({exc})") from None
+        raise TrainError(
+            f"model holds variables a plain Gemma2 has not (adapters?): build it "
+            f"with the run's dtype {tc.dtype!r} instead ({exc})"
+        ) from None
 
 
-def _start(model_config: Gemma2Config, tc: TrainConfig, train_tokens: Any, valid_tokens: Any,
-           *, out_dir: Any, loss_fn: LossFn | None, teacher: Gemma2 | None,
-           model: Gemma2 | None, log: Callable[[str], None] | None, mesh: Any,
-           rules: Mapping[str, Any] | None, trainable: Any) -> tuple[_Run, TrainState]:
+def _start(
+    model_config: Gemma2Config,
+    tc: TrainConfig,
+    train_tokens: Any,
+    valid_tokens: Any,
+    *,
+    out_dir: Any,
+    loss_fn: LossFn | None,
+    teacher: Gemma2 | None,
+    model: Gemma2 | None,
+    log: Callable[[str], None] | None,
+    mesh: Any,
+    rules: Mapping[str, Any] | None,
+    trainable: Any,
+) -> tuple[_Run, TrainState]:
     """The run's fixed parts and its state at step 0 (placed on ``mesh`` when given)."""
     cfg = model_config.replace(dtype=tc.dtype)
     train_tokens, valid_tokens = _check_data(cfg, tc, train_tokens, valid_tokens, teacher)
@@ -300,18 +397,38 @@ def _start(model_config: Gemma2Config, tc: TrainConfig, train_tokens: Any, valid
         # run of the same model/optimizer in this process (notebooks and tests train often).
         step_fn = STEP_CACHE.get(graphdef, tc, teacher_graph, trainable)
     else:
-        step_fn = make_train_step(graphdef, tx, loss_fn or make_loss_fn(tc, teacher is not None),
-                                  teacher_graph, shardings=shardings,
-                                  teacher_shardings=teacher_shardings)
-    meta = {"model_config": cfg.to_dict(), "train_config": tc.to_dict(),
-            "teacher_config": None if teacher is None else teacher.config.to_dict(),
-            "train_tokens": int(train_tokens.size),
-            "train_tokens_sha256": data_fingerprint(batcher.tokens)}
+        step_fn = make_train_step(
+            graphdef,
+            tx,
+            loss_fn or make_loss_fn(tc, teacher is not None),
+            teacher_graph,
+            shardings=shardings,
+            teacher_shardings=teacher_shardings,
+        )
+    meta = {
+        "model_config": cfg.to_dict(),
+        "train_config": tc.to_dict(),
+        "teacher_config": None if teacher is None else teacher.config.to_dict(),
+        "train_tokens": int(train_tokens.size),
+        "train_tokens_sha256": data_fingerprint(batcher.tokens),
+    }
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    run = _Run(tc, graphdef, rest, teacher_state, step_fn, batcher, valid_tokens, meta,
-               None if out_dir is None else Path(out_dir), mesh, shardings,
-               log or (lambda msg: None), lr_schedule(tc))
+    run = _Run(
+        tc,
+        graphdef,
+        rest,
+        teacher_state,
+        step_fn,
+        batcher,
+        valid_tokens,
+        meta,
+        None if out_dir is None else Path(out_dir),
+        mesh,
+        shardings,
+        log or (lambda msg: None),
+        lr_schedule(tc),
+    )
     return run, TrainState(params, opt_state, rng)
 
 
@@ -327,17 +444,22 @@ def _comparable(tc: TrainConfig) -> dict[str, Any]:
 def _check_resume(saved: Mapping[str, Any], run: _Run, allow_data_change: bool) -> None:
     """A checkpoint may be resumed only by the same run: configs equal, and the same training
     data (its sha256; same-length different data would otherwise go on silently)."""
-    if _comparable(TrainConfig(**saved["train_config"])) != _comparable(run.tc) or \
-            saved["model_config"] != run.meta["model_config"]:
-        raise TrainError(f"{run.out_dir} holds a checkpoint of a different run (train or model "
-                         "config differs); use another out_dir or resume=False")
-    before = saved.get("train_tokens_sha256")   # absent in checkpoints from before the check
+    if (
+        _comparable(TrainConfig(**saved["train_config"])) != _comparable(run.tc)
+        or saved["model_config"] != run.meta["model_config"]
+    ):
+        raise TrainError(
+            f"{run.out_dir} holds a checkpoint of a different run (train or model "
+            "config differs); use another out_dir or resume=False"
+        )
+    before = saved.get("train_tokens_sha256")  # absent in checkpoints from before the check
     now = run.meta["train_tokens_sha256"]
     if before is not None and before != now and not allow_data_change:
         raise TrainError(
             f"{run.out_dir} was trained on different train_tokens (sha256 {before[:12]}..., now "
             f"{now[:12]}...): the data order would not continue; use another out_dir, "
-            "resume=False, or allow_data_change=True to go on with the new data")
+            "resume=False, or allow_data_change=True to go on with the new data"
+        )
 
 
 def _resume(run: _Run, state: TrainState, allow_data_change: bool) -> TrainState:
@@ -347,16 +469,24 @@ def _resume(run: _Run, state: TrainState, allow_data_change: bool) -> TrainState
     assert ckpt is not None
     try:
         arrays, saved, step = restore_checkpoint(ckpt, state.arrays, on_skip=run.say)
-    except FileNotFoundError:              # only empty step folders: nothing to resume
+    except FileNotFoundError:  # only empty step folders: nothing to resume
         saved = None
     if saved is not None:
         _check_resume(saved, run, allow_data_change)
         data_state = dict(saved["data_state"])
-        if allow_data_change:               # a new stream: keep the position, not its size
+        if allow_data_change:  # a new stream: keep the position, not its size
             data_state.pop("num_tokens", None)
-        state = TrainState(*arrays, step=step, data=run.batcher.check_state(data_state),
-                           history=saved["history"], saved_step=step)
-        if run.shardings is not None:       # a restored state comes back on one device
+        params, opt_state, rng = arrays
+        state = TrainState(
+            params,
+            opt_state,
+            rng,
+            step=step,
+            data=run.batcher.check_state(data_state),
+            history=saved["history"],
+            saved_step=step,
+        )
+        if run.shardings is not None:  # a restored state comes back on one device
             s = run.shardings
             state.params = jax.device_put(state.params, s.params)
             state.opt_state = jax.device_put(state.opt_state, s.opt_state)
@@ -377,19 +507,25 @@ def _loop(run: _Run, state: TrainState, stop: int) -> TrainState:
     from tqdm import tqdm
 
     tc = run.tc
-    bar = tqdm(total=stop, initial=state.step, disable=not tc.progress, unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-    clock = [time.perf_counter()] * 2                 # [start, previous step's end]
+    bar = tqdm(
+        total=stop,
+        initial=state.step,
+        disable=not tc.progress,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    clock = [time.perf_counter()] * 2  # [start, previous step's end]
     try:
         while state.step < stop:
             row = _advance(run, state, clock)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
+            )
             bar.update(1)
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < tc.steps:
                 _evaluate_into(run, state)
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 \
-                    and state.step < stop:
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < stop:
                 _checkpoint(run, state)
     finally:
         bar.close()
@@ -407,37 +543,47 @@ def _advance(run: _Run, state: TrainState, clock: list[float]) -> dict[str, Any]
     metrics row. Raises FloatingPointError naming the step if the loss or any updated
     parameter is not finite."""
     tc = run.tc
-    batch, state.data = run.batcher.take(state.data)                        # (B, T + 1)
-    batch = jnp.asarray(batch) if run.mesh is None else shard_batch(batch, run.mesh)
+    host_batch, state.data = run.batcher.take(state.data)  # (B, T + 1)
+    batch = jnp.asarray(host_batch) if run.mesh is None else shard_batch(host_batch, run.mesh)
     state.params, state.opt_state, state.rng, metrics = run.step_fn(
-        *state.arrays, run.rest, run.teacher_state, batch, None)
-    loss = float(metrics["loss"])                   # syncs: the timing below is honest
+        *state.arrays, run.rest, run.teacher_state, batch, None
+    )
+    loss = float(metrics["loss"])  # syncs: the timing below is honest
     state.step += 1
     now = time.perf_counter()
     rows = state.history["train"]
-    row = {"step": state.step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-           "lr": float(run.schedule(state.step - 1)),
-           "tokens_seen": (rows[-1]["tokens_seen"] if rows else 0) + tc.tokens_per_step,
-           "tokens_per_s": tc.tokens_per_step / max(now - clock[1], 1e-9),
-           "time_s": now - clock[0]}
+    row = {
+        "step": state.step,
+        "loss": loss,
+        "grad_norm": float(metrics["grad_norm"]),
+        "lr": float(run.schedule(state.step - 1)),
+        "tokens_seen": (rows[-1]["tokens_seen"] if rows else 0) + tc.tokens_per_step,
+        "tokens_per_s": tc.tokens_per_step / max(now - clock[1], 1e-9),
+        "time_s": now - clock[0],
+    }
     clock[1] = now
     rows.append(row)
     if not math.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss} at step {state.step}; lower lr "
-                                 f"({tc.lr}) or check the data")
+        raise FloatingPointError(
+            f"loss became {loss} at step {state.step}; lower lr ({tc.lr}) or check the data"
+        )
     if not bool(metrics["params_finite"]):
         raise FloatingPointError(
             f"the update of step {state.step} made parameter(s) {_non_finite(state.params)} "
             f"NaN or infinite (its loss, {loss}, was computed before the update); lower lr "
-            f"({tc.lr}) or check the loss's gradient")
+            f"({tc.lr}) or check the loss's gradient"
+        )
     return row
 
 
 def _non_finite(params: Any) -> list[str]:
     """Names of the (first three) leaves of ``params`` holding a NaN or an infinity."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    bad = [jax.tree_util.keystr(path, simple=True, separator=".") for path, leaf in flat
-           if not np.isfinite(np.asarray(leaf)).all()]
+    bad = [
+        jax.tree_util.keystr(path, simple=True, separator=".")
+        for path, leaf in flat
+        if not np.isfinite(np.asarray(leaf)).all()
+    ]
     return bad[:3] + (["..."] if len(bad) > 3 else [])
 
 
@@ -447,13 +593,22 @@ def _evaluate_into(run: _Run, state: TrainState) -> None:
         return
     tc = run.tc
     model = nnx.merge(run.graphdef, state.params, run.rest)
-    result = evaluate(model, run.valid_tokens, batch_size=tc.batch_size, seq_len=tc.seq_len,
-                      max_batches=tc.eval_batches)
-    state.history["eval"].append({"step": state.step, "val_loss": result["loss"],
-                                  "val_perplexity": result["perplexity"],
-                                  "val_tokens": result["tokens"]})
-    run.say(f"step {state.step}: val loss {result['loss']:.4f} "
-            f"(ppl {result['perplexity']:.2f})")
+    result = evaluate(
+        model,
+        run.valid_tokens,
+        batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        max_batches=tc.eval_batches,
+    )
+    state.history["eval"].append(
+        {
+            "step": state.step,
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_tokens": result["tokens"],
+        }
+    )
+    run.say(f"step {state.step}: val loss {result['loss']:.4f} (ppl {result['perplexity']:.2f})")
 
 
 def _checkpoint(run: _Run, state: TrainState) -> None:
@@ -461,7 +616,11 @@ def _checkpoint(run: _Run, state: TrainState) -> None:
     if run.ckpt_dir is None or run.out_dir is None or state.saved_step == state.step:
         return
     state.saved_step = state.step
-    meta = {**run.meta, "step": state.step, "data_state": run.batcher.state(state.data),
-            "history": state.history}
+    meta = {
+        **run.meta,
+        "step": state.step,
+        "data_state": run.batcher.state(state.data),
+        "history": state.history,
+    }
     save_checkpoint(run.ckpt_dir, state.step, state.arrays, meta, keep=run.tc.keep_checkpoints)
     write_metrics(run.out_dir, state.history, run.meta)

@@ -31,17 +31,29 @@ import numpy as np
 
 from .train_config import TrainError
 
-__all__ = ["CHECKSUMS_FILE", "SKIPPED_DIR", "SkippedCheckpointWarning", "checkpoint_steps",
-           "verify_checkpoint", "save_checkpoint", "latest_checkpoint_step",
-           "restore_checkpoint", "set_aside_step", "data_fingerprint", "write_metrics",
-           "load_history"]
+__all__ = [
+    "CHECKSUMS_FILE",
+    "SKIPPED_DIR",
+    "SkippedCheckpointWarning",
+    "checkpoint_steps",
+    "verify_checkpoint",
+    "save_checkpoint",
+    "latest_checkpoint_step",
+    "restore_checkpoint",
+    "set_aside_step",
+    "data_fingerprint",
+    "write_metrics",
+    "load_history",
+]
 
 
 def _flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
     """Leaves of ``tree`` with readable unique names ('params.layers.0.attn.q.value')."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [re.sub(r"[^A-Za-z0-9_.]", "_", jax.tree_util.keystr(p, simple=True, separator="."))
-             for p, _ in with_path]
+    names = [
+        re.sub(r"[^A-Za-z0-9_.]", "_", jax.tree_util.keystr(p, simple=True, separator="."))
+        for p, _ in with_path
+    ]
     if len(set(names)) != len(names):
         raise TrainError("training state has leaves with clashing names")
     return names, [leaf for _, leaf in with_path], treedef
@@ -50,13 +62,14 @@ def _flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
 def _manager(directory: Path, keep: int) -> Any:
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
 CHECKSUMS_FILE = "checksums.json"
-SKIPPED_DIR = "skipped"   # broken steps are moved here (not an integer: Orbax ignores it)
+SKIPPED_DIR = "skipped"  # broken steps are moved here (not an integer: Orbax ignores it)
 _EMPTY = "the step folder is empty"
 
 
@@ -95,8 +108,10 @@ def verify_checkpoint(directory: str | os.PathLike, step: int) -> str | None:
         return _EMPTY
     sums_file = step_dir / CHECKSUMS_FILE
     if not sums_file.is_file():
-        return (f"it has no {CHECKSUMS_FILE}, so its files cannot be verified (a save "
-                "interrupted before its checksums were written, or from before checksums)")
+        return (
+            f"it has no {CHECKSUMS_FILE}, so its files cannot be verified (a save "
+            "interrupted before its checksums were written, or from before checksums)"
+        )
     try:
         expected = json.loads(sums_file.read_text())["files"]
     except (ValueError, KeyError, TypeError):
@@ -107,8 +122,11 @@ def verify_checkpoint(directory: str | os.PathLike, step: int) -> str | None:
     missing = sorted(set(expected) - set(found))
     changed = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
     extra = sorted(set(found) - set(expected))
-    for what, names in (("missing", missing), ("changed (checksum differs)", changed),
-                        ("not part of the save", extra)):
+    for what, names in (
+        ("missing", missing),
+        ("changed (checksum differs)", changed),
+        ("not part of the save", extra),
+    ):
         if names:
             return f"file(s) {what}: {names[:3]}"
     return None
@@ -127,8 +145,9 @@ def set_aside_step(directory: str | os.PathLike, step: int) -> Path:
     return target
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
-                    meta: Mapping[str, Any], *, keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike, step: int, state: Any, meta: Mapping[str, Any], *, keep: int = 2
+) -> Path:
     """Save a pytree of arrays ``state`` plus JSON ``meta`` as step ``step`` under ``directory``.
 
     Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only when
@@ -146,8 +165,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Any,
         set_aside_step(directory, step)
     _check_room(directory, sum(a.nbytes for a in flat.values()))
     with _manager(directory, keep) as mgr:
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
-                                               meta=ocp.args.JsonSave(dict(meta))), force=True)
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(dict(meta))
+            ),
+            force=True,
+        )
         mgr.wait_until_finished()
     step_dir = directory / str(step)
     tmp = step_dir / (CHECKSUMS_FILE + ".tmp")
@@ -164,20 +188,33 @@ def _check_room(directory: Path, nbytes: int) -> None:
     free = shutil.disk_usage(directory).free
     need = nbytes + nbytes // 10 + (1 << 20)
     if free < need:
-        raise OSError(errno.ENOSPC, f"no room for a checkpoint in {directory}: a step needs "
-                      f"about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free",
-                      str(directory))
+        raise OSError(
+            errno.ENOSPC,
+            f"no room for a checkpoint in {directory}: a step needs "
+            f"about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free",
+            str(directory),
+        )
 
 
 def latest_checkpoint_step(directory: str | os.PathLike) -> int | None:
     """The newest step under ``directory`` that passes :func:`verify_checkpoint` (None if none)."""
-    return next((s for s in reversed(checkpoint_steps(directory))
-                 if verify_checkpoint(directory, s) is None), None)
+    return next(
+        (
+            s
+            for s in reversed(checkpoint_steps(directory))
+            if verify_checkpoint(directory, s) is None
+        ),
+        None,
+    )
 
 
-def restore_checkpoint(directory: str | os.PathLike, like: Any, step: int | None = None, *,
-                       on_skip: Callable[[str], None] | None = None
-                       ) -> tuple[Any, dict[str, Any], int]:
+def restore_checkpoint(
+    directory: str | os.PathLike,
+    like: Any,
+    step: int | None = None,
+    *,
+    on_skip: Callable[[str], None] | None = None,
+) -> tuple[Any, dict[str, Any], int]:
     """Restore ``(state, meta, step)``; ``like`` is a pytree with the state's structure, shapes
     and dtypes (arrays or ``jax.ShapeDtypeStruct``).
 
@@ -202,23 +239,31 @@ def restore_checkpoint(directory: str | os.PathLike, like: Any, step: int | None
     for candidate in candidates:
         problem = verify_checkpoint(directory, candidate)
         if problem is not None:
-            if problem != _EMPTY:   # an empty folder is no checkpoint, not a broken one
+            if problem != _EMPTY:  # an empty folder is no checkpoint, not a broken one
                 problems.append(f"step {candidate}: {problem}")
             if step is None:
-                message = (f"skipping checkpoint step {candidate} in {directory}: {problem}; "
-                           "trying the previous step")
+                message = (
+                    f"skipping checkpoint step {candidate} in {directory}: {problem}; "
+                    "trying the previous step"
+                )
                 warnings.warn(message, SkippedCheckpointWarning, stacklevel=2)
                 if on_skip is not None:
                     on_skip(message)
             continue
         with _manager(directory, 1_000_000) as mgr:
             try:
-                out = mgr.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                out = mgr.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except (ValueError, KeyError) as exc:
-                raise TrainError(f"checkpoint {directory}/{candidate} is intact but does not "
-                                 f"match this model/optimizer (different config?): "
-                                 f"{str(exc)[:300]}") from exc
+                raise TrainError(
+                    f"checkpoint {directory}/{candidate} is intact but does not "
+                    f"match this model/optimizer (different config?): "
+                    f"{str(exc)[:300]}"
+                ) from exc
         restored = [jnp.asarray(out["state"][n]) for n in names]
         return jax.tree_util.tree_unflatten(treedef, restored), dict(out["meta"]), int(candidate)
     if not problems:
@@ -236,8 +281,9 @@ _TRAIN_FIELDS = ["step", "loss", "grad_norm", "lr", "tokens_seen", "tokens_per_s
 _EVAL_FIELDS = ["step", "val_loss", "val_perplexity", "val_tokens"]
 
 
-def write_metrics(out_dir: Path, history: dict[str, list[dict[str, Any]]],
-                  meta: Mapping[str, Any]) -> None:
+def write_metrics(
+    out_dir: Path, history: dict[str, list[dict[str, Any]]], meta: Mapping[str, Any]
+) -> None:
     """``out_dir/metrics.csv`` (a row per step, eval columns on eval steps) and
     ``metrics.json`` (``meta`` + ``history``), each written whole and renamed into place."""
     evals = {row["step"]: row for row in history["eval"]}

@@ -19,7 +19,7 @@ __all__ = ["TrainConfig", "TrainError", "check_int", "check_real"]
 
 #: float32 is what the optimizer computes in: a larger "finite" Python float is inf there.
 _F32_MAX = float(np.finfo(np.float32).max)
-_SEED_LIMIT = 2 ** 32   # the step's JAX key holds 32 bits of seed
+_SEED_LIMIT = 2**32  # the step's JAX key holds 32 bits of seed
 
 
 class TrainError(ValueError):
@@ -38,16 +38,23 @@ def check_int(value: Any, name: str, *, low: int = 1, what: str = "") -> int:
     return int(value)
 
 
-def check_real(value: Any, name: str, *, low: float, high: float = _F32_MAX,
-               low_open: bool = False, high_open: bool = False, what: str = "") -> float:
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float,
+    high: float = _F32_MAX,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "",
+) -> float:
     """``value`` as a finite ``float`` in the interval given, else :class:`TrainError`.
 
     The interval is ``[low, high]``, with either end excluded by ``low_open``/``high_open``;
     the message states it as the user would (``lr (the peak learning rate) must be a finite
     number > 0, got inf``).
     """
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value,
-                                                                                     bool)
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     ok = real and math.isfinite(value) and abs(value) <= _F32_MAX
     ok = ok and (value > low if low_open else value >= low)
     ok = ok and (value < high if high_open else value <= high)
@@ -55,7 +62,7 @@ def check_real(value: Any, name: str, *, low: float, high: float = _F32_MAX,
         if high == _F32_MAX:
             bound = f"> {low}" if low_open else f">= {low}"
         else:
-            bound = (("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]"))
+            bound = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
             bound = f"in {bound}"
         raise TrainError(f"{name}{what} must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -118,21 +125,43 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every"):
             check_int(getattr(self, name), name, low=0)
         if check_int(self.seed, "seed", low=0) >= _SEED_LIMIT:
-            raise TrainError(f"seed must be in [0, 2**32) (the step's JAX key holds 32 bits), "
-                             f"got {self.seed}")
+            raise TrainError(
+                f"seed must be in [0, 2**32) (the step's JAX key holds 32 bits), got {self.seed}"
+            )
         check_real(self.lr, "lr", low=0, low_open=True, what=" (the peak learning rate)")
-        check_real(self.min_lr_ratio, "min_lr_ratio", low=0, high=1,
-                   what=" (the final learning rate as a share of lr)")
+        check_real(
+            self.min_lr_ratio,
+            "min_lr_ratio",
+            low=0,
+            high=1,
+            what=" (the final learning rate as a share of lr)",
+        )
         check_real(self.weight_decay, "weight_decay", low=0)
         if self.clip is not None:
-            check_real(self.clip, "clip", low=0, low_open=True,
-                       what=" (the gradient-norm clip; None turns it off)")
-        check_real(self.b1, "b1", low=0, high=1, high_open=True,
-                   what=" (Adam's decay of the gradient's running mean)")
-        check_real(self.b2, "b2", low=0, high=1, high_open=True,
-                   what=" (Adam's decay of the squared gradient's running mean)")
-        check_real(self.eps, "eps", low=0, low_open=True,
-                   what=" (Adam's denominator guard)")
+            check_real(
+                self.clip,
+                "clip",
+                low=0,
+                low_open=True,
+                what=" (the gradient-norm clip; None turns it off)",
+            )
+        check_real(
+            self.b1,
+            "b1",
+            low=0,
+            high=1,
+            high_open=True,
+            what=" (Adam's decay of the gradient's running mean)",
+        )
+        check_real(
+            self.b2,
+            "b2",
+            low=0,
+            high=1,
+            high_open=True,
+            what=" (Adam's decay of the squared gradient's running mean)",
+        )
+        check_real(self.eps, "eps", low=0, low_open=True, what=" (Adam's denominator guard)")
         if self.dtype not in ("float32", "bfloat16"):
             raise TrainError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.eval_batches is not None:
@@ -141,12 +170,17 @@ class TrainConfig:
             check_int(self.distill_topk, "distill_topk", what=" (or None: all logits)")
         check_real(self.distill_temperature, "distill_temperature", low=0, low_open=True)
         if self.distill_alpha is not None:
-            check_real(self.distill_alpha, "distill_alpha", low=0, high=1,
-                       what=" (the weight of the distillation term; None = 1)")
+            check_real(
+                self.distill_alpha,
+                "distill_alpha",
+                low=0,
+                high=1,
+                what=" (the weight of the distillation term; None = 1)",
+            )
         if not isinstance(self.progress, bool):
             raise TrainError(f"progress must be True or False, got {self.progress!r}")
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,21 +30,34 @@ from .losses import cross_entropy_loss
 from .sharding import StepShardings
 from .train_config import TrainConfig
 
-__all__ = ["LossFn", "lr_schedule", "make_optimizer", "make_loss_fn", "make_train_step",
-           "split_trainable", "StepCache", "STEP_CACHE"]
+__all__ = [
+    "LossFn",
+    "lr_schedule",
+    "make_optimizer",
+    "make_loss_fn",
+    "make_train_step",
+    "split_trainable",
+    "StepCache",
+    "STEP_CACHE",
+]
 
 # loss_fn(student_logits (B,T,V) f32, targets (B,T) int32, teacher_logits (B,T,V) f32 | None,
 #         rng uint32 (2,), mask (B,T) f32 | None: 1 = count the position) -> f32 scalar
-LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None", jax.Array, "jax.Array | None"],
-                  jax.Array]
+LossFn = Callable[
+    [jax.Array, jax.Array, "jax.Array | None", jax.Array, "jax.Array | None"], jax.Array
+]
 
 
 # ----------------------------------------------------------------------------- optimizer
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
     """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio*lr``."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup,
-        decay_steps=max(tc.steps, tc.warmup + 1), end_value=tc.lr * tc.min_lr_ratio)
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup,
+        decay_steps=max(tc.steps, tc.warmup + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -53,9 +66,14 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     Norm scales are left undecayed: decaying them pulls (1 + scale) towards 1, a prior the
     model never asked for (common practice since GPT-2/T5-era training recipes).
     """
-    adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                        weight_decay=tc.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    adamw = optax.adamw(
+        lr_schedule(tc),
+        b1=tc.b1,
+        b2=tc.b2,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
     return optax.chain(optax.clip_by_global_norm(tc.clip), adamw) if tc.clip else adamw
 
 
@@ -66,37 +84,55 @@ def make_loss_fn(tc: TrainConfig, has_teacher: bool) -> LossFn:
     a stored top-k file would give), mixed with the hard labels when ``tc.distill_alpha`` is set.
     """
     if not has_teacher:
-        return lambda logits, targets, teacher_logits, rng, mask=None: \
-            cross_entropy_loss(logits, targets, mask)
+
+        def hard_labels(
+            logits: jax.Array,
+            targets: jax.Array,
+            teacher_logits: jax.Array | None,
+            rng: jax.Array,
+            mask: jax.Array | None = None,
+        ) -> jax.Array:
+            return cross_entropy_loss(logits, targets, mask)
+
+        return hard_labels
     tau, alpha, k = tc.distill_temperature, tc.distill_alpha, tc.distill_topk
 
-    def loss(logits: jax.Array, targets: jax.Array, teacher_logits: jax.Array | None,
-             rng: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def loss(
+        logits: jax.Array,
+        targets: jax.Array,
+        teacher_logits: jax.Array | None,
+        rng: jax.Array,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         assert teacher_logits is not None
         kw: dict[str, Any] = {"mask": mask}
         if alpha is not None:
             kw.update(alpha=alpha, targets=targets)
         if k is None:
             return distillation_loss(logits, teacher_logits, temperature=tau, **kw)
-        values, ids = jax.lax.top_k(teacher_logits, k)                       # (B, T, k)
+        values, ids = jax.lax.top_k(teacher_logits, k)  # (B, T, k)
         return topk_distillation_loss(logits, values, ids, temperature=tau, **kw)
 
     return loss
 
 
 # ----------------------------------------------------------------------------- the step
-def split_trainable(model: nnx.Module, trainable: Any = nnx.Param
-                    ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_trainable(
+    model: nnx.Module, trainable: Any = nnx.Param
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, params, rest)``: the variables matching the nnx filter ``trainable`` (what
     the optimizer updates; default every ``nnx.Param``) and everything else (read, frozen).
 
     ``trainable=nnx.LoRAParam`` trains only LoRA adapters; the base weights then sit in
     ``rest``. Raises ``ValueError`` when the filter matches no variable.
     """
-    graphdef, params, rest = nnx.split(model, trainable, ...)
+    # flax types split's result as variadic; two filters give exactly three parts
+    graphdef, params, rest = nnx.split(model, trainable, ...)  # type: ignore[misc]
     if not jax.tree.leaves(params):
-        raise ValueError(f"the filter trainable={trainable!r} matches no variable of the model: "
-                         "nothing would train")
+        raise ValueError(
+            f"the filter trainable={trainable!r} matches no variable of the model: "
+            "nothing would train"
+        )
     return graphdef, params, rest
 
 
@@ -105,9 +141,15 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    teacher_graph: Any = None, *, shardings: StepShardings | None = None,
-                    teacher_shardings: Any = None) -> Callable[..., Any]:
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    teacher_graph: Any = None,
+    *,
+    shardings: StepShardings | None = None,
+    teacher_shardings: Any = None,
+) -> Callable[..., Any]:
     """The one jitted training step, for one device or a mesh.
 
     For a model split as ``split_trainable(model, trainable)`` (``nnx.split(model, nnx.Param,
@@ -127,18 +169,24 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: Lo
     collectives; the arithmetic is the single-device step's.
     """
 
-    def step_fn(params: Any, opt_state: Any, rng: jax.Array, rest: Any, teacher_state: Any,
-                batch: jax.Array, mask: jax.Array | None = None
-                ) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
-        inputs, targets = batch[:, :-1], batch[:, 1:]                        # (B, T) each
+    def step_fn(
+        params: Any,
+        opt_state: Any,
+        rng: jax.Array,
+        rest: Any,
+        teacher_state: Any,
+        batch: jax.Array,
+        mask: jax.Array | None = None,
+    ) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         rng, sub = jax.random.split(rng)
         teacher_logits = None
         if teacher_graph is not None:
             t_model = nnx.merge(teacher_graph, teacher_state)
-            teacher_logits = jax.lax.stop_gradient(t_model(inputs))          # (B, T, V)
+            teacher_logits = jax.lax.stop_gradient(t_model(inputs))  # (B, T, V)
 
         def objective(p: Any) -> jax.Array:
-            logits = nnx.merge(graphdef, p, rest)(inputs)                    # (B, T, V) f32
+            logits = nnx.merge(graphdef, p, rest)(inputs)  # (B, T, V) f32
             return loss_fn(logits, targets, teacher_logits, sub, mask)
 
         loss, grads = jax.value_and_grad(objective)(params)
@@ -147,16 +195,30 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_fn: Lo
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, rng, {"loss": loss, "grad_norm": grad_norm,
-                                        "params_finite": _all_finite(params)}
+        return (
+            params,
+            opt_state,
+            rng,
+            {"loss": loss, "grad_norm": grad_norm, "params_finite": _all_finite(params)},
+        )
 
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0, 1, 2))
     s = shardings
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2),
-                   in_shardings=(s.params, s.opt_state, s.replicated, s.rest, teacher_shardings,
-                                 s.batch, s.batch),
-                   out_shardings=(s.params, s.opt_state, s.replicated, s.replicated))
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0, 1, 2),
+        in_shardings=(
+            s.params,
+            s.opt_state,
+            s.replicated,
+            s.rest,
+            teacher_shardings,
+            s.batch,
+            s.batch,
+        ),
+        out_shardings=(s.params, s.opt_state, s.replicated, s.replicated),
+    )
 
 
 # ----------------------------------------------------------------------------- step cache
@@ -172,26 +234,44 @@ class StepCache:
     step compiled for another value.
     """
 
-    IGNORED = frozenset({"seed", "batch_size", "seq_len", "eval_every", "eval_batches",
-                         "checkpoint_every", "keep_checkpoints", "progress"})
+    IGNORED = frozenset(
+        {
+            "seed",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "progress",
+        }
+    )
 
     def __init__(self) -> None:
         self._steps: dict[Any, Callable[..., Any]] = {}
 
-    def key(self, graphdef: Any, tc: TrainConfig, teacher_graph: Any = None,
-            trainable: Any = nnx.Param) -> tuple[Any, ...]:
-        fields = tuple((f.name, getattr(tc, f.name)) for f in dataclasses.fields(tc)
-                       if f.name not in self.IGNORED)
+    def key(
+        self, graphdef: Any, tc: TrainConfig, teacher_graph: Any = None, trainable: Any = nnx.Param
+    ) -> tuple[Any, ...]:
+        fields = tuple(
+            (f.name, getattr(tc, f.name))
+            for f in dataclasses.fields(tc)
+            if f.name not in self.IGNORED
+        )
         return graphdef, teacher_graph, trainable, fields
 
-    def get(self, graphdef: Any, tc: TrainConfig, teacher_graph: Any = None,
-            trainable: Any = nnx.Param) -> Callable[..., Any]:
+    def get(
+        self, graphdef: Any, tc: TrainConfig, teacher_graph: Any = None, trainable: Any = nnx.Param
+    ) -> Callable[..., Any]:
         """The step for the default objective of ``tc``, compiled on first use."""
         key = self.key(graphdef, tc, teacher_graph, trainable)
         if key not in self._steps:
-            self._steps[key] = make_train_step(graphdef, make_optimizer(tc),
-                                               make_loss_fn(tc, teacher_graph is not None),
-                                               teacher_graph)
+            self._steps[key] = make_train_step(
+                graphdef,
+                make_optimizer(tc),
+                make_loss_fn(tc, teacher_graph is not None),
+                teacher_graph,
+            )
         return self._steps[key]
 
     def clear(self) -> None:

@@ -38,9 +38,24 @@ from .config import Gemma2Config
 from .params import Path_
 from .safetensors_io import CheckpointError
 
-__all__ = ["Transform", "Rule", "Table", "IDENTITY", "TRANSPOSE", "VOCAB_ROWS", "OUT_HEADS",
-           "split_heads", "stack", "then", "HF", "flax_table", "import_arrays", "export_arrays",
-           "flatten", "nest"]
+__all__ = [
+    "Transform",
+    "Rule",
+    "Table",
+    "IDENTITY",
+    "TRANSPOSE",
+    "VOCAB_ROWS",
+    "OUT_HEADS",
+    "split_heads",
+    "stack",
+    "then",
+    "HF",
+    "flax_table",
+    "import_arrays",
+    "export_arrays",
+    "flatten",
+    "nest",
+]
 
 Arrays = list[np.ndarray]
 
@@ -65,16 +80,18 @@ def _shape_error(expected: Any, found: Any) -> CheckpointError:
 
 
 IDENTITY = Transform("identity", lambda a, c: a, lambda a, c: a)
-TRANSPOSE = Transform("transpose", lambda a, c: [np.swapaxes(a[0], -1, -2)],
-                      lambda a, c: [np.swapaxes(a[0], -1, -2)])
+TRANSPOSE = Transform(
+    "transpose", lambda a, c: [np.swapaxes(a[0], -1, -2)], lambda a, c: [np.swapaxes(a[0], -1, -2)]
+)
 
 
 def _vocab_load(a: Arrays, c: Gemma2Config) -> Arrays:
     w = a[0]
     if w.ndim != 2 or w.shape[0] < c.vocab_size:
-        raise CheckpointError(f"expected (V, D) with at least {c.vocab_size} rows, found shape "
-                              f"{w.shape}")
-    return [w[:c.vocab_size]]
+        raise CheckpointError(
+            f"expected (V, D) with at least {c.vocab_size} rows, found shape {w.shape}"
+        )
+    return [w[: c.vocab_size]]
 
 
 #: The official Flax embedding has 256128 rows for a 256000-token vocabulary: rows past the
@@ -84,6 +101,7 @@ VOCAB_ROWS = Transform("vocab rows", _vocab_load, lambda a, c: a)
 
 def split_heads(count: str) -> Transform:
     """Theirs (count*H, D) <-> ours (count, D, H); ``count`` names the config field (N or K)."""
+
     def load(a: Arrays, c: Gemma2Config) -> Arrays:
         n, h, d = getattr(c, count), c.head_dim, c.d_model
         if a[0].shape != (n * h, d):
@@ -105,17 +123,20 @@ def _out_load(a: Arrays, c: Gemma2Config) -> Arrays:
 
 
 #: The attention output: theirs (D, N*H) <-> ours (N, H, D).
-OUT_HEADS = Transform("merge heads (output)", _out_load,
-                      lambda a, c: [a[0].reshape(-1, c.d_model).T])
+OUT_HEADS = Transform(
+    "merge heads (output)", _out_load, lambda a, c: [a[0].reshape(-1, c.d_model).T]
+)
 
 
 def stack(count: int) -> Transform:
     """Theirs (count, ...) <-> ``count`` of ours, stacked on a new first axis."""
+
     def load(a: Arrays, c: Gemma2Config) -> Arrays:
         w = a[0]
         if np.ndim(w) < 2 or np.shape(w)[0] != count:
-            raise CheckpointError(f"expected {count} tensors stacked on the first axis, found "
-                                  f"shape {np.shape(w)}")
+            raise CheckpointError(
+                f"expected {count} tensors stacked on the first axis, found shape {np.shape(w)}"
+            )
         return [w[j] for j in range(count)]
 
     return Transform(f"stack {count}", load, lambda a, c: [np.stack(a)])
@@ -123,6 +144,7 @@ def stack(count: int) -> Transform:
 
 def then(first: Transform, each: Transform) -> Transform:
     """``first``, then ``each`` applied to every one of its outputs (e.g. unstack, transpose)."""
+
     def load(a: Arrays, c: Gemma2Config) -> Arrays:
         return [out for part in first.load(a, c) for out in each.load([part], c)]
 
@@ -147,14 +169,20 @@ class Rule:
         head, braces, tail = self.theirs.partition("{i}")
         if not braces:
             return key == self.theirs, None
-        middle = key[len(head):len(key) - len(tail)]
-        ok = (len(key) > len(head) + len(tail) and key.startswith(head) and key.endswith(tail)
-              and middle.isdecimal())
+        middle = key[len(head) : len(key) - len(tail)]
+        ok = (
+            len(key) > len(head) + len(tail)
+            and key.startswith(head)
+            and key.endswith(tail)
+            and middle.isdecimal()
+        )
         return ok, int(middle) if ok else None
 
     def our_paths(self, layer: int | None) -> list[Path_]:
-        return [tuple(int(p) if p.isdigit() else p
-                      for p in name.replace("{i}", str(layer)).split(".")) for name in self.ours]
+        return [
+            tuple(int(p) if p.isdigit() else p for p in name.replace("{i}", str(layer)).split("."))
+            for name in self.ours
+        ]
 
     def their_key(self, layer: int | None) -> str:
         return self.theirs.replace("{i}", str(layer))
@@ -170,31 +198,46 @@ class Table:
     tied: Mapping[str, str] = field(default_factory=dict)
 
 
-def _layer_rules(prefix: str, rows: Sequence[tuple[str | tuple[str, ...], str, Transform]]
-                 ) -> tuple[Rule, ...]:
-    return tuple(Rule((ours,) if isinstance(ours, str) else ours, prefix + theirs, t)
-                 for ours, theirs, t in rows)
+def _layer_rules(
+    prefix: str, rows: Sequence[tuple[str | tuple[str, ...], str, Transform]]
+) -> tuple[Rule, ...]:
+    return tuple(
+        Rule((ours,) if isinstance(ours, str) else ours, prefix + theirs, t)
+        for ours, theirs, t in rows
+    )
 
 
-HF = Table("Hugging Face", (
-    Rule(("embedder.embedding",), "model.embed_tokens.weight"),
-    Rule(("final_norm.scale",), "model.norm.weight"),
-    *_layer_rules("model.layers.{i}.", [
-        ("layers.{i}.attn.q", "self_attn.q_proj.weight", split_heads("num_heads")),
-        ("layers.{i}.attn.k", "self_attn.k_proj.weight", split_heads("num_kv_heads")),
-        ("layers.{i}.attn.v", "self_attn.v_proj.weight", split_heads("num_kv_heads")),
-        ("layers.{i}.attn.o", "self_attn.o_proj.weight", OUT_HEADS),
-        ("layers.{i}.mlp.gate", "mlp.gate_proj.weight", TRANSPOSE),
-        ("layers.{i}.mlp.up", "mlp.up_proj.weight", TRANSPOSE),
-        ("layers.{i}.mlp.down", "mlp.down_proj.weight", TRANSPOSE),
-        ("layers.{i}.pre_attn_norm.scale", "input_layernorm.weight", IDENTITY),
-        ("layers.{i}.post_attn_norm.scale", "post_attention_layernorm.weight", IDENTITY),
-        ("layers.{i}.pre_ffw_norm.scale", "pre_feedforward_layernorm.weight", IDENTITY),
-        ("layers.{i}.post_ffw_norm.scale", "post_feedforward_layernorm.weight", IDENTITY),
-    ])), tied={"lm_head.weight": "model.embed_tokens.weight"})
+HF = Table(
+    "Hugging Face",
+    (
+        Rule(("embedder.embedding",), "model.embed_tokens.weight"),
+        Rule(("final_norm.scale",), "model.norm.weight"),
+        *_layer_rules(
+            "model.layers.{i}.",
+            [
+                ("layers.{i}.attn.q", "self_attn.q_proj.weight", split_heads("num_heads")),
+                ("layers.{i}.attn.k", "self_attn.k_proj.weight", split_heads("num_kv_heads")),
+                ("layers.{i}.attn.v", "self_attn.v_proj.weight", split_heads("num_kv_heads")),
+                ("layers.{i}.attn.o", "self_attn.o_proj.weight", OUT_HEADS),
+                ("layers.{i}.mlp.gate", "mlp.gate_proj.weight", TRANSPOSE),
+                ("layers.{i}.mlp.up", "mlp.up_proj.weight", TRANSPOSE),
+                ("layers.{i}.mlp.down", "mlp.down_proj.weight", TRANSPOSE),
+                ("layers.{i}.pre_attn_norm.scale", "input_layernorm.weight", IDENTITY),
+                ("layers.{i}.post_attn_norm.scale", "post_attention_layernorm.weight", IDENTITY),
+                ("layers.{i}.pre_ffw_norm.scale", "pre_feedforward_layernorm.weight", IDENTITY),
+                ("layers.{i}.post_ffw_norm.scale", "post_feedforward_layernorm.weight", IDENTITY),
+            ],
+        ),
+    ),
+    tied={"lm_head.weight": "model.embed_tokens.weight"},
+)
 
-_FLAX_NORMS = {"pre_attn_norm": "pre_attention_norm", "post_attn_norm": "post_attention_norm",
-               "pre_ffw_norm": "pre_ffw_norm", "post_ffw_norm": "post_ffw_norm"}
+_FLAX_NORMS = {
+    "pre_attn_norm": "pre_attention_norm",
+    "post_attn_norm": "post_attention_norm",
+    "pre_ffw_norm": "pre_ffw_norm",
+    "post_ffw_norm": "post_ffw_norm",
+}
 
 
 def flax_table(*, released: bool = False, gating: str = "FD", qkv: bool = False) -> Table:
@@ -207,25 +250,45 @@ def flax_table(*, released: bool = False, gating: str = "FD", qkv: bool = False)
         raise ValueError(f"gating must be 'DF' (2B) or 'FD' (9B/27B), got {gating!r}")
     w = "/w" if released else ""
     gate = stack(2) if gating == "DF" else then(stack(2), TRANSPOSE)
-    attn = [(("layers.{i}.attn.q", "layers.{i}.attn.k", "layers.{i}.attn.v"),
-             "attn/qkv_einsum/w", stack(3))] if qkv else [
-        ("layers.{i}.attn.q", "attn/q_einsum/w", IDENTITY),
-        (("layers.{i}.attn.k", "layers.{i}.attn.v"), "attn/kv_einsum/w", stack(2))]
-    return Table(f"Flax ({'released' if released else 'official'}, gating {gating})", (
-        Rule(("embedder.embedding",), "transformer/embedder/input_embedding", VOCAB_ROWS),
-        Rule(("final_norm.scale",), "transformer/final_norm/scale"),
-        *_layer_rules("transformer/layer_{i}/", [
-            *attn,
-            ("layers.{i}.attn.o", "attn/attn_vec_einsum/w", IDENTITY),
-            (("layers.{i}.mlp.gate", "layers.{i}.mlp.up"), f"mlp/gating_einsum{w}", gate),
-            ("layers.{i}.mlp.down", f"mlp/linear{w}", IDENTITY),
-            *((f"layers.{{i}}.{ours}.scale", f"{theirs}/scale", IDENTITY)
-              for ours, theirs in _FLAX_NORMS.items()),
-        ])))
+    attn = (
+        [
+            (
+                ("layers.{i}.attn.q", "layers.{i}.attn.k", "layers.{i}.attn.v"),
+                "attn/qkv_einsum/w",
+                stack(3),
+            )
+        ]
+        if qkv
+        else [
+            ("layers.{i}.attn.q", "attn/q_einsum/w", IDENTITY),
+            (("layers.{i}.attn.k", "layers.{i}.attn.v"), "attn/kv_einsum/w", stack(2)),
+        ]
+    )
+    return Table(
+        f"Flax ({'released' if released else 'official'}, gating {gating})",
+        (
+            Rule(("embedder.embedding",), "transformer/embedder/input_embedding", VOCAB_ROWS),
+            Rule(("final_norm.scale",), "transformer/final_norm/scale"),
+            *_layer_rules(
+                "transformer/layer_{i}/",
+                [
+                    *attn,
+                    ("layers.{i}.attn.o", "attn/attn_vec_einsum/w", IDENTITY),
+                    (("layers.{i}.mlp.gate", "layers.{i}.mlp.up"), f"mlp/gating_einsum{w}", gate),
+                    ("layers.{i}.mlp.down", f"mlp/linear{w}", IDENTITY),
+                    *(
+                        (f"layers.{{i}}.{ours}.scale", f"{theirs}/scale", IDENTITY)
+                        for ours, theirs in _FLAX_NORMS.items()
+                    ),
+                ],
+            ),
+        ),
+    )
 
 
-def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any], *,
-                  source: str = "checkpoint") -> tuple[dict[Path_, Any], dict[Path_, str]]:
+def import_arrays(
+    table: Table, config: Gemma2Config, theirs: Mapping[str, Any], *, source: str = "checkpoint"
+) -> tuple[dict[Path_, Any], dict[Path_, str]]:
     """Their tensors -> ours, by ``table``: ``({our path: array}, {our path: their key})``.
 
     A key no row (or tie) knows is refused by name; a missing one is left to
@@ -239,8 +302,10 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
         if key in table.tied:
             _check_tied(key, table.tied[key], theirs)
             continue
-        match = next(((rule, layer) for rule in table.rules
-                      for ok, layer in [rule.layer_in(key)] if ok), None)
+        match = next(
+            ((rule, layer) for rule in table.rules for ok, layer in [rule.layer_in(key)] if ok),
+            None,
+        )
         if match is None:
             unused.append(key)
             continue
@@ -251,9 +316,10 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
             raise CheckpointError(f"{key}: {exc}") from None
         paths = rule.our_paths(layer)
         for path, value in zip(paths, values):
-            if path in names:               # e.g. "layers.1" and "layers.01": which is meant?
-                raise CheckpointError(f"{names[path]} and {key} both hold "
-                                      f"{'.'.join(map(str, path))}")
+            if path in names:  # e.g. "layers.1" and "layers.01": which is meant?
+                raise CheckpointError(
+                    f"{names[path]} and {key} both hold {'.'.join(map(str, path))}"
+                )
             out[path], names[path] = value, key
     if unused:
         raise CheckpointError(f"unexpected tensors in {source}: {sorted(unused)[:8]}")
@@ -262,21 +328,28 @@ def import_arrays(table: Table, config: Gemma2Config, theirs: Mapping[str, Any],
 
 def _check_tied(key: str, original: str, theirs: Mapping[str, Any]) -> None:
     w, base = theirs[key], theirs.get(original)
-    same = base is not None and base.shape == w.shape and all(
-        np.array_equal(base[i:i + 4096], w[i:i + 4096]) for i in range(0, len(w), 4096))
+    same = (
+        base is not None
+        and base.shape == w.shape
+        and all(np.array_equal(base[i : i + 4096], w[i : i + 4096]) for i in range(0, len(w), 4096))
+    )
     if not same:
-        raise CheckpointError(f"{key} differs from {original}, but Gemma 2 ties them (the "
-                              "unembedding is the embedding)")
+        raise CheckpointError(
+            f"{key} differs from {original}, but Gemma 2 ties them (the "
+            "unembedding is the embedding)"
+        )
 
 
-def export_arrays(table: Table, config: Gemma2Config, ours: Mapping[Path_, Any]
-                  ) -> dict[str, np.ndarray]:
+def export_arrays(
+    table: Table, config: Gemma2Config, ours: Mapping[Path_, Any]
+) -> dict[str, np.ndarray]:
     """Our parameters -> their tensors, by ``table`` (tied copies are not written)."""
     out: dict[str, np.ndarray] = {}
     top = [(rule, None) for rule in table.rules if "{i}" not in rule.theirs]
-    per_layer = [(rule, i) for i in range(config.num_layers) for rule in table.rules
-                 if "{i}" in rule.theirs]
-    for rule, layer in top + per_layer:                # layer by layer, as the hub's files
+    per_layer = [
+        (rule, i) for i in range(config.num_layers) for rule in table.rules if "{i}" in rule.theirs
+    ]
+    for rule, layer in top + per_layer:  # layer by layer, as the hub's files
         values = [ours[path] for path in rule.our_paths(layer)]
         out[rule.their_key(layer)] = rule.transform.save(values, config)[0]
     return out

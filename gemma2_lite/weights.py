@@ -46,17 +46,47 @@ from . import fixtures
 from .flax_checkpoint import is_orbax_checkpoint, load_flax
 from .hf_checkpoint import INDEX_FILE, SINGLE_FILE, load_hf, read_index, verify_hf_folder
 from .profile import get_profile
-from .release import (ENV_VAR, FIXTURE_MARKER, LAYOUTS, MODELS, check_model,
-                      flax_checkpoint_name, model_dir, weights_root)
+from .release import (
+    ENV_VAR,
+    FIXTURE_MARKER,
+    LAYOUTS,
+    MODELS,
+    check_model,
+    flax_checkpoint_name,
+    model_dir,
+    weights_root,
+)
 from .safetensors_io import CheckpointError
 
-__all__ = ["ENV_VAR", "MODELS", "LAYOUTS", "FIXTURE_MARKER", "WeightsNotFound", "BrokenWeights",
-           "Weights", "weights_root", "model_dir", "flax_checkpoint_name", "missing_files",
-           "folder_problems", "pretrained", "locate", "book_model"]
+__all__ = [
+    "ENV_VAR",
+    "MODELS",
+    "LAYOUTS",
+    "FIXTURE_MARKER",
+    "WeightsNotFound",
+    "BrokenWeights",
+    "Weights",
+    "weights_root",
+    "model_dir",
+    "flax_checkpoint_name",
+    "missing_files",
+    "folder_problems",
+    "pretrained",
+    "locate",
+    "book_model",
+]
 
-_HF_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
-             "model.safetensors.index.json", "model-*.safetensors")
+_HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+)
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -71,8 +101,11 @@ def missing_files(path: str | os.PathLike, name: str, layout: str = "hf") -> lis
     """The files a complete ``name``/``layout`` folder needs that ``path`` lacks ([]: none)."""
     check_model(name, layout)
     path = Path(path)
-    missing = [f for f in ("tokenizer.model",) + (("config.json",) if layout == "hf" else ())
-               if not (path / f).is_file()]
+    missing = [
+        f
+        for f in ("tokenizer.model",) + (("config.json",) if layout == "hf" else ())
+        if not (path / f).is_file()
+    ]
     if layout == "flax":
         if not is_orbax_checkpoint(path / flax_checkpoint_name(name)):
             missing.append(f"{flax_checkpoint_name(name)}/ (the Orbax checkpoint directory)")
@@ -107,33 +140,45 @@ def _broken(name: str, layout: str, target: Path, problems: list[str]) -> Broken
         f"{name} ({layout} layout) in {target} is incomplete or damaged:\n  "
         + "\n  ".join(problems)
         + f"\n  Repair or remove that folder (the fixture stands in only when it is absent), "
-          f"or point {ENV_VAR} elsewhere.")
+        f"or point {ENV_VAR} elsewhere."
+    )
 
 
 def _source(name: str, layout: str) -> tuple[str, str, str]:
     """(page whose licence to accept, credentials to set, client package) for a download."""
     if layout == "hf":
-        return (f"https://huggingface.co/google/{name}",
-                "HF_TOKEN (a read token from https://huggingface.co/settings/tokens; or run "
-                "`huggingface-cli login`)", "huggingface_hub")
-    return ("https://www.kaggle.com/models/google/gemma-2",
-            "KAGGLE_USERNAME and KAGGLE_KEY (Kaggle > Settings > API > Create New Token; or "
-            "put kaggle.json in ~/.kaggle/)", "kagglehub")
+        return (
+            f"https://huggingface.co/google/{name}",
+            "HF_TOKEN (a read token from https://huggingface.co/settings/tokens; or run "
+            "`huggingface-cli login`)",
+            "huggingface_hub",
+        )
+    return (
+        "https://www.kaggle.com/models/google/gemma-2",
+        "KAGGLE_USERNAME and KAGGLE_KEY (Kaggle > Settings > API > Create New Token; or "
+        "put kaggle.json in ~/.kaggle/)",
+        "kagglehub",
+    )
 
 
 def _instructions(name: str, layout: str, target: Path, missing: list[str]) -> str:
     page, token, client = _source(name, layout)
-    files = ("config.json, tokenizer.model, model.safetensors.index.json and the "
-             "model-*.safetensors shards it lists" if layout == "hf" else
-             f"tokenizer.model and the Orbax checkpoint directory {flax_checkpoint_name(name)}/")
-    return (f"{name} ({layout} layout) is not in {target}"
-            f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}.\n"
-            f"  Put {files} there, from {page}\n"
-            f"  (accept the Gemma Terms of Use on that page first), or point {ENV_VAR} at a "
-            f"folder holding {name}/{layout}/.\n"
-            f"  To download automatically: pip install 'gemma2-lite[weights]' (installs "
-            f"{client}), accept the licence at {page}, set {token}, and call "
-            f"pretrained({name!r}, layout={layout!r}) with the network available.")
+    files = (
+        "config.json, tokenizer.model, model.safetensors.index.json and the "
+        "model-*.safetensors shards it lists"
+        if layout == "hf"
+        else f"tokenizer.model and the Orbax checkpoint directory {flax_checkpoint_name(name)}/"
+    )
+    return (
+        f"{name} ({layout} layout) is not in {target}"
+        f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}.\n"
+        f"  Put {files} there, from {page}\n"
+        f"  (accept the Gemma Terms of Use on that page first), or point {ENV_VAR} at a "
+        f"folder holding {name}/{layout}/.\n"
+        f"  To download automatically: pip install 'gemma2-lite[weights]' (installs "
+        f"{client}), accept the licence at {page}, set {token}, and call "
+        f"pretrained({name!r}, layout={layout!r}) with the network available."
+    )
 
 
 def _download_hf(name: str, target: Path) -> None:
@@ -148,7 +193,7 @@ def _download_kaggle(name: str, target: Path) -> None:
     # kagglehub keeps its own cache; the weights folder gets a link to it (no second copy).
     source = Path(kagglehub.model_download(f"google/gemma-2/flax/{flax_checkpoint_name(name)}"))
     if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
-        shutil.copytree(source, target, dirs_exist_ok=True)   # complete a partial folder
+        shutil.copytree(source, target, dirs_exist_ok=True)  # complete a partial folder
         return
     if target.is_symlink() or target.is_dir():
         target.unlink() if target.is_symlink() else target.rmdir()
@@ -157,8 +202,10 @@ def _download_kaggle(name: str, target: Path) -> None:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "GEMMA2_LITE_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "GEMMA2_LITE_OFFLINE")
+    )
 
 
 def pretrained(name: str, layout: str = "hf", *, download: bool = True) -> Path:
@@ -194,15 +241,19 @@ def pretrained(name: str, layout: str = "hf", *, download: bool = True) -> Path:
         except ImportError:
             why = f"\n  ({client} is not installed, so nothing was downloaded.)"
         else:
-            print(f"Downloading {name} ({layout}) into {target} with {client}. Gemma is "
-                  f"released under the Gemma Terms of Use: accept them at {page}, and set "
-                  f"{token}.", flush=True)
+            print(
+                f"Downloading {name} ({layout}) into {target} with {client}. Gemma is "
+                f"released under the Gemma Terms of Use: accept them at {page}, and set "
+                f"{token}.",
+                flush=True,
+            )
             try:
                 (_download_hf if layout == "hf" else _download_kaggle)(name, target)
-            except Exception as exc:   # network, licence not accepted, bad token: say what to do
+            except Exception as exc:  # network, licence not accepted, bad token: say what to do
                 raise WeightsNotFound(
                     _instructions(name, layout, target, missing)
-                    + f"\n  The download failed: {type(exc).__name__}: {exc}") from exc
+                    + f"\n  The download failed: {type(exc).__name__}: {exc}"
+                ) from exc
             problems = folder_problems(target, name, layout)
             if not problems:
                 return target
@@ -250,7 +301,7 @@ class Weights:
         dtype = jnp.bfloat16 if dtype is None else dtype
         if self.layout == "hf":
             return load_hf(self.checkpoint, dtype, **kwargs)
-        if not self.is_real and "config" not in kwargs:   # the fixture matches no preset
+        if not self.is_real and "config" not in kwargs:  # the fixture matches no preset
             kwargs["config"] = fixtures.fixture_config(flax=True)
         return load_flax(self.checkpoint, dtype=dtype, **kwargs)
 
@@ -264,10 +315,12 @@ class Weights:
         """One line saying what this is, for the chapters to print."""
         if self.is_real:
             return f"{self.name} ({self.layout}): the real released weights, from {self.path}"
-        return (f"{self.name} ({self.layout}): FIXTURE, tiny random weights in the released "
-                f"layout, not Gemma (its text is noise), from {self.path}. For the real "
-                f"model put its files in {model_dir(self.name, self.layout)} "
-                f"(see gemma2_lite.weights).")
+        return (
+            f"{self.name} ({self.layout}): FIXTURE, tiny random weights in the released "
+            f"layout, not Gemma (its text is noise), from {self.path}. For the real "
+            f"model put its files in {model_dir(self.name, self.layout)} "
+            f"(see gemma2_lite.weights)."
+        )
 
     def __str__(self) -> str:
         return self.describe()
@@ -277,8 +330,14 @@ def _is_fixture(path: Path) -> bool:
     return (path / FIXTURE_MARKER).exists()
 
 
-def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | None = None,
-           profile: str | None = None, verbose: bool = True) -> Weights:
+def locate(
+    name: str,
+    layout: str = "hf",
+    *,
+    fixture_dir: str | os.PathLike | None = None,
+    profile: str | None = None,
+    verbose: bool = True,
+) -> Weights:
     """The weights a chapter should run on, and whether they are real.
 
     The folder :func:`model_dir` is verified first (:func:`folder_problems`) whenever it holds
@@ -302,7 +361,7 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
         problems = folder_problems(path, name, layout)
         if not problems:
             found = Weights(name, layout, path, is_real=not _is_fixture(path))
-        elif stand_in:            # never a quiet fixture in place of a broken real folder
+        elif stand_in:  # never a quiet fixture in place of a broken real folder
             raise _broken(name, layout, path, problems)
         else:
             found = Weights(name, layout, pretrained(name, layout), is_real=True)
@@ -310,7 +369,8 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
         if name not in fixtures.FIXTURE_NAMES:
             raise WeightsNotFound(
                 _instructions(name, layout, path, missing_files(path, name, layout))
-                + f"\n  (At the ci profile only {fixtures.FIXTURE_NAMES} have fixtures.)")
+                + f"\n  (At the ci profile only {fixtures.FIXTURE_NAMES} have fixtures.)"
+            )
         root = fixtures.ensure(fixture_dir)
         found = Weights(name, layout, model_dir(name, layout, root), is_real=False)
     else:
@@ -318,7 +378,6 @@ def locate(name: str, layout: str = "hf", *, fixture_dir: str | os.PathLike | No
     if verbose:
         print(found.describe(), flush=True)
     return found
-
 
 
 def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
@@ -342,10 +401,12 @@ def book_model(dtype: Any = None, *, verbose: bool = True) -> tuple[Any, Any]:
     tokenizer = Tokenizer(require(tokenizer_file()))
     if verbose:
         c = model.config
-        print(f"the book's model: the trained tiny Gemma 2, "
-              f"{sum(param_counts(c).values()):,} parameters (V={c.vocab_size} D={c.d_model} "
-              f"L={c.num_layers} W={c.sliding_window} C={c.max_seq_len}, {c.param_dtype}), "
-              f"and its tokenizer ({tokenizer.vocab_size} pieces), shipped with the package "
-              f"({shown(folder.parent)})", flush=True)
+        print(
+            f"the book's model: the trained tiny Gemma 2, "
+            f"{sum(param_counts(c).values()):,} parameters (V={c.vocab_size} D={c.d_model} "
+            f"L={c.num_layers} W={c.sliding_window} C={c.max_seq_len}, {c.param_dtype}), "
+            f"and its tokenizer ({tokenizer.vocab_size} pieces), shipped with the package "
+            f"({shown(folder.parent)})",
+            flush=True,
+        )
     return model, tokenizer
-

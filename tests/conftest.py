@@ -1,4 +1,5 @@
 """Shared pytest set-up."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # so a broken unit test is reported within minutes. Under xdist (make test: -n 2 --dist
     # loadscope) run it first: its worker builds the book while the other runs everything else.
     # (xdist workers collect too, and they see PYTEST_XDIST_WORKER rather than -n)
-    parallel = bool(os.environ.get("PYTEST_XDIST_WORKER")
-                    or getattr(config.option, "numprocesses", None))
+    parallel = bool(
+        os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)
+    )
     items.sort(key=lambda item: (item.path.name == "test_book.py") != parallel)

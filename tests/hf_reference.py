@@ -1,4 +1,5 @@
-"""Build small random Hugging Face Gemma 2 models to test against (transformers + torch: test-only)."""
+"""Build small random Hugging Face Gemma 2 models to test against (transformers + torch:
+test-only)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,23 @@ from typing import Any
 import numpy as np
 
 
-def make_hf_model(*, vocab_size: int = 211, hidden_size: int = 60, intermediate_size: int = 94,
-                  num_hidden_layers: int = 3, num_attention_heads: int = 6,
-                  num_key_value_heads: int = 2, head_dim: int = 14,
-                  query_pre_attn_scalar: float = 23, sliding_window: int = 7,
-                  max_position_embeddings: int = 128, seed: int = 0,
-                  attn_logit_softcapping: float | None = 50.0,
-                  final_logit_softcapping: float | None = 30.0, **extra: Any):
+def make_hf_model(
+    *,
+    vocab_size: int = 211,
+    hidden_size: int = 60,
+    intermediate_size: int = 94,
+    num_hidden_layers: int = 3,
+    num_attention_heads: int = 6,
+    num_key_value_heads: int = 2,
+    head_dim: int = 14,
+    query_pre_attn_scalar: float = 23,
+    sliding_window: int = 7,
+    max_position_embeddings: int = 128,
+    seed: int = 0,
+    attn_logit_softcapping: float | None = 50.0,
+    final_logit_softcapping: float | None = 30.0,
+    **extra: Any,
+):
     """A random ``Gemma2ForCausalLM`` (float32, eager attention) with randomised norm weights.
 
     The reference initialises RMSNorm weights to zero, which would hide a (1 + w) bug; here
@@ -26,15 +37,25 @@ def make_hf_model(*, vocab_size: int = 211, hidden_size: int = 60, intermediate_
 
     torch.manual_seed(seed)
     cfg = Gemma2Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads, head_dim=head_dim,
-        query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=query_pre_attn_scalar,
+        sliding_window=sliding_window,
         max_position_embeddings=max_position_embeddings,
         attn_logit_softcapping=attn_logit_softcapping,
         final_logit_softcapping=final_logit_softcapping,
-        hidden_activation="gelu_pytorch_tanh", pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        attn_implementation="eager", **extra)
+        hidden_activation="gelu_pytorch_tanh",
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+        **extra,
+    )
     model = Gemma2ForCausalLM(cfg).eval().to(torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -51,8 +72,12 @@ def save_hf_model(model, path: Path) -> Path:
     return path
 
 
-def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None,
-              positions: np.ndarray | None = None) -> np.ndarray:
+def hf_logits(
+    model,
+    tokens: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+) -> np.ndarray:
     """Reference logits (B, T, V) float32 as numpy."""
     import torch
 

@@ -35,17 +35,20 @@ import student_copy  # noqa: E402
 FOLDERS = sorted(p for p in HERE.iterdir() if p.is_dir() and (p / f"{p.name}.ipynb").exists())
 IDS = [p.name for p in FOLDERS]
 COLUMN = 88
-SETUP = re.search(r"```python\n(.*?)```", (ROOT / "notebooks" / "SETUP_CELL.md").read_text(),
-                  re.S).group(1)
+SETUP = re.search(
+    r"```python\n(.*?)```", (ROOT / "notebooks" / "SETUP_CELL.md").read_text(), re.S
+).group(1)
 # Chapters the syllabus's week plan must teach before an assignment is released (each
 # assignment's notebook links them as its prerequisites: test_prerequisites_are_declared).
-NEEDS = {"a1_flash_attention": {"00", "03", "04", "05"},
-         "a2_scaling_laws": {"06", "06a"},
-         "a3_speculative_decoding": {"06", "06a", "06b"}}
+NEEDS = {
+    "a1_flash_attention": {"00", "03", "04", "05"},
+    "a2_scaling_laws": {"06", "06a"},
+    "a3_speculative_decoding": {"06", "06a", "06b"},
+}
 
 
 def _number(folder: Path) -> str:
-    return folder.name.split("_")[0][1:]                  # "a2_scaling_laws" -> "2"
+    return folder.name.split("_")[0][1:]  # "a2_scaling_laws" -> "2"
 
 
 def _import(path: Path, name: str) -> types.ModuleType:
@@ -109,28 +112,37 @@ def _wrong_impl(name: str, wrong: grading.Wrong) -> types.SimpleNamespace:
 @pytest.mark.parametrize("name", IDS)
 def test_layout_and_form(name: str) -> None:
     folder, n = HERE / name, _number(HERE / name)
-    for rel in (f"test_a{n}_public.py", "conftest.py", "rubric.md",
-                f"instructor/test_a{n}_hidden.py", "instructor/wrong_answers.py"):
+    for rel in (
+        f"test_a{n}_public.py",
+        "conftest.py",
+        "rubric.md",
+        f"instructor/test_a{n}_hidden.py",
+        "instructor/wrong_answers.py",
+    ):
         assert (folder / rel).is_file(), f"{name}: {rel} is missing"
     cells = _cells(_suite(name)[3])
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert grading.source(code[0]) == SETUP and "hide-input" in code[0]["metadata"]["tags"], \
+    assert grading.source(code[0]) == SETUP and "hide-input" in code[0]["metadata"]["tags"], (
         f"{name}: the first code cell must be notebooks/SETUP_CELL.md's, tagged hide-input"
+    )
     assert "sizes" in code[1]["metadata"].get("tags", []), f"{name}: sizes cell second"
     wide = [l for c in code for l in grading.source(c).splitlines() if len(l) > COLUMN]
     assert not wide, f"{name}: code lines wider than {COLUMN}: {wide[:2]}"
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), (
         f"{name}: commit the notebook without outputs"
+    )
     answers = [c for c in code if grading.answer_id(c)]
-    assert [grading.answer_id(c) for c in answers] == \
-        [f"A{n}-{k}" for k in range(1, len(answers) + 1)], f"{name}: answer ids A{n}-1, ..."
+    assert [grading.answer_id(c) for c in answers] == [
+        f"A{n}-{k}" for k in range(1, len(answers) + 1)
+    ], f"{name}: answer ids A{n}-1, ..."
     for cell in answers:
         ident = grading.answer_id(cell)
         stub = cell["metadata"]["assignment"]["stub"]
         assert "solution" in cell["metadata"].get("tags", []), f"{ident}: tag it solution"
         for src in (stub, grading.source(cell)):
-            assert src.startswith(f"# YOUR ANSWER ({ident})"), \
+            assert src.startswith(f"# YOUR ANSWER ({ident})"), (
                 f"{ident}: solution and stub start with '# YOUR ANSWER ({ident})'"
+            )
         assert stub.strip() != grading.source(cell).strip(), f"{ident}: stub = solution"
         ast.parse(stub)
         prose = "\n".join(grading.source(c) for c in cells if c["cell_type"] == "markdown")
@@ -165,8 +177,11 @@ def test_rubric_adds_up(name: str) -> None:
 def test_reference_solution_passes_every_test(name: str) -> None:
     public, hidden, _, _ = _suite(name)
     impl = _reference(name)[0]
-    failed = {t: repr(err)[:300] for t, fn in {**public, **hidden}.items()
-              if (err := grading.run_test(fn, impl)) is not None}
+    failed = {
+        t: repr(err)[:300]
+        for t, fn in {**public, **hidden}.items()
+        if (err := grading.run_test(fn, impl)) is not None
+    }
     assert not failed, f"{name}: the reference solution fails {failed}"
 
 
@@ -220,8 +235,12 @@ def _strings(tree) -> list[str]:
 def _build(tmp_path: Path, which: str) -> Path:
     out = tmp_path / which
     flag = ["--instructor"] if which == "instructor" else []
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "student_copy.py"), *flag,
-                          str(out)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "student_copy.py"), *flag, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     return out
 
@@ -233,15 +252,18 @@ def test_student_build_has_starters_and_no_solutions(tmp_path: Path) -> None:
     assert not (out / "assignments" / "INSTRUCTORS.md").exists()
     for name in IDS:
         folder, n = out / "assignments" / name, _number(HERE / name)
-        shipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                         if p.is_file())
-        assert shipped == sorted([f"{name}.ipynb", f"test_a{n}_public.py", "conftest.py",
-                                  "rubric.md"]), f"{name}: the student gets {shipped}"
+        shipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert shipped == sorted(
+            [f"{name}.ipynb", f"test_a{n}_public.py", "conftest.py", "rubric.md"]
+        ), f"{name}: the student gets {shipped}"
         starter = json.loads((folder / f"{name}.ipynb").read_text(encoding="utf-8"))
-        text = "\n".join(_strings(starter))         # every source and metadata string
+        text = "\n".join(_strings(starter))  # every source and metadata string
         for ident, solution in grading.solution_sources(_suite(name)[3]).items():
-            stub = next(c["metadata"]["assignment"]["stub"] for c in _cells(_suite(name)[3])
-                        if grading.answer_id(c) == ident)
+            stub = next(
+                c["metadata"]["assignment"]["stub"]
+                for c in _cells(_suite(name)[3])
+                if grading.answer_id(c) == ident
+            )
             lines = {l.strip() for l in solution.splitlines() if len(l.strip()) > 24}
             leaked = [l for l in lines - {l.strip() for l in stub.splitlines()} if l in text]
             assert not leaked, f"{name}: {ident}'s solution shipped: {leaked[:2]}"
@@ -270,8 +292,7 @@ def _weeks() -> dict[str, int]:
     """Chapter ("06a") -> the week whose reading the syllabus's week plan gives it in."""
     text = (ROOT / "book" / "syllabus.md").read_text(encoding="utf-8")
     taught: dict[str, int] = {}
-    for week, body in re.findall(r"^### Week (\d+)[^\n]*\n(.*?)(?=^### |^## )", text,
-                                 re.S | re.M):
+    for week, body in re.findall(r"^### Week (\d+)[^\n]*\n(.*?)(?=^### |^## )", text, re.S | re.M):
         reading = re.search(r"\*Reading\.\*(.*?)(?:\n\n|$)", body, re.S)
         for ch in re.findall(r"/notebooks/(\d\d[a-z]?)_", reading.group(1) if reading else ""):
             taught.setdefault(ch, int(week))
@@ -280,8 +301,12 @@ def _weeks() -> dict[str, int]:
 
 def test_syllabus_releases_assignments_after_their_chapters() -> None:
     text = (ROOT / "book" / "syllabus.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| Assignment (\d): [^|]+\| *\d+% *\| *out week (\d+), due start of "
-                      r"week (\d+) *\|", text, re.M)
+    rows = re.findall(
+        r"^\| Assignment (\d): [^|]+\| *\d+% *\| *out week (\d+), due start of "
+        r"week (\d+) *\|",
+        text,
+        re.M,
+    )
     assert sorted(int(n) for n, _, _ in rows) == [int(_number(f)) for f in FOLDERS], rows
     taught = _weeks()
     report = re.search(r"final report (?:end of )?week (\d+)", text)
@@ -298,6 +323,7 @@ def test_syllabus_releases_assignments_after_their_chapters() -> None:
         dues.append(int(due))
         for week, verb in ((out, "handed out"), (due, "due")):
             section = re.search(rf"^### Week {week}:.*?(?=^### |^## )", text, re.S | re.M)
-            assert section and f"Assignment {n} is {verb}" in " ".join(section.group(0).split()), \
+            assert section and f"Assignment {n} is {verb}" in " ".join(section.group(0).split()), (
                 f"week {week}'s plan must say 'Assignment {n} is {verb}'"
+            )
     assert len(set(dues)) == len(dues), f"two assignments due the same week: {dues}"

@@ -34,6 +34,7 @@ from bs4 import BeautifulSoup
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import course_pages  # noqa: E402
+
 BUILD = ROOT / "_build"
 HTML = BUILD / "html"
 SCREENSHOTS = BUILD / "screenshots"
@@ -84,7 +85,9 @@ def test_toc_lists_every_notebook_and_only_existing_files():
         assert any(c.exists() for c in candidates), f"_toc.yml lists {entry}, which does not exist"
     on_disk = sorted(f"notebooks/{p.stem}" for p in (ROOT / "notebooks").glob("*.ipynb"))
     missing = [nb for nb in on_disk if nb not in listed]
-    assert not missing, f"notebooks not in _toc.yml (add them, see the comment at its top): {missing}"
+    assert not missing, (
+        f"notebooks not in _toc.yml (add them, see the comment at its top): {missing}"
+    )
     assert _toc_notebooks() == sorted(_toc_notebooks()), "chapters must be listed in file order"
 
 
@@ -113,12 +116,28 @@ def _jupyter_book() -> str:
 def book() -> dict:
     """Build the book once (executing every notebook at the ci profile); return rc and log."""
     env = dict(os.environ, GEMMA2_LITE_PROFILE="ci", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    cmd = [_jupyter_book(), "build", str(ROOT), "--path-output", str(ROOT),
-           "--warningiserror", "--nitpick", "--keep-going", "--all"]
+    cmd = [
+        _jupyter_book(),
+        "build",
+        str(ROOT),
+        "--path-output",
+        str(ROOT),
+        "--warningiserror",
+        "--nitpick",
+        "--keep-going",
+        "--all",
+    ]
     with _build_lock():
         start = time.monotonic()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=3600)
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=3600,
+        )
         seconds = time.monotonic() - start
     log = ANSI.sub("", proc.stdout)
     LOG.write_text(log)
@@ -146,8 +165,11 @@ def _failure_summary(log: str) -> str:
             out.append(line)
             if "Executing notebook failed" in line:  # skip nbclient's own stack, keep the cell's
                 j = i + 1
-                while j < len(lines) and "An error occurred while executing" not in lines[j] \
-                        and "[mystnb.exec]" not in lines[j]:
+                while (
+                    j < len(lines)
+                    and "An error occurred while executing" not in lines[j]
+                    and "[mystnb.exec]" not in lines[j]
+                ):
                     j += 1
                 while j < len(lines) and len(out) < 300:
                     out.append(lines[j])
@@ -165,8 +187,9 @@ def _require_build(book) -> None:
 
 def test_book_builds_with_no_warnings(book):
     diagnostics = [line for line in book["log"].splitlines() if DIAGNOSTIC.search(line)]
-    assert book["rc"] == 0, (f"jupyter-book build failed (full log: {LOG}):\n"
-                             + _failure_summary(book["log"]))
+    assert book["rc"] == 0, f"jupyter-book build failed (full log: {LOG}):\n" + _failure_summary(
+        book["log"]
+    )
     assert not diagnostics, "Sphinx warnings:\n" + "\n".join(diagnostics)
     assert "build succeeded" in book["log"]
     for name in _toc_files():
@@ -181,8 +204,11 @@ def test_every_chapter_has_a_page_with_its_colab_button(book):
     _require_build(book)
     for name in _toc_notebooks():
         soup = _soup(_page(name))
-        links = {a["href"] for a in soup.find_all("a", href=True)
-                 if a["href"].startswith("https://colab.research.google.com/")}
+        links = {
+            a["href"]
+            for a in soup.find_all("a", href=True)
+            if a["href"].startswith("https://colab.research.google.com/")
+        }
         assert links == {f"{COLAB}{name}.ipynb"}, f"{name}: Colab links {links}"
 
 
@@ -221,12 +247,16 @@ def test_math_is_marked_up_for_mathjax_served_with_the_book(book):
     _require_build(book)
     soups = {name: _soup(_page(name)) for name in _toc_files()}
     assert soups["book/intro"].select("span.math"), "no inline math on the intro page"
-    assert any(soups[name].select("div.math") for name in _toc_notebooks()), \
+    assert any(soups[name].select("div.math") for name in _toc_notebooks()), (
         "no chapter has display math ($$...$$)"
+    )
     for name, soup in soups.items():
         if soup.select("span.math, div.math"):  # Sphinx adds MathJax only where there is math
-            scripts = [tag.get("src", "") for tag in soup.find_all("script")
-                       if "mathjax" in tag.get("src", "").lower()]
+            scripts = [
+                tag.get("src", "")
+                for tag in soup.find_all("script")
+                if "mathjax" in tag.get("src", "").lower()
+            ]
             assert scripts, f"{name}: no MathJax script"
             for src in scripts:
                 assert not urlsplit(src).scheme, f"{name}: MathJax from the network ({src})"
@@ -243,10 +273,13 @@ def test_expected_outputs_are_printed_by_the_chapters(book):
     for chapter, bullets in course_pages.expected_outputs(notes).items():
         path = course_pages.chapter_paths()[chapter]
         text = _soup(_page(f"notebooks/{path.stem}")).get_text(" ")
-        stale += [f"{chapter}: {n} in \"{b[:100]}...\""
-                  for n, b in course_pages.missing_numbers(bullets, text)]
-    assert not stale, "the instructor notes quote numbers the chapters no longer print:\n" \
-        + "\n".join(stale)
+        stale += [
+            f'{chapter}: {n} in "{b[:100]}..."'
+            for n, b in course_pages.missing_numbers(bullets, text)
+        ]
+    assert not stale, (
+        "the instructor notes quote numbers the chapters no longer print:\n" + "\n".join(stale)
+    )
 
 
 def test_sizes_cells_are_folded_and_outputs_stay_in_the_column(book):
@@ -270,11 +303,18 @@ def test_bibliography_lists_every_entry_and_citations_link_to_it(book):
     entries = refs.select('div.citation[role="doc-biblioentry"], div[role="doc-biblioentry"]')
     assert len(entries) == len(keys) >= 18, f"{len(entries)} rendered entries for {len(keys)} keys"
     text = " ".join(refs.get_text(" ").split()).lower()  # the style sentence-cases titles
-    for needle in ("Gemma 2: Improving Open Language Models at a Practical Size",
-                   "RoFormer", "Distilling the Knowledge in a Neural Network", "2408.00118"):
+    for needle in (
+        "Gemma 2: Improving Open Language Models at a Practical Size",
+        "RoFormer",
+        "Distilling the Knowledge in a Neural Network",
+        "2408.00118",
+    ):
         assert needle.lower() in text, f"bibliography lacks {needle!r}"
-    intro_citations = [a["href"] for a in _soup(_page("book/intro")).find_all("a", href=True)
-                       if a["href"].startswith("references.html#")]
+    intro_citations = [
+        a["href"]
+        for a in _soup(_page("book/intro")).find_all("a", href=True)
+        if a["href"].startswith("references.html#")
+    ]
     assert intro_citations, "the intro's citations do not link to the references page"
     ids = {tag.get("id") for tag in refs.find_all(id=True)}
     assert all(href.split("#", 1)[1] in ids for href in intro_citations)
@@ -285,10 +325,17 @@ def test_bibliography_lists_every_entry_and_citations_link_to_it(book):
 
 def _chromium() -> str:
     found = os.environ.get("CHROMIUM") or next(
-        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-        None)
-    assert found, ("headless Chromium is needed: `make test` installs it as root "
-                   "(apt-get install chromium), or set CHROMIUM=/path/to/chrome")
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
+    assert found, (
+        "headless Chromium is needed: `make test` installs it as root "
+        "(apt-get install chromium), or set CHROMIUM=/path/to/chrome"
+    )
     return found
 
 
@@ -302,14 +349,30 @@ def _offline_prefix() -> list[str]:
     return []  # the flags below still keep it off the network
 
 
-def _chromium_run(page: Path, *mode: str, profile: str, height: int = 2000) -> subprocess.CompletedProcess:
+def _chromium_run(
+    page: Path, *mode: str, profile: str, height: int = 2000
+) -> subprocess.CompletedProcess:
     cmd = _offline_prefix() + [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-        f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size=1280,{height}",
-        "--virtual-time-budget=5000", *mode, page.as_uri()]
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--proxy-server=127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        f"--window-size=1280,{height}",
+        "--virtual-time-budget=5000",
+        *mode,
+        page.as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
@@ -343,8 +406,11 @@ def _assert_math_typeset(dom: BeautifulSoup, where: str) -> None:
     math = dom.select("span.math, div.math")
     assert math, f"{where}: no math to typeset"
     assert dom.select("mjx-container"), f"{where}: MathJax produced nothing (not loaded offline?)"
-    raw = [m.get_text()[:60] for m in math
-           if not m.select("mjx-container") and ("\\(" in m.get_text() or "\\[" in m.get_text())]
+    raw = [
+        m.get_text()[:60]
+        for m in math
+        if not m.select("mjx-container") and ("\\(" in m.get_text() or "\\[" in m.get_text())
+    ]
     assert not raw, f"{where}: math left as raw TeX: {raw[:3]}"
 
 
@@ -378,6 +444,9 @@ def test_index_and_first_chapter_render_in_headless_chromium(book):
     errors = _error_outputs(chapter)
     assert not errors, f"{chapter_name} renders error output:\n" + "\n---\n".join(errors)
     _assert_math_typeset(chapter, chapter_name)
-    colab = {a["href"] for a in chapter.find_all("a", href=True)
-             if a["href"].startswith("https://colab.research.google.com/github/")}
+    colab = {
+        a["href"]
+        for a in chapter.find_all("a", href=True)
+        if a["href"].startswith("https://colab.research.google.com/github/")
+    }
     assert colab == {f"{COLAB}{chapter_name}.ipynb"}, colab

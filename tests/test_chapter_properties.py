@@ -56,7 +56,8 @@ def test_rope_scores_do_change_with_distance() -> None:
 
 @jax.jit
 def _rope_and_complex_rotation(x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """apply_rope(x) and the same rotation written as z * exp(i * position * ω), (B, T, N, H) each."""
+    """apply_rope(x) and the same rotation written as z * exp(i * position * ω), (B, T, N, H)
+    each."""
     half = x.shape[-1] // 2
     z = x[..., :half] + 1j * x[..., half:]
     z = z * jnp.exp(1j * positions[..., None, None] * rope_frequencies(2 * half))
@@ -73,8 +74,12 @@ def test_rope_is_a_rotation_of_split_half_pairs(seed: int, half: int) -> None:
     out, expected = _rope_and_complex_rotation(x, positions)
     # Norm of every (x[i], x[i + H/2]) pair is kept: it is a rotation of that pair ...
     out, expected, x = np.asarray(out), np.asarray(expected), np.asarray(x)
-    np.testing.assert_allclose(np.hypot(out[..., :half], out[..., half:]),
-                               np.hypot(x[..., :half], x[..., half:]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.hypot(out[..., :half], out[..., half:]),
+        np.hypot(x[..., :half], x[..., half:]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # ... and its angle is position x frequency (complex form).
     np.testing.assert_allclose(out, expected, atol=2e-3)
 
@@ -85,11 +90,12 @@ def test_rope_interleaved_layout_is_a_permutation_of_split_half() -> None:
     h = 10
     x = np.random.default_rng(3).standard_normal((1, 6, 2, h))
     positions = np.arange(6)[None] * 11
-    order = np.concatenate([np.arange(0, h, 2), np.arange(1, h, 2)])   # evens, then odds
+    order = np.concatenate([np.arange(0, h, 2), np.arange(1, h, 2)])  # evens, then odds
     a, b = x[..., 0::2], x[..., 1::2]
-    phi = positions[..., None, None] * 10_000.0 ** (-np.arange(0, h, 2) / h)   # (B, T, 1, H/2)
-    inter = np.stack([a * np.cos(phi) - b * np.sin(phi),
-                      b * np.cos(phi) + a * np.sin(phi)], -1).reshape(x.shape)
+    phi = positions[..., None, None] * 10_000.0 ** (-np.arange(0, h, 2) / h)  # (B, T, 1, H/2)
+    inter = np.stack(
+        [a * np.cos(phi) - b * np.sin(phi), b * np.cos(phi) + a * np.sin(phi)], -1
+    ).reshape(x.shape)
     ours = apply_rope(jnp.asarray(x[..., order], jnp.float32), jnp.asarray(positions))
     np.testing.assert_allclose(np.asarray(ours), inter[..., order], atol=1e-4)
 
@@ -98,19 +104,21 @@ def test_rope_interleaved_layout_is_a_permutation_of_split_half() -> None:
 def _gqa_by_repeat(q, k, v, mask, softcap):
     """The obvious GQA: copy each kv head G times (0,0,1,1,...) and run multi-head attention."""
     g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)           # (B, S, N, H)
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # (B, S, N, H)
     logits = softcap * jnp.tanh(jnp.einsum("BTNH,BSNH->BNTS", q, k) / softcap)
     logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
     return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v)
 
 
-LAYOUTS = [(6, 6), (6, 3), (6, 2), (6, 1), (12, 4)]          # (N, K): MHA, GQA .., MQA
+LAYOUTS = [(6, 6), (6, 3), (6, 2), (6, 1), (12, 4)]  # (N, K): MHA, GQA .., MQA
 
 
 @jax.jit
 def _gqa_vs_repeat(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
     out, probs = gqa_attention(q, k, v, mask, softcap=50.0)
-    return jnp.abs(out - _gqa_by_repeat(q, k, v, mask, 50.0)).max(), jnp.abs(probs.sum(-1) - 1).max()
+    return jnp.abs(out - _gqa_by_repeat(q, k, v, mask, 50.0)).max(), jnp.abs(
+        probs.sum(-1) - 1
+    ).max()
 
 
 @FEW
@@ -124,7 +132,7 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv(layout, seed, data) ->
     # Any causal mask with a window, on random (possibly padded, -1) key positions.
     window = data.draw(st.integers(1, 12), label="window")
     pos = jnp.asarray(np.sort(rng.integers(-1, 20, (2, 9)), axis=1))
-    mask = attention_mask(pos, pos, window) | jnp.eye(9, dtype=bool)   # every row sees something
+    mask = attention_mask(pos, pos, window) | jnp.eye(9, dtype=bool)  # every row sees something
     out_err, prob_err = _gqa_vs_repeat(q, k, v, mask)
     assert float(out_err) < 1e-5 and float(prob_err) < 1e-5
 
@@ -145,8 +153,10 @@ def test_query_head_reads_only_its_groups_kv_head(layout, seed, data) -> None:
     g = n // kv
     j = data.draw(st.integers(0, kv - 1), label="kv head perturbed")
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-               for shape in [(1, 5, n, 4), (1, 5, kv, 4), (1, 5, kv, 4)])
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for shape in [(1, 5, n, 4), (1, 5, kv, 4), (1, 5, kv, 4)]
+    )
     # A touched head moves by about 1 (every value of head j grew by 1); an untouched one only by
     # rounding, which differs between CPUs and compilations (1e-6 and above has been seen). So a
     # head counts as moved when it moves by more than 1e-3 of the largest movement.
@@ -156,7 +166,9 @@ def test_query_head_reads_only_its_groups_kv_head(layout, seed, data) -> None:
 
 
 # ----------------------------------------------------------------------------- sliding window
-LENGTH = 45   # one sequence length: the property is per query, and queries 0..44 cover q < W and q >= W
+LENGTH = (
+    45  # one sequence length: the property is per query, and queries 0..44 cover q < W and q >= W
+)
 
 
 @FEW
@@ -180,7 +192,7 @@ def test_local_receptive_field_grows_by_w_minus_1_per_layer(window, layers) -> N
     length = LENGTH
     pos = jnp.arange(length)[None]
     m = np.asarray(attention_mask(pos, pos, window)[0], dtype=np.int64)
-    reach = np.eye(length, dtype=np.int64)       # reach[t, s]: input s can influence position t
+    reach = np.eye(length, dtype=np.int64)  # reach[t, s]: input s can influence position t
     for depth in range(1, layers + 1):
         reach = (m @ reach > 0).astype(np.int64)
         assert int(reach[-1].sum()) == min(length, depth * (window - 1) + 1)

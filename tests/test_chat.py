@@ -7,7 +7,8 @@ from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import GemmaTokenizer
 
 from gemma2_lite.chat import ChatFormatError, ChatSession, encode_chat, format_chat
@@ -42,9 +43,12 @@ def hf() -> GemmaTokenizer:
     return tok
 
 
-def render_hf(hf: GemmaTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    out = hf.apply_chat_template(messages, tokenize=False,
-                                 add_generation_prompt=add_generation_prompt)
+def render_hf(
+    hf: GemmaTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> str:
+    out = hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert isinstance(out, str)
     return out
 
@@ -52,43 +56,76 @@ def render_hf(hf: GemmaTokenizer, messages: list[dict[str, str]], add_generation
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "user", "content": "  padded \n\n"}, {"role": "model", "content": "\tHi!  "}],
-    [{"role": "user", "content": "Who wrote Hamlet?"},
-     {"role": "assistant", "content": "Shakespeare."},
-     {"role": "user", "content": "When?\n\nRoughly."}],
+    [
+        {"role": "user", "content": "Who wrote Hamlet?"},
+        {"role": "assistant", "content": "Shakespeare."},
+        {"role": "user", "content": "When?\n\nRoughly."},
+    ],
     [{"role": "user", "content": ""}, {"role": "model", "content": "   "}],
-    [{"role": "user", "content": "text with <start_of_turn> and <bos> inside"},
-     {"role": "model", "content": "日本語 🙂 1234"}],
+    [
+        {"role": "user", "content": "text with <start_of_turn> and <bos> inside"},
+        {"role": "model", "content": "日本語 🙂 1234"},
+    ],
     [{"role": "user", "content": "Answer in French.\n\nWhat is 2+2?", "name": "ignored"}],
 ]
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_matches_official_template(hf: GemmaTokenizer, messages: list[dict[str, str]],
-                                   add_generation_prompt: bool) -> None:
-    assert format_chat(messages, add_generation_prompt) == render_hf(hf, messages, add_generation_prompt)
+def test_matches_official_template(
+    hf: GemmaTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> None:
+    assert format_chat(messages, add_generation_prompt) == render_hf(
+        hf, messages, add_generation_prompt
+    )
 
 
 def test_the_spec_example() -> None:
-    messages = [{"role": "user", "content": "u1"}, {"role": "model", "content": "m1"},
-                {"role": "user", "content": "u2"}]
+    messages = [
+        {"role": "user", "content": "u1"},
+        {"role": "model", "content": "m1"},
+        {"role": "user", "content": "u2"},
+    ]
     assert format_chat(messages) == (
         "<bos><start_of_turn>user\nu1<end_of_turn>\n<start_of_turn>model\nm1<end_of_turn>\n"
-        "<start_of_turn>user\nu2<end_of_turn>\n<start_of_turn>model\n")
+        "<start_of_turn>user\nu2<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert format_chat(messages, add_generation_prompt=False).endswith("u2<end_of_turn>\n")
 
 
 _content = st.one_of(
     st.text(max_size=40),
-    st.lists(st.sampled_from(["  ", "\n", "\t", "word", "<end_of_turn>", "<bos>", "🙂", "\u3000",
-                              "\x0b", "\u2028", "12"]), max_size=8).map("".join))
+    st.lists(
+        st.sampled_from(
+            [
+                "  ",
+                "\n",
+                "\t",
+                "word",
+                "<end_of_turn>",
+                "<bos>",
+                "🙂",
+                "\u3000",
+                "\x0b",
+                "\u2028",
+                "12",
+            ]
+        ),
+        max_size=8,
+    ).map("".join),
+)
 
 
 @st.composite
 def conversations(draw: Callable[..., Any]) -> list[dict[str, str]]:
     n = draw(st.integers(min_value=1, max_value=6))
-    return [{"role": "user" if i % 2 == 0 else draw(st.sampled_from(["model", "assistant"])),
-             "content": draw(_content)} for i in range(n)]
+    return [
+        {
+            "role": "user" if i % 2 == 0 else draw(st.sampled_from(["model", "assistant"])),
+            "content": draw(_content),
+        }
+        for i in range(n)
+    ]
 
 
 @settings(max_examples=200, deadline=None)
@@ -99,34 +136,56 @@ def test_matches_official_template_generated(messages: list[dict[str, str]], gen
     assert format_chat(messages, gen) == render_hf(hf, messages, gen)
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-     "no system role: put the instructions at the start of the first user turn"),
-    ([{"role": "model", "content": "I start"}], "position 0 must be 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-     "position 1 must be 'model'"),
-    ([{"role": "user", "content": "a"}, {"role": "model", "content": "b"},
-      {"role": "model", "content": "c"}], "alternate"),
-])
-def test_errors_where_the_template_also_raises(hf: GemmaTokenizer, messages: list[dict[str, str]],
-                                               match: str) -> None:
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        (
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "no system role: put the instructions at the start of the first user turn",
+        ),
+        ([{"role": "model", "content": "I start"}], "position 0 must be 'user'"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "position 1 must be 'model'",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "model", "content": "b"},
+                {"role": "model", "content": "c"},
+            ],
+            "alternate",
+        ),
+    ],
+)
+def test_errors_where_the_template_also_raises(
+    hf: GemmaTokenizer, messages: list[dict[str, str]], match: str
+) -> None:
     with pytest.raises(ChatFormatError, match=match):
         format_chat(messages)
     with pytest.raises(jinja2.exceptions.TemplateError):
         render_hf(hf, messages, True)
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "empty"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}],
-     "no system role"),
-    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "unknown role 'tool'"),
-    ([{"role": "user", "content": ["a", "b"]}], r"\['content'\] must be a str, got list"),
-    ([{"role": "user", "content": None}], "must be a str, got NoneType"),
-    ([{"role": "user"}], "'role' and 'content' keys"),
-    ("just a string", "must be a list"),
-    ({"role": "user", "content": "a dict, not a list"}, "must be a list"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "empty"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}],
+            "no system role",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+            "unknown role 'tool'",
+        ),
+        ([{"role": "user", "content": ["a", "b"]}], r"\['content'\] must be a str, got list"),
+        ([{"role": "user", "content": None}], "must be a str, got NoneType"),
+        ([{"role": "user"}], "'role' and 'content' keys"),
+        ("just a string", "must be a list"),
+        ({"role": "user", "content": "a dict, not a list"}, "must be a list"),
+    ],
+)
 def test_stricter_errors(messages: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         format_chat(messages)
@@ -142,7 +201,7 @@ def test_encode_chat_has_exactly_one_bos() -> None:
     assert TOK.decode(ids) == text.removeprefix("<bos>")  # <bos> decodes to ""
     assert ids.count(TOK.start_of_turn_id) == 4 and ids.count(TOK.end_of_turn_id) == 3
     prompt = TOK.encode("<start_of_turn>model\n")
-    assert ids[-len(prompt):] == prompt
+    assert ids[-len(prompt) :] == prompt
 
 
 def test_double_bos_pitfall() -> None:
@@ -153,7 +212,7 @@ def test_double_bos_pitfall() -> None:
     assert naive != good
     assert naive[0] == TOK.bos_id
     # SentencePiece never parses a control piece from text: "<bos>" becomes ordinary pieces
-    assert TOK.decode(naive[1:1 + len(TOK.encode("<bos>"))]) == "<bos>"
+    assert TOK.decode(naive[1 : 1 + len(TOK.encode("<bos>"))]) == "<bos>"
     assert len(naive) == len(good) + len(TOK.encode("<bos>"))
 
 
@@ -165,14 +224,32 @@ class FakeGenerate:
         self.replies = list(replies)
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(self, model: Any, prompts: list[list[int]], *, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop_tokens: Sequence[int] = (),
-                 callback: Callable[..., Any] | None = None) -> list[list[int]]:
+    def __call__(
+        self,
+        model: Any,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_tokens: Sequence[int] = (),
+        callback: Callable[..., Any] | None = None,
+    ) -> list[list[int]]:
         assert isinstance(prompts, list) and all(isinstance(p, list) for p in prompts)
-        self.calls.append(dict(model=model, prompts=[list(p) for p in prompts],
-                               max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, stop_tokens=tuple(stop_tokens)))
+        self.calls.append(
+            dict(
+                model=model,
+                prompts=[list(p) for p in prompts],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop_tokens=tuple(stop_tokens),
+            )
+        )
         reply = self.replies.pop(0)
         # the contract: truncated after the first stop token (stop token included)
         for i, t in enumerate(reply):
@@ -183,19 +260,26 @@ class FakeGenerate:
 
 def test_session_two_turns_history_equals_encode_chat() -> None:
     eot = TOK.end_of_turn_id
-    fake = FakeGenerate([TOK.encode("  Good morrow, sir.\n") + [eot, TOK.eos_id],
-                         TOK.encode("'Tis Hamlet.") + [eot]])
-    chat = ChatSession("model", TOK, max_new_tokens=50, temperature=0.7, top_k=5, seed=3,
-                       generate_fn=fake)
+    fake = FakeGenerate(
+        [
+            TOK.encode("  Good morrow, sir.\n") + [eot, TOK.eos_id],
+            TOK.encode("'Tis Hamlet.") + [eot],
+        ]
+    )
+    chat = ChatSession(
+        "model", TOK, max_new_tokens=50, temperature=0.7, top_k=5, seed=3, generate_fn=fake
+    )
     first = chat.send("Hello there!  ")
     assert first == "Good morrow, sir."
     assert chat.last_stopped
     second = chat.send("Who is the prince?")
     assert second == "'Tis Hamlet."
-    messages = [{"role": "user", "content": "Hello there!"},
-                {"role": "model", "content": "Good morrow, sir."},
-                {"role": "user", "content": "Who is the prince?"},
-                {"role": "model", "content": "'Tis Hamlet."}]
+    messages = [
+        {"role": "user", "content": "Hello there!"},
+        {"role": "model", "content": "Good morrow, sir."},
+        {"role": "user", "content": "Who is the prince?"},
+        {"role": "model", "content": "'Tis Hamlet."},
+    ]
     assert chat.messages == messages
     assert chat.history == encode_chat(TOK, messages, add_generation_prompt=False)
     assert chat.history[-2:] == [eot, TOK.piece_to_id("\n")]
@@ -205,14 +289,18 @@ def test_session_two_turns_history_equals_encode_chat() -> None:
     assert first_call["prompts"] == [encode_chat(TOK, messages[:1])]
     assert second_call["prompts"] == [encode_chat(TOK, messages[:3])]
     assert first_call["model"] == "model"
-    assert (first_call["max_new_tokens"], first_call["temperature"], first_call["top_k"]) == (50, 0.7, 5)
+    assert (first_call["max_new_tokens"], first_call["temperature"], first_call["top_k"]) == (
+        50,
+        0.7,
+        5,
+    )
     assert set(first_call["stop_tokens"]) == {eot, TOK.eos_id}
     assert (first_call["seed"], second_call["seed"]) == (3, 4)
 
 
 def test_session_reply_without_stop_and_uncanonical_tokens() -> None:
     # the "model" spells a word byte by byte and never stops: the turn is still closed canonically
-    spelled = [TOK.piece_to_id(f"<0x{b:02X}>") for b in "Ay me".encode()]
+    spelled = [TOK.piece_to_id(f"<0x{b:02X}>") for b in b"Ay me"]
     fake = FakeGenerate([spelled + TOK.encode(" and more")])
     chat = ChatSession(None, TOK, max_new_tokens=len(spelled), generate_fn=fake)
     assert chat.send("Speak.") == "Ay me"
@@ -228,11 +316,14 @@ def test_session_history_generated(turns: list[tuple[str, str]]) -> None:
     fake = FakeGenerate([TOK.encode(reply) + [eot] for _, reply in turns])
     chat = ChatSession(None, TOK, max_new_tokens=10_000, generate_fn=fake)
     for user, reply in turns:
-        assert chat.send(user) == TOK.decode(TOK.encode(reply)).strip() == reply.strip() or \
-            "<end_of_turn>" in reply  # a literal <end_of_turn> in a reply ends it early
+        assert (
+            chat.send(user) == TOK.decode(TOK.encode(reply)).strip() == reply.strip()
+            or "<end_of_turn>" in reply
+        )  # a literal <end_of_turn> in a reply ends it early
     # A session encodes markers in user text as plain text (it never forges a turn).
-    assert chat.history == encode_chat(TOK, chat.messages, add_generation_prompt=False,
-                                       markers="literal")
+    assert chat.history == encode_chat(
+        TOK, chat.messages, add_generation_prompt=False, markers="literal"
+    )
     assert chat.history.count(TOK.start_of_turn_id) == len(chat.messages)
 
 

@@ -9,17 +9,36 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-
-from gemma2_lite import Gemma2, get_config, params
-from gemma2_lite.checkpoint import (CheckpointError, infer_flax_config, load_flax, load_hf,
-                                    read_safetensors, save_flax, save_hf, to_arrays,
-                                    to_flax_tree, write_safetensors)
-from gemma2_lite.safetensors_io import mapping_of
 from hf_reference import hf_logits
 
-CFG = get_config("tiny", vocab_size=131, d_model=36, num_layers=3, num_heads=6, num_kv_heads=2,
-                 head_dim=10, ffn_dim=58, query_pre_attn_scalar=19, sliding_window=5,
-                 max_seq_len=64)
+from gemma2_lite import Gemma2, get_config, params
+from gemma2_lite.checkpoint import (
+    CheckpointError,
+    infer_flax_config,
+    load_flax,
+    load_hf,
+    read_safetensors,
+    save_flax,
+    save_hf,
+    to_arrays,
+    to_flax_tree,
+    write_safetensors,
+)
+from gemma2_lite.safetensors_io import mapping_of
+
+CFG = get_config(
+    "tiny",
+    vocab_size=131,
+    d_model=36,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=10,
+    ffn_dim=58,
+    query_pre_attn_scalar=19,
+    sliding_window=5,
+    max_seq_len=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +89,23 @@ def test_transformers_reads_our_export(model, tmp_path):
 def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
     import safetensors.numpy
 
-    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4),
-               "b": np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16),
-               "c": np.arange(5, dtype=np.int64)}
+    tensors = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16),
+        "c": np.arange(5, dtype=np.int64),
+    }
     write_safetensors(tmp_path / "ours.safetensors", tensors)
     theirs = safetensors.numpy.load_file(tmp_path / "ours.safetensors")
     np.testing.assert_array_equal(theirs["a"], tensors["a"])
     np.testing.assert_array_equal(theirs["c"], tensors["c"])
-    safetensors.numpy.save_file({"a": tensors["a"], "c": tensors["c"]}, tmp_path / "lib.safetensors")
+    safetensors.numpy.save_file(
+        {"a": tensors["a"], "c": tensors["c"]}, tmp_path / "lib.safetensors"
+    )
     back = read_safetensors(tmp_path / "lib.safetensors")
     np.testing.assert_array_equal(back["a"], tensors["a"])
-    np.testing.assert_array_equal(read_safetensors(tmp_path / "ours.safetensors")["b"], tensors["b"])
+    np.testing.assert_array_equal(
+        read_safetensors(tmp_path / "ours.safetensors")["b"], tensors["b"]
+    )
 
 
 def test_mismatched_and_missing_tensors_are_named(model, tmp_path):
@@ -89,14 +114,20 @@ def test_mismatched_and_missing_tensors_are_named(model, tmp_path):
     bad = {k: np.array(v) for k, v in sd.items()}
     bad["model.layers.1.mlp.down_proj.weight"] = np.zeros((36, 57), np.float32)
     write_safetensors(tmp_path / "model.safetensors", bad)
-    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.down: expected shape \(58, 36\), "
-                                              r"found \(57, 36\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.1\.mlp\.down: expected shape \(58, 36\), "
+        r"found \(57, 36\)",
+    ):
         load_hf(tmp_path)
     del bad["model.layers.1.mlp.down_proj.weight"]
     del bad["model.norm.weight"]
     write_safetensors(tmp_path / "model.safetensors", bad)
-    with pytest.raises(CheckpointError, match=r"missing tensors: \['final_norm.scale', "
-                                              r"'layers.1.mlp.down'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensors: \['final_norm.scale', "
+        r"'layers.1.mlp.down'\]",
+    ):
         load_hf(tmp_path)
     bad["model.norm.weight"] = sd["model.norm.weight"]
     bad["model.layers.1.mlp.down_proj.weight"] = sd["model.layers.1.mlp.down_proj.weight"]
@@ -111,8 +142,11 @@ def test_config_mismatch_and_pickles_are_refused(model, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["num_key_value_heads"] = 3
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"k_proj.weight: expected shape \(30, 36\), "
-                                              r"found \(20, 36\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"k_proj.weight: expected shape \(30, 36\), "
+        r"found \(20, 36\)",
+    ):
         load_hf(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle files are not loaded"):
@@ -134,15 +168,22 @@ def test_flax_layouts_official_quirks(model):
     assert t["layer_0"]["mlp"]["gating_einsum"].shape == (2, 58, 36)
     # The official files use flat 'transformer/layer_i/...' keys; the 2B stores gating as (2, D, F);
     # the embedding has 128 extra rows (256128 vs 256000): all must load to the same model.
-    flat = {"transformer/embedder": {"input_embedding": np.concatenate(
-                [t["embedder"]["input_embedding"], np.ones((7, 36), np.float32)])},
-            "transformer/final_norm": t["final_norm"]}
+    flat = {
+        "transformer/embedder": {
+            "input_embedding": np.concatenate(
+                [t["embedder"]["input_embedding"], np.ones((7, 36), np.float32)]
+            )
+        },
+        "transformer/final_norm": t["final_norm"],
+    }
     for i in range(3):
         layer = t[f"layer_{i}"]
         for sub, value in layer.items():
             if sub == "mlp":
-                value = {"gating_einsum": value["gating_einsum"].transpose(0, 2, 1),
-                         "linear": value["linear"]}
+                value = {
+                    "gating_einsum": value["gating_einsum"].transpose(0, 2, 1),
+                    "linear": value["linear"],
+                }
             for name, leaf in value.items():
                 flat[f"transformer/layer_{i}/{sub}/{name}"] = leaf
     assert_same_params(model, load_flax(flat, config=CFG))
@@ -154,7 +195,9 @@ def test_flax_layouts_official_quirks(model):
 def test_flax_config_is_inferred_from_shapes():
     def fake(name):
         c = get_config(name)
-        arrays = {"transformer/embedder/input_embedding": SimpleNamespace(shape=(256128, c.d_model))}
+        arrays = {
+            "transformer/embedder/input_embedding": SimpleNamespace(shape=(256128, c.d_model))
+        }
         arrays.update({f"transformer/layer_{i}/attn/q_einsum/w": None for i in range(c.num_layers)})
         return arrays
 
@@ -174,25 +217,38 @@ def _with_tensor(folder, name, edit):
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_non_finite_weights_are_refused_naming_tensor_and_file(model, tmp_path, bad):
     save_hf(model, tmp_path)
-    _with_tensor(tmp_path, "model.layers.1.post_feedforward_layernorm.weight",
-                 lambda w: w.__setitem__(5, bad))
-    with pytest.raises(CheckpointError, match=r"layers\.1\.post_ffw_norm\.scale \(model\.layers"
-                       r"\.1\.post_feedforward_layernorm\.weight in .*model\.safetensors\): 1 "
-                       r"value\(s\) are not finite \(first: -?(inf|nan) at flat index 5\)"):
+    _with_tensor(
+        tmp_path,
+        "model.layers.1.post_feedforward_layernorm.weight",
+        lambda w: w.__setitem__(5, bad),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.1\.post_ffw_norm\.scale \(model\.layers"
+        r"\.1\.post_feedforward_layernorm\.weight in .*model\.safetensors\): 1 "
+        r"value\(s\) are not finite \(first: -?(inf|nan) at flat index 5\)",
+    ):
         load_hf(tmp_path)
 
 
 def test_values_past_float16_are_refused_only_for_float16(model, tmp_path):
     save_hf(model, tmp_path)
-    _with_tensor(tmp_path, "model.layers.0.mlp.up_proj.weight", lambda w: w.__setitem__(
-        (3, 4), 7e4))
+    _with_tensor(
+        tmp_path, "model.layers.0.mlp.up_proj.weight", lambda w: w.__setitem__((3, 4), 7e4)
+    )
     for dtype in (jnp.float32, jnp.bfloat16):
-        load_hf(tmp_path, dtype)                    # representable: loads
-    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.up .*(beyond float16's range|"
-                                              r"not finite)"):
+        load_hf(tmp_path, dtype)  # representable: loads
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.0\.mlp\.up .*(beyond float16's range|"
+        r"not finite)",
+    ):
         load_hf(tmp_path, jnp.float16)
-    with pytest.raises(CheckpointError, match=r"beyond float16's range \(\+-65504\) and the "
-                                              r"model computes in float16"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"beyond float16's range \(\+-65504\) and the "
+        r"model computes in float16",
+    ):
         load_hf(tmp_path, jnp.float16, param_dtype=jnp.float32)
 
 
@@ -201,8 +257,11 @@ def test_values_are_checked_block_by_block(monkeypatch):
     monkeypatch.setattr(params, "_CHUNK_BYTES", 64)
     w = np.ones((40, 6), ml_dtypes.bfloat16)
     w[33, 2] = np.inf
-    with pytest.raises(CheckpointError, match=r"x: 1 value\(s\) are not finite \(first: inf at "
-                                              r"flat index 200\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"x: 1 value\(s\) are not finite \(first: inf at "
+        r"flat index 200\)",
+    ):
         params.host_param(w, ml_dtypes.bfloat16, "x")
     w[33, 2] = 1.0
     np.testing.assert_array_equal(params.host_param(w.T, np.float32, "x"), w.T.astype(np.float32))
@@ -214,21 +273,23 @@ def test_load_uses_the_files_pages_in_place(model, tmp_path):
     save_hf(model, tmp_path)
     tensors = read_safetensors(tmp_path / "model.safetensors")
     emb = tensors["model.embed_tokens.weight"]
-    assert params.host_param(emb, np.float32, "emb") is emb       # in place: no copy
+    assert params.host_param(emb, np.float32, "emb") is emb  # in place: no copy
     q = tensors["model.layers.0.self_attn.q_proj.weight"].reshape(6, 10, 36).transpose(0, 2, 1)
     copy = params.host_param(q, np.float32, "q")
     assert copy.flags.c_contiguous and not np.shares_memory(copy, q)
-    own = np.ones(64, np.float32)                                  # a caller's array: copied
+    own = np.ones(64, np.float32)  # a caller's array: copied
     assert not np.shares_memory(params.host_param(own, np.float32, "own"), own)
     assert mapping_of(emb) is not None and mapping_of(copy) is None
     loaded = load_hf(tmp_path)
     assert_same_params(model, loaded)
     maps = Path("/proc/self/maps")
-    if maps.exists():                   # Linux: which mapping holds the parameter's buffer?
+    if maps.exists():  # Linux: which mapping holds the parameter's buffer?
         pointer = loaded.embedder.embedding.get_value().unsafe_buffer_pointer()
-        holder = next(line for line in maps.read_text().splitlines()
-                      if int(line.split("-")[0], 16) <= pointer < int(
-                          line.split()[0].split("-")[1], 16))
+        holder = next(
+            line
+            for line in maps.read_text().splitlines()
+            if int(line.split("-")[0], 16) <= pointer < int(line.split()[0].split("-")[1], 16)
+        )
         assert holder.endswith(str(tmp_path / "model.safetensors")), holder
 
 
@@ -247,8 +308,7 @@ def hidden_siblings(folder):
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("fail_at", ["after config.json", "after one shard",
-                                     "after every shard"])
+@pytest.mark.parametrize("fail_at", ["after config.json", "after one shard", "after every shard"])
 def test_an_interrupted_save_leaves_the_previous_model(model, tmp_path, monkeypatch, fail_at):
     from gemma2_lite import hf_checkpoint
 
@@ -266,8 +326,9 @@ def test_an_interrupted_save_leaves_the_previous_model(model, tmp_path, monkeypa
 
     monkeypatch.setattr(hf_checkpoint, "write_safetensors", failing)
     if fail_at == "after every shard":
-        monkeypatch.setattr(hf_checkpoint, "fsync_dir",
-                            lambda p: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        monkeypatch.setattr(
+            hf_checkpoint, "fsync_dir", lambda p: (_ for _ in ()).throw(OSError(5, "I/O error"))
+        )
     with pytest.raises(OSError):
         save_hf(other_model(), folder, max_shard_bytes=20_000)
     assert listing(folder) == before and hidden_siblings(folder) == []
@@ -286,19 +347,20 @@ def test_a_killed_save_leaves_one_whole_model(model, tmp_path):
     folder = tmp_path / "ckpt"
     save_hf(model, folder, max_shard_bytes=20_000)
     script = (
-        "import sys; sys.path.insert(0, {tests!r})\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_checkpoint import other_model\n"
         "from gemma2_lite.checkpoint import save_hf\n"
         "a, b = other_model(3), other_model(7)\n"
         "while True:\n"
         "    for m in (a, b):\n"
-        "        save_hf(m, {folder!r}, max_shard_bytes=2_000)\n"
-    ).format(tests=str(Path(__file__).parent), folder=str(folder))
+        f"        save_hf(m, {str(folder)!r}, max_shard_bytes=2_000)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 300
-        while not any(".saving-" in n and listing(folder.parent / n)
-                      for n in hidden_siblings(folder)):
+        while not any(
+            ".saving-" in n and listing(folder.parent / n) for n in hidden_siblings(folder)
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "the saver never saved"
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
@@ -306,8 +368,11 @@ def test_a_killed_save_leaves_one_whole_model(model, tmp_path):
         proc.kill()
         proc.wait()
     loaded = to_arrays(load_hf(folder))
-    whole = [m for m in (model, other_model(3), other_model(7)) if all(
-        np.array_equal(v, loaded[k]) for k, v in to_arrays(m).items())]
+    whole = [
+        m
+        for m in (model, other_model(3), other_model(7))
+        if all(np.array_equal(v, loaded[k]) for k, v in to_arrays(m).items())
+    ]
     assert len(whole) == 1
     save_hf(model, folder)
     assert hidden_siblings(folder) == []
@@ -317,29 +382,38 @@ def test_a_save_never_replaces_a_model_it_did_not_write(model, tmp_path):
     folder = tmp_path / "downloaded"
     folder.mkdir()
     save_hf(other_model(), tmp_path / "elsewhere")
-    for name in ("config.json", "model.safetensors"):      # as a download has them: no manifest
+    for name in ("config.json", "model.safetensors"):  # as a download has them: no manifest
         (folder / name).write_bytes((tmp_path / "elsewhere" / name).read_bytes())
     (folder / "tokenizer.model").write_bytes(b"tok")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(CheckpointError, match=r"holds a model that save_hf did not write "
-                                              r".*overwrite=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a model that save_hf did not write "
+        r".*overwrite=True",
+    ):
         save_hf(model, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    save_hf(model, folder, overwrite=True)                  # told to: replaced
+    save_hf(model, folder, overwrite=True)  # told to: replaced
     assert_same_params(model, load_hf(folder))
-    assert (folder / "tokenizer.model").read_bytes() == b"tok"     # other files carried over
+    assert (folder / "tokenizer.model").read_bytes() == b"tok"  # other files carried over
 
 
 def test_a_save_never_replaces_a_different_model(model, tmp_path):
     save_hf(model, tmp_path)
     wider = other_model(config=CFG.replace(ffn_dim=60))
-    with pytest.raises(CheckpointError, match=r"holds a different model .*'ffn_dim': 58.*"
-                                              r"'ffn_dim': 60.*overwrite=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a different model .*'ffn_dim': 58.*"
+        r"'ffn_dim': 60.*overwrite=True",
+    ):
         save_hf(wider, tmp_path)
     assert_same_params(model, load_hf(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(b"changed")   # ours, but changed since
-    with pytest.raises(CheckpointError, match=r"has changed since save_hf wrote it "
-                                              r"\(model.safetensors has 7 bytes"):
+    (tmp_path / "model.safetensors").write_bytes(b"changed")  # ours, but changed since
+    with pytest.raises(
+        CheckpointError,
+        match=r"has changed since save_hf wrote it "
+        r"\(model.safetensors has 7 bytes",
+    ):
         save_hf(model, tmp_path)
     save_hf(wider, tmp_path, overwrite=True)
     assert_same_params(wider, load_hf(tmp_path))

@@ -40,8 +40,10 @@ SYLLABUS = (BOOK / "syllabus.md").read_text(encoding="utf-8")
 FORWARD = {"perplexity": "06a", "temperature": "06b", "top_k": "06b"}
 # Chapters written for the course, after the first ten: each ends with an open question.
 ORIGINAL = {"01", "02", "03", "04", "05", "06", "07", "08", "09", "10"}
-HAND_NUMBERED = re.compile(r"\b(?:[Ee]xercises? \d+|(?:first|second|third|fourth|fifth|sixth)"
-                           r" exercise|[Ee]xercise \d+'s)\b")
+HAND_NUMBERED = re.compile(
+    r"\b(?:[Ee]xercises? \d+|(?:first|second|third|fourth|fifth|sixth)"
+    r" exercise|[Ee]xercise \d+'s)\b"
+)
 
 
 def _prose(text: str) -> str:
@@ -52,8 +54,7 @@ def _prose(text: str) -> str:
 
 
 def _chapter_sections(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^### (\d\d[a-z]?) [^\n]*\n(.*?)(?=^### |^## |\Z)", text,
-                           re.S | re.M))
+    return dict(re.findall(r"^### (\d\d[a-z]?) [^\n]*\n(.*?)(?=^### |^## |\Z)", text, re.S | re.M))
 
 
 # ----------------------------------------------------------------------------- exercises
@@ -62,7 +63,7 @@ def _chapter_sections(text: str) -> dict[str, str]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_exercise_references_resolve(page: Path) -> None:
     for ref in course_pages.EXERCISE_REF.findall(page.read_text(encoding="utf-8")):
-        course_pages.find_exercise(ref)          # raises, naming what is missing
+        course_pages.find_exercise(ref)  # raises, naming what is missing
 
 
 def test_a_reference_to_a_missing_exercise_fails() -> None:
@@ -75,8 +76,10 @@ def test_a_reference_to_a_missing_exercise_fails() -> None:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_no_page_numbers_an_exercise_by_hand(page: Path) -> None:
     found = HAND_NUMBERED.findall(_prose(page.read_text(encoding="utf-8")))
-    assert not found, (f"{page.name} numbers exercises by hand {found}: write "
-                       "{exercise}`CH:name` (the name the student's cell defines) instead")
+    assert not found, (
+        f"{page.name} numbers exercises by hand {found}: write "
+        "{exercise}`CH:name` (the name the student's cell defines) instead"
+    )
 
 
 def test_the_hand_numbering_check_catches_what_it_should() -> None:
@@ -94,8 +97,10 @@ def test_figures_the_pages_name_exist() -> None:
         for chapter, body in _chapter_sections(text).items():
             named = {int(n) for n in re.findall(r"\bFigure (\d+)", body)}
             have = course_pages.figures(CHAPTERS[chapter]) if chapter in CHAPTERS else set()
-            assert named <= have, (f"{page.name}, chapter {chapter} names Figure(s) "
-                                   f"{sorted(named - have)}; the chapter has {sorted(have)}")
+            assert named <= have, (
+                f"{page.name}, chapter {chapter} names Figure(s) "
+                f"{sorted(named - have)}; the chapter has {sorted(have)}"
+            )
         for chapter, n in re.findall(r"chapter (\d\d[a-z]?)'s Figure (\d+)", text):
             assert int(n) in course_pages.figures(CHAPTERS[chapter]), (chapter, n)
 
@@ -108,12 +113,14 @@ def _in_preparation_mentions() -> list[tuple[str, str]]:
     sources = [(p.name, p.read_text(encoding="utf-8")) for p in PAGES]
     sources.append(("README.md", (ROOT / "README.md").read_text(encoding="utf-8")))
     sources += [(p.name, course_pages.markdown(p)) for p in CHAPTERS.values()]
-    sources += [(str(p.relative_to(ROOT)), p.read_text(encoding="utf-8"))
-                for p in sorted((ROOT / "assignments").rglob("*.md"))]
+    sources += [
+        (str(p.relative_to(ROOT)), p.read_text(encoding="utf-8"))
+        for p in sorted((ROOT / "assignments").rglob("*.md"))
+    ]
     found = []
     for where, text in sources:
         for m in re.finditer(r"\(in preparation\)", text):
-            found.append((where, text[max(0, m.start() - 160):m.start()]))
+            found.append((where, text[max(0, m.start() - 160) : m.start()]))
     return found
 
 
@@ -133,10 +140,15 @@ def stale_in_preparation(before: str) -> str | None:
 
 
 def test_no_chapter_that_exists_is_called_in_preparation() -> None:
-    stale = [(where, chapter) for where, before in _in_preparation_mentions()
-             if (chapter := stale_in_preparation(before))]
-    assert not stale, ("these call an existing chapter '(in preparation)'; link it instead "
-                       f"(or write {{chapter}}`Title </notebooks/NN_name>`): {stale}")
+    stale = [
+        (where, chapter)
+        for where, before in _in_preparation_mentions()
+        if (chapter := stale_in_preparation(before))
+    ]
+    assert not stale, (
+        "these call an existing chapter '(in preparation)'; link it instead "
+        f"(or write {{chapter}}`Title </notebooks/NN_name>`): {stale}"
+    )
 
 
 def test_the_in_preparation_check_catches_both_forms() -> None:
@@ -164,22 +176,25 @@ def test_every_chapter_has_its_quiz() -> None:
     have = re.findall(r"^## (\d\d[a-z]?) ", quizzes, re.M)
     missing = sorted(set(CHAPTERS) - set(have))
     assert not missing, f"book/quizzes.md has no '## NN Title' section for {missing}"
-    for chapter, body in re.findall(r"^## (\d\d[a-z]?) [^\n]*\n(.*?)(?=^## |\Z)", quizzes,
-                                    re.S | re.M):
-        assert len(re.findall(r"^\d\. ", body, re.M)) == body.count(":class: dropdown") >= 3, \
+    for chapter, body in re.findall(
+        r"^## (\d\d[a-z]?) [^\n]*\n(.*?)(?=^## |\Z)", quizzes, re.S | re.M
+    ):
+        assert len(re.findall(r"^\d\. ", body, re.M)) == body.count(":class: dropdown") >= 3, (
             f"quizzes, {chapter}: every question needs its folded answer"
+        )
 
 
 def test_readme_and_intro_list_every_chapter() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    read_it = readme[readme.index("## How to read it"):readme.index("## Run profiles")]
+    read_it = readme[readme.index("## How to read it") : readme.index("## Run profiles")]
     rows = re.findall(r"^\| (\d\d[a-z]?) [^|]+\| `(notebooks/[^`]+)` \|", read_it, re.M)
-    assert [c for c, _ in rows] == list(CHAPTERS), \
+    assert [c for c, _ in rows] == list(CHAPTERS), (
         f"README's 'How to read it' rows {[c for c, _ in rows]} are not the chapters"
+    )
     for _, path in rows:
         assert (ROOT / path).is_file(), path
     intro = (BOOK / "intro.md").read_text(encoding="utf-8")
-    pairing = intro[intro.index("| Chapter | Module(s)"):]
+    pairing = intro[intro.index("| Chapter | Module(s)") :]
     listed = set(re.findall(r"\b(\d\d[a-z]?) [a-zA-Z]", pairing.split("\n\n")[0]))
     assert set(CHAPTERS) <= listed, f"the intro's module table lacks {set(CHAPTERS) - listed}"
     assert "```{chapter-table}" in intro, "the intro's chapter list is the generated table"
@@ -189,15 +204,19 @@ def test_run_times_are_recorded_for_every_chapter_and_the_readme_shows_the_recor
     record = course_pages.record()
     for key in (course_pages.CI, course_pages.COLAB):
         missing = [p.stem for p in CHAPTERS.values() if p.stem not in record.get(key, {})]
-        assert not missing, (f"book/run-times.json has no '{key}' time for {missing}: run "
-                             "python tools/run_notebooks.py --record (with --profile colab "
-                             "--loop-cap 3 for the second column)")
+        assert not missing, (
+            f"book/run-times.json has no '{key}' time for {missing}: run "
+            "python tools/run_notebooks.py --record (with --profile colab "
+            "--loop-cap 3 for the second column)"
+        )
         for chapter, entry in record[key].items():
             assert {"seconds", "date", "machine", "load average"} <= set(entry), chapter
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert course_pages.readme_with_block(readme) == readme, ("README.md's run-time table is "
-                                                              "not book/run-times.json's: run "
-                                                              "python tools/course_pages.py --write")
+    assert course_pages.readme_with_block(readme) == readme, (
+        "README.md's run-time table is "
+        "not book/run-times.json's: run "
+        "python tools/course_pages.py --write"
+    )
     assert "```{run-times}" in NOTES, "the instructor notes render the record"
 
 
@@ -229,7 +248,8 @@ def test_no_chapter_is_taught_before_a_chapter_it_needs() -> None:
         for need in course_pages.prerequisites(path):
             assert need in taught and taught[need] < taught[chapter], (
                 f"chapter {chapter} (week {taught[chapter][0]}) needs {need}, taught in week "
-                f"{taught.get(need, ('no', 0))[0]}")
+                f"{taught.get(need, ('no', 0))[0]}"
+            )
 
 
 def test_a_measure_used_before_its_chapter_points_forward_to_it() -> None:
@@ -241,9 +261,12 @@ def test_a_measure_used_before_its_chapter_points_forward_to_it() -> None:
             text = path.read_text(encoding="utf-8")
             if term in text:
                 link = CHAPTERS[definer].stem
-                assert re.search(rf"\]\({link}\.ipynb|<{link}>|`{link}`", course_pages.markdown(
-                    path)), (f"chapter {chapter} uses {term!r} before week "
-                             f"{taught[definer][0]} derives it, with no link to {link}")
+                assert re.search(
+                    rf"\]\({link}\.ipynb|<{link}>|`{link}`", course_pages.markdown(path)
+                ), (
+                    f"chapter {chapter} uses {term!r} before week "
+                    f"{taught[definer][0]} derives it, with no link to {link}"
+                )
 
 
 def test_the_weekly_hours_cover_every_week() -> None:
@@ -258,8 +281,9 @@ def test_the_weekly_hours_cover_every_week() -> None:
 
 @pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c not in ORIGINAL])
 def test_new_chapters_end_with_an_open_question(chapter: str) -> None:
-    assert "**To explore further (no check).**" in course_pages.markdown(CHAPTERS[chapter]), \
+    assert "**To explore further (no check).**" in course_pages.markdown(CHAPTERS[chapter]), (
         f"{chapter}: add a '**To explore further (no check).**' paragraph before the summary"
+    )
 
 
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
@@ -293,12 +317,15 @@ def test_one_deck_builds_offline(tmp_path: Path) -> None:
 def test_the_extension_renders_numbers_tables_and_chapters(tmp_path: Path) -> None:
     """A small Sphinx build with the extension: the numbers come from the notebooks."""
     ex = course_pages.find_exercise("04:flash_window")
-    (tmp_path / "conf.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "conf.py").write_text(
+        textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(ROOT / 'tools')!r})
+        sys.path.insert(0, {str(ROOT / "tools")!r})
         extensions = ["myst_parser", "sphinx_course"]
-        """))
-    (tmp_path / "index.md").write_text(textwrap.dedent("""
+        """)
+    )
+    (tmp_path / "index.md").write_text(
+        textwrap.dedent("""
         # Test
 
         In {exercise}`04:flash_window`, and *{chapter}`Never written </notebooks/99_nothing>`*.
@@ -311,10 +338,15 @@ def test_the_extension_renders_numbers_tables_and_chapters(tmp_path: Path) -> No
 
         ```{weekly-hours}
         ```
-        """))
+        """)
+    )
     out = tmp_path / "html"
-    run = subprocess.run([sys.executable, "-m", "sphinx", "-q", "-b", "html", str(tmp_path),
-                          str(out)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-b", "html", str(tmp_path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     html = (out / "index.html").read_text(encoding="utf-8")
     assert f"exercise {ex.number}" in html
@@ -322,7 +354,20 @@ def test_the_extension_renders_numbers_tables_and_chapters(tmp_path: Path) -> No
     for path in CHAPTERS.values():
         assert course_pages.title(path).split(":")[0] in html, path.stem
     (tmp_path / "index.md").write_text("# Test\n\nIn {exercise}`04:no_such_exercise`.\n")
-    bad = subprocess.run([sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html",
-                          str(tmp_path), str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-q",
+            "-W",
+            "-b",
+            "html",
+            str(tmp_path),
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "no_such_exercise" in bad.stderr

@@ -9,7 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemma2_lite import data
 from gemma2_lite.profile import data_path
@@ -108,11 +109,13 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
     good = json.dumps({"title": "x", "source": "s", "split": "train", "text": "y"})
     bad = tmp_path / "bad.jsonl"
-    for line, message in (('{"title": "x", oops}', r"not valid JSON \(Expecting property name"),
-                          ("[1, 2]", "a line must be a JSON object"),
-                          ('"title source split text"', "a line must be a JSON object"),
-                          (good.replace('"y"', "7"), r"field\(s\) \['text'\] must be strings")):
-        bad.write_text(f"{good}\n\n{line}\n{good}\n")   # the bad line is line 3
+    for line, message in (
+        ('{"title": "x", oops}', r"not valid JSON \(Expecting property name"),
+        ("[1, 2]", "a line must be a JSON object"),
+        ('"title source split text"', "a line must be a JSON object"),
+        (good.replace('"y"', "7"), r"field\(s\) \['text'\] must be strings"),
+    ):
+        bad.write_text(f"{good}\n\n{line}\n{good}\n")  # the bad line is line 3
         with pytest.raises(ValueError, match=f"bad.jsonl:3: {message}"):
             data.load_documents("train", path=bad)
     bad.write_bytes(good.encode() + b"\n" + good.encode().replace(b"y", b"\xff") + b"\n")
@@ -121,8 +124,10 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
 
 
 def test_clean_text_rules() -> None:
-    raw = ("\r\n\r\nTITLE  \r\n\r\n\r\n\r\nThe Project Gutenberg EBook of X\n"
-           "\tIndented line\t \nline two   \rline three\n\n\n\n")
+    raw = (
+        "\r\n\r\nTITLE  \r\n\r\n\r\n\r\nThe Project Gutenberg EBook of X\n"
+        "\tIndented line\t \nline two   \rline three\n\n\n\n"
+    )
     assert build.clean_text(raw) == "TITLE\n\n    Indented line\nline two\nline three\n"
 
 
@@ -160,8 +165,11 @@ def test_build_records_is_deterministic_and_uses_metadata() -> None:
     records = build.build_records(files)
     assert records == build.build_records(dict(reversed(list(files.items()))))
     assert [(r["source"], r["split"], r["title"]) for r in records] == [
-        ("a_poem_gut", "train", "A Poem"), ("a_poem_gut", "valid", "A Poem"),
-        ("b_play_gut", "train", "The B Play"), ("b_play_gut", "valid", "The B Play")]
+        ("a_poem_gut", "train", "A Poem"),
+        ("a_poem_gut", "valid", "A Poem"),
+        ("b_play_gut", "train", "The B Play"),
+        ("b_play_gut", "valid", "The B Play"),
+    ]
     assert records[2]["text"] + records[3]["text"] == build.clean_text(files["b_play_gut.txt"])
     assert records[3]["text"].startswith("LINE ")
     with pytest.raises(ValueError, match="metadata.txt"):

@@ -22,26 +22,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
+from tolerance import assert_close
 
 import gemma2_lite.attention as attention
 from gemma2_lite import get_config
-from gemma2_lite.attention import (AttentionPlan, attention_mask, band_mask, banded_attention,
-                                   gqa_attention)
+from gemma2_lite.attention import (
+    AttentionPlan,
+    attention_mask,
+    band_mask,
+    banded_attention,
+    gqa_attention,
+)
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.sampler import SHORTLIST, PromptCache, _sample_jit, generate, prefill
-
-from random_models import random_model
-from tolerance import assert_close
 
 # One worker runs this file: the compiled programs are shared by its tests.
 pytestmark = pytest.mark.xdist_group("decode")
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_generate.json").read_text())
-CONFIG = get_config("tiny", vocab_size=701, d_model=48, num_layers=4, num_heads=6,
-                    num_kv_heads=2, head_dim=14, ffn_dim=88, query_pre_attn_scalar=23,
-                    sliding_window=5, max_seq_len=96, name="pin-test")
-PROMPTS = [[2, 11, 23, 5, 71, 13, 41, 7, 19, 3, 88, 400, 650], [2, 31, 17],
-           [2, 61, 29, 43, 37, 53, 59]]
+CONFIG = get_config(
+    "tiny",
+    vocab_size=701,
+    d_model=48,
+    num_layers=4,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=14,
+    ffn_dim=88,
+    query_pre_attn_scalar=23,
+    sliding_window=5,
+    max_seq_len=96,
+    name="pin-test",
+)
+PROMPTS = [
+    [2, 11, 23, 5, 71, 13, 41, 7, 19, 3, 88, 400, 650],
+    [2, 31, 17],
+    [2, 61, 29, 43, 37, 53, 59],
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +86,16 @@ def _full_sort_sample(logits, key, temperature, top_k, top_p):
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
-@pytest.mark.parametrize("top_k,top_p", [(7, 1.0), (SHORTLIST, 1.0), (SHORTLIST + 1, 1.0),
-                                         (0, 0.5), (0, 0.999), (40, 0.9)])
+@pytest.mark.parametrize(
+    "top_k,top_p",
+    [(7, 1.0), (SHORTLIST, 1.0), (SHORTLIST + 1, 1.0), (0, 0.5), (0, 0.999), (40, 0.9)],
+)
 def test_shortlist_picks_what_a_full_sort_picks(top_k: int, top_p: float) -> None:
     rng = np.random.default_rng(top_k)
     # Peaked rows (the nucleus fits in the shortlist) and flat ones (it does not).
-    logits = rng.normal(size=(6, 1009)).astype(np.float32) * np.array([[8], [8], [3], [1],
-                                                                       [0.2], [0.05]])
+    logits = rng.normal(size=(6, 1009)).astype(np.float32) * np.array(
+        [[8], [8], [3], [1], [0.2], [0.05]]
+    )
     reference = jax.jit(_full_sort_sample)
     for seed in range(20):
         key = jax.random.key(seed)
@@ -88,7 +109,7 @@ def test_prompt_cache_prefills_only_the_new_turn(model) -> None:
     cache = PromptCache(model, size=96)
     conversation = list(PROMPTS[0])
     kw = dict(max_new_tokens=5, temperature=0.9, top_k=50, stop_tokens=[3])
-    held = 0                                    # ids the cache holds after the last turn
+    held = 0  # ids the cache holds after the last turn
     for turn in range(3):
         reply = cache.generate(conversation, seed=turn, **kw)
         # What generate gives for the whole conversation at once, with no cache kept.
@@ -97,7 +118,7 @@ def test_prompt_cache_prefills_only_the_new_turn(model) -> None:
         assert cache.prefilled == expected_prefill
         held = len(cache.ids)
         assert cache.ids == conversation + reply[:-1]
-        conversation = conversation + reply + [17 + turn, 5, 19]      # the next user turn
+        conversation = conversation + reply + [17 + turn, 5, 19]  # the next user turn
     # A conversation that is not a continuation starts over.
     cache.generate([2, 44, 45], seed=0, **kw)
     assert cache.prefilled == 3
@@ -147,22 +168,23 @@ def test_chat_session_keeps_its_cache_and_its_replies() -> None:
         assert cached.history == recomputed.history
         # The cache is reused when it holds a prefix of the new prompt (the reply re-encodes
         # to the tokens generated); then only the rest is prefilled.
-        reused = bool(held) and prompt[:len(held)] == held
+        reused = bool(held) and prompt[: len(held)] == held
         assert cached.prefilled == (len(prompt) - len(held) if reused else len(prompt))
 
 
-@pytest.mark.parametrize("length", [11, 15, 23])       # T = 2W + 1, a multiple of W, neither
+@pytest.mark.parametrize("length", [11, 15, 23])  # T = 2W + 1, a multiple of W, neither
 def test_banded_attention_equals_the_full_window(length: int) -> None:
     window, (b, n, k, h) = 5, (3, 6, 2, 7)
     rng = np.random.default_rng(length)
-    q, key, v = (jnp.asarray(rng.normal(0, 3, (b, length, heads, h)), jnp.float32)
-                 for heads in (n, k, k))
+    q, key, v = (
+        jnp.asarray(rng.normal(0, 3, (b, length, heads, h)), jnp.float32) for heads in (n, k, k)
+    )
     valid = np.ones((b, length), bool)
-    valid[1, :4], valid[2, :length - 2] = False, False                  # left padding
+    valid[1, :4], valid[2, : length - 2] = False, False  # left padding
     pos = positions_from_mask(jnp.asarray(valid))
     k_pos = jnp.where(jnp.asarray(valid), pos, -1)
     full, _ = gqa_attention(q, key, v, attention_mask(pos, k_pos, window), softcap=5.0)
-    band = band_mask(attention_mask, k_pos, window)                    # (B, n, W, 2W)
+    band = band_mask(attention_mask, k_pos, window)  # (B, n, W, 2W)
     assert band.shape == (b, -(-length // window), window, 2 * window)
     got = banded_attention(gqa_attention, q, key, v, band, softcap=5.0)
     # Padding queries see no key (a uniform softmax over what each path holds): compare the
@@ -176,23 +198,30 @@ def test_prefill_attends_in_bands_and_fills_the_same_cache(model, monkeypatch) -
     logits and the cache of the plain (B, T, T) plan."""
     calls = []
     real = attention.banded_attention
-    monkeypatch.setattr(attention, "banded_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        attention, "banded_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     tokens = np.asarray(np.random.default_rng(0).integers(3, 700, (3, 17)), np.int32)
     valid = np.ones(tokens.shape, bool)
     valid[1, :6], valid[2, :12] = False, False
-    got, got_cache = prefill(model, jnp.asarray(tokens), jnp.asarray(valid),
-                             model.init_cache(3, 40))
+    got, got_cache = prefill(
+        model, jnp.asarray(tokens), jnp.asarray(valid), model.init_cache(3, 40)
+    )
     locals_ = sum(w is not None for w in map(CONFIG.window_for_layer, range(CONFIG.num_layers)))
-    assert len(calls) == locals_ > 0              # every local layer, none of the global ones
+    assert len(calls) == locals_ > 0  # every local layer, none of the global ones
     calls.clear()
     wrapped = model.replace(attention=lambda *a, **kw: gqa_attention(*a, **kw))
     again, _ = prefill(wrapped, jnp.asarray(tokens), jnp.asarray(valid), model.init_cache(3, 40))
     assert len(calls) == locals_
     assert_close(again, got, 1e-6, "a wrapped attention function")
     calls.clear()
-    plain = model.forward(jnp.asarray(tokens), jnp.asarray(valid), cache=model.init_cache(3, 40),
-                          last_only=True, plan=AttentionPlan("full"))
+    plain = model.forward(
+        jnp.asarray(tokens),
+        jnp.asarray(valid),
+        cache=model.init_cache(3, 40),
+        last_only=True,
+        plan=AttentionPlan("full"),
+    )
     assert not calls
     assert_close(got, plain.logits[:, -1], 1e-5, "last-position logits")
     for mine, theirs in zip(got_cache, plain.cache):
@@ -209,7 +238,7 @@ def test_prefill_attends_in_bands_and_fills_the_same_cache(model, monkeypatch) -
     for _ in range(12):
         padded = jnp.asarray([seq + [0] * (48 - len(seq))], jnp.int32)
         seq.append(int(np.argmax(np.asarray(forward(model, padded))[0, len(seq) - 1])))
-    assert generate(model, [prompt], max_new_tokens=12) == [seq[len(prompt):]]
+    assert generate(model, [prompt], max_new_tokens=12) == [seq[len(prompt) :]]
 
 
 def test_an_explicit_plan_is_checked(model) -> None:
@@ -218,8 +247,9 @@ def test_an_explicit_plan_is_checked(model) -> None:
     with pytest.raises(ValueError, match="needs a cache"):
         model.forward(tokens, plan=AttentionPlan("append"))
     with pytest.raises(ValueError, match="one token"):
-        model.forward(tokens, positions=jnp.asarray([[0, 1, 2]]), cache=cache,
-                      plan=AttentionPlan("decode"))
+        model.forward(
+            tokens, positions=jnp.asarray([[0, 1, 2]]), cache=cache, plan=AttentionPlan("decode")
+        )
     with pytest.raises(ValueError, match="band=True"):
         model.forward(tokens, plan=AttentionPlan("full", band=True))
     with pytest.raises(ValueError, match="needs mode 'full'"):

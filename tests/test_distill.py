@@ -13,9 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma2_lite import Gemma2, get_config
-from gemma2_lite.distill import (compute_teacher_topk, cross_entropy_loss, distillation_loss,
-                                 kl_divergence, load_teacher_topk, masked_mean, mixed_loss,
-                                 save_teacher_topk, topk_bytes_per_token, topk_distillation_loss)
+from gemma2_lite.distill import (
+    compute_teacher_topk,
+    cross_entropy_loss,
+    distillation_loss,
+    kl_divergence,
+    load_teacher_topk,
+    masked_mean,
+    mixed_loss,
+    save_teacher_topk,
+    topk_bytes_per_token,
+    topk_distillation_loss,
+)
 from gemma2_lite.losses import token_nll
 
 B, T, V = 3, 5, 13
@@ -72,16 +81,19 @@ def test_token_nll_hand_written_gradient_equals_autodiff() -> None:
     ours = jax.jit(jax.grad(lambda z: jnp.sum(token_nll(z, targets) * weights)))(logits)
     ref = jax.grad(lambda z: jnp.sum(plain(z) * weights))(logits)
     assert float(jnp.max(jnp.abs(ours - ref))) < 1e-5 * float(jnp.max(jnp.abs(ref)))
-    np.testing.assert_allclose(np.asarray(token_nll(logits, targets)),
-                               np.asarray(plain(logits)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(token_nll(logits, targets)), np.asarray(plain(logits)), rtol=1e-5, atol=1e-6
+    )
     # each row's gradient sums to 0 (softmax sums to 1, the one-hot to 1)
     assert float(jnp.max(jnp.abs(jnp.sum(ours, -1)))) < 1e-5
     # a bfloat16 input gets a bfloat16 gradient
     g16 = jax.grad(lambda z: jnp.sum(token_nll(z, targets)))(logits.astype(jnp.bfloat16))
     assert g16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(g16, np.float32),
-                               np.asarray(jax.grad(lambda z: jnp.sum(plain(z)))(logits)),
-                               atol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(g16, np.float32),
+        np.asarray(jax.grad(lambda z: jnp.sum(plain(z)))(logits)),
+        atol=2e-2,
+    )
 
 
 def test_topk_with_k_equal_v_equals_full_loss() -> None:
@@ -138,7 +150,7 @@ def test_property_ce_equals_kl_plus_entropy(seed: int, tau: float) -> None:
     s, t = _logits(seed), _logits(seed + 1)
     p = jax.nn.softmax(t / tau, axis=-1)
     entropy = jnp.mean(-jnp.sum(p * jax.nn.log_softmax(t / tau, axis=-1), axis=-1))
-    lhs = float(distillation_loss(s, t, temperature=tau)) / tau ** 2
+    lhs = float(distillation_loss(s, t, temperature=tau)) / tau**2
     rhs = float(kl_divergence(s, t, temperature=tau) + entropy)
     assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-5)
     assert float(kl_divergence(s, t, temperature=tau)) >= -1e-6
@@ -155,14 +167,14 @@ def test_temperature_scaling_keeps_gradient_scale() -> None:
     np.testing.assert_allclose(np.asarray(g), np.asarray((s - t) / V), atol=1e-4)
     # Without the tau^2 factor the gradient is ~|s - t| / (V B T tau^2), about 1e-9 here: the
     # bound states that it vanishes (a thousand times above its size), it compares no programs.
-    g_unscaled = jax.grad(lambda x: distillation_loss(x, t, temperature=tau) / tau ** 2)(s)
+    g_unscaled = jax.grad(lambda x: distillation_loss(x, t, temperature=tau) / tau**2)(s)
     assert float(jnp.max(jnp.abs(g_unscaled))) < 1e-6
 
 
 def test_masked_mean_and_fully_masked_rows_have_finite_grads() -> None:
     s, t = _logits(10), _logits(11)
     mask = np.ones((B, T), np.int32)
-    mask[0] = 0                      # a fully masked row
+    mask[0] = 0  # a fully masked row
     mask[1, 3:] = 0
     mask = jnp.asarray(mask)
     per_pos = -jnp.sum(jax.nn.softmax(t, -1) * jax.nn.log_softmax(s, -1), -1)
@@ -171,18 +183,21 @@ def test_masked_mean_and_fully_masked_rows_have_finite_grads() -> None:
     # garbage (inf) in a masked position must not leak
     s_bad = s.at[0, 0, 0].set(jnp.inf)
     assert float(distillation_loss(s_bad, t, mask=mask)) == pytest.approx(expected, rel=1e-6)
-    for fn in (lambda x: distillation_loss(x, t, mask=mask),
-               lambda x: topk_distillation_loss(x, *jax.lax.top_k(t, 3), mask=mask),
-               lambda x: cross_entropy_loss(x, jnp.zeros((B, T), jnp.int32), mask)):
+    for fn in (
+        lambda x: distillation_loss(x, t, mask=mask),
+        lambda x: topk_distillation_loss(x, *jax.lax.top_k(t, 3), mask=mask),
+        lambda x: cross_entropy_loss(x, jnp.zeros((B, T), jnp.int32), mask),
+    ):
         g = jax.grad(fn)(s)
         assert bool(jnp.all(jnp.isfinite(g)))
-        assert float(jnp.max(jnp.abs(g[0]))) == 0.0   # masked row gets no gradient
+        assert float(jnp.max(jnp.abs(g[0]))) == 0.0  # masked row gets no gradient
     none = jnp.zeros((B, T))
     assert float(distillation_loss(s, t, mask=none)) == 0.0
     g = jax.grad(lambda x: distillation_loss(x, t, mask=none))(s)
     assert bool(jnp.all(g == 0))
-    assert float(masked_mean(jnp.arange(6.0).reshape(2, 3), jnp.asarray([[1, 0, 1], [0, 0, 1]]))) \
-        == pytest.approx((0 + 2 + 5) / 3)
+    assert float(
+        masked_mean(jnp.arange(6.0).reshape(2, 3), jnp.asarray([[1, 0, 1], [0, 0, 1]]))
+    ) == pytest.approx((0 + 2 + 5) / 3)
 
 
 def test_alpha_mixing() -> None:
@@ -216,8 +231,18 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 
 def test_teacher_topk_compute_save_load_roundtrip(tmp_path) -> None:
-    cfg = get_config("tiny", vocab_size=97, d_model=24, num_layers=2, num_heads=2,
-                     num_kv_heads=1, head_dim=6, ffn_dim=40, sliding_window=4, max_seq_len=32)
+    cfg = get_config(
+        "tiny",
+        vocab_size=97,
+        d_model=24,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=6,
+        ffn_dim=40,
+        sliding_window=4,
+        max_seq_len=32,
+    )
     teacher = Gemma2(cfg, rngs=nnx.Rngs(3))
     tokens = np.random.default_rng(0).integers(0, 97, (5, 11)).astype(np.int32)
     k = 7
@@ -235,7 +260,7 @@ def test_teacher_topk_compute_save_load_roundtrip(tmp_path) -> None:
     v2, i2 = load_teacher_topk(tmp_path / "topk.npz")
     np.testing.assert_array_equal(i2, ids)
     # bfloat16 keeps 8 bits of mantissa: relative error <= 2^-8
-    np.testing.assert_allclose(v2, values, rtol=2 ** -8, atol=1e-6)
+    np.testing.assert_allclose(v2, values, rtol=2**-8, atol=1e-6)
     assert topk_bytes_per_token(128, 256_128) == 128 * (2 + 4)
     with pytest.raises(ValueError, match="k must"):
         compute_teacher_topk(teacher, tokens, 98)
@@ -251,15 +276,24 @@ def test_teacher_topk_is_compiled_once_for_every_call() -> None:
     traces = []
 
     class Counting(Gemma2):
-        def __call__(self, *args, **kwargs):                 # runs only while tracing
+        def __call__(self, *args, **kwargs):  # runs only while tracing
             traces.append(1)
             return super().__call__(*args, **kwargs)
 
-    cfg = get_config("tiny", vocab_size=31, d_model=8, num_layers=1, num_heads=2,
-                     num_kv_heads=1, head_dim=4, ffn_dim=16, max_seq_len=16)
+    cfg = get_config(
+        "tiny",
+        vocab_size=31,
+        d_model=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        ffn_dim=16,
+        max_seq_len=16,
+    )
     teacher = Counting(cfg, rngs=nnx.Rngs(0))
     tokens = np.random.default_rng(1).integers(0, 31, (3, 6)).astype(np.int32)
-    first = compute_teacher_topk(teacher, tokens, 4, batch_size=2)   # chunks of 2 and 1 + pad
+    first = compute_teacher_topk(teacher, tokens, 4, batch_size=2)  # chunks of 2 and 1 + pad
     second = compute_teacher_topk(teacher, tokens, 4, batch_size=2)
     assert len(traces) == 1
     np.testing.assert_array_equal(first[1], second[1])

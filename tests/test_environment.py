@@ -75,11 +75,13 @@ def test_every_locked_version_satisfies_pyproject() -> None:
         name = canonicalize_name(req.name)
         assert name in lock, f"{req.name} is in pyproject.toml but not locked in constraints.txt"
         assert req.specifier.contains(lock[name], prereleases=True), (
-            f"constraints.txt locks {req.name}=={lock[name]}, outside pyproject's {req}")
+            f"constraints.txt locks {req.name}=={lock[name]}, outside pyproject's {req}"
+        )
 
 
 def test_lower_bounds_are_the_tested_lowest_versions() -> None:
-    """pyproject's lower bounds are exactly constraints-lowest.txt, the set the tests passed with."""
+    """pyproject's lower bounds are exactly constraints-lowest.txt, the set the tests passed
+    with."""
     lowest = {}
     for line in (ROOT / "constraints-lowest.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -89,7 +91,8 @@ def test_lower_bounds_are_the_tested_lowest_versions() -> None:
         floor = next(s.version for s in req.specifier if s.operator == ">=")
         tested = lowest.get(canonicalize_name(req.name))
         assert tested is not None and Version(tested) == Version(floor), (
-            f"{req}: its lower bound is not the version constraints-lowest.txt was tested with")
+            f"{req}: its lower bound is not the version constraints-lowest.txt was tested with"
+        )
 
 
 def test_environment_yml_follows_the_lock() -> None:
@@ -118,8 +121,9 @@ def _imported_modules(path: Path) -> set[str]:
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] != "code":
             continue
-        src = "\n".join(l for l in "".join(cell["source"]).splitlines()
-                        if not l.lstrip().startswith(("%", "!")))
+        src = "\n".join(
+            l for l in "".join(cell["source"]).splitlines() if not l.lstrip().startswith(("%", "!"))
+        )
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Import):
                 mods.update(a.name.split(".")[0] for a in node.names)
@@ -143,14 +147,15 @@ def test_setup_cell_installs_everything_the_chapter_imports(path: Path) -> None:
                 todo.append(canonicalize_name(req.name))
     dists = packages_distributions()
     optional = {"torch", "transformers", "google"}  # used only when present (checked in the cell)
-    kernel = {"IPython", "ipykernel"}               # every Jupyter kernel has them
+    kernel = {"IPython", "ipykernel"}  # every Jupyter kernel has them
     for mod in sorted(_imported_modules(path) - optional - kernel):
         if mod in sys.stdlib_module_names or mod == "gemma2_lite":
             continue
         owners = {canonicalize_name(d) for d in dists.get(mod, [])}
         assert owners & installed, (
             f"{path.name} imports {mod!r} (from {sorted(owners)}), which neither the package nor "
-            "its 'notebooks' extra installs: add it to pyproject.toml")
+            "its 'notebooks' extra installs: add it to pyproject.toml"
+        )
 
 
 def test_repository_address_is_the_same_everywhere() -> None:
@@ -159,8 +164,11 @@ def test_repository_address_is_the_same_everywhere() -> None:
     assert REPOSITORY in (ROOT / "README.md").read_text()
     assert REPOSITORY in (ROOT / "notebooks" / "SETUP_CELL.md").read_text()
     for path in NOTEBOOKS:
-        setup = "".join(next(c for c in json.loads(path.read_text())["cells"]
-                             if c["cell_type"] == "code")["source"])
+        setup = "".join(
+            next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")[
+                "source"
+            ]
+        )
         urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", setup))
         assert urls == {REPOSITORY}, f"{path.name}'s setup cell names {urls}, not {REPOSITORY}"
 
@@ -171,14 +179,21 @@ def test_package_data_lists_every_shipped_file() -> None:
     notice), and every name gemma2_lite.paths ships is among them."""
     from gemma2_lite import paths
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
-                 ["tool"]["setuptools"]["package-data"]["gemma2_lite"])
-    present = {str(p.relative_to(ROOT / "gemma2_lite")) for p in paths.ASSETS.rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts}
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+            "gemma2_lite"
+        ]
+    )
+    present = {
+        str(p.relative_to(ROOT / "gemma2_lite"))
+        for p in paths.ASSETS.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert listed == present, (sorted(listed - present), sorted(present - listed))
     for name in paths.SHIPPED:
-        assert any(entry == f"assets/{name}" or entry.startswith(f"assets/{name}/")
-                   for entry in listed), name
+        assert any(
+            entry == f"assets/{name}" or entry.startswith(f"assets/{name}/") for entry in listed
+        ), name
     # one copy in git: none of them is also under data/
     for name in paths.SHIPPED:
         assert not (ROOT / "data" / name).exists(), name

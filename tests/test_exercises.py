@@ -36,7 +36,7 @@ import check_exercises  # noqa: E402
 import student_copy  # noqa: E402
 
 MIN_EXERCISES = 2
-WRONG_ANSWERS = (1, 3)          # stored wrong answers per exercise: at least, at most
+WRONG_ANSWERS = (1, 3)  # stored wrong answers per exercise: at least, at most
 COLUMN = 88
 DISCUSS = "**Discuss (no check).**"
 
@@ -55,7 +55,7 @@ def _cells(path: Path) -> list[dict]:
 
 
 def _chapter(path: Path) -> str:
-    return path.stem.split("_")[0]          # "03", or "06a" for a new chapter
+    return path.stem.split("_")[0]  # "03", or "06a" for a new chapter
 
 
 def _bound_names(src: str) -> set[str]:
@@ -97,7 +97,7 @@ def _questions_unchecked(prose: str, checked: set[str]) -> list[str]:
         j = i
         while j < len(sentences) and sentences[j].endswith("?"):
             j += 1
-        group = " ".join(sentences[i:j + 1])
+        group = " ".join(sentences[i : j + 1])
         if not set(re.findall(r"`([A-Za-z_]\w*)", group)) & checked:
             problems.append(" ".join(sentences[i:j]))
         i = j + 1
@@ -108,23 +108,27 @@ def _exercise_sources(cell: dict, solution: str) -> list[tuple[str, str]]:
     """(label, source) of a solution cell's stub and wrong answers."""
     out = [("stub", cell["metadata"]["exercise"]["stub"])]
     for w in student_copy.wrong_answers(cell):
-        out.append((f"wrong answer {w.get('name')!r}",
-                    check_exercises.wrong_source(w, solution, "")))
+        out.append(
+            (f"wrong answer {w.get('name')!r}", check_exercises.wrong_source(w, solution, ""))
+        )
     return out
 
 
 def _check_wrong_answers(name: str, ex_id: str, cell: dict, solution: str) -> None:
     wrong = student_copy.wrong_answers(cell)
     low, high = WRONG_ANSWERS
-    assert low <= len(wrong) <= high, \
+    assert low <= len(wrong) <= high, (
         f"{name} {ex_id}: {len(wrong)} stored wrong answers, want {low} to {high}"
+    )
     names = [w.get("name") for w in wrong]
     assert len(set(names)) == len(names), f"{name} {ex_id}: wrong answers share a name"
     for w in wrong:
-        assert isinstance(w.get("name"), str) and isinstance(w.get("why"), str) and \
-            w["why"].strip(), f"{name} {ex_id}: a wrong answer needs a name and a why: {w}"
-        assert ("source" in w) != ("edits" in w), \
+        assert (
+            isinstance(w.get("name"), str) and isinstance(w.get("why"), str) and w["why"].strip()
+        ), f"{name} {ex_id}: a wrong answer needs a name and a why: {w}"
+        assert ("source" in w) != ("edits" in w), (
             f"{name} {ex_id} {w['name']!r}: give either source or edits"
+        )
     for label, src in _exercise_sources(cell, solution):
         ast.parse(src)
         assert src.strip() != solution.strip(), f"{name} {ex_id}: the {label} is the solution"
@@ -135,65 +139,82 @@ def test_exercise_structure(path: Path) -> None:
     cells = _cells(path)
     name, chapter = path.name, _chapter(path)
     solutions = [i for i, c in enumerate(cells) if student_copy.is_solution(c)]
-    assert len(solutions) >= MIN_EXERCISES, \
+    assert len(solutions) >= MIN_EXERCISES, (
         f"{name}: {len(solutions)} exercises in the contract's form, want >= {MIN_EXERCISES}"
-    assert any(INTRO in student_copy.source(c) for c in cells
-               if c["cell_type"] == "markdown"), \
+    )
+    assert any(INTRO in student_copy.source(c) for c in cells if c["cell_type"] == "markdown"), (
         f"{name}: the exercises' intro must say what {INTRO} does"
+    )
     for k, i in enumerate(solutions, start=1):
         cell = cells[i]
         ex_id = f"{chapter}-{k}"
         meta = cell["metadata"].get("exercise", {})
-        assert meta.get("id") == ex_id, \
+        assert meta.get("id") == ex_id, (
             f"{name}: solution {k} has id {meta.get('id')!r}, want {ex_id!r} (unique, in order)"
+        )
         stub = student_copy.stub_of(cell, name)
         solution = student_copy.source(cell)
         assert stub.strip() != solution.strip(), f"{name} {ex_id}: stub equals the solution"
-        assert {"solution", "hide-cell"} <= set(student_copy.tags(cell)), \
+        assert {"solution", "hide-cell"} <= set(student_copy.tags(cell)), (
             f"{name} {ex_id}: a solution cell is tagged solution and hide-cell"
+        )
         _check_wrong_answers(name, ex_id, cell, solution)
         # the task in a markdown cell before it, numbered the same
-        prose = next(student_copy.source(c) for c in reversed(cells[:i])
-                     if c["cell_type"] == "markdown")
+        prose = next(
+            student_copy.source(c) for c in reversed(cells[:i]) if c["cell_type"] == "markdown"
+        )
         m = EXERCISE.match(prose)
-        assert m and int(m.group(1)) == k, \
+        assert m and int(m.group(1)) == k, (
             f"{name} {ex_id}: the markdown cell before it must start '**Exercise {k} (kind).**'"
+        )
         # the check right after it
         assert i + 1 < len(cells), f"{name} {ex_id}: no check cell after the solution"
         check = cells[i + 1]
-        assert student_copy.is_check(check) and \
-            check["metadata"].get("exercise", {}).get("id") == ex_id, \
-            f"{name} {ex_id}: the cell after the solution must be its check (tag, same id)"
+        assert (
+            student_copy.is_check(check)
+            and check["metadata"].get("exercise", {}).get("id") == ex_id
+        ), f"{name} {ex_id}: the cell after the solution must be its check (tag, same id)"
         check_src = student_copy.source(check)
         leaked = _printed_names(check_src) & (_bound_names(solution) | _bound_names(stub))
         assert not leaked, f"{name} {ex_id}: the check prints the answer's names {leaked}"
-        assert f"Exercise {k}: correct" in check_src, \
+        assert f"Exercise {k}: correct" in check_src, (
             f"{name} {ex_id}: the check should print 'Exercise {k}: correct'"
+        )
         checked = {n for n in _bound_names(solution) if re.search(rf"\b{n}\b", check_src)}
         unchecked = _questions_unchecked(prose, checked)
-        assert not unchecked, (f"{name} {ex_id}: questions no check answers {unchecked}: "
-                               f"check them, or put them after {DISCUSS}")
-        sources = [("solution", solution), ("check", check_src),
-                   *_exercise_sources(cell, solution)]
-        wide = [(label, l) for label, src in sources for l in src.splitlines()
-                if len(l) > COLUMN]
+        assert not unchecked, (
+            f"{name} {ex_id}: questions no check answers {unchecked}: "
+            f"check them, or put them after {DISCUSS}"
+        )
+        sources = [("solution", solution), ("check", check_src), *_exercise_sources(cell, solution)]
+        wide = [(label, l) for label, src in sources for l in src.splitlines() if len(l) > COLUMN]
         assert not wide, f"{name} {ex_id}: lines wider than {COLUMN}: {wide[:2]}"
     checks = [c for c in cells if student_copy.is_check(c)]
     assert len(checks) == len(solutions), f"{name}: check cells without a solution"
     for c in cells:
         if set(student_copy.tags(c)) & {"sizes", "exercise-context"}:
-            magic = [l for l in student_copy.source(c).splitlines()
-                     if l.lstrip().startswith(("%", "!"))]
+            magic = [
+                l for l in student_copy.source(c).splitlines() if l.lstrip().startswith(("%", "!"))
+            ]
             assert not magic, f"{name}: context cell {c.get('id')} has magics {magic}"
 
 
 @pytest.mark.parametrize("path", list(_params()))
 def test_checks_pass_with_solution_and_reject_stub_and_wrong_answers(path: Path) -> None:
-    env = {**os.environ, "GEMMA2_LITE_PROFILE": "ci", "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "check_exercises.py"),
-                          str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    env = {
+        **os.environ,
+        "GEMMA2_LITE_PROFILE": "ci",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_exercises.py"), str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, f"{path.name}:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     assert "PASSED" not in run.stdout and "FAIL" not in run.stdout, run.stdout[-6000:]
 
@@ -209,8 +230,12 @@ def _strings(tree) -> list[str]:
 def test_student_copy(tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat")
     out = tmp_path / "student"
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "student_copy.py"), str(out)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "student_copy.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     originals = sorted((ROOT / "notebooks").glob("*.ipynb"))
     assert sorted(p.name for p in out.glob("*.ipynb")) == [p.name for p in originals]
@@ -220,17 +245,21 @@ def test_student_copy(tmp_path: Path) -> None:
         nbformat.validate(nbformat.read(copy, as_version=nbformat.NO_CONVERT))
         student = _cells(copy)
         assert len(student) == len(cells), f"{path.name}: cell count changed"
-        text = "\n".join(_strings(student))        # every source and metadata string
-        public = "\n".join(student_copy.source(c) for c in cells     # visible anyway
-                           if not student_copy.is_solution(c))
+        text = "\n".join(_strings(student))  # every source and metadata string
+        public = "\n".join(
+            student_copy.source(c)
+            for c in cells  # visible anyway
+            if not student_copy.is_solution(c)
+        )
         for orig, new in zip(cells, student):
             if student_copy.is_solution(orig):
                 meta = orig["metadata"]["exercise"]
                 assert student_copy.source(new) == meta["stub"]
                 assert new["metadata"]["exercise"] == {"id": meta["id"], "stub": meta["stub"]}
                 assert not {"solution", "hide-cell"} & set(student_copy.tags(new))
-                assert student_copy.source(orig).strip() not in text, \
+                assert student_copy.source(orig).strip() not in text, (
                     f"{path.name}: solution source left in the student copy"
+                )
                 solution = student_copy.source(orig)
                 stub_lines = {l.strip() for l in meta["stub"].splitlines()}
                 for label, src in _exercise_sources(orig, solution)[1:]:
@@ -245,9 +274,21 @@ def test_student_copy(tmp_path: Path) -> None:
 
 
 def test_student_copy_refuses_a_solution_without_stub(tmp_path: Path) -> None:
-    nb = {"cells": [{"cell_type": "code", "id": "x", "metadata": {"tags": ["solution"]},
-                     "source": ["answer = 1\n"], "outputs": [], "execution_count": None}],
-          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "id": "x",
+                "metadata": {"tags": ["solution"]},
+                "source": ["answer = 1\n"],
+                "outputs": [],
+                "execution_count": None,
+            }
+        ],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     bad = tmp_path / "99_bad.ipynb"
     bad.write_text(json.dumps(nb))
     with pytest.raises(student_copy.ExerciseError, match="no metadata 'exercise'"):
@@ -257,24 +298,37 @@ def test_student_copy_refuses_a_solution_without_stub(tmp_path: Path) -> None:
 
 def _toy(check: str, wrong: list[dict] | None = None) -> dict:
     def code(src, tags, meta=None):
-        return {"cell_type": "code", "id": tags[0], "execution_count": None,
-                "outputs": [], "source": src,
-                "metadata": {"tags": tags, **({"exercise": meta} if meta else {})}}
+        return {
+            "cell_type": "code",
+            "id": tags[0],
+            "execution_count": None,
+            "outputs": [],
+            "source": src,
+            "metadata": {"tags": tags, **({"exercise": meta} if meta else {})},
+        }
+
     meta = {"id": "99-1", "stub": "answer_1 = None  # your answer\n"}
     if wrong is not None:
         meta["wrong"] = wrong
-    return {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-        code("two = 2\nseen = []\n", ["exercise-context"]),
-        code("answer_1 = two\n", ["solution", "hide-cell"], meta),
-        code(check, ["check"], {"id": "99-1"})]}
+    return {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {},
+        "cells": [
+            code("two = 2\nseen = []\n", ["exercise-context"]),
+            code("answer_1 = two\n", ["solution", "hide-cell"], meta),
+            code(check, ["check"], {"id": "99-1"}),
+        ],
+    }
 
 
 def test_runner_catches_a_check_that_cannot_fail(tmp_path: Path) -> None:
     good, bad, chatty = (tmp_path / f"{n}.ipynb" for n in ("good", "bad", "chatty"))
     good.write_text(json.dumps(_toy('assert answer_1 == 2\nprint("Exercise 1: correct")\n')))
     bad.write_text(json.dumps(_toy('print("Exercise 1: correct")\n')))
-    chatty.write_text(json.dumps(_toy('assert answer_1 == 2\nprint("Exercise 1: correct",'
-                                      ' answer_1)\n')))
+    chatty.write_text(
+        json.dumps(_toy('assert answer_1 == 2\nprint("Exercise 1: correct", answer_1)\n'))
+    )
     assert check_exercises.check_notebook(good) == []
     assert any("passed after the stub" in p for p in check_exercises.check_notebook(bad))
     assert any("printed" in p for p in check_exercises.check_notebook(chatty))
@@ -287,13 +341,24 @@ def test_runner_catches_a_check_that_accepts_a_wrong_answer(tmp_path: Path) -> N
     loose = 'assert isinstance(answer_1, int)\nprint("Exercise 1: correct")\n'
     strict = 'assert answer_1 == 2 and seen == []\nprint("Exercise 1: correct")\n'
     off_by_one = {"name": "off by one", "why": "three", "edits": {"two": "two + 1"}}
-    mutates = {"name": "mutates", "why": "changes the context", "source": "seen.append(1)\n"
-               "answer_1 = 3\n"}
-    cases = {"loose": (loose, [off_by_one], "passed after the wrong answer 'off by one'"),
-             "crash": (strict, [{"name": "crash", "why": "x", "source": "1 / 0\n"}],
-                       "wrong answer 'crash' itself raised"),
-             "edit": (strict, [{"name": "nowhere", "why": "x", "edits": {"three": "4"}}],
-                      "occurs 0 times")}
+    mutates = {
+        "name": "mutates",
+        "why": "changes the context",
+        "source": "seen.append(1)\nanswer_1 = 3\n",
+    }
+    cases = {
+        "loose": (loose, [off_by_one], "passed after the wrong answer 'off by one'"),
+        "crash": (
+            strict,
+            [{"name": "crash", "why": "x", "source": "1 / 0\n"}],
+            "wrong answer 'crash' itself raised",
+        ),
+        "edit": (
+            strict,
+            [{"name": "nowhere", "why": "x", "edits": {"three": "4"}}],
+            "occurs 0 times",
+        ),
+    }
     for stem, (check, wrong, message) in cases.items():
         path = tmp_path / f"{stem}.ipynb"
         path.write_text(json.dumps(_toy(check, wrong)))
@@ -313,9 +378,10 @@ def test_own_work_finds_the_reference_however_it_is_reached() -> None:
     from gemma2_lite.exercises import assert_own_work
     from gemma2_lite.model import param_counts
 
-    ns: dict = {"__name__": "__exercises__", "jax": jax, "jnp": jnp,
-                "param_counts": param_counts}
-    exec(compile("""
+    ns: dict = {"__name__": "__exercises__", "jax": jax, "jnp": jnp, "param_counts": param_counts}
+    exec(
+        compile(
+            """
 ref = param_counts
 def direct(cfg): return param_counts(cfg)
 def helper(cfg): return ref(cfg)
@@ -335,10 +401,23 @@ def own(cfg): return sum([1, 2]) + jnp.exp(0.0)
 def own_softmax(x):
     z = jnp.exp(x - x.max())
     return z / z.sum()
-""", "toy", "exec"), ns)
-    rejected = [ns["direct"], ns["via_helper"], ns["imported"], ns["attribute"],
-                ns["closure"](), ns["default"], param_counts,
-                functools.partial(param_counts), jax.jit(param_counts)]
+""",
+            "toy",
+            "exec",
+        ),
+        ns,
+    )
+    rejected = [
+        ns["direct"],
+        ns["via_helper"],
+        ns["imported"],
+        ns["attribute"],
+        ns["closure"](),
+        ns["default"],
+        param_counts,
+        functools.partial(param_counts),
+        jax.jit(param_counts),
+    ]
     for fn in rejected:
         with pytest.raises(AssertionError, match="param_counts"):
             assert_own_work(fn, param_counts)
@@ -359,10 +438,17 @@ def test_own_work_tells_a_bound_method_from_its_name() -> None:
 
     tok = default_tokenizer()
     ns: dict = {"__name__": "__exercises__", "TOK": tok}
-    exec(compile("""
+    exec(
+        compile(
+            """
 def wrapper(ids): return TOK.decode(ids)
 def own(ids): return bytearray(ids).decode("latin-1")      # another object's decode
-""", "toy", "exec"), ns)
+""",
+            "toy",
+            "exec",
+        ),
+        ns,
+    )
     with pytest.raises(AssertionError, match="decode"):
         assert_own_work(ns["wrapper"], tok.decode)
     assert_own_work(ns["own"], tok.decode)

@@ -10,13 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma2_lite.checkpoint import load_hf
-from gemma2_lite.book.experiments import (REPORT, corpus_tokens, main, run_deep_vs_wide,
-                                     run_distillation, run_gqa_vs_mha, run_train_tiny, run_window)
-from gemma2_lite.model import param_counts
-from gemma2_lite.tokenizer import Tokenizer
-from gemma2_lite.profile import data_path
+from gemma2_lite.book.experiments import (
+    REPORT,
+    corpus_tokens,
+    main,
+    run_deep_vs_wide,
+    run_distillation,
+    run_gqa_vs_mha,
+    run_train_tiny,
+    run_window,
+)
 from gemma2_lite.book.seed_records import RecordError, read_record, record_digest, write_record
+from gemma2_lite.checkpoint import load_hf
+from gemma2_lite.model import param_counts
+from gemma2_lite.profile import data_path
+from gemma2_lite.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,18 +44,26 @@ def test_corpus_tokens_roundtrip() -> None:
     assert ids.dtype == np.int32 and ids[0] == tok.bos_id
     first_eos = int(np.argmax(ids == tok.eos_id))
     from gemma2_lite.data import load_documents
+
     assert tok.decode(ids[1:first_eos]) == load_documents("valid")[0]["text"][:300]
 
 
-@pytest.mark.slow   # four models compiled: ~40 s of CPU on 2 cores
+@pytest.mark.slow  # four models compiled: ~40 s of CPU on 2 cores
 def test_distillation_smoke(tmp_path: Path) -> None:
     res = run_distillation("smoke", results_dir=tmp_path, quiet=True)
     saved = _outputs(tmp_path, "distillation")
-    assert set(saved["final_val_perplexity"]) == {"teacher", "one-hot", "teacher (full)",
-                                                  "teacher (top-8)", "teacher (top-8) + labels"}
+    assert set(saved["final_val_perplexity"]) == {
+        "teacher",
+        "one-hot",
+        "teacher (full)",
+        "teacher (top-8)",
+        "teacher (top-8) + labels",
+    }
     assert all(np.isfinite(v) and v > 1 for v in saved["final_val_perplexity"].values())
-    assert saved["report"]["distillation_2b_avg_benchmark"] == {"from_scratch": 60.3,
-                                                                "distilled": 67.7}
+    assert saved["report"]["distillation_2b_avg_benchmark"] == {
+        "from_scratch": 60.3,
+        "distilled": 67.7,
+    }
     assert res["student_params"]["total"] < res["teacher_params"]["total"]
     rows = (tmp_path / "distillation" / "curves.csv").read_text().splitlines()
     assert rows[0] == "run,step,tokens,val_loss,val_perplexity" and len(rows) > 8
@@ -62,7 +78,7 @@ def test_window_smoke(tmp_path: Path) -> None:
     assert len({r["val_loss"] for r in saved["results"]}) == 3
 
 
-@pytest.mark.slow   # four models compiled: ~40 s of CPU on 2 cores
+@pytest.mark.slow  # four models compiled: ~40 s of CPU on 2 cores
 def test_ablations_smoke_have_equal_budgets(tmp_path: Path) -> None:
     gqa = run_gqa_vs_mha("smoke", results_dir=tmp_path, quiet=True)
     p = gqa["params"]
@@ -82,8 +98,9 @@ def test_train_tiny_smoke_saves_loadable_model(tmp_path: Path) -> None:
     res = run_train_tiny("smoke", results_dir=tmp_path, quiet=True, out=tmp_path / "model")
     _outputs(tmp_path, "train-tiny")
     model = load_hf(tmp_path / "model")
-    assert param_counts(model.config) == {k: res["params"][k] for k in ("embedding",
-                                                                         "non_embedding")}
+    assert param_counts(model.config) == {
+        k: res["params"][k] for k in ("embedding", "non_embedding")
+    }
     readme = (tmp_path / "model" / "README.md").read_text()
     assert "--profile smoke" in readme and f"{res['final_val_loss']:.4f}" in readme
     assert res["sample"].startswith("ROMEO:") and res["sample"] in readme
@@ -96,8 +113,12 @@ def test_cli_rejects_unknown_and_misplaced_options(capsys: pytest.CaptureFixture
         main(["window", "--profile", "huge"])
     with pytest.raises(SystemExit):
         main(["window", "--steps", "3"])
-    help_text = subprocess.run([sys.executable, "-m", "gemma2_lite.book.experiments", "--help"],
-                               capture_output=True, text=True, cwd=ROOT).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "gemma2_lite.book.experiments", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
     assert "distillation" in help_text and "smoke" not in help_text
 
 
@@ -117,13 +138,17 @@ def test_seed_record_mean_spread_and_staleness(tmp_path, monkeypatch) -> None:
         assert s["min"] == min(values) and s["max"] == max(values)
         assert s["mean"] == pytest.approx(sum(values) / 2)
     # A run of seed 0 (as the record made it; the book's build makes it afresh).
-    run = {"experiment": "gqa-vs-mha", "profile": "smoke", "seed": 0,
-           "final_val_perplexity": dict(record["per_seed"]["0"])}
+    run = {
+        "experiment": "gqa-vs-mha",
+        "profile": "smoke",
+        "seed": 0,
+        "final_val_perplexity": dict(record["per_seed"]["0"]),
+    }
     text = ex.seed_report(run)
     assert "2 seeds" in text and "gap between the means" in text
     stale = json.loads(path.read_text())
     stale["per_seed"]["0"] = {k: 2 * v for k, v in stale["per_seed"]["0"].items()}
-    write_record(path, stale)                   # a record made by other code: sealed, stale
+    write_record(path, stale)  # a record made by other code: sealed, stale
     with pytest.raises(AssertionError, match="differ from the record"):
         ex.seed_report(run)
 
@@ -133,14 +158,14 @@ def _records_in(folder, monkeypatch) -> None:
     from gemma2_lite.book import experiments, seed_records
 
     real = seed_records.data_path
-    fake = lambda *parts: (folder.joinpath(*parts) if parts[:1] == (seed_records.SEED_RECORDS,)
-                           else real(*parts))
+    fake = lambda *parts: (
+        folder.joinpath(*parts) if parts[:1] == (seed_records.SEED_RECORDS,) else real(*parts)
+    )
     for module in (experiments, seed_records):
         monkeypatch.setattr(module, "data_path", fake)
 
 
-def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path,
-                                                                      monkeypatch) -> None:
+def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path, monkeypatch) -> None:
     """With a seed record, seed 0 is replayed from it (the chapters' ci build) once its first
     steps, re-run, give the recorded losses; a record those steps no longer reproduce raises."""
     import json
@@ -165,11 +190,14 @@ def test_a_recorded_run_is_replayed_only_after_its_first_steps_match(tmp_path,
         ex.run_window("smoke", results_dir=results, quiet=True)
     # An edited result with the fingerprint kept, not resealed: refused before it is shown.
     edited = json.loads(path.read_text())
-    edited["replay"]["payload"]["check"]["train_loss"][-1] /= 1.01        # fingerprint back
-    edited["replay"]["payload"]["results"][0]["val_perplexity"] *= 0.5   # a better number
+    edited["replay"]["payload"]["check"]["train_loss"][-1] /= 1.01  # fingerprint back
+    edited["replay"]["payload"]["results"][0]["val_perplexity"] *= 0.5  # a better number
     path.write_text(json.dumps(edited, indent=1))
-    with pytest.raises(RecordError, match=r"window-smoke.json was changed after it was "
-                                          r"recorded: .*remake it with `python -m"):
+    with pytest.raises(
+        RecordError,
+        match=r"window-smoke.json was changed after it was "
+        r"recorded: .*remake it with `python -m",
+    ):
         ex.run_window("smoke", results_dir=results, quiet=True)
     with pytest.raises(RecordError, match="was changed after it was recorded"):
         ex.seed_report(replayed)
@@ -182,15 +210,30 @@ def test_the_books_seed_records_are_sealed() -> None:
     assert paths
     for path in paths:
         record = read_record(path)
-        assert path.read_text() == json.dumps(record, indent=1) + "\n"   # as write_record writes
+        assert path.read_text() == json.dumps(record, indent=1) + "\n"  # as write_record writes
         record["summary"][next(iter(record["summary"]))]["mean"] += 1e-9
         assert record_digest(record) != record["sha256"]
 
 
 def test_train_tiny_steps_zero_trains_nothing(tmp_path: Path) -> None:
     """--steps 0 (and steps=0) means zero steps, not the profile's default."""
-    assert main(["train-tiny", "--profile", "smoke", "--steps", "0", "--quiet",
-                 "--results-dir", str(tmp_path), "--out", str(tmp_path / "model")]) == 0
+    assert (
+        main(
+            [
+                "train-tiny",
+                "--profile",
+                "smoke",
+                "--steps",
+                "0",
+                "--quiet",
+                "--results-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
     saved = _outputs(tmp_path, "train-tiny")
     assert saved["train_config"]["steps"] == 0 and saved["tokens_trained"] == 0
     assert saved["command"].endswith("--steps 0")

@@ -16,15 +16,20 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from venvs import clean_env, fresh_venv
 
 from gemma2_lite import paths
 
-from venvs import clean_env, fresh_venv
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "gemma2_lite", "data/README.md",
-           "data/build_corpus.py")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "MANIFEST.in",
+    "gemma2_lite",
+    "data/README.md",
+    "data/build_corpus.py",
+)
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -36,9 +41,24 @@ def _build_wheel(tmp_path: Path) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
-                          "--no-build-isolation", "-q", "-w", str(tmp_path / "wheels"), str(src)],
-                         capture_output=True, text=True, env=clean_env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheels"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("gemma2_lite-*.whl")
     return wheel
@@ -51,18 +71,38 @@ def test_wheel_installs_and_the_cli_runs_from_an_empty_folder(tmp_path: Path) ->
     for name in paths.SHIPPED:
         assert any(n.startswith(f"gemma2_lite/assets/{name}") for n in shipped), (name, shipped)
     assert "gemma2_lite/assets/tiny-model/model.safetensors" in shipped
-    assert "gemma2_lite/assets/README.md" in shipped          # the corpus's licence notes
+    assert "gemma2_lite/assets/README.md" in shipped  # the corpus's licence notes
 
     python = fresh_venv(tmp_path, pip=False)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, env=clean_env())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        env=clean_env(),
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = clean_env(GEMMA2_LITE_PROFILE="ci")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(python), *args], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [str(python), *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     where = run("-c", "import gemma2_lite.paths as p; print(p.ASSETS); print(p.checkout())")
     assets, checkout = where.stdout.split()
@@ -72,10 +112,13 @@ def test_wheel_installs_and_the_cli_runs_from_an_empty_folder(tmp_path: Path) ->
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ROMEO:") and len(out.stdout) > len("ROMEO:\n"), out.stdout
     assert "tokens in" in out.stderr and "Traceback" not in out.stderr
-    assert list(elsewhere.iterdir()) == []                      # it wrote nothing here
+    assert list(elsewhere.iterdir()) == []  # it wrote nothing here
     # the shipped SFT adapters (chapters 08b, 08c) load from the install, no checkout
-    out = run("-c", "from gemma2_lite import lora; from gemma2_lite.book import recipes; "
-              "print(lora.count_lora_params(recipes.sft_adapters(seed=2)))")
+    out = run(
+        "-c",
+        "from gemma2_lite import lora; from gemma2_lite.book import recipes; "
+        "print(lora.count_lora_params(recipes.sft_adapters(seed=2)))",
+    )
     assert out.returncode == 0 and out.stdout.split()[-1] == "90368", out.stderr[-3000:]
 
     # A shipped file gone from the install: the message names it and how to get it back.

@@ -1,9 +1,11 @@
-"""Lint, format and type checks (issue 20 item 6): ``ruff check``, ``ruff format --check`` and
-``mypy gemma2_lite``, configured in ``pyproject.toml`` ([tool.ruff], [tool.mypy]).
+"""Lint, format and type checks (issue 20 item 6), configured in ``pyproject.toml``:
+``ruff check .`` ([tool.ruff.lint]: the package, tests, benchmarks, tools, data scripts,
+assignments and the notebooks), ``ruff format --check .`` ([tool.ruff.format]: every .py file;
+the notebooks are hand-shaped prose and excluded) and ``mypy`` ([tool.mypy]: its ``files``).
 
-Not enforced yet: the code is formatted and the findings fixed in one change after the
-post-training branch merges (a mass reformat now would conflict with it). Until then each
-check runs and reports, and an xfail records that it does not pass yet.
+Each fails with the tool's own report. To fix a failure: ``ruff format .`` and
+``ruff check --fix .`` do the mechanical part; the rest (and every mypy error) by hand.
+mypy keeps its cache in ``.mypy_cache`` (ignored by git): a cold run takes about 20 s of CPU.
 """
 
 from __future__ import annotations
@@ -12,30 +14,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-#: What ruff reads: the package, tests, benchmarks, tools, notebooks and assignments.
-TARGETS = ["gemma2_lite", "tests", "benchmarks", "tools", "notebooks", "assignments"]
-
-pytestmark = pytest.mark.xfail(reason="enabled after the post-training merge", strict=False)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def _report(result: subprocess.CompletedProcess[str]) -> str:
+    return (result.stdout + result.stderr)[-6000:]
 
 
 def test_ruff_check() -> None:
-    result = _run("ruff", "check", *TARGETS)
-    assert result.returncode == 0, result.stdout[-4000:]
+    result = _run("ruff", "check", "--no-cache", ".")
+    assert result.returncode == 0, _report(result)
 
 
 def test_ruff_format() -> None:
-    result = _run("ruff", "format", "--check", *TARGETS)
-    assert result.returncode == 0, result.stdout[-4000:]
+    result = _run("ruff", "format", "--check", "--no-cache", ".")
+    assert result.returncode == 0, _report(result)
 
 
 def test_mypy() -> None:
-    result = _run("mypy", "gemma2_lite")
-    assert result.returncode == 0, result.stdout[-4000:]
+    result = _run("mypy")  # the files and the cache directory come from pyproject.toml
+    assert result.returncode == 0, _report(result)

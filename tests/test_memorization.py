@@ -9,24 +9,36 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma2_lite import Gemma2, get_config
-from gemma2_lite.memorization import (Rate, canary_extraction, edit_distance, insert_canaries,
-                                      luhn_valid, make_canaries, memorization_test, pii_report,
-                                      scan_pii, wilson_interval)
+from gemma2_lite.memorization import (
+    Rate,
+    canary_extraction,
+    edit_distance,
+    insert_canaries,
+    luhn_valid,
+    make_canaries,
+    memorization_test,
+    pii_report,
+    scan_pii,
+    wilson_interval,
+)
 
 
 def test_edit_distance_known_values():
     assert edit_distance([], []) == 0
     assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
-    assert edit_distance([1, 2, 3], [1, 9, 3]) == 1          # substitution
-    assert edit_distance([1, 2, 3], [1, 3]) == 1             # deletion
-    assert edit_distance([1, 2, 3], [0, 1, 2, 3]) == 1       # insertion
+    assert edit_distance([1, 2, 3], [1, 9, 3]) == 1  # substitution
+    assert edit_distance([1, 2, 3], [1, 3]) == 1  # deletion
+    assert edit_distance([1, 2, 3], [0, 1, 2, 3]) == 1  # insertion
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance([1, 2], [3, 4, 5]) == 3
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 4), max_size=12), st.lists(st.integers(0, 4), max_size=12),
-       st.lists(st.integers(0, 4), max_size=12))
+@given(
+    st.lists(st.integers(0, 4), max_size=12),
+    st.lists(st.integers(0, 4), max_size=12),
+    st.lists(st.integers(0, 4), max_size=12),
+)
 def test_edit_distance_is_a_metric(a, b, c):
     assert edit_distance(a, b) == edit_distance(b, a)
     assert (edit_distance(a, b) == 0) == (a == b)
@@ -54,7 +66,7 @@ def recording_generate(outputs_for):
     return generate, seen
 
 
-DOCS = [list(range(1000 * i, 1000 * i + 120)) for i in range(30)] + [[1, 2, 3]]   # last too short
+DOCS = [list(range(1000 * i, 1000 * i + 120)) for i in range(30)] + [[1, 2, 3]]  # last too short
 TRUTH = {tuple(d[:50]): d[50:100] for d in DOCS}
 
 
@@ -83,6 +95,7 @@ def test_near_copies_are_approximate_not_exact():
             for j in range(k):
                 t[3 + 7 * j] = -1
             return t
+
         return out
 
     near = memorization_test(None, DOCS, n=10, generate_fn=recording_generate(corrupt(5))[0])
@@ -104,9 +117,19 @@ def test_breakdown_by_source_and_errors():
         memorization_test(None, DOCS, sources=["a"], generate_fn=gen)
 
 
-CFG = get_config("tiny", vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 head_dim=16, ffn_dim=128, query_pre_attn_scalar=16, sliding_window=8,
-                 max_seq_len=64)
+CFG = get_config(
+    "tiny",
+    vocab_size=97,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+    max_seq_len=64,
+)
 
 
 def corpus(seed, n_docs=12, length=24):
@@ -130,6 +153,7 @@ def test_overfit_model_memorises_everything():
         def loss(model):
             logits = model(batch[:, :-1])
             return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
         value, grads = nnx.value_and_grad(loss)(model)
         opt.update(model, grads)
         return value
@@ -145,8 +169,13 @@ def test_overfit_model_memorises_everything():
 
 def test_pii_scan_with_severities():
     assert luhn_valid("4111 1111 1111 1111") and not luhn_valid("4111 1111 1111 1112")
-    kinds = {k for k, _, _ in scan_pii("mail jane.doe@example.org or call (555) 123-4567, "
-                                       "card 4111-1111-1111-1111, ssn 078-05-1120")}
+    kinds = {
+        k
+        for k, _, _ in scan_pii(
+            "mail jane.doe@example.org or call (555) 123-4567, "
+            "card 4111-1111-1111-1111, ssn 078-05-1120"
+        )
+    }
     assert kinds == {"email", "phone", "credit_card", "national_id"}
     assert scan_pii("card 4111 1111 1111 1112 and a plain sentence.") == []
     assert scan_pii("To be, or not to be: that is the question.") == []
@@ -166,8 +195,9 @@ def test_canaries_inserted_by_count_and_extracted():
             return [ord(ch) for ch in s]
 
     secrets = {tuple(ord(ch) for ch in c.prefix): [ord(ch) for ch in c.secret] for c in canaries}
-    gen, _ = recording_generate(lambda p: secrets[tuple(p)] if "1-" in "".join(map(chr, p))
-                                else [0] * 20)
+    gen, _ = recording_generate(
+        lambda p: secrets[tuple(p)] if "1-" in "".join(map(chr, p)) else [0] * 20
+    )
     rates = canary_extraction(None, CharTokenizer(), canaries, generate_fn=gen)
     assert rates[1].rate == 1.0 and rates[4].rate == 0.0
 

@@ -14,9 +14,18 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from gemma2_lite import Gemma2, Gemma2Config, get_config, param_counts
-from gemma2_lite.memory import (CHIPS, GiB, REPORT_SETUPS, activation_bytes, comm_bytes,
-                                kv_cache_bytes, param_shard_elements, plan_memory, plan_table)
 from gemma2_lite.losses import cross_entropy_loss
+from gemma2_lite.memory import (
+    CHIPS,
+    REPORT_SETUPS,
+    GiB,
+    activation_bytes,
+    comm_bytes,
+    kv_cache_bytes,
+    param_shard_elements,
+    plan_memory,
+    plan_table,
+)
 from gemma2_lite.model import abstract_model
 from gemma2_lite.sharding import ShardingError
 
@@ -25,9 +34,19 @@ def next_token_loss(model: Gemma2, tokens: jax.Array) -> jax.Array:
     """The training objective: (B, T + 1) windows -> mean next-token cross-entropy."""
     return cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
+
 # Small and prime-ish: V 211, D 46, N 4 / K 2, H 14, F 94, W 5.
-SMALL = dict(vocab_size=211, d_model=46, num_heads=4, num_kv_heads=2, head_dim=14, ffn_dim=94,
-             query_pre_attn_scalar=14, sliding_window=5, max_seq_len=128)
+SMALL = dict(
+    vocab_size=211,
+    d_model=46,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=14,
+    ffn_dim=94,
+    query_pre_attn_scalar=14,
+    sliding_window=5,
+    max_seq_len=128,
+)
 
 
 def small(layers: int = 2, dtype: str = "float32") -> Gemma2Config:
@@ -35,8 +54,11 @@ def small(layers: int = 2, dtype: str = "float32") -> Gemma2Config:
 
 
 def test_param_elements_reproduce_the_report_counts() -> None:
-    report = {"gemma2-2b": 590_118_912 + 2_024_517_888, "gemma2-9b": 917_962_752 + 8_324_201_984,
-              "gemma2-27b": 1_180_237_824 + 26_047_480_320}
+    report = {
+        "gemma2-2b": 590_118_912 + 2_024_517_888,
+        "gemma2-9b": 917_962_752 + 8_324_201_984,
+        "gemma2-27b": 1_180_237_824 + 26_047_480_320,
+    }
     for name, total in report.items():
         assert param_shard_elements(get_config(name), {})[0] == total
     counts = param_counts(small(3))
@@ -44,14 +66,14 @@ def test_param_elements_reproduce_the_report_counts() -> None:
 
 
 def test_param_elements_split_by_the_rules() -> None:
-    cfg = small(3)                                            # D 46 = 2 x 23, V 211 prime
+    cfg = small(3)  # D 46 = 2 x 23, V 211 prime
     whole, _ = param_shard_elements(cfg, {})
     # fsdp 2 splits every weight (all have D) except the norms; V is not split without model
     halves, uneven = param_shard_elements(cfg, {"fsdp": 2})
     norms = (4 * 3 + 1) * 46
     assert halves == (whole - norms) // 2 + norms and uneven == []
     _, uneven = param_shard_elements(cfg, {"model": 2})
-    assert uneven == ["embedder.embedding dim 0 (211 over 2)"]   # padded to 106 rows a device
+    assert uneven == ["embedder.embedding dim 0 (211 over 2)"]  # padded to 106 rows a device
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -64,12 +86,15 @@ def test_activation_formula_equals_jax_saved_residuals(dtype: str, remat: bool) 
         graphdef, params = nnx.split(abstract_model(cfg, remat=remat))
         tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
 
-        def loss(p, t):
+        def loss(p, t, graphdef=graphdef):
             return next_token_loss(nnx.merge(graphdef, p), t)
 
         residuals = saved_residuals(loss, params, tokens)
-        got = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, where in residuals
-                  if "argument" not in where and "literal" not in where)
+        got = sum(
+            int(np.prod(a.shape)) * a.dtype.itemsize
+            for a, where in residuals
+            if "argument" not in where and "literal" not in where
+        )
         want = activation_bytes(cfg, batch * length, length, remat=remat, peak=False)
         assert got == want, (dtype, remat, layers)
 
@@ -78,7 +103,7 @@ def test_remat_keeps_far_less_and_flash_drops_the_scores() -> None:
     cfg = get_config("gemma2-2b")
     full = activation_bytes(cfg, 8192, 8192)
     remat = activation_bytes(cfg, 8192, 8192, remat=True)
-    assert remat < full / 5         # 26 layers' residuals vs one layer's + the block inputs
+    assert remat < full / 5  # 26 layers' residuals vs one layer's + the block inputs
     flash = activation_bytes(cfg, 8192, 8192, flash=True)
     # the S-wide score residuals are (17 + a) S N bytes per token per layer
     assert full - flash == pytest.approx(cfg.num_layers * 8192 * (21 * 8192 + 4) * 8, rel=1e-9)
@@ -112,7 +137,7 @@ def test_activation_estimate_against_xla_compiled_temp() -> None:
 
 @pytest.mark.parametrize("length", [3, 5, 17])
 def test_kv_cache_bytes_equal_the_models_cache(length: int) -> None:
-    cfg = small(3)                                          # local, global, local; W = 5
+    cfg = small(3)  # local, global, local; W = 5
     model = nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0)))
     cache = model.init_cache(2, length)
     nbytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(cache))
@@ -126,8 +151,15 @@ def test_kv_cache_bytes_equal_the_models_cache(length: int) -> None:
 
 def test_plan_memory_sums_and_fits() -> None:
     cfg = get_config("gemma2-2b")
-    plan = plan_memory(cfg, {"fsdp": 8}, batch=8, seq=1024, chip="tpu-v5e",
-                       param_dtype="bfloat16", act_dtype="bfloat16")
+    plan = plan_memory(
+        cfg,
+        {"fsdp": 8},
+        batch=8,
+        seq=1024,
+        chip="tpu-v5e",
+        param_dtype="bfloat16",
+        act_dtype="bfloat16",
+    )
     elems = param_shard_elements(cfg, {"fsdp": 8})[0]
     assert plan.params == plan.grads == 2 * elems
     assert plan.optimizer == 8 * elems + 8 and plan.master == 4 * elems

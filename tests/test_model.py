@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import hf_logits, make_hf_model, save_hf_model
+from tolerance import assert_close
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import attention_mask, gqa_attention, sliding_window_mask
@@ -18,19 +20,16 @@ from gemma2_lite.checkpoint import load_hf
 from gemma2_lite.layers import rms_norm, soft_cap
 from gemma2_lite.model import positions_from_mask
 from gemma2_lite.parity import compare_layers, format_report
-from hf_reference import hf_logits, make_hf_model, save_hf_model
-from tolerance import assert_close
 
 ATOL = 1e-4
 WINDOW = 7
-SEQ = 23          # > 2 * WINDOW
+SEQ = 23  # > 2 * WINDOW
 
 
 @pytest.fixture(scope="module", params=[3, 4], ids=["odd-layers", "even-layers"])
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its safetensors)."""
-    hf = make_hf_model(num_hidden_layers=request.param, sliding_window=WINDOW,
-                       seed=request.param)
+    hf = make_hf_model(num_hidden_layers=request.param, sliding_window=WINDOW, seed=request.param)
     path = save_hf_model(hf, tmp_path_factory.mktemp(f"hf{request.param}"))
     return hf, load_hf(path)
 
@@ -41,7 +40,7 @@ def random_tokens(shape, vocab, seed=0):
 
 def test_logits_match_reference(pair):
     hf, model = pair
-    assert model.config.query_scale != pytest.approx(model.config.head_dim ** -0.5)
+    assert model.config.query_scale != pytest.approx(model.config.head_dim**-0.5)
     tokens = random_tokens((2, SEQ), model.config.vocab_size)
     ref = hf_logits(hf, tokens)
     ours = np.asarray(model(jnp.asarray(tokens)))
@@ -64,7 +63,7 @@ def test_logits_match_reference_with_left_padding(pair):
     # A padded row's real tokens give the same logits as the unpadded sequence alone.
     alone = np.asarray(model(jnp.asarray(tokens[2:3, 9:])))
     assert_close(ours[2, 9:], alone[0], rel=1e-5, what="padded row vs alone")
-    assert np.isfinite(ours).all()   # padding rows see no key but must not produce NaN
+    assert np.isfinite(ours).all()  # padding rows see no key but must not produce NaN
 
 
 def test_per_layer_comparison_helper(pair):
@@ -85,13 +84,18 @@ def test_per_layer_comparison_helper(pair):
 
 
 def test_without_soft_caps_and_all_global(tmp_path):
-    hf = make_hf_model(attn_logit_softcapping=None, final_logit_softcapping=None,
-                       layer_types=["full_attention"] * 3, seed=5)
+    hf = make_hf_model(
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        layer_types=["full_attention"] * 3,
+        seed=5,
+    )
     model = load_hf(save_hf_model(hf, tmp_path))
     assert model.config.final_logit_softcap is None and model.config.sliding_window is None
     tokens = random_tokens((2, SEQ), model.config.vocab_size, seed=3)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(hf, tokens),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(tokens))), hf_logits(hf, tokens), atol=ATOL, rtol=0
+    )
 
 
 def test_bfloat16_within_stated_tolerance(pair, tmp_path):
@@ -124,7 +128,7 @@ def test_soft_cap_bounds_and_identity_near_zero():
     x = jnp.linspace(-1000, 1000, 101)
     capped = soft_cap(x, 50.0)
     assert jnp.all(jnp.abs(capped) <= 50.0) and soft_cap(x, None) is x
-    assert jnp.all(jnp.diff(soft_cap(jnp.linspace(-100, 100, 101), 50.0)) > 0)   # order kept
+    assert jnp.all(jnp.diff(soft_cap(jnp.linspace(-100, 100, 101), 50.0)) > 0)  # order kept
     np.testing.assert_allclose(soft_cap(jnp.array([1e-3]), 50.0), [1e-3], rtol=1e-6)
 
 
@@ -149,7 +153,7 @@ def test_sliding_window_mask_edges():
     for q in range(10):
         for k in range(10):
             assert m[q, k] == (q - 4 < k <= q), (q, k)
-    assert m.sum(1).max() == 4   # W keys including the current one, not W + 1
+    assert m.sum(1).max() == 4  # W keys including the current one, not W + 1
 
 
 def test_masks_use_positions_not_slots():
@@ -165,8 +169,9 @@ def test_masks_use_positions_not_slots():
 # --------------------------------------------------------------------- the model as a module
 @pytest.fixture(scope="module")
 def tiny():
-    return Gemma2(get_config("tiny", vocab_size=257, max_seq_len=64, sliding_window=5),
-                  rngs=nnx.Rngs(0))
+    return Gemma2(
+        get_config("tiny", vocab_size=257, max_seq_len=64, sliding_window=5), rngs=nnx.Rngs(0)
+    )
 
 
 def test_bad_inputs_fail_clearly(tiny):
@@ -202,12 +207,12 @@ def test_embedding_scale_is_cast_to_activation_dtype():
     # sqrt(2304) = 48.0, sqrt(3584) = 59.866 -> 59.75 in bf16, sqrt(4608) = 67.88 -> 68.0.
     for name, expected in [("gemma2-2b", 48.0), ("gemma2-9b", 59.75), ("gemma2-27b", 68.0)]:
         d = get_config(name).d_model
-        assert float(jnp.asarray(d ** 0.5, jnp.bfloat16)) == expected
+        assert float(jnp.asarray(d**0.5, jnp.bfloat16)) == expected
     cfg = get_config("tiny", vocab_size=11, d_model=30, num_layers=1, dtype="bfloat16")
     model = Gemma2(cfg, rngs=nnx.Rngs(0))
     out = model.embedder.encode(jnp.array([[3]]), jnp.bfloat16)
     row = model.embedder.embedding[...][3].astype(jnp.bfloat16)
-    np.testing.assert_array_equal(out[0, 0], row * jnp.asarray(30 ** 0.5, jnp.bfloat16))
+    np.testing.assert_array_equal(out[0, 0], row * jnp.asarray(30**0.5, jnp.bfloat16))
 
 
 def test_cache_gives_the_same_logits_as_a_full_forward(tiny):
@@ -215,7 +220,7 @@ def test_cache_gives_the_same_logits_as_a_full_forward(tiny):
     tokens = jnp.asarray(random_tokens((2, 17), 257, seed=7))
     full = tiny(tokens)
     cache = tiny.init_cache(2, 17)
-    assert cache[0].size == 5 and cache[1].size == 17    # local ring buffer vs global
+    assert cache[0].size == 5 and cache[1].size == 17  # local ring buffer vs global
     outs = []
     for start, stop in [(0, 6), (6, 7), (7, 13), (13, 17)]:
         pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))

@@ -50,7 +50,7 @@ def _imports(module: str) -> list[tuple[str, list[str], int]]:
                 continue
             names = []
             for alias in node.names:
-                if f"{source}.{alias.name}" in MODULES:       # `from pkg import module`
+                if f"{source}.{alias.name}" in MODULES:  # `from pkg import module`
                     found.append((f"{source}.{alias.name}", [], node.lineno))
                 else:
                     names.append(alias.name)
@@ -96,10 +96,10 @@ def _cycles() -> list[list[str]]:
 
 def test_the_graph_sees_the_imports_it_should() -> None:
     """The reader works: known edges are found (a parser that saw nothing would pass all)."""
-    assert "gemma2_lite.attention" in GRAPH["gemma2_lite.model"]                # relative
-    assert "gemma2_lite.model" in GRAPH["gemma2_lite.book.experiments"]         # absolute
+    assert "gemma2_lite.attention" in GRAPH["gemma2_lite.model"]  # relative
+    assert "gemma2_lite.model" in GRAPH["gemma2_lite.book.experiments"]  # absolute
     assert "gemma2_lite.book.seed_records" in GRAPH["gemma2_lite.book.experiments"]
-    assert "gemma2_lite.fixtures" in GRAPH["gemma2_lite.weights"]               # from . import
+    assert "gemma2_lite.fixtures" in GRAPH["gemma2_lite.weights"]  # from . import
 
 
 def test_the_import_graph_has_no_cycle() -> None:
@@ -107,15 +107,25 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 
 def test_the_library_never_imports_the_books_machinery() -> None:
-    wrong = sorted((m, t) for m, targets in GRAPH.items() if not m.startswith("gemma2_lite.book")
-                   for t in targets if t.startswith("gemma2_lite.book"))
+    wrong = sorted(
+        (m, t)
+        for m, targets in GRAPH.items()
+        if not m.startswith("gemma2_lite.book")
+        for t in targets
+        if t.startswith("gemma2_lite.book")
+    )
     assert wrong == [], "library modules importing gemma2_lite.book"
 
 
 def test_no_private_name_is_imported_from_another_module() -> None:
-    wrong = [f"{m}:{line} takes {name} from {source}" for m in MODULES
-             for source, names, line in _imports(m) if source != m
-             for name in names if name.startswith("_") and not name.startswith("__")]
+    wrong = [
+        f"{m}:{line} takes {name} from {source}"
+        for m in MODULES
+        for source, names, line in _imports(m)
+        if source != m
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
     assert wrong == []
 
 
@@ -123,8 +133,10 @@ def test_no_private_name_is_imported_from_another_module() -> None:
 def test_modules_and_functions_stay_short(module: str) -> None:
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines (at most {MAX_MODULE_LINES})"
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
-            for node in ast.walk(TREES[module])
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+        for node in ast.walk(TREES[module])
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert long == [], f"{module}: functions over {MAX_FUNCTION_LINES} lines"

@@ -43,8 +43,9 @@ def test_all_sizes_live_in_the_sizes_cell(path: Path) -> None:
 @pytest.mark.parametrize("cap", [None, "2"])
 @pytest.mark.parametrize("prof", PROFILES)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_sizes_cell_holds_at_every_profile(path: Path, prof: str, cap: str | None,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sizes_cell_holds_at_every_profile(
+    path: Path, prof: str, cap: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(profile.ENV_VAR, prof)
     if cap is None:
         monkeypatch.delenv(profile.LOOP_CAP_VAR, raising=False)
@@ -59,10 +60,10 @@ def test_pick_caps_loops_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(profile.LOOP_CAP_VAR, raising=False)
     assert pick(ci=3, colab=3000, full=9, loop=True) == 3000
     monkeypatch.setenv(profile.LOOP_CAP_VAR, "7")
-    assert pick(ci=3, colab=3000, full=9, loop=True) == 7          # a loop count: capped
-    assert pick(ci=3, colab=3000, full=9) == 3000                  # a shape: never
-    assert pick(ci=3, colab=5, full=9, loop=True) == 5             # below the cap: unchanged
-    assert pick(ci=3, colab=None, full=9, loop=True) is None       # "no limit" stays
+    assert pick(ci=3, colab=3000, full=9, loop=True) == 7  # a loop count: capped
+    assert pick(ci=3, colab=3000, full=9) == 3000  # a shape: never
+    assert pick(ci=3, colab=5, full=9, loop=True) == 5  # below the cap: unchanged
+    assert pick(ci=3, colab=None, full=9, loop=True) is None  # "no limit" stays
     monkeypatch.setenv(profile.LOOP_CAP_VAR, "zero")
     with pytest.raises(ValueError, match="GEMMA2_LITE_LOOP_CAP"):
         pick(ci=3, colab=3000, full=9, loop=True)
@@ -73,13 +74,13 @@ def test_unset_profile_follows_the_hardware(attached, expected, monkeypatch) -> 
     monkeypatch.delenv(profile.ENV_VAR, raising=False)
     monkeypatch.setattr(profile, "attached_accelerator", lambda: attached)
     assert profile.get_profile() == expected
-    monkeypatch.setenv(profile.ENV_VAR, "ci")                      # an explicit setting wins
+    monkeypatch.setenv(profile.ENV_VAR, "ci")  # an explicit setting wins
     assert profile.get_profile() == "ci"
 
 
 def test_cpu_only_jax_on_an_accelerator_is_named_with_its_fix(monkeypatch) -> None:
     monkeypatch.setattr(profile, "attached_accelerator", lambda: "gpu")
-    line = profile.describe_devices()          # this machine's JAX sees only the CPU
+    line = profile.describe_devices()  # this machine's JAX sees only the CPU
     assert "GPU is attached but JAX sees only the CPU" in line
     assert 'pip install -U "jax[cuda12]"' in line
     monkeypatch.setattr(profile, "attached_accelerator", lambda: None)
@@ -103,11 +104,13 @@ def test_one_profile_table_with_smoke_consistent(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(profile.ENV_VAR, "smoke")
     monkeypatch.delenv(profile.LOOP_CAP_VAR, raising=False)
     assert profile.get_profile() == "smoke"
-    assert pick(ci=3, colab=30, full=300) == 3                     # no smoke size: ci's
+    assert pick(ci=3, colab=30, full=300) == 3  # no smoke size: ci's
     assert pick(ci=3, colab=30, full=300, smoke=1) == 1
     for name in PROFILES:
-        assert pick(ci="c", colab="g", full="f", profile=name) == \
-            {"smoke": "c", "ci": "c", "colab": "g", "full": "f"}[name]
+        assert (
+            pick(ci="c", colab="g", full="f", profile=name)
+            == {"smoke": "c", "ci": "c", "colab": "g", "full": "f"}[name]
+        )
     with pytest.raises(ValueError, match=r"unknown profile 'tiny'; choose one of \('smoke', "):
         pick(ci=1, colab=2, full=3, profile="tiny")
     monkeypatch.setenv(profile.ENV_VAR, "tiny")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
+from tolerance import assert_close
 
 from gemma2_lite import __main__ as cli
 from gemma2_lite import get_config
@@ -20,17 +22,31 @@ from gemma2_lite.chat import ChatSession
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.decoding import DecodeState, SamplingSettings, decode_program
 from gemma2_lite.layers import RowProjection
-from gemma2_lite.quantize import (Int8Scale, Int8Values, as_rows, quantize, quantize_int8,
-                                  weight_bytes)
+from gemma2_lite.quantize import (
+    Int8Scale,
+    Int8Values,
+    as_rows,
+    quantize,
+    quantize_int8,
+    weight_bytes,
+)
 from gemma2_lite.sampler import PromptCache, generate, serving_model
 from gemma2_lite.tokenizer import default_tokenizer
 
-from random_models import random_model
-from tolerance import assert_close
-
-CONFIG = get_config("tiny", vocab_size=97, d_model=48, num_layers=4, num_heads=6,
-                    num_kv_heads=2, head_dim=14, ffn_dim=88, query_pre_attn_scalar=23,
-                    sliding_window=5, max_seq_len=64, name="quantize-test")
+CONFIG = get_config(
+    "tiny",
+    vocab_size=97,
+    d_model=48,
+    num_layers=4,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=14,
+    ffn_dim=88,
+    query_pre_attn_scalar=23,
+    sliding_window=5,
+    max_seq_len=64,
+    name="quantize-test",
+)
 PROMPTS = [[2, 11, 23, 5, 71, 13, 41, 7, 19, 3, 88], [2, 31, 17]]
 
 
@@ -44,21 +60,28 @@ def small(model):
     return quantize(model, "int8")
 
 
-@pytest.mark.parametrize("spec,shape", [("BTD,NDH->BTNH", (3, 8, 5)), ("BTNH,NHD->BTD", (3, 5, 8)),
-                                        ("MD,DF->MF", (8, 12)), ("MD,VD->MV", (12, 8))])
+@pytest.mark.parametrize(
+    "spec,shape",
+    [
+        ("BTD,NDH->BTNH", (3, 8, 5)),
+        ("BTNH,NHD->BTD", (3, 5, 8)),
+        ("MD,DF->MF", (8, 12)),
+        ("MD,VD->MV", (12, 8)),
+    ],
+)
 def test_int8_is_per_output_channel_and_within_half_a_step(spec: str, shape) -> None:
     rng = np.random.default_rng(len(spec))
     w = rng.normal(size=shape).astype(np.float32) * rng.uniform(0.1, 10, size=shape[-1])
     values, scale = quantize_int8(jnp.asarray(w), spec)
     out, contracted = RowProjection.axes(spec)
-    rows = np.transpose(w, out + contracted)                          # (out..., in...)
+    rows = np.transpose(w, out + contracted)  # (out..., in...)
     assert values.dtype == jnp.int8 and values.shape == rows.shape
-    assert scale.shape == rows.shape[:len(out)]
+    assert scale.shape == rows.shape[: len(out)]
     flat, q = rows.reshape(scale.size, -1), np.asarray(values, np.float32).reshape(scale.size, -1)
     s = np.asarray(scale).reshape(-1, 1)
     np.testing.assert_allclose(s[:, 0], np.abs(flat).max(axis=1) / 127, rtol=1e-6)
-    assert np.abs(q).max() == 127                                     # each channel's max
-    assert np.all(np.abs(flat - q * s) <= s / 2 + 1e-6)              # round to nearest
+    assert np.abs(q).max() == 127  # each channel's max
+    assert np.all(np.abs(flat - q * s) <= s / 2 + 1e-6)  # round to nearest
     zero, _ = quantize_int8(jnp.zeros(shape), spec)
     assert not np.any(np.asarray(zero))
 
@@ -68,21 +91,22 @@ def test_quantized_model_is_close_and_half_the_bytes_of_bf16(model, small) -> No
     full, quant = np.asarray(model(tokens)), np.asarray(small(tokens))
     assert_close(quant, full, 0.05, "int8 logits")
     assert np.mean(quant.argmax(-1) == full.argmax(-1)) >= 0.8
-    assert not np.array_equal(quant, full)                            # it did quantize
+    assert not np.array_equal(quant, full)  # it did quantize
     # Every projection, the embedding included, is int8 rows with a float32 scale.
     for weight in (small.embedder.embedding, small.layers[0].attn.q, small.layers[1].mlp.down):
         assert isinstance(weight.values, Int8Values) and isinstance(weight.scale, Int8Scale)
         assert weight.values.dtype == jnp.int8 and weight.scale.dtype == jnp.float32
     bf16 = random_model(CONFIG.replace(param_dtype="bfloat16"), seed=3)
     ratio = weight_bytes(quantize(bf16)) / weight_bytes(bf16)
-    assert 0.5 < ratio < 0.65, ratio        # int8 + one float32 per row of 48..97 entries
+    assert 0.5 < ratio < 0.65, ratio  # int8 + one float32 per row of 48..97 entries
 
 
 def test_quantized_weights_are_not_params(small) -> None:
     """A training filter on nnx.Param sees the norms only (QLoRA puts adapters on top)."""
     params = jax.tree_util.tree_leaves_with_path(nnx.state(small, nnx.Param))
-    assert params and all("scale" in jax.tree_util.keystr(p) and "norm" in
-                          jax.tree_util.keystr(p) for p, _ in params)
+    assert params and all(
+        "scale" in jax.tree_util.keystr(p) and "norm" in jax.tree_util.keystr(p) for p, _ in params
+    )
     assert jax.tree.leaves(nnx.state(small, Int8Values))
     tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
 
@@ -96,7 +120,7 @@ def test_quantized_weights_are_not_params(small) -> None:
 def test_generate_prompt_cache_and_chat_take_a_quantized_model(small) -> None:
     out = generate(small, PROMPTS, max_new_tokens=9)
     assert [len(o) for o in out] == [9, 9]
-    assert serving_model(small) is small                 # already rows: no second copy
+    assert serving_model(small) is small  # already rows: no second copy
     cache = PromptCache(small, size=64)
     assert cache.generate(PROMPTS[0], max_new_tokens=9) == out[0]
     streamed = []
@@ -110,8 +134,19 @@ def test_cli_quantize_flag(tmp_path, small) -> None:
     save_hf(random_model(cfg, seed=1), tmp_path)
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        code = cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "ROMEO:",
-                         "--max-new-tokens", "3", "--quantize", "int8"])
+        code = cli.main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "3",
+                "--quantize",
+                "int8",
+            ]
+        )
     assert code == 0, err.getvalue()
     assert out.getvalue().startswith("ROMEO:") and "3 tokens" in err.getvalue()
     chat = ChatSession(quantize(random_model(cfg, seed=1)), tok, max_new_tokens=3)
@@ -136,17 +171,34 @@ def test_decode_loop_converts_weights_inside_the_products() -> None:
     float32 copy of the largest weight matrix: every conversion happens inside the product that
     reads the weight, none is hoisted out of the loop (which would add a float32 copy of
     every weight)."""
-    cfg = get_config("tiny", vocab_size=512, d_model=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=32, ffn_dim=512, query_pre_attn_scalar=32,
-                     sliding_window=8, max_seq_len=64, param_dtype="bfloat16",
-                     dtype="bfloat16", name="hoist-test")
+    cfg = get_config(
+        "tiny",
+        vocab_size=512,
+        d_model=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        ffn_dim=512,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        max_seq_len=64,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+        name="hoist-test",
+    )
     bf16 = random_model(cfg, seed=0)
-    largest = max(x.size for x in jax.tree.leaves(nnx.state(bf16))) * 4      # float32 bytes
+    largest = max(x.size for x in jax.tree.leaves(nnx.state(bf16))) * 4  # float32 bytes
     settings = SamplingSettings.make(0.0, None, None, (), 8)
     for m in (serving_model(bf16), quantize(bf16)):
-        state = DecodeState(out=jnp.zeros((1, 8), jnp.int32), last=jnp.ones((1,), jnp.int32),
-                            positions=jnp.ones((1,), jnp.int32), done=jnp.zeros((1,), bool),
-                            step=jnp.zeros((), jnp.int32), key=jax.random.key(0),
-                            cache=m.init_cache(1, 16))
+        state = DecodeState(
+            out=jnp.zeros((1, 8), jnp.int32),
+            last=jnp.ones((1,), jnp.int32),
+            positions=jnp.ones((1,), jnp.int32),
+            done=jnp.zeros((1,), bool),
+            step=jnp.zeros((), jnp.int32),
+            key=jax.random.key(0),
+            cache=m.init_cache(1, 16),
+        )
         temp = decode_program(m, state, settings).memory_analysis().temp_size_in_bytes
         assert temp < largest / 2, (temp, largest)

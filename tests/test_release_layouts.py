@@ -17,25 +17,31 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
-from gemma2_lite.book.fixtures import main
-from gemma2_lite.chat import ChatSession
-from gemma2_lite.checkpoint import (config_from_hf, load_flax, load_hf, read_safetensors,
-                                    to_arrays)
-from gemma2_lite.config import Gemma2Config
-from gemma2_lite.fixtures import (FIXTURE_NAMES, FLAX_EXTRA_ROWS, TOKENIZER_VOCAB,
-                                  fixture_config, write_fixtures)
-from gemma2_lite.tokenizer import Tokenizer
-from gemma2_lite.weights import model_dir
 from hf_reference import hf_logits
 from tolerance import assert_close
 
+from gemma2_lite.book.fixtures import main
+from gemma2_lite.chat import ChatSession
+from gemma2_lite.checkpoint import config_from_hf, load_flax, load_hf, read_safetensors, to_arrays
+from gemma2_lite.config import Gemma2Config
+from gemma2_lite.fixtures import (
+    FIXTURE_NAMES,
+    FLAX_EXTRA_ROWS,
+    TOKENIZER_VOCAB,
+    fixture_config,
+    write_fixtures,
+)
+from gemma2_lite.tokenizer import Tokenizer
+from gemma2_lite.weights import model_dir
+
 REL = 2e-5  # float32 on both sides: rounding is ~1e-6 of the largest logit, a bug ~1e-1
-D = 48     # fixture_config's d_model, written out: the independent conversion must not ask us
-NORMS = {"pre_attention_norm": "input_layernorm",
-         "post_attention_norm": "post_attention_layernorm",
-         "pre_ffw_norm": "pre_feedforward_layernorm",
-         "post_ffw_norm": "post_feedforward_layernorm"}
+D = 48  # fixture_config's d_model, written out: the independent conversion must not ask us
+NORMS = {
+    "pre_attention_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "pre_ffw_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +76,19 @@ def official_to_hf(raw: Mapping[str, Mapping[str, np.ndarray]], hidden: int, voc
             sd[base + "self_attn.q_proj.weight"] = w.transpose(0, 2, 1).reshape(-1, hidden)
         elif sub == "attn/kv_einsum":
             for name, part in zip("kv", w):
-                sd[base + f"self_attn.{name}_proj.weight"] = \
-                    part.transpose(0, 2, 1).reshape(-1, hidden)
+                sd[base + f"self_attn.{name}_proj.weight"] = part.transpose(0, 2, 1).reshape(
+                    -1, hidden
+                )
         elif sub == "attn/attn_vec_einsum":
             sd[base + "self_attn.o_proj.weight"] = w.transpose(2, 0, 1).reshape(hidden, -1)
         elif sub == "mlp/gating_einsum":
-            gate, up = (w.transpose(0, 2, 1) if w.shape[1] == hidden else w)
+            gate, up = w.transpose(0, 2, 1) if w.shape[1] == hidden else w
             sd[base + "mlp.gate_proj.weight"], sd[base + "mlp.up_proj.weight"] = gate, up
         elif sub == "mlp/linear":
             sd[base + "mlp.down_proj.weight"] = w.T
         else:
             sd[base + NORMS[sub] + ".weight"] = params["scale"]
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]   # tied
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
 
 
@@ -94,7 +101,7 @@ def hf_from_official(raw, hf_config):
     model = Gemma2ForCausalLM(hf_config).eval().to(torch.float32)
     sd = official_to_hf(raw, hf_config.hidden_size, hf_config.vocab_size)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]     # tied: set with the embedding
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied: set with the embedding
     assert not unexpected and not missing, (missing, unexpected)
     return model
 
@@ -102,36 +109,58 @@ def hf_from_official(raw, hf_config):
 def random_official_tree(seed: int, gating: str, *, V=97, L=3, N=4, K=2, H=12, F=40):
     """A raw released-layout tree drawn directly (no model, no writer of ours), float32."""
     rng = np.random.default_rng(seed)
-    def normal(shape, fan_in):
-        return rng.normal(0, fan_in ** -0.5, shape).astype(np.float32)
 
-    raw = {"transformer/embedder": {"input_embedding": normal((V + 7, D), D)},
-           "transformer/final_norm": {"scale": rng.normal(0, 0.3, D).astype(np.float32)}}
+    def normal(shape, fan_in):
+        return rng.normal(0, fan_in**-0.5, shape).astype(np.float32)
+
+    raw = {
+        "transformer/embedder": {"input_embedding": normal((V + 7, D), D)},
+        "transformer/final_norm": {"scale": rng.normal(0, 0.3, D).astype(np.float32)},
+    }
     for i in range(L):
         p = f"transformer/layer_{i}/"
-        raw[p + "attn/q_einsum"] = {"w": normal((N, D, H), D) * 3}     # peaky attention
-        raw[p + "attn/kv_einsum"] = {"w": normal((2, K, D, H), D) * np.array([3, 1]).reshape(
-            2, 1, 1, 1).astype(np.float32)}
+        raw[p + "attn/q_einsum"] = {"w": normal((N, D, H), D) * 3}  # peaky attention
+        raw[p + "attn/kv_einsum"] = {
+            "w": normal((2, K, D, H), D) * np.array([3, 1]).reshape(2, 1, 1, 1).astype(np.float32)
+        }
         raw[p + "attn/attn_vec_einsum"] = {"w": normal((N, H, D), N * H)}
         raw[p + "mlp/gating_einsum"] = {"w": normal((2, D, F) if gating == "DF" else (2, F, D), D)}
         raw[p + "mlp/linear"] = {"w": normal((F, D), F)}
         for norm in NORMS:
             raw[p + norm] = {"scale": rng.normal(0, 0.3, D).astype(np.float32)}
-    ours = Gemma2Config(vocab_size=V, d_model=D, num_layers=L, num_heads=N, num_kv_heads=K,
-                        head_dim=H, ffn_dim=F, query_pre_attn_scalar=H, sliding_window=5,
-                        max_seq_len=128)
+    ours = Gemma2Config(
+        vocab_size=V,
+        d_model=D,
+        num_layers=L,
+        num_heads=N,
+        num_kv_heads=K,
+        head_dim=H,
+        ffn_dim=F,
+        query_pre_attn_scalar=H,
+        sliding_window=5,
+        max_seq_len=128,
+    )
     return raw, ours
 
 
 def theirs_config(c: Gemma2Config):
     from transformers import Gemma2Config as HFConfig
 
-    return HFConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
-                    num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                    num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-                    query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=5,
-                    max_position_embeddings=128, attn_logit_softcapping=50.0,
-                    final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")
+    return HFConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        query_pre_attn_scalar=c.query_pre_attn_scalar,
+        sliding_window=5,
+        max_position_embeddings=128,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+    )
 
 
 def remapped(raw):
@@ -165,10 +194,10 @@ TOKENS = np.random.default_rng(1).integers(0, 97, (2, 19))
 def test_raw_official_tree_matches_an_independent_implementation(gating):
     raw, config = random_official_tree(seed=len(gating) + (gating == "FD"), gating=gating)
     theirs = hf_logits(hf_from_official(raw, theirs_config(config)), TOKENS)
-    assert np.abs(theirs).max() > 1.0        # large enough that a wrong weight would show
+    assert np.abs(theirs).max() > 1.0  # large enough that a wrong weight would show
     for form in (raw, remapped(raw), nested(raw), nested(remapped(raw))):
         model = load_flax(form, config=config)
-        assert model.embedder.embedding.shape == (97, D)      # the 7 extra rows are dropped
+        assert model.embedder.embedding.shape == (97, D)  # the 7 extra rows are dropped
         assert_close(model(jnp.asarray(TOKENS)), theirs, REL, f"{gating} tree")
 
 
@@ -195,17 +224,20 @@ def test_fixture_layouts_are_the_released_ones(release):
         assert cfg["hidden_act"] == cfg["hidden_activation"] == "gelu_pytorch_tanh"
         assert cfg["eos_token_id"] == ([1, 107] if name.endswith("-it") else 1)
         assert cfg["vocab_size"] == TOKENIZER_VOCAB
-        assert config_from_hf(cfg, name="x") == \
-            fixture_config().replace(name="x", param_dtype="float32")
+        assert config_from_hf(cfg, name="x") == fixture_config().replace(
+            name="x", param_dtype="float32"
+        )
 
         flax = model_dir(name, "flax", release)
         raw = ocp.PyTreeCheckpointer().restore(str(flax / name.replace("gemma-2-", "gemma2-")))
-        assert "transformer/layer_0/mlp/gating_einsum" in raw     # flat module-path keys
-        assert raw["transformer/layer_0/mlp/gating_einsum"]["w"].shape == (2, D, 96)    # (2, D, F)
+        assert "transformer/layer_0/mlp/gating_einsum" in raw  # flat module-path keys
+        assert raw["transformer/layer_0/mlp/gating_einsum"]["w"].shape == (2, D, 96)  # (2, D, F)
         assert raw["transformer/layer_3/mlp/linear"]["w"].shape == (96, D)
         assert raw["transformer/layer_1/attn/kv_einsum"]["w"].shape == (2, 4, D, 16)
-        assert raw["transformer/embedder"]["input_embedding"].shape == \
-            (TOKENIZER_VOCAB + FLAX_EXTRA_ROWS, D)
+        assert raw["transformer/embedder"]["input_embedding"].shape == (
+            TOKENIZER_VOCAB + FLAX_EXTRA_ROWS,
+            D,
+        )
         assert raw["transformer/final_norm"]["scale"].dtype == ml_dtypes.bfloat16
         assert (flax / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
 
@@ -215,8 +247,12 @@ def test_fixture_tokenizer_has_gemmas_id_layout(release):
     assert tok.vocab_size == TOKENIZER_VOCAB
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert (tok.start_of_turn_id, tok.end_of_turn_id) == (106, 107)
-    assert [tok.id_to_piece(i) for i in (5, 6, 7, 105)] == \
-        ["<2mass>", "[@BOS@]", "<unused0>", "<unused98>"]
+    assert [tok.id_to_piece(i) for i in (5, 6, 7, 105)] == [
+        "<2mass>",
+        "[@BOS@]",
+        "<unused0>",
+        "<unused98>",
+    ]
     text = "<start_of_turn>user\nWhat light through yonder window breaks?<end_of_turn>\n"
     ids = tok.encode(text)
     assert ids[0] == 106 and 107 in ids and tok.decode(ids) == text
@@ -241,15 +277,20 @@ def test_orbax_fixture_matches_an_independent_implementation(release):
     reading the HF folder (its 4.42 config.json included): both give our logits."""
     import orbax.checkpoint as ocp
     import torch
-    from transformers import Gemma2Config as HFConfig, Gemma2ForCausalLM
+    from transformers import Gemma2Config as HFConfig
+    from transformers import Gemma2ForCausalLM
 
     tokens = np.random.default_rng(2).integers(0, TOKENIZER_VOCAB, (2, 21))
     for name in FIXTURE_NAMES:
         hf_dir, flax_dir = model_dir(name, "hf", release), model_dir(name, "flax", release)
         raw = ocp.PyTreeCheckpointer().restore(str(flax_dir / name.replace("gemma-2-", "gemma2-")))
         theirs_flax = hf_logits(hf_from_official(raw, HFConfig.from_pretrained(hf_dir)), tokens)
-        theirs_hf = hf_logits(Gemma2ForCausalLM.from_pretrained(
-            hf_dir, dtype=torch.float32, attn_implementation="eager").eval(), tokens)
+        theirs_hf = hf_logits(
+            Gemma2ForCausalLM.from_pretrained(
+                hf_dir, dtype=torch.float32, attn_implementation="eager"
+            ).eval(),
+            tokens,
+        )
         ours_flax = load_flax(flax_dir, config=fixture_config(), dtype=jnp.float32)
         ours_hf = load_hf(hf_dir, jnp.float32)
         assert_close(ours_flax(jnp.asarray(tokens)), theirs_flax, REL, f"{name} flax")
@@ -267,8 +308,12 @@ def test_fixtures_are_deterministic(release, tmp_path):
         for f in files:
             assert (first / f).read_bytes() == (second / f).read_bytes(), f
     # Orbax names its data files itself; the tensors it restores are what must agree.
-    a, b = (ocp.PyTreeCheckpointer().restore(str(model_dir("gemma-2-2b-it", "flax", r)
-                                                 / "gemma2-2b-it")) for r in (release, again))
+    a, b = (
+        ocp.PyTreeCheckpointer().restore(
+            str(model_dir("gemma-2-2b-it", "flax", r) / "gemma2-2b-it")
+        )
+        for r in (release, again)
+    )
     assert a.keys() == b.keys()
     for k in a:
         for leaf in a[k]:

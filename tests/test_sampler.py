@@ -15,20 +15,38 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_models import random_model
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import LayerCache
 from gemma2_lite.layers import RowProjection, Rows
 from gemma2_lite.quantize import as_rows
-from gemma2_lite.sampler import (PAD_ID, check_prompts, decode_step, generate, pad_prompts,
-                                 prefill, sample_logits, serving_model)
-
-from random_models import random_model
+from gemma2_lite.sampler import (
+    PAD_ID,
+    check_prompts,
+    decode_step,
+    generate,
+    pad_prompts,
+    prefill,
+    sample_logits,
+    serving_model,
+)
 
 W = 5
-CONFIG = get_config("tiny", vocab_size=97, d_model=48, num_layers=4, num_heads=6, num_kv_heads=2,
-                    head_dim=14, ffn_dim=88, query_pre_attn_scalar=23, sliding_window=W,
-                    max_seq_len=64, name="sampler-test")
+CONFIG = get_config(
+    "tiny",
+    vocab_size=97,
+    d_model=48,
+    num_layers=4,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=14,
+    ffn_dim=88,
+    query_pre_attn_scalar=23,
+    sliding_window=W,
+    max_seq_len=64,
+    name="sampler-test",
+)
 # Different lengths, the longest longer than W, so rows are left-padded by different amounts.
 PROMPTS = [[2, 11, 23, 5, 71, 13, 41, 7, 19, 3, 88], [2, 31, 17], [2, 61, 29, 43, 37, 53, 59]]
 NEW = 13  # > W: generated tokens also push the prompts out of the local windows
@@ -52,9 +70,9 @@ def full_forward(model: Gemma2):
         length = 32  # one shape for every call: one compilation
         tokens = np.full((len(seqs), length), PAD_ID, np.int32)
         for r, s in enumerate(seqs):
-            tokens[r, :len(s)] = s
+            tokens[r, : len(s)] = s
         logits = np.asarray(forward(model, jnp.asarray(tokens)))
-        return [logits[r, :len(s)] for r, s in enumerate(seqs)]
+        return [logits[r, : len(s)] for r, s in enumerate(seqs)]
 
     return run
 
@@ -73,7 +91,7 @@ def test_ring_buffer_keeps_the_last_w_columns() -> None:
     b, k, h = 2, 3, 4
     cache = LayerCache.empty(b, W, k, h)
     rng = np.random.default_rng(0)
-    columns: list[tuple[np.ndarray, np.ndarray]] = []     # (pos (B,), kv (2, B, K, H)) per column
+    columns: list[tuple[np.ndarray, np.ndarray]] = []  # (pos (B,), kv (2, B, K, H)) per column
     write = jax.jit(LayerCache.write, static_argnames="mode")
     # A left-padded prompt longer than the window (the plan's "full" mode), one token at a
     # time ("decode"), then a chunk longer than the window, then a chunk with two padding
@@ -98,7 +116,7 @@ def test_ring_buffer_keeps_the_last_w_columns() -> None:
 
 def test_init_cache_sizes(model: Gemma2) -> None:
     sizes = [c.size for c in model.init_cache(2, 40)]
-    assert sizes == [W, 40, W, 40]                       # local ring buffers, global full
+    assert sizes == [W, 40, W, 40]  # local ring buffers, global full
 
 
 def test_cached_decoding_matches_full_forward(model: Gemma2, full_forward) -> None:
@@ -110,8 +128,9 @@ def test_cached_decoding_matches_full_forward(model: Gemma2, full_forward) -> No
     lengths = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
 
     @nnx.jit
-    def run(m: Gemma2, tokens: jax.Array, mask: jax.Array,
-            cont: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def run(
+        m: Gemma2, tokens: jax.Array, mask: jax.Array, cont: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         first, cache = prefill(m, tokens, mask, m.init_cache(len(PROMPTS), 32))
 
         def body(cache: list[LayerCache], step: jax.Array) -> tuple[list[LayerCache], jax.Array]:
@@ -119,24 +138,29 @@ def test_cached_decoding_matches_full_forward(model: Gemma2, full_forward) -> No
             return cache, logits
 
         _, logits = jax.lax.scan(body, cache, jnp.arange(NEW - 1))
-        return first, jnp.swapaxes(logits, 0, 1)                           # (B, NEW-1, V)
+        return first, jnp.swapaxes(logits, 0, 1)  # (B, NEW-1, V)
 
     first, steps = run(model, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(cont))
     cached = np.concatenate([np.asarray(first)[:, None], np.asarray(steps)], axis=1)
     refs = full_forward([p + cont[r].tolist() for r, p in enumerate(PROMPTS)])
     for r, p in enumerate(PROMPTS):
-        expected = refs[r][len(p) - 1:len(p) - 1 + NEW]                    # predicts cont[r]
-        np.testing.assert_allclose(cached[r], expected, atol=1e-4, rtol=1e-4,
-                                   err_msg=f"row {r} (prompt of {len(p)} tokens)")
+        expected = refs[r][len(p) - 1 : len(p) - 1 + NEW]  # predicts cont[r]
+        np.testing.assert_allclose(
+            cached[r],
+            expected,
+            atol=1e-4,
+            rtol=1e-4,
+            err_msg=f"row {r} (prompt of {len(p)} tokens)",
+        )
 
 
 def test_greedy_is_argmax_of_full_forward(greedy: list[list[int]], full_forward) -> None:
     refs = full_forward([p + g for p, g in zip(PROMPTS, greedy)])
     for r, (p, g) in enumerate(zip(PROMPTS, greedy)):
         assert len(g) == NEW
-        expected = refs[r][len(p) - 1:-1].argmax(-1).tolist()
+        expected = refs[r][len(p) - 1 : -1].argmax(-1).tolist()
         assert g == expected, f"row {r}"
-    assert len({tuple(g) for g in greedy}) > 1               # rows really differ
+    assert len({tuple(g) for g in greedy}) > 1  # rows really differ
 
 
 def test_batch_equals_one_prompt_at_a_time(model: Gemma2, greedy: list[list[int]]) -> None:
@@ -148,8 +172,12 @@ def test_batch_equals_one_prompt_at_a_time(model: Gemma2, greedy: list[list[int]
 
 def test_streaming_path_equals_fused_path(model: Gemma2, greedy: list[list[int]]) -> None:
     seen: list[tuple[int, list[int]]] = []
-    out = generate(model, PROMPTS, max_new_tokens=NEW,
-                   callback=lambda step, toks: seen.append((step, toks.tolist())))
+    out = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=NEW,
+        callback=lambda step, toks: seen.append((step, toks.tolist())),
+    )
     assert out == greedy
     assert [s for s, _ in seen] == list(range(NEW))
     assert [[toks[r] for _, toks in seen] for r in range(3)] == greedy
@@ -187,18 +215,20 @@ def test_serving_layout_stores_rows_once_per_model(model: Gemma2) -> None:
         assert serving_model(model) is not first
     finally:
         model.layers[0].mlp.up[...] = old
-    assert serving_model(rows) is rows                    # already rows: used as it is
+    assert serving_model(rows) is rows  # already rows: used as it is
 
 
 # ----------------------------------------------------------------------------- sampling
 def test_top_k_1_and_tiny_top_p_are_greedy(model: Gemma2, greedy: list[list[int]]) -> None:
     assert generate(model, PROMPTS, max_new_tokens=NEW, temperature=1.5, top_k=1, seed=4) == greedy
-    assert generate(model, PROMPTS, max_new_tokens=NEW, temperature=1.5, top_p=1e-6,
-                    seed=5) == greedy
+    assert (
+        generate(model, PROMPTS, max_new_tokens=NEW, temperature=1.5, top_p=1e-6, seed=5) == greedy
+    )
 
 
-def test_seeded_sampling_reproducible_and_seed_dependent(model: Gemma2,
-                                                         greedy: list[list[int]]) -> None:
+def test_seeded_sampling_reproducible_and_seed_dependent(
+    model: Gemma2, greedy: list[list[int]]
+) -> None:
     kw = dict(max_new_tokens=NEW, temperature=1.0)
     a = generate(model, PROMPTS, seed=7, **kw)
     assert generate(model, PROMPTS, seed=7, **kw) == a
@@ -218,7 +248,7 @@ def test_sampled_tokens_stay_in_top_k_and_nucleus() -> None:
         got = np.asarray(sample_logits(logits, key, 0.7, top_p=0.5))
         for r, g in enumerate(got):
             sorted_p = probs[r, order[r]]
-            n_keep = int(np.searchsorted(np.cumsum(sorted_p), 0.5) + 1)   # smallest set >= 0.5
+            n_keep = int(np.searchsorted(np.cumsum(sorted_p), 0.5) + 1)  # smallest set >= 0.5
             assert g in order[r, :n_keep]
         got = np.asarray(sample_logits(logits, key, 0.7, top_k=5, top_p=0.9))
         assert all(g in order[r, :5] for r, g in enumerate(got))
@@ -242,16 +272,16 @@ def test_temperature_sampling_follows_softmax() -> None:
 def test_property_top_k_never_leaves_top_k(k: int, temperature: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(3, 11)).astype(np.float32)
-    logits[:, 5] = logits[:, 4]                             # a tie at a top-k boundary is fine
+    logits[:, 5] = logits[:, 4]  # a tie at a top-k boundary is fine
     got = np.asarray(sample_logits(jnp.asarray(logits), jax.random.key(seed), temperature, top_k=k))
     values_at_k = np.sort(logits, axis=-1)[:, ::-1][:, k - 1]
     for r, g in enumerate(got):
-        assert logits[r, g] >= values_at_k[r]              # among the k largest values
+        assert logits[r, g] >= values_at_k[r]  # among the k largest values
 
 
 # ----------------------------------------------------------------------------- stops
 def test_stop_tokens_end_rows(model: Gemma2, greedy: list[list[int]]) -> None:
-    stop = greedy[0][1]                                     # row 0 makes it at step 1 (or 0)
+    stop = greedy[0][1]  # row 0 makes it at step 1 (or 0)
     out = generate(model, PROMPTS, max_new_tokens=NEW, stop_tokens=[stop, 96])
     for r, g in enumerate(greedy):
         cut = next((i + 1 for i, t in enumerate(g) if t in (stop, 96)), len(g))
@@ -260,17 +290,27 @@ def test_stop_tokens_end_rows(model: Gemma2, greedy: list[list[int]]) -> None:
     assert any(len(o) == NEW for o in out) or all(o[-1] in (stop, 96) for o in out)
     # Streaming: a finished row reports -1 from the next step on.
     seen: list[list[int]] = []
-    generate(model, PROMPTS, max_new_tokens=NEW, stop_tokens=[stop, 96],
-             callback=lambda step, toks: seen.append(toks.tolist()))
+    generate(
+        model,
+        PROMPTS,
+        max_new_tokens=NEW,
+        stop_tokens=[stop, 96],
+        callback=lambda step, toks: seen.append(toks.tolist()),
+    )
     assert seen[len(out[0]) - 1][0] == stop
-    assert all(step[0] == -1 for step in seen[len(out[0]):])
+    assert all(step[0] == -1 for step in seen[len(out[0]) :])
 
 
 def test_all_rows_stopped_ends_early(model: Gemma2, greedy: list[list[int]]) -> None:
     stops = [g[0] for g in greedy]
     seen: list[int] = []
-    out = generate(model, PROMPTS, max_new_tokens=NEW, stop_tokens=stops,
-                   callback=lambda step, toks: seen.append(step))
+    out = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=NEW,
+        stop_tokens=stops,
+        callback=lambda step, toks: seen.append(step),
+    )
     assert out == [[g[0]] for g in greedy]
     assert seen == [0]
 
@@ -285,7 +325,9 @@ def test_errors(model: Gemma2) -> None:
         generate(model, [[2, 3], []])
     with pytest.raises(ValueError, match="at least one prompt"):
         generate(model, [])
-    with pytest.raises(ValueError, match=r"prompts\[0\]: token ids must be in \[0, 97\); found \[97, -1\]"):
+    with pytest.raises(
+        ValueError, match=r"prompts\[0\]: token ids must be in \[0, 97\); found \[97, -1\]"
+    ):
         generate(model, [[2, 97, -1]])
     with pytest.raises(TypeError, match="tokenize text first"):
         generate(model, ["hello"])

@@ -7,17 +7,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from gemma2_lite import paths
 from gemma2_lite.config import get_config
 from gemma2_lite.data import load_documents
-from gemma2_lite import paths
 from gemma2_lite.tokenizer import Tokenizer, default_tokenizer, train_tokenizer
 
 TOK = default_tokenizer()
-SPECIAL_STRINGS = ["<bos>", "<eos>", "<pad>", "<unk>", "<mask>", "<start_of_turn>",
-                   "<end_of_turn>", "<start_of_turn", "end_of_turn>", "<<bos>>", "▁", "▁▁"]
+SPECIAL_STRINGS = [
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_turn",
+    "end_of_turn>",
+    "<<bos>>",
+    "▁",
+    "▁▁",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +56,14 @@ def test_special_id_layout() -> None:
     assert (TOK.pad_id, TOK.eos_id, TOK.bos_id, TOK.unk_id) == (0, 1, 2, 3)
     assert (TOK.mask_id, TOK.start_of_turn_id, TOK.end_of_turn_id) == (4, 5, 6)
     assert [TOK.id_to_piece(i) for i in range(7)] == [
-        "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<mask>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+    ]
     assert TOK.special_ids["<end_of_turn>"] == 6
     assert all(TOK.is_control(i) for i in (0, 1, 2)) and not TOK.is_control(5)
     # the 256 byte-fallback pieces, in byte order
@@ -67,15 +87,23 @@ def test_gemma_trainer_settings_are_in_the_model() -> None:
 
 def test_repr_names_the_ids() -> None:
     text = repr(TOK)
-    for part in ("vocab_size=4096", "bos=2", "eos=1", "start_of_turn=5", "end_of_turn=6",
-                 "tokenizer.model"):
+    for part in (
+        "vocab_size=4096",
+        "bos=2",
+        "eos=1",
+        "start_of_turn=5",
+        "end_of_turn=6",
+        "tokenizer.model",
+    ):
         assert part in text
 
 
 # ------------------------------------------------------------------ Gemma's choices in action
 def test_digits_are_split() -> None:
     assert TOK.pieces("2024 and 1564") == ["2", "0", "2", "4", "▁and", "▁", "1", "5", "6", "4"]
-    normal = [p.piece for p in _proto(TOK).pieces if p.type == model_pb2.ModelProto.SentencePiece.NORMAL]
+    normal = [
+        p.piece for p in _proto(TOK).pieces if p.type == model_pb2.ModelProto.SentencePiece.NORMAL
+    ]
     assert len(normal) > 3000  # (byte pieces like <0x30> and specials are not text pieces)
     for piece in normal:
         if any(c.isdigit() for c in piece):
@@ -163,10 +191,33 @@ def test_invalid_inputs() -> None:
 
 
 # ------------------------------------------------------------------ round trip (hypothesis)
-_pieces = st.sampled_from(SPECIAL_STRINGS + [
-    "🙂", "👩‍👩‍👧", "日本語", "한국어", "\x00", "\x1b", "\x7f", "\u200b", "\ufeff", "\r\n",
-    "\t", "   ", "\n\n\n\n\n\n\n\n\n\n", "0123456789", "١٢٣", "é", "e\u0301", "ﬁ", "Ａ", "\U0010ffff",
-    " To be, or not to be", "KING.\n"])
+_pieces = st.sampled_from(
+    SPECIAL_STRINGS
+    + [
+        "🙂",
+        "👩‍👩‍👧",
+        "日本語",
+        "한국어",
+        "\x00",
+        "\x1b",
+        "\x7f",
+        "\u200b",
+        "\ufeff",
+        "\r\n",
+        "\t",
+        "   ",
+        "\n\n\n\n\n\n\n\n\n\n",
+        "0123456789",
+        "١٢٣",
+        "é",
+        "e\u0301",
+        "ﬁ",
+        "Ａ",
+        "\U0010ffff",
+        " To be, or not to be",
+        "KING.\n",
+    ]
+)
 _mixed = st.lists(st.one_of(_pieces, st.text(max_size=8)), max_size=12).map("".join)
 
 
@@ -200,8 +251,10 @@ def test_training_is_deterministic(small_sample: list[str], tmp_path: Path) -> N
     # training from a file gives the same model as from the same single string
     file = tmp_path / "corpus.txt"
     file.write_text(small_sample[0], encoding="utf-8")
-    assert train_tokenizer(file, None, vocab_size=600).model_proto == \
-        train_tokenizer([small_sample[0]], None, vocab_size=600).model_proto
+    assert (
+        train_tokenizer(file, None, vocab_size=600).model_proto
+        == train_tokenizer([small_sample[0]], None, vocab_size=600).model_proto
+    )
 
 
 def test_committed_model_is_reproducible() -> None:
@@ -234,8 +287,12 @@ def test_training_errors(small_sample: list[str]) -> None:
 def test_loads_a_gemma_layout_model(small_sample: list[str]) -> None:
     """The real Gemma model puts <start_of_turn>/<end_of_turn> at 106/107; ids are looked up."""
     filler = ["[@BOS@]"] + [f"<unused{i}>" for i in range(100)]
-    tok = train_tokenizer(small_sample, None, vocab_size=800, user_defined_symbols=[
-        "<mask>", *filler, "<start_of_turn>", "<end_of_turn>"])
+    tok = train_tokenizer(
+        small_sample,
+        None,
+        vocab_size=800,
+        user_defined_symbols=["<mask>", *filler, "<start_of_turn>", "<end_of_turn>"],
+    )
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert (tok.start_of_turn_id, tok.end_of_turn_id) == (106, 107)
     assert tok.encode("<start_of_turn>user\n")[0] == 106
@@ -246,8 +303,13 @@ def test_rejects_a_non_gemma_layout(small_sample: list[str]) -> None:
 
     writer = io.BytesIO()
     lines = [line for text in small_sample for line in text.splitlines() if line]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=writer,
-                                   vocab_size=400, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=writer,
+        vocab_size=400,
+        model_type="bpe",
+        minloglevel=2,
+    )
     with pytest.raises(ValueError, match="not a Gemma-layout tokenizer"):
         Tokenizer(model_proto=writer.getvalue())
 
@@ -258,11 +320,15 @@ def test_repr_names_the_file_relative_to_the_package():
     assert "path='gemma2_lite/assets/tokenizer.model'" in text and "vocab_size=4096" in text, text
 
 
-def test_missing_book_tokenizer_says_how_to_restore_it(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_book_tokenizer_says_how_to_restore_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(paths, "ASSETS", tmp_path)
-    with pytest.raises(paths.MissingDataError, match=r"the book's tokenizer is missing: .*"
-                       r"tokenizer.model is not there. It ships with gemma2-lite; restore it"):
+    with pytest.raises(
+        paths.MissingDataError,
+        match=r"the book's tokenizer is missing: .*"
+        r"tokenizer.model is not there. It ships with gemma2-lite; restore it",
+    ):
         default_tokenizer()
 
 
@@ -276,15 +342,20 @@ def test_cli_encode_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     # one line on stderr, status 2, nothing trained or written
     missing = tmp_path / "no" / "t.model"
     for args, message in [
-            (["encode", "ab\udcff"], "TEXT is not valid UTF-8 text (byte 0xff at character 2)"),
-            (["train", "--out", str(missing)],
-             f"--out {missing}: no folder {missing.parent} to write in"),
-            (["train", "--out", str(tmp_path)], f"--out {tmp_path}: is a folder; name a file")]:
+        (["encode", "ab\udcff"], "TEXT is not valid UTF-8 text (byte 0xff at character 2)"),
+        (
+            ["train", "--out", str(missing)],
+            f"--out {missing}: no folder {missing.parent} to write in",
+        ),
+        (["train", "--out", str(tmp_path)], f"--out {tmp_path}: is a folder; name a file"),
+    ]:
         assert main(args) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
-    for args, message in [(["train", "--vocab-size", "0"], "must be at least 1, got 0"),
-                          (["train", "--vocab-size", "many"], "invalid whole number: 'many'"),
-                          (["nonsense"], "invalid choice: 'nonsense'")]:
+    for args, message in [
+        (["train", "--vocab-size", "0"], "must be at least 1, got 0"),
+        (["train", "--vocab-size", "many"], "invalid whole number: 'many'"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(args)
         err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Trainer: data order, schedule, learning, metrics, bf16, distillation, exact resume, atomic saves."""
+"""Trainer: data order, schedule, learning, metrics, bf16, distillation, exact resume, atomic
+saves."""
 
 from __future__ import annotations
 
@@ -17,16 +18,45 @@ from flax import nnx
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.distill import cross_entropy_loss, kl_divergence
-from gemma2_lite.train import (TokenBatcher, TrainConfig, TrainError, evaluate,
-                               latest_checkpoint_step, load_history, lr_schedule, make_optimizer,
-                               restore_checkpoint, save_checkpoint, train)
+from gemma2_lite.train import (
+    TokenBatcher,
+    TrainConfig,
+    TrainError,
+    evaluate,
+    latest_checkpoint_step,
+    load_history,
+    lr_schedule,
+    make_optimizer,
+    restore_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 61
-CFG = get_config("tiny", vocab_size=V, d_model=24, num_layers=2, num_heads=2, num_kv_heads=1,
-                 head_dim=6, ffn_dim=40, sliding_window=5, max_seq_len=32)
-TC = TrainConfig(steps=30, batch_size=3, seq_len=11, lr=1e-2, warmup=3, seed=0,
-                 progress=False, eval_every=10, eval_batches=4)
+CFG = get_config(
+    "tiny",
+    vocab_size=V,
+    d_model=24,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=6,
+    ffn_dim=40,
+    sliding_window=5,
+    max_seq_len=32,
+)
+TC = TrainConfig(
+    steps=30,
+    batch_size=3,
+    seq_len=11,
+    lr=1e-2,
+    warmup=3,
+    seed=0,
+    progress=False,
+    eval_every=10,
+    eval_batches=4,
+)
 
 
 def synthetic_stream(n: int, seed: int = 0) -> np.ndarray:
@@ -40,21 +70,21 @@ def synthetic_stream(n: int, seed: int = 0) -> np.ndarray:
 
 
 TRAIN_IDS = synthetic_stream(3001, 0)
-forward = nnx.jit(lambda model, tokens: model(tokens))   # one compile instead of op-by-op
+forward = nnx.jit(lambda model, tokens: model(tokens))  # one compile instead of op-by-op
 VALID_IDS = synthetic_stream(401, 1)
 
 
 def test_batcher_is_deterministic_contiguous_and_resumable() -> None:
-    stream = np.arange(200, dtype=np.int32)           # value = position: easy to check windows
+    stream = np.arange(200, dtype=np.int32)  # value = position: easy to check windows
     a = TokenBatcher(stream, 4, 7, seed=3)
     b = TokenBatcher(stream, 4, 7, seed=3)
     c = TokenBatcher(stream, 4, 7, seed=4)
-    batches = [a.next() for _ in range(20)]           # ~3 epochs of 28 windows
+    batches = [a.next() for _ in range(20)]  # ~3 epochs of 28 windows
     assert all(np.array_equal(x, b.next()) for x in batches)
     assert not all(np.array_equal(x, c.next()) for x in batches)
     for x in batches:
         assert x.shape == (4, 8) and x.dtype == np.int32
-        assert np.all(np.diff(x, axis=1) == 1)        # contiguous windows of T + 1 tokens
+        assert np.all(np.diff(x, axis=1) == 1)  # contiguous windows of T + 1 tokens
     # one epoch visits each window once
     fresh = TokenBatcher(stream, 1, 7, seed=3)
     n = fresh.windows_per_epoch
@@ -100,9 +130,9 @@ def test_config_errors() -> None:
 
 def test_evaluate_matches_manual_loss() -> None:
     model = Gemma2(CFG, rngs=nnx.Rngs(5))
-    ids = VALID_IDS[:100]                               # 9 windows of 11 -> batches 4, 4, 1(+pad)
+    ids = VALID_IDS[:100]  # 9 windows of 11 -> batches 4, 4, 1(+pad)
     got = evaluate(model, ids, batch_size=4, seq_len=11)
-    windows = np.stack([ids[s:s + 12] for s in range(0, 99, 11)])
+    windows = np.stack([ids[s : s + 12] for s in range(0, 99, 11)])
     logits = forward(model, jnp.asarray(windows[:, :-1]))
     ref = float(cross_entropy_loss(logits, jnp.asarray(windows[:, 1:])))
     assert got["tokens"] == 99
@@ -124,12 +154,13 @@ def test_training_learns_and_writes_metrics(straight_run: tuple[Gemma2, dict, Pa
     model, hist, tmp_path = straight_run
     losses = [r["loss"] for r in hist["train"]]
     assert len(losses) == TC.steps and [r["step"] for r in hist["train"]] == list(range(1, 31))
-    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0   # the bigram rule is learnable
-    assert losses[0] == pytest.approx(math.log(V), abs=0.6)   # starts near uniform
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0  # the bigram rule is learnable
+    assert losses[0] == pytest.approx(math.log(V), abs=0.6)  # starts near uniform
     assert [e["step"] for e in hist["eval"]] == [10, 20, 30]
     assert hist["eval"][-1]["val_loss"] < hist["eval"][0]["val_loss"]
     assert hist["eval"][-1]["val_loss"] == pytest.approx(
-        evaluate(model, VALID_IDS, batch_size=3, seq_len=11, max_batches=4)["loss"], rel=1e-5)
+        evaluate(model, VALID_IDS, batch_size=3, seq_len=11, max_batches=4)["loss"], rel=1e-5
+    )
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + TC.steps and rows[0].startswith("step,loss,grad_norm,lr")
     saved = load_history(tmp_path)
@@ -154,8 +185,8 @@ def test_bfloat16_compute_keeps_fp32_params() -> None:
     l32 = [r["loss"] for r in h32["train"]]
     l16 = [r["loss"] for r in h16["train"]]
     assert all(np.isfinite(l16))
-    assert l16 != l32                                   # bf16 really changed the arithmetic
-    np.testing.assert_allclose(l16, l32, rtol=0.05)     # ... but not the result
+    assert l16 != l32  # bf16 really changed the arithmetic
+    np.testing.assert_allclose(l16, l32, rtol=0.05)  # ... but not the result
 
 
 def test_distillation_moves_student_towards_teacher() -> None:
@@ -181,9 +212,10 @@ train(CFG, TC.replace(checkpoint_every=7), TRAIN_IDS, VALID_IDS, out_dir={out!r}
 """
 
 
-@pytest.mark.slow   # a second process imports JAX and compiles the step again
-def test_resume_is_bit_exact_in_a_new_process(straight_run: tuple[Gemma2, dict, Path],
-                                              tmp_path: Path) -> None:
+@pytest.mark.slow  # a second process imports JAX and compiles the step again
+def test_resume_is_bit_exact_in_a_new_process(
+    straight_run: tuple[Gemma2, dict, Path], tmp_path: Path
+) -> None:
     """2N steps straight == N steps, checkpoint, a new process restores and runs N more."""
     straight, h_straight, _ = straight_run
     half = TC.steps // 2
@@ -191,21 +223,28 @@ def test_resume_is_bit_exact_in_a_new_process(straight_run: tuple[Gemma2, dict, 
     assert latest_checkpoint_step(tmp_path / "checkpoints") == half
     assert len(h_first["train"]) == half
     script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path))
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=600,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     resumed = load_history(tmp_path)["history"]
     assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in h_straight["train"]]
-    assert [r["grad_norm"] for r in resumed["train"]] == \
-        [r["grad_norm"] for r in h_straight["train"]]
+    assert [r["grad_norm"] for r in resumed["train"]] == [
+        r["grad_norm"] for r in h_straight["train"]
+    ]
     assert resumed["eval"] == h_straight["eval"]
     _, params, _ = nnx.split(straight, nnx.Param, ...)
     like = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
     opt_like = jax.eval_shape(make_optimizer(TC).init, params)
     (p_res, _, _), meta, step = restore_checkpoint(
-        tmp_path / "checkpoints", (like, opt_like, jax.random.PRNGKey(0)))
+        tmp_path / "checkpoints", (like, opt_like, jax.random.PRNGKey(0))
+    )
     assert step == TC.steps and meta["data_state"]["index"] > 0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_res)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))     # bit for bit
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # bit for bit
 
 
 CRASH_SCRIPT = """
@@ -224,13 +263,18 @@ save_checkpoint({d!r}, 2, {{"w": np.full((3, 5), 9.0, np.float32)}}, {{"note": "
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT.format(d=str(d))], cwd=ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT.format(d=str(d))],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 17, proc.stderr[-2000:]
     leftovers = [p.name for p in d.iterdir()]
-    assert any("tmp" in name for name in leftovers), leftovers   # the torn save is there...
-    assert latest_checkpoint_step(d) == 1                         # ...but not visible
+    assert any("tmp" in name for name in leftovers), leftovers  # the torn save is there...
+    assert latest_checkpoint_step(d) == 1  # ...but not visible
     state, meta, step = restore_checkpoint(d, {"w": np.zeros((3, 5), np.float32)})
     assert step == 1 and meta["note"] == "good"
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full((3, 5), 2.0, np.float32))
@@ -265,17 +309,24 @@ def test_trainable_filter_trains_only_the_adapters() -> None:
 def test_a_non_finite_update_is_caught_at_its_own_step() -> None:
     """A finite loss whose gradient is NaN (sqrt at 0) makes every weight NaN in step 1's
     update; the error names step 1, not step 2 whose loss is the first to show it."""
-    def nan_gradient(logits, targets, teacher_logits, rng, mask=None):
-        return jnp.sqrt(jnp.abs(logits[0, 0, 0] - logits[0, 0, 0]))       # 0, d/dx = NaN
 
-    with pytest.raises(FloatingPointError, match=r"update of step 1 made parameter\(s\) "
-                                                 r"\['embed"):
+    def nan_gradient(logits, targets, teacher_logits, rng, mask=None):
+        return jnp.sqrt(jnp.abs(logits[0, 0, 0] - logits[0, 0, 0]))  # 0, d/dx = NaN
+
+    with pytest.raises(
+        FloatingPointError,
+        match=r"update of step 1 made parameter\(s\) "
+        r"\['embed",
+    ):
         train(CFG, TC.replace(eval_every=0), TRAIN_IDS, loss_fn=nan_gradient, stop_at=3)
 
 
 def test_stop_at_and_zero_steps_mean_what_they_say() -> None:
-    with pytest.raises(TrainError, match=r"stop_at \(the step to stop after\) must be a "
-                                         r"non-negative integer, got 2.5"):
+    with pytest.raises(
+        TrainError,
+        match=r"stop_at \(the step to stop after\) must be a "
+        r"non-negative integer, got 2.5",
+    ):
         train(CFG, TC, TRAIN_IDS, stop_at=2.5)
     with pytest.raises(TrainError, match="stop_at"):
         train(CFG, TC, TRAIN_IDS, stop_at=True)
@@ -311,11 +362,27 @@ def test_the_split_trainer_keeps_every_public_name_of_gemma2_lite_train() -> Non
     import gemma2_lite.train as tr
     from gemma2_lite import sharding, train_checkpoint, train_step
 
-    names = ["TrainConfig", "TokenBatcher", "train", "evaluate", "make_optimizer",
-             "lr_schedule", "make_loss_fn", "make_train_step", "save_checkpoint",
-             "restore_checkpoint", "latest_checkpoint_step", "load_history", "TrainError",
-             "checkpoint_steps", "verify_checkpoint", "data_fingerprint",
-             "SkippedCheckpointWarning", "StepShardings", "cross_entropy_loss"]
+    names = [
+        "TrainConfig",
+        "TokenBatcher",
+        "train",
+        "evaluate",
+        "make_optimizer",
+        "lr_schedule",
+        "make_loss_fn",
+        "make_train_step",
+        "save_checkpoint",
+        "restore_checkpoint",
+        "latest_checkpoint_step",
+        "load_history",
+        "TrainError",
+        "checkpoint_steps",
+        "verify_checkpoint",
+        "data_fingerprint",
+        "SkippedCheckpointWarning",
+        "StepShardings",
+        "cross_entropy_loss",
+    ]
     assert all(hasattr(tr, n) and n in tr.__all__ for n in names)
     assert tr.StepShardings is sharding.StepShardings
     assert tr.make_train_step is train_step.make_train_step

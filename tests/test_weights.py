@@ -14,8 +14,15 @@ import pytest
 from gemma2_lite import weights
 from gemma2_lite.checkpoint import to_arrays
 from gemma2_lite.fixtures import FIXTURE_VERSION, TOKENIZER_VOCAB, ensure
-from gemma2_lite.weights import (ENV_VAR, FIXTURE_MARKER, WeightsNotFound, locate,
-                                 missing_files, model_dir, pretrained)
+from gemma2_lite.weights import (
+    ENV_VAR,
+    FIXTURE_MARKER,
+    WeightsNotFound,
+    locate,
+    missing_files,
+    model_dir,
+    pretrained,
+)
 
 
 def _no_network(name, target):
@@ -68,25 +75,40 @@ def test_missing_files_are_named_with_what_to_do(offline, fixtures_dir):
     target = install(fixtures_dir, offline)
     (target / "model-00002-of-00003.safetensors").unlink()
     (target / "tokenizer.model").unlink()
-    assert missing_files(target, "gemma-2-2b") == ["tokenizer.model",
-                                                   "model-00002-of-00003.safetensors"]
+    assert missing_files(target, "gemma-2-2b") == [
+        "tokenizer.model",
+        "model-00002-of-00003.safetensors",
+    ]
     with pytest.raises(WeightsNotFound) as info:
         pretrained("gemma-2-2b", download=False)
     msg = str(info.value)
-    for needle in (str(target), "model-00002-of-00003.safetensors", "tokenizer.model", ENV_VAR,
-                   "https://huggingface.co/google/gemma-2-2b", "Gemma Terms of Use", "HF_TOKEN",
-                   "gemma2-lite[weights]"):
+    for needle in (
+        str(target),
+        "model-00002-of-00003.safetensors",
+        "tokenizer.model",
+        ENV_VAR,
+        "https://huggingface.co/google/gemma-2-2b",
+        "Gemma Terms of Use",
+        "HF_TOKEN",
+        "gemma2-lite[weights]",
+    ):
         assert needle in msg, needle
     with pytest.raises(WeightsNotFound) as info:
         pretrained("gemma-2-9b-it", layout="flax", download=False)
     msg = str(info.value)
-    for needle in ("gemma2-9b-it/", "kaggle.com/models/google/gemma-2", "KAGGLE_USERNAME",
-                   "KAGGLE_KEY", "kagglehub"):
+    for needle in (
+        "gemma2-9b-it/",
+        "kaggle.com/models/google/gemma-2",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "kagglehub",
+    ):
         assert needle in msg, needle
 
 
 def test_download_goes_through_the_client_after_naming_the_licence(
-        offline, fixtures_dir, monkeypatch, capsys):
+    offline, fixtures_dir, monkeypatch, capsys
+):
     calls = []
 
     def fake_hf(name, target):
@@ -99,7 +121,7 @@ def test_download_goes_through_the_client_after_naming_the_licence(
     out = capsys.readouterr().out
     assert "Gemma Terms of Use" in out and "https://huggingface.co/google/gemma-2-2b-it" in out
     assert "HF_TOKEN" in out
-    pretrained("gemma-2-2b-it")                     # now present: no second download
+    pretrained("gemma-2-2b-it")  # now present: no second download
     assert len(calls) == 1
 
 
@@ -108,10 +130,13 @@ def test_failed_or_impossible_downloads_explain(offline, monkeypatch):
         raise OSError("403 Client Error: you must accept the licence")
 
     monkeypatch.setattr(weights, "_download_hf", refused)
-    with pytest.raises(WeightsNotFound, match=r"(?s)Put config.json.*download failed: "
-                                              r"OSError: 403"):
+    with pytest.raises(
+        WeightsNotFound,
+        match=r"(?s)Put config.json.*download failed: "
+        r"OSError: 403",
+    ):
         pretrained("gemma-2-2b")
-    monkeypatch.setitem(sys.modules, "kagglehub", None)     # not installed
+    monkeypatch.setitem(sys.modules, "kagglehub", None)  # not installed
     with pytest.raises(WeightsNotFound, match="kagglehub is not installed"):
         pretrained("gemma-2-2b", layout="flax")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -130,9 +155,10 @@ def test_locate_falls_back_to_the_fixture_at_ci_and_says_so(offline, fixtures_di
         assert w.tokenizer().end_of_turn_id == 107
     assert found["hf"][("embedder", "embedding")].shape[0] == TOKENIZER_VOCAB
     assert found["flax"][("embedder", "embedding")].shape[0] == TOKENIZER_VOCAB + 128
-    np.testing.assert_array_equal(found["hf"][("layers", 2, "mlp", "gate")],
-                                  found["flax"][("layers", 2, "mlp", "gate")])
-    assert not any(offline.rglob("*"))              # nothing written into the weights folder
+    np.testing.assert_array_equal(
+        found["hf"][("layers", 2, "mlp", "gate")], found["flax"][("layers", 2, "mlp", "gate")]
+    )
+    assert not any(offline.rglob("*"))  # nothing written into the weights folder
 
 
 def test_locate_prefers_real_files_and_never_calls_a_fixture_real(offline, fixtures_dir, capsys):
@@ -146,7 +172,7 @@ def test_locate_prefers_real_files_and_never_calls_a_fixture_real(offline, fixtu
 
 def test_locate_beyond_ci_needs_the_real_files(offline, fixtures_dir):
     with pytest.raises(WeightsNotFound, match="gemma-2-2b"):
-        locate("gemma-2-2b", profile="colab")       # stubbed download: no fixture instead
+        locate("gemma-2-2b", profile="colab")  # stubbed download: no fixture instead
     with pytest.raises(WeightsNotFound, match="only .* have fixtures"):
         locate("gemma-2-9b", profile="ci", fixture_dir=fixtures_dir)
 
@@ -158,13 +184,14 @@ def test_fixtures_are_written_once(fixtures_dir):
     assert stamp.read_text().strip() == str(FIXTURE_VERSION)
 
 
-def test_locate_offline_beyond_ci_runs_on_the_fixture_and_says_so(offline, fixtures_dir,
-                                                                  monkeypatch, capsys):
+def test_locate_offline_beyond_ci_runs_on_the_fixture_and_says_so(
+    offline, fixtures_dir, monkeypatch, capsys
+):
     """make colab-check: the colab profile on a CPU, offline, without the real files."""
     monkeypatch.setenv("GEMMA2_LITE_OFFLINE", "1")
     w = locate("gemma-2-2b", profile="colab", fixture_dir=fixtures_dir)
     assert not w.is_real and "FIXTURE" in capsys.readouterr().out
-    install(fixtures_dir, offline)                  # real files present: they win, offline too
+    install(fixtures_dir, offline)  # real files present: they win, offline too
     assert locate("gemma-2-2b", profile="colab").is_real
 
 
@@ -175,39 +202,55 @@ def _flip_byte(file):
 
 
 BROKEN = {
-    "missing shard": (lambda t: (t / "model-00002-of-00003.safetensors").unlink(),
-                      r"missing:? model-00002-of-00003\.safetensors"),
-    "invalid index": (lambda t: (t / "model.safetensors.index.json").write_text("{}"),
-                      r"missing:? a valid model\.safetensors\.index\.json .*non-empty "
-                      r"'weight_map'"),
+    "missing shard": (
+        lambda t: (t / "model-00002-of-00003.safetensors").unlink(),
+        r"missing:? model-00002-of-00003\.safetensors",
+    ),
+    "invalid index": (
+        lambda t: (t / "model.safetensors.index.json").write_text("{}"),
+        r"missing:? a valid model\.safetensors\.index\.json .*non-empty "
+        r"'weight_map'",
+    ),
     "index names a shard wrongly": (
         lambda t: (t / "model.safetensors.index.json").write_text(
-            (t / "model.safetensors.index.json").read_text().replace(
-                '"model.norm.weight": "model-00001', '"model.norm.weight": "model-00002')),
-        r"puts 'model.norm.weight' in model-00002-of-00003.safetensors, but it is in"),
-    "flipped byte": (lambda t: _flip_byte(t / "model-00001-of-00003.safetensors"),
-                     r"model-00001-of-00003\.safetensors has changed since it was written "
-                     r"\(sha256 differs\)"),
-    "truncated shard": (lambda t: (t / "model-00003-of-00003.safetensors").write_bytes(
-        (t / "model-00003-of-00003.safetensors").read_bytes()[:-10]),
-        r"model-00003-of-00003\.safetensors: tensor .* truncated"),
+            (t / "model.safetensors.index.json")
+            .read_text()
+            .replace('"model.norm.weight": "model-00001', '"model.norm.weight": "model-00002')
+        ),
+        r"puts 'model.norm.weight' in model-00002-of-00003.safetensors, but it is in",
+    ),
+    "flipped byte": (
+        lambda t: _flip_byte(t / "model-00001-of-00003.safetensors"),
+        r"model-00001-of-00003\.safetensors has changed since it was written "
+        r"\(sha256 differs\)",
+    ),
+    "truncated shard": (
+        lambda t: (t / "model-00003-of-00003.safetensors").write_bytes(
+            (t / "model-00003-of-00003.safetensors").read_bytes()[:-10]
+        ),
+        r"model-00003-of-00003\.safetensors: tensor .* truncated",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", list(BROKEN))
 def test_a_broken_real_folder_is_named_never_replaced_by_the_fixture(
-        offline, fixtures_dir, damage, monkeypatch):
+    offline, fixtures_dir, damage, monkeypatch
+):
     target = install(fixtures_dir, offline)
     assert weights.folder_problems(target, "gemma-2-2b") == []
     edit, expected = BROKEN[damage]
     edit(target)
     assert re.search(expected, "\n".join(weights.folder_problems(target, "gemma-2-2b")))
-    with pytest.raises(weights.BrokenWeights, match=rf"(?s)gemma-2-2b \(hf layout\) in "
-                                                     rf"{re.escape(str(target))} is "
-                                                     rf"incomplete or damaged.*{expected}"):
+    with pytest.raises(
+        weights.BrokenWeights,
+        match=rf"(?s)gemma-2-2b \(hf layout\) in "
+        rf"{re.escape(str(target))} is "
+        rf"incomplete or damaged.*{expected}",
+    ):
         locate("gemma-2-2b", profile="ci", fixture_dir=fixtures_dir)
     monkeypatch.setenv("GEMMA2_LITE_OFFLINE", "1")
-    with pytest.raises(WeightsNotFound, match=expected):     # named there too
+    with pytest.raises(WeightsNotFound, match=expected):  # named there too
         pretrained("gemma-2-2b")
 
 

@@ -41,12 +41,18 @@ def test_the_two_workflows_exist_and_build_and_test_as_the_makefile_does() -> No
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_matches_githubs_schema(path: Path) -> None:
-    out = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows",
-                          str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_workflows_pass_the_linters_audits() -> None:
-    out = subprocess.run([_tool("zizmor"), "--offline", "--no-progress", *map(str, WORKFLOWS)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [_tool("zizmor"), "--offline", "--no-progress", *map(str, WORKFLOWS)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

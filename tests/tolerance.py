@@ -21,5 +21,6 @@ def assert_close(actual, desired, rel: float, what: str = "") -> float:
     scale = float(np.abs(desired).max()) if desired.size else 0.0
     err = float(np.abs(actual - desired).max()) if desired.size else 0.0
     assert err <= rel * max(scale, np.finfo(np.float32).tiny), (
-        f"{what}: max |difference| {err:.3g} > {rel:g} x max |expected| {scale:.3g}")
+        f"{what}: max |difference| {err:.3g} > {rel:g} x max |expected| {scale:.3g}"
+    )
     return err / scale if scale else err

@@ -30,11 +30,16 @@ def fresh_venv(where: Path, *, pip: bool) -> Path:
     returns its python. ``pip=False`` skips installing pip into it (faster: install with this
     .venv's pip and ``--python``)."""
     venv = where / "venv"
-    subprocess.run([sys.executable, "-m", "venv", *([] if pip else ["--without-pip"]),
-                    str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", *([] if pip else ["--without-pip"]), str(venv)], check=True
+    )
     python = venv / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True, check=True)
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     mirror = where / "preinstalled"
     mirror_site_packages(mirror)
     (Path(purelib.stdout.strip()) / "preinstalled.pth").write_text(f"{mirror}\n")
@@ -43,7 +48,10 @@ def fresh_venv(where: Path, *, pip: bool) -> Path:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without Python, venv, pip or gemma2-lite settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTHON", "VIRTUAL_ENV", "GEMMA2_LITE_", "PIP_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTHON", "VIRTUAL_ENV", "GEMMA2_LITE_", "PIP_"))
+    }
     env.update(extra)
     return env

@@ -35,8 +35,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from student_copy import (ExerciseError, is_check, is_solution, source,  # noqa: E402
-                          stub_of, tags, wrong_answers)
+# (E402) the sibling script is importable only once its folder is on sys.path
+from student_copy import (  # noqa: E402
+    ExerciseError,
+    is_check,
+    is_solution,
+    source,  # noqa: E402
+    stub_of,
+    tags,
+    wrong_answers,
+)
 
 CONTEXT_TAGS = ("sizes", "exercise-context")
 
@@ -50,8 +58,10 @@ def wrong_source(wrong: dict, solution: str, where: str) -> str:
     for old, new in wrong.get("edits", {}).items():
         count = out.count(old)
         if count != 1:
-            raise ExerciseError(f"{where}: wrong answer {wrong.get('name')!r}: {old!r} occurs "
-                                f"{count} times in the solution; it must occur exactly once")
+            raise ExerciseError(
+                f"{where}: wrong answer {wrong.get('name')!r}: {old!r} occurs "
+                f"{count} times in the solution; it must occur exactly once"
+            )
         out = out.replace(old, new)
     return out
 
@@ -65,20 +75,29 @@ def exercises(nb: dict, where: str) -> list[tuple[str, str, str, str, list[tuple
             continue
         ex_id = cell["metadata"]["exercise"]["id"]
         check = cells[i + 1] if i + 1 < len(cells) else None
-        if check is None or not is_check(check) \
-                or check["metadata"].get("exercise", {}).get("id") != ex_id:
-            raise ValueError(f"{where}: exercise {ex_id}: no check cell with that id right "
-                             "after its solution")
+        if (
+            check is None
+            or not is_check(check)
+            or check["metadata"].get("exercise", {}).get("id") != ex_id
+        ):
+            raise ValueError(
+                f"{where}: exercise {ex_id}: no check cell with that id right after its solution"
+            )
         solution = source(cell)
-        wrong = [(w.get("name", "?"), wrong_source(w, solution, f"{where} {ex_id}"))
-                 for w in wrong_answers(cell)]
+        wrong = [
+            (w.get("name", "?"), wrong_source(w, solution, f"{where} {ex_id}"))
+            for w in wrong_answers(cell)
+        ]
         out.append((ex_id, solution, stub_of(cell, where), source(check), wrong))
     return out
 
 
 def context_source(nb: dict) -> list[tuple[str, str]]:
-    return [(c.get("id", str(i)), source(c)) for i, c in enumerate(nb["cells"])
-            if c["cell_type"] == "code" and set(CONTEXT_TAGS) & set(tags(c))]
+    return [
+        (c.get("id", str(i)), source(c))
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and set(CONTEXT_TAGS) & set(tags(c))
+    ]
 
 
 def fresh(base: dict) -> dict:
@@ -122,20 +141,23 @@ def check_exercise(path: Path, base: dict, ex: tuple) -> tuple[list[str], str]:
         _run(solution, f"{name}:{ex_id}:solution", ns)
         printed = _run(check, f"{name}:{ex_id}:check", ns)
     except Exception:  # noqa: BLE001
-        problems.append(f"{ex_id}: solution + check raised:\n"
-                        f"{traceback.format_exc(limit=3)}")
+        problems.append(f"{ex_id}: solution + check raised:\n{traceback.format_exc(limit=3)}")
     else:
         if printed.strip() != f"Exercise {k}: correct":
-            problems.append(f"{ex_id}: the check printed {printed!r}; it must print "
-                            f"exactly 'Exercise {k}: correct'")
+            problems.append(
+                f"{ex_id}: the check printed {printed!r}; it must print "
+                f"exactly 'Exercise {k}: correct'"
+            )
     outcomes = []
     for label, src in [("stub", stub), *((f"wrong answer {w!r}", s) for w, s in wrong)]:
         ns = fresh(base)
         try:
             _run(src, f"{name}:{ex_id}:{label}", ns)
         except Exception:  # noqa: BLE001
-            problems.append(f"{ex_id}: the {label} itself raised (it must run; the check "
-                            f"must reject it):\n{traceback.format_exc(limit=3)}")
+            problems.append(
+                f"{ex_id}: the {label} itself raised (it must run; the check "
+                f"must reject it):\n{traceback.format_exc(limit=3)}"
+            )
             continue
         outcome = _must_fail(check, f"{name}:{ex_id}:check after {label}", ns)
         if outcome is None:
@@ -170,8 +192,11 @@ def check_notebook(path: Path, only: set[str] | None = None) -> list[str]:
         t0 = time.perf_counter()
         more, said = check_exercise(path, base, ex)
         problems += more
-        print(f"  {ex[0]}: {'solution ok' if not more else 'FAILED'} "
-              f"[{time.perf_counter() - t0:.1f} s]{said}", flush=True)
+        print(
+            f"  {ex[0]}: {'solution ok' if not more else 'FAILED'} "
+            f"[{time.perf_counter() - t0:.1f} s]{said}",
+            flush=True,
+        )
     return problems
 
 
@@ -180,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     only = None
     if "--only" in args:
         i = args.index("--only")
-        only, args = set(args[i + 1].split(",")), args[:i] + args[i + 2:]
+        only, args = set(args[i + 1].split(",")), args[:i] + args[i + 2 :]
     paths = [Path(p) for p in args]
     if not paths:
         print(__doc__)

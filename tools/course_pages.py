@@ -36,23 +36,25 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 RECORD = ROOT / "book" / "run-times.json"
 CI, COLAB = "ci", "colab, loops capped at 3"
-MARKERS = ("<!-- run-times:start (python tools/course_pages.py --write) -->",
-           "<!-- run-times:end -->")
+MARKERS = (
+    "<!-- run-times:start (python tools/course_pages.py --write) -->",
+    "<!-- run-times:end -->",
+)
 EXERCISE_REF = re.compile(r"\{exercise\}`([^`]+)`")
 TITLE = re.compile(r"\*\*Exercise (\d+) \(([^)]*(?:\([^)]*\)[^)]*)*)\)\.\*\*")
 
 
 @dataclass(frozen=True)
 class Exercise:
-    chapter: str          # "04"
-    id: str               # "04-3"
-    number: int           # 3, the number the chapter prints
+    chapter: str  # "04"
+    id: str  # "04-3"
+    number: int  # 3, the number the chapter prints
     names: tuple[str, ...]  # what the student's cell defines: "flash_window", ...
-    title: str            # "porting"
+    title: str  # "porting"
 
 
 def chapter_paths() -> dict[str, Path]:
-    """"04" -> notebooks/04_sliding_window.ipynb, for every chapter in notebooks/."""
+    """ "04" -> notebooks/04_sliding_window.ipynb, for every chapter in notebooks/."""
     return {p.name.split("_")[0]: p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))}
 
 
@@ -99,11 +101,16 @@ def exercises(path: Path) -> list[Exercise]:
         meta = cell["metadata"].get("exercise", {})
         ex_id = meta.get("id", "")
         number = int(ex_id.rsplit("-", 1)[-1])
-        heading = next((TITLE.search(_source(c)) for c in reversed(cells[:i])
-                        if c["cell_type"] == "markdown" and TITLE.search(_source(c))), None)
+        heading = next(
+            (
+                TITLE.search(_source(c))
+                for c in reversed(cells[:i])
+                if c["cell_type"] == "markdown" and TITLE.search(_source(c))
+            ),
+            None,
+        )
         title_ = heading.group(2) if heading and int(heading.group(1)) == number else ""
-        out.append(Exercise(chapter, ex_id, number, _defined_names(meta.get("stub", "")),
-                            title_))
+        out.append(Exercise(chapter, ex_id, number, _defined_names(meta.get("stub", "")), title_))
     return out
 
 
@@ -116,8 +123,10 @@ def find_exercise(ref: str) -> Exercise:
     found = [ex for ex in exercises(paths[chapter]) if name in ex.names]
     if len(found) != 1:
         have = {ex.number: ex.names for ex in exercises(paths[chapter])}
-        raise LookupError(f"{{exercise}}`{ref}`: chapter {chapter} has no exercise whose "
-                          f"student cell defines {name!r} (its exercises define {have})")
+        raise LookupError(
+            f"{{exercise}}`{ref}`: chapter {chapter} has no exercise whose "
+            f"student cell defines {name!r} (its exercises define {have})"
+        )
     return found[0]
 
 
@@ -136,8 +145,9 @@ def figures(path: Path) -> set[int]:
     """The chapter's figure numbers: captions ``**Figure N.**``, or plot titles ``"Figure N: "``."""
     found = set()
     for cell in _cells(path):
-        pattern = r"\*\*Figure (\d+)\.\*\*" if cell["cell_type"] == "markdown" \
-            else r"[\"']Figure (\d+):"
+        pattern = (
+            r"\*\*Figure (\d+)\.\*\*" if cell["cell_type"] == "markdown" else r"[\"']Figure (\d+):"
+        )
         found |= {int(n) for n in re.findall(pattern, _source(cell))}
     return found
 
@@ -151,7 +161,7 @@ def prerequisites(path: Path) -> set[str]:
     for cell in _cells(path):
         text = _source(cell)
         if cell["cell_type"] == "markdown" and "**Prerequisites.**" in text:
-            para = text[text.index("**Prerequisites.**"):].split("\n\n")[0]
+            para = text[text.index("**Prerequisites.**") :].split("\n\n")[0]
             return set(re.findall(r"\]\((\d\d[a-z]?)_[\w]+\.ipynb\)", para))
     return set()
 
@@ -175,7 +185,7 @@ def run_time_rows() -> list[tuple[str, str, str]]:
         for key in (CI, COLAB):
             entry = rec.get(key, {}).get(path.stem)
             cells.append(str(entry["seconds"]) if entry else "")
-        rows.append((_label(path), *cells))
+        rows.append((_label(path), cells[0], cells[1]))
     return rows
 
 
@@ -193,24 +203,33 @@ def provenance() -> str:
         dates = sorted({e["date"] for e in entries})
         machines = sorted({e["machine"] for e in entries})
         loads = [x for e in entries for x in e["load average"]]
-        parts.append(f"`{key}`: {', '.join(dates)}, on {'; '.join(machines)}, load average "
-                     f"{min(loads):.1f} to {max(loads):.1f}")
+        parts.append(
+            f"`{key}`: {', '.join(dates)}, on {'; '.join(machines)}, load average "
+            f"{min(loads):.1f} to {max(loads):.1f}"
+        )
     return "; ".join(parts)
 
 
 def run_time_table() -> str:
     """The Markdown table of every chapter's recorded times, and where they come from."""
     rows = run_time_rows()
-    lines = ["| chapter | `ci` (s) | `colab`, loops capped at 3, on the CPU (s) |",
-             "|---|---:|---:|"]
-    lines += [f"| {name} | {ci or 'not recorded'} | {colab or 'not recorded'} |"
-              for name, ci, colab in rows]
-    lines.append(f"| all | {total([r[1] for r in rows]) or '-'} | "
-                 f"{total([r[2] for r in rows]) or '-'} |")
-    return ("\n".join(lines) + "\n\nEach chapter on a fresh kernel, timed by "
-            "`tools/run_notebooks.py --record` (`book/run-times.json` keeps every entry's date, "
-            f"machine and load average): {provenance()}. On a shared machine these are upper "
-            "bounds.")
+    lines = [
+        "| chapter | `ci` (s) | `colab`, loops capped at 3, on the CPU (s) |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {ci or 'not recorded'} | {colab or 'not recorded'} |"
+        for name, ci, colab in rows
+    ]
+    lines.append(
+        f"| all | {total([r[1] for r in rows]) or '-'} | {total([r[2] for r in rows]) or '-'} |"
+    )
+    return (
+        "\n".join(lines) + "\n\nEach chapter on a fresh kernel, timed by "
+        "`tools/run_notebooks.py --record` (`book/run-times.json` keeps every entry's date, "
+        f"machine and load average): {provenance()}. On a shared machine these are upper "
+        "bounds."
+    )
 
 
 def readme_block() -> str:
@@ -227,16 +246,24 @@ def readme_with_block(text: str) -> str:
 SYLLABUS = ROOT / "book" / "syllabus.md"
 # The weekly-hours estimate (book/policies.md states the same rule): hours per week of
 # lecture and lab, of reading per chapter, per exercise, per open assignment, and of project.
-HOURS = {"lecture": 1.5, "lab": 2.0, "reading": 1.5, "exercise": 0.5, "assignment": 4.0,
-         "project": 2.0, "project week": 10.0}
+HOURS = {
+    "lecture": 1.5,
+    "lab": 2.0,
+    "reading": 1.5,
+    "exercise": 0.5,
+    "assignment": 4.0,
+    "project": 2.0,
+    "project week": 10.0,
+}
 
 
 def syllabus_weeks(text: str | None = None) -> list[tuple[int, str, list[str]]]:
     """(week, title, chapters of its reading in order) for every week of the weekly plan."""
     text = SYLLABUS.read_text(encoding="utf-8") if text is None else text
     weeks = []
-    for week, name, body in re.findall(r"^### Week (\d+)([^\n]*)\n(.*?)(?=^### |^## |\Z)", text,
-                                       re.S | re.M):
+    for week, name, body in re.findall(
+        r"^### Week (\d+)([^\n]*)\n(.*?)(?=^### |^## |\Z)", text, re.S | re.M
+    ):
         reading = re.search(r"\*Reading\.\*(.*?)(?:\n\n|\Z)", body, re.S)
         chapters = re.findall(r"/notebooks/(\d\d[a-z]?)_", reading.group(1) if reading else "")
         weeks.append((int(week), name.strip(" :"), list(dict.fromkeys(chapters))))
@@ -246,9 +273,14 @@ def syllabus_weeks(text: str | None = None) -> list[tuple[int, str, list[str]]]:
 def assignment_weeks(text: str | None = None) -> list[tuple[int, int, int]]:
     """(assignment, out week, due week) from the syllabus's assessment table."""
     text = SYLLABUS.read_text(encoding="utf-8") if text is None else text
-    return [(int(n), int(a), int(b)) for n, a, b in re.findall(
-        r"^\| Assignment (\d): [^|]+\| *\d+% *\| *out week (\d+), due start of week (\d+)",
-        text, re.M)]
+    return [
+        (int(n), int(a), int(b))
+        for n, a, b in re.findall(
+            r"^\| Assignment (\d): [^|]+\| *\d+% *\| *out week (\d+), due start of week (\d+)",
+            text,
+            re.M,
+        )
+    ]
 
 
 def weekly_hours() -> list[dict]:
@@ -267,15 +299,30 @@ def weekly_hours() -> list[dict]:
         n_ex = sum(len(exercises(p)) for p in found)
         minutes = sum(rec.get(p.stem, {}).get("seconds", 0) for p in found) / 60
         open_assignments = sum(out <= week < due for _, out, due in assignment_weeks(text))
-        hours = {"class": (HOURS["lecture"] + HOURS["lab"]) if chapters else HOURS["lecture"],
-                 "reading": HOURS["reading"] * len(chapters),
-                 "exercise work": HOURS["exercise"] * n_ex,
-                 "assignments": HOURS["assignment"] * open_assignments,
-                 "project": (HOURS["project week"] if not chapters else
-                             HOURS["project"] if week >= first_project else 0.0)}
-        rows.append({"week": week, "chapters": chapters, "missing": len(chapters) - len(found),
-                     "exercises": n_ex, "ci minutes": minutes, "hours": hours,
-                     "total": sum(hours.values())})
+        hours = {
+            "class": (HOURS["lecture"] + HOURS["lab"]) if chapters else HOURS["lecture"],
+            "reading": HOURS["reading"] * len(chapters),
+            "exercise work": HOURS["exercise"] * n_ex,
+            "assignments": HOURS["assignment"] * open_assignments,
+            "project": (
+                HOURS["project week"]
+                if not chapters
+                else HOURS["project"]
+                if week >= first_project
+                else 0.0
+            ),
+        }
+        rows.append(
+            {
+                "week": week,
+                "chapters": chapters,
+                "missing": len(chapters) - len(found),
+                "exercises": n_ex,
+                "ci minutes": minutes,
+                "hours": hours,
+                "total": sum(hours.values()),
+            }
+        )
     return rows
 
 
@@ -287,40 +334,61 @@ def ablation_markdown(path: Path) -> list[str]:
     rec = json.loads(path.read_text(encoding="utf-8"))
     variants = list(rec["summary"])
     seeds = sorted(rec["per_seed"], key=int)
-    lines = [_table_row(["seed", *[f"`{v}`" for v in variants]]),
-             "|---:|" + "---:|" * len(variants)]
+    lines = [
+        _table_row(["seed", *[f"`{v}`" for v in variants]]),
+        "|---:|" + "---:|" * len(variants),
+    ]
     for seed in seeds:
         lines.append(_table_row([seed, *[f"{rec['per_seed'][seed][v]:.2f}" for v in variants]]))
     summary = rec["summary"]
-    lines.append(_table_row(["mean ± std", *[f"{summary[v]['mean']:.2f} ± {summary[v]['std']:.2f}"
-                                             for v in variants]]))
+    lines.append(
+        _table_row(
+            [
+                "mean ± std",
+                *[f"{summary[v]['mean']:.2f} ± {summary[v]['std']:.2f}" for v in variants],
+            ]
+        )
+    )
     means = [summary[v]["mean"] for v in variants]
     gap = max(means) - min(means)
     spread = max(summary[v]["std"] for v in variants)
-    verdict = ("larger than two standard deviations of the seed-to-seed spread"
-               if gap > 2 * spread else "within two standard deviations of the seed-to-seed "
-               "spread")
+    verdict = (
+        "larger than two standard deviations of the seed-to-seed spread"
+        if gap > 2 * spread
+        else "within two standard deviations of the seed-to-seed spread"
+    )
     base, paired = variants[0], []
     for v in variants[1:]:
         diffs = [rec["per_seed"][seed][v] - rec["per_seed"][seed][base] for seed in seeds]
         mean = sum(diffs) / len(diffs)
         std = (sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)) ** 0.5
         same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-        reading = ("the seeds disagree in sign" if not same_sign else
-                   "every seed agrees in sign, and the mean is over twice their spread"
-                   if abs(mean) > 2 * std else
-                   "every seed agrees in sign, but the mean is within twice their spread")
-        paired.append(f"`{v}` − `{base}`: {mean:+.2f} ± {std:.2f} "
-                      f"({', '.join(f'{d:+.2f}' for d in diffs)}; {reading})")
-    lines += ["", f"Validation perplexity, profile `{rec['profile']}`, {len(seeds)} seeds. "
-              f"Unpaired, the largest gap between the variants' means is {gap:.2f}, {verdict} "
-              f"(largest standard deviation {spread:.2f}). Paired by seed, the differences from "
-              f"`{base}` are: " + "; ".join(paired) + "."]
+        reading = (
+            "the seeds disagree in sign"
+            if not same_sign
+            else "every seed agrees in sign, and the mean is over twice their spread"
+            if abs(mean) > 2 * std
+            else "every seed agrees in sign, but the mean is within twice their spread"
+        )
+        paired.append(
+            f"`{v}` − `{base}`: {mean:+.2f} ± {std:.2f} "
+            f"({', '.join(f'{d:+.2f}' for d in diffs)}; {reading})"
+        )
+    lines += [
+        "",
+        f"Validation perplexity, profile `{rec['profile']}`, {len(seeds)} seeds. "
+        f"Unpaired, the largest gap between the variants' means is {gap:.2f}, {verdict} "
+        f"(largest standard deviation {spread:.2f}). Paired by seed, the differences from "
+        f"`{base}` are: " + "; ".join(paired) + ".",
+    ]
     seconds = rec["seconds"]
-    lines += ["", f"*Budget, measured:* `{rec['command']}` took {seconds:.0f} s for all "
-              f"{len(seeds)} seeds ({seconds / len(seeds):.0f} s per seed, every variant included) "
-              f"on {rec['devices']} with JAX {rec['jax']}, as recorded in "
-              f"`{path.relative_to(ROOT)}`."]
+    lines += [
+        "",
+        f"*Budget, measured:* `{rec['command']}` took {seconds:.0f} s for all "
+        f"{len(seeds)} seeds ({seconds / len(seeds):.0f} s per seed, every variant included) "
+        f"on {rec['devices']} with JAX {rec['jax']}, as recorded in "
+        f"`{path.relative_to(ROOT)}`.",
+    ]
     return lines
 
 
@@ -336,12 +404,14 @@ NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?%?")
 def expected_outputs(notes: str) -> dict[str, list[str]]:
     """Chapter -> the bullets of its *Expected outputs.* list in the instructor notes."""
     out = {}
-    for chapter, body in re.findall(r"^### (\d\d[a-z]?) [^\n]*\n(.*?)(?=^### |^## |\Z)", notes,
-                                    re.S | re.M):
+    for chapter, body in re.findall(
+        r"^### (\d\d[a-z]?) [^\n]*\n(.*?)(?=^### |^## |\Z)", notes, re.S | re.M
+    ):
         part = re.search(r"\*Expected outputs\.\*\n(.*?)(?=\n\*[A-Z][^*]*\.\*|\Z)", body, re.S)
         if part:
-            out[chapter] = [" ".join(b.split()) for b in
-                            re.split(r"\n- ", "\n" + part.group(1).strip())[1:]]
+            out[chapter] = [
+                " ".join(b.split()) for b in re.split(r"\n- ", "\n" + part.group(1).strip())[1:]
+            ]
     return out
 
 
@@ -425,8 +495,10 @@ def main(argv: list[str]) -> int:
         print("README.md: run-time table written from book/run-times.json")
     elif "--check" in argv:
         if want != text:
-            print("README.md's run-time table is not book/run-times.json's: run "
-                  "python tools/course_pages.py --write")
+            print(
+                "README.md's run-time table is not book/run-times.json's: run "
+                "python tools/course_pages.py --write"
+            )
             return 1
         print("README.md's run-time table is up to date")
     else:

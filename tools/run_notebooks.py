@@ -34,8 +34,12 @@ def run(path: Path, out_dir: Path, timeout: int) -> tuple[float, str]:
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     start = time.perf_counter()
     error = ""
     try:
@@ -52,17 +56,20 @@ def run(path: Path, out_dir: Path, timeout: int) -> tuple[float, str]:
 def _machine() -> str:
     """'N cores, CPU model' of this machine (Linux), else the platform's name."""
     import platform
+
     try:
         info = Path("/proc/cpuinfo").read_text()
-        model = next(l.split(":", 1)[1].strip() for l in info.splitlines()
-                     if l.startswith("model name"))
+        model = next(
+            l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{os.cpu_count()} cores, {model}"
 
 
-def record_time(chapter: str, profile: str, cap: int | None, seconds: float,
-                load: tuple[float, float]) -> None:
+def record_time(
+    chapter: str, profile: str, cap: int | None, seconds: float, load: tuple[float, float]
+) -> None:
     """Write one chapter's time into book/run-times.json (key: profile, plus the loop cap)."""
     import datetime
     import json
@@ -83,13 +90,17 @@ def record_time(chapter: str, profile: str, cap: int | None, seconds: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("notebooks", nargs="*", type=Path,
-                        help="default: every notebooks/NN_*.ipynb")
+    parser.add_argument(
+        "notebooks", nargs="*", type=Path, help="default: every notebooks/NN_*.ipynb"
+    )
     parser.add_argument("--profile", help="sets GEMMA2_LITE_PROFILE for the kernels")
     parser.add_argument("--loop-cap", type=int, help="sets GEMMA2_LITE_LOOP_CAP for the kernels")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
-    parser.add_argument("--record", action="store_true",
-                        help="write the times into book/run-times.json (see the docstring)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write the times into book/run-times.json (see the docstring)",
+    )
     args = parser.parse_args(argv)
     if args.profile:
         os.environ["GEMMA2_LITE_PROFILE"] = args.profile
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {path.stem} | {seconds:.0f} | {status} |")
     table = ["| chapter | seconds | result |", "|---|---:|---|", *rows, f"| all | {total:.0f} | |"]
     (out_dir / "times.md").write_text(
-        f"profile={profile}, loop cap {cap}\n\n" + "\n".join(table) + "\n")
+        f"profile={profile}, loop cap {cap}\n\n" + "\n".join(table) + "\n"
+    )
     print(f"total {total:.0f} s; {failed} failed; table in {out_dir / 'times.md'}")
     return 1 if failed else 0
 

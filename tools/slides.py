@@ -91,11 +91,17 @@ def _markdown_renderer():
 
     md = MarkdownIt("commonmark").enable("table")
     md.use(dollarmath_plugin, double_inline=True)
-    md.add_render_rule("math_inline", lambda self, tokens, idx, options, env:
-                       "\\(" + html.escape(tokens[idx].content) + "\\)")
+    md.add_render_rule(
+        "math_inline",
+        lambda self, tokens, idx, options, env: "\\(" + html.escape(tokens[idx].content) + "\\)",
+    )
     for rule in ("math_block", "math_block_label"):
-        md.add_render_rule(rule, lambda self, tokens, idx, options, env:
-                           "<p>\\[" + html.escape(tokens[idx].content) + "\\]</p>\n")
+        md.add_render_rule(
+            rule,
+            lambda self, tokens, idx, options, env: (
+                "<p>\\[" + html.escape(tokens[idx].content) + "\\]</p>\n"
+            ),
+        )
     return md
 
 
@@ -130,8 +136,10 @@ def _outputs_html(cell: dict) -> tuple[str, bool]:
             figure = True
         elif "image/svg+xml" in data:
             svg = "".join(data["image/svg+xml"]).encode()
-            parts.append(f'<img alt="figure" src="data:image/svg+xml;base64,'
-                         f'{base64.b64encode(svg).decode()}">')
+            parts.append(
+                f'<img alt="figure" src="data:image/svg+xml;base64,'
+                f'{base64.b64encode(svg).decode()}">'
+            )
             figure = True
         elif out.get("output_type") == "stream" and out.get("name") == "stdout":
             parts.append(f"<pre>{html.escape(''.join(out.get('text', '')))}</pre>")
@@ -156,7 +164,7 @@ def deck(path: Path, mathjax: str | None) -> tuple[str, int, bool]:
         if cell["cell_type"] == "markdown":
             text = md.render(_plain_roles(_source(cell).split("## Further reading")[0]))
             if after_figure and _source(cell).lstrip().startswith("**Figure"):
-                sections[-1] += f'\n<div class="caption">{text}</div>'   # under its figure
+                sections[-1] += f'\n<div class="caption">{text}</div>'  # under its figure
             else:
                 sections.append(text)
             after_figure = False
@@ -170,14 +178,28 @@ def deck(path: Path, mathjax: str | None) -> tuple[str, int, bool]:
             body = code + body
         sections.append(body)
         after_figure = figure
-    title = next((re.sub(r"^#\s*", "", l) for c in nb["cells"] if c["cell_type"] == "markdown"
-                  for l in _source(c).splitlines() if l.startswith("# ")), path.stem)
-    math = (f'<script>window.MathJax = {{tex: {{inlineMath: [["\\\\(", "\\\\)"]]}}}};</script>\n'
-            f'<script defer src="{mathjax}"></script>' if mathjax else "")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n{math}\n</head><body>\n"
-            + "\n".join(f"<section>\n{s}\n</section>" for s in sections)
-            + f'\n<div id="counter"></div>\n<script>{SCRIPT}</script>\n</body></html>\n')
+    title = next(
+        (
+            re.sub(r"^#\s*", "", l)
+            for c in nb["cells"]
+            if c["cell_type"] == "markdown"
+            for l in _source(c).splitlines()
+            if l.startswith("# ")
+        ),
+        path.stem,
+    )
+    math = (
+        f'<script>window.MathJax = {{tex: {{inlineMath: [["\\\\(", "\\\\)"]]}}}};</script>\n'
+        f'<script defer src="{mathjax}"></script>'
+        if mathjax
+        else ""
+    )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n{math}\n</head><body>\n"
+        + "\n".join(f"<section>\n{s}\n</section>" for s in sections)
+        + f'\n<div id="counter"></div>\n<script>{SCRIPT}</script>\n</body></html>\n'
+    )
     return page, len(sections), done is not None
 
 
@@ -191,15 +213,19 @@ def copy_mathjax(out: Path) -> str | None:
     if not (target / "tex-svg.js").exists():
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / "tex-svg.js", target / "tex-svg.js")
-        shutil.copytree(source / "input" / "tex" / "extensions",
-                        target / "input" / "tex" / "extensions", dirs_exist_ok=True)
+        shutil.copytree(
+            source / "input" / "tex" / "extensions",
+            target / "input" / "tex" / "extensions",
+            dirs_exist_ok=True,
+        )
     return "mathjax/tex-svg.js"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("notebooks", nargs="*", type=Path,
-                        help="default: every notebooks/NN_*.ipynb")
+    parser.add_argument(
+        "notebooks", nargs="*", type=Path, help="default: every notebooks/NN_*.ipynb"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "slides")
     args = parser.parse_args(argv)
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
@@ -214,14 +240,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path.name}: no cell is tagged '{TAG}', no deck")
             continue
         (args.out / f"{path.stem}.html").write_text(page, encoding="utf-8")
-        links.append(f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a> ({n} slides)'
-                     "</li>")
+        links.append(
+            f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a> ({n} slides)</li>'
+        )
         state = "with outputs" if executed else "code only (no matching executed copy)"
         print(f"{path.name}: {n} slides, {state} -> {args.out / (path.stem + '.html')}")
     (args.out / "index.html").write_text(
-        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Slides</title>"
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Slides</title>'
         f"</head><body><h1>Slides, one deck per chapter</h1><ul>{''.join(links)}</ul>"
-        "</body></html>\n", encoding="utf-8")
+        "</body></html>\n",
+        encoding="utf-8",
+    )
     return 0
 
 

@@ -62,14 +62,25 @@ def exercise_role(name, rawtext, text, lineno, inliner, options=None, content=No
 def chapter_role(name, rawtext, text, lineno, inliner, options=None, content=None):
     """{chapter}`Title </notebooks/NN_name>` -> a link, or "*Title* (in preparation)"."""
     if "<" not in text or not text.rstrip().endswith(">"):
-        return _error(inliner, lineno, rawtext,
-                      f"{{chapter}}`{text}`: write {{chapter}}`Title </notebooks/NN_name>`")
-    label, target = text[:text.rindex("<")].strip(), text[text.rindex("<") + 1:-1].strip()
+        return _error(
+            inliner,
+            lineno,
+            rawtext,
+            f"{{chapter}}`{text}`: write {{chapter}}`Title </notebooks/NN_name>`",
+        )
+    label, target = text[: text.rindex("<")].strip(), text[text.rindex("<") + 1 : -1].strip()
     path = course_pages.ROOT / (target.lstrip("/") + ".ipynb")
     if path.exists():
         env = inliner.document.settings.env
-        ref = addnodes.pending_xref(rawtext, refdomain="std", reftype="doc", reftarget=target,
-                                    refexplicit=True, refwarn=True, refdoc=env.docname)
+        ref = addnodes.pending_xref(
+            rawtext,
+            refdomain="std",
+            reftype="doc",
+            reftarget=target,
+            refexplicit=True,
+            refwarn=True,
+            refdoc=env.docname,
+        )
         ref += nodes.inline(label, label, classes=["xref", "std", "std-doc"])
         return [ref], []
     return [nodes.emphasis(label, label), nodes.Text(" (in preparation)")], []
@@ -78,8 +89,9 @@ def chapter_role(name, rawtext, text, lineno, inliner, options=None, content=Non
 def _markdown(directive: Directive, lines: list[str]) -> list[nodes.Node]:
     """Parse generated MyST (a pipe table, a paragraph) as if it were written in the page."""
     container = nodes.container()
-    directive.state.nested_parse(StringList(lines, source=directive.name),
-                                 directive.content_offset, container)
+    directive.state.nested_parse(
+        StringList(lines, source=directive.name), directive.content_offset, container
+    )
     return container.children
 
 
@@ -97,9 +109,15 @@ class ChapterTable(Directive):
         lines = ["| | chapter | after it you can, among other things, |", "|---|---|---|"]
         for chapter, path in course_pages.chapter_paths().items():
             env.note_dependency(str(path))
-            lines.append(_row([chapter, f"{{doc}}`{course_pages.title(path)} "
-                                        f"</notebooks/{path.stem}>`",
-                               course_pages.first_objective(path)]))
+            lines.append(
+                _row(
+                    [
+                        chapter,
+                        f"{{doc}}`{course_pages.title(path)} </notebooks/{path.stem}>`",
+                        course_pages.first_objective(path),
+                    ]
+                )
+            )
         return _markdown(self, lines)
 
 
@@ -110,15 +128,20 @@ class ExerciseTable(Directive):
 
     def run(self):
         env = self.state.document.settings.env
-        lines = ["| chapter | exercises | number, kind (what the student's cell defines) |",
-                 "|---|---:|---|"]
+        lines = [
+            "| chapter | exercises | number, kind (what the student's cell defines) |",
+            "|---|---:|---|",
+        ]
         for chapter, path in course_pages.chapter_paths().items():
             env.note_dependency(str(path))
             found = course_pages.exercises(path)
-            listed = "; ".join(f"**{ex.number}** {ex.title} "
-                               f"({', '.join(f'`{n}`' for n in ex.names)})" for ex in found)
-            lines.append(_row([f"{chapter} {course_pages.title(path)}", str(len(found)),
-                               listed or "none"]))
+            listed = "; ".join(
+                f"**{ex.number}** {ex.title} ({', '.join(f'`{n}`' for n in ex.names)})"
+                for ex in found
+            )
+            lines.append(
+                _row([f"{chapter} {course_pages.title(path)}", str(len(found)), listed or "none"])
+            )
         return _markdown(self, lines)
 
 
@@ -131,18 +154,44 @@ class WeeklyHours(Directive):
         env = self.state.document.settings.env
         env.note_dependency(str(course_pages.SYLLABUS))
         env.note_dependency(str(course_pages.RECORD))
-        lines = [_row(["week", "chapters", "exercises", "`ci` run (min)", "class (h)",
-                       "reading (h)", "exercises (h)", "assignments (h)", "project (h)",
-                       "total (h)"]), "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            _row(
+                [
+                    "week",
+                    "chapters",
+                    "exercises",
+                    "`ci` run (min)",
+                    "class (h)",
+                    "reading (h)",
+                    "exercises (h)",
+                    "assignments (h)",
+                    "project (h)",
+                    "total (h)",
+                ]
+            ),
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in course_pages.weekly_hours():
             chapters = ", ".join(r["chapters"]) or "(project week)"
             if r["missing"]:
                 chapters += f" ({r['missing']} in preparation)"
             h = r["hours"]
-            lines.append(_row([str(r["week"]), chapters, str(r["exercises"]),
-                               f"{r['ci minutes']:.0f}", f"{h['class']:g}", f"{h['reading']:g}",
-                               f"{h['exercise work']:g}", f"{h['assignments']:g}",
-                               f"{h['project']:g}", f"**{r['total']:g}**"]))
+            lines.append(
+                _row(
+                    [
+                        str(r["week"]),
+                        chapters,
+                        str(r["exercises"]),
+                        f"{r['ci minutes']:.0f}",
+                        f"{h['class']:g}",
+                        f"{h['reading']:g}",
+                        f"{h['exercise work']:g}",
+                        f"{h['assignments']:g}",
+                        f"{h['project']:g}",
+                        f"**{r['total']:g}**",
+                    ]
+                )
+            )
         return _markdown(self, lines)
 
 

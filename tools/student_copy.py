@@ -15,8 +15,8 @@ in the copy every check cell fails until the student solves the exercise.
 
 The copies run from wherever they are written: the chapters find their files through the
 ``gemma2_lite`` package (``gemma2_lite.paths``; the tokenizer, the book's model and the corpus
-ship inside it), never through the working directory, so open them in Jupyter in OUT with the package installed (``make venv``, or the
-chapter's own setup cell on Colab). Standard library only.
+ship inside it), never through the working directory, so open them in Jupyter in OUT with the
+package installed (``make venv``, or the chapter's own setup cell on Colab). Standard library only.
 
 Assignments (``assignments/aN_name/``, see ``assignments/grading.py``): the student gets, per
 assignment, the starter (the notebook with every answer cell replaced by its stub, metadata key
@@ -41,7 +41,7 @@ HIDDEN = ("solution", "hide-cell")
 ASSIGNMENTS = ROOT / "assignments"
 # What a student gets of assignments/ besides each assignment's starter notebook.
 STUDENT_SHARED = ("README.md", "grading.py")
-STUDENT_FILES = ("conftest.py", "rubric.md")        # plus test_aN_public.py
+STUDENT_FILES = ("conftest.py", "rubric.md")  # plus test_aN_public.py
 COURSE_PAGES = ("syllabus.md", "instructor-notes.md", "course-guide.md", "policies.md")
 
 
@@ -73,12 +73,16 @@ def stub_of(cell: dict, where: str) -> str:
     ``"assignment"`` (same shape: ``{"id": ..., "stub": ...}``)."""
     metadata = cell.get("metadata", {})
     meta = metadata.get("exercise", metadata.get("assignment"))
-    if not isinstance(meta, dict) or not isinstance(meta.get("stub"), str) \
-            or not meta["stub"].strip():
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("stub"), str)
+        or not meta["stub"].strip()
+    ):
         raise ExerciseError(
             f"{where}: solution cell {cell.get('id', '?')!r} has no metadata "
             "'exercise': {'id': 'NN-k', 'stub': '<student source>'}; every cell tagged "
-            "'solution' needs one (see tools/student_copy.py)")
+            "'solution' needs one (see tools/student_copy.py)"
+        )
     return meta["stub"]
 
 
@@ -113,17 +117,16 @@ def student_notebook(nb: dict, where: str = "notebook") -> dict:
 
 def write_student_copies(out: Path, notebooks: list[Path] | None = None) -> list[Path]:
     """Write the student copy of every notebooks/*.ipynb into ``out``; return the paths."""
-    notebooks = notebooks if notebooks is not None else \
-        sorted((ROOT / "notebooks").glob("*.ipynb"))
+    notebooks = notebooks if notebooks is not None else sorted((ROOT / "notebooks").glob("*.ipynb"))
     # Build every copy before writing any, so a bad notebook leaves no half-written set.
-    copies = [(p, student_notebook(json.loads(p.read_text(encoding="utf-8")), p.name))
-              for p in notebooks]
+    copies = [
+        (p, student_notebook(json.loads(p.read_text(encoding="utf-8")), p.name)) for p in notebooks
+    ]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, nb in copies:
         target = out / path.name
-        target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n",
-                          encoding="utf-8")
+        target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         written.append(target)
     return written
 
@@ -140,8 +143,9 @@ def _student_assignment(folder: Path) -> dict[str, bytes]:
     name = folder.name
     nb = json.loads((folder / f"{name}.ipynb").read_text(encoding="utf-8"))
     starter = student_notebook(nb, f"{name}.ipynb")
-    files = {f"{name}.ipynb": (json.dumps(starter, indent=1, ensure_ascii=False) + "\n")
-             .encode("utf-8")}
+    files = {
+        f"{name}.ipynb": (json.dumps(starter, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    }
     public = sorted(folder.glob("test_*_public.py"))
     if len(public) != 1:
         raise ExerciseError(f"{folder}: want one test_aN_public.py, found {len(public)}")
@@ -152,12 +156,15 @@ def _student_assignment(folder: Path) -> dict[str, bytes]:
 
 def write_student_assignments(out: Path, root: Path = ASSIGNMENTS) -> list[Path]:
     """Write every assignment's student files into ``out/assignments/``; return the starters."""
-    planned = {f"{folder.name}/{rel}": data for folder in assignment_folders(root)
-               for rel, data in _student_assignment(folder).items()}
+    planned = {
+        f"{folder.name}/{rel}": data
+        for folder in assignment_folders(root)
+        for rel, data in _student_assignment(folder).items()
+    }
     planned.update({f: (root / f).read_bytes() for f in STUDENT_SHARED if (root / f).exists()})
     target = out / "assignments"
     if target.exists():
-        shutil.rmtree(target)          # a file left from an older build must not linger
+        shutil.rmtree(target)  # a file left from an older build must not linger
     for rel, data in planned.items():
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         (target / rel).write_bytes(data)
@@ -197,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(argv[0]) if argv else (INSTRUCTOR_OUT if instructor else DEFAULT_OUT)
     if instructor:
         written = write_instructor_copy(out)
-        print(f"wrote the instructor's copy to {out}/: {len(written)} notebooks with their "
-              "solutions, assignments/ with reference solutions, hidden tests and wrong "
-              "answers, book/ course pages")
+        print(
+            f"wrote the instructor's copy to {out}/: {len(written)} notebooks with their "
+            "solutions, assignments/ with reference solutions, hidden tests and wrong "
+            "answers, book/ course pages"
+        )
         return 0
     try:
         written = write_student_copies(out)
@@ -207,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     except ExerciseError as err:
         print(f"student_copy: {err}", file=sys.stderr)
         return 1
-    n = sum(is_solution(c) for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
-            for c in json.loads(p.read_text(encoding="utf-8"))["cells"])
-    print(f"wrote {len(written)} student notebooks to {out}/ "
-          f"({n} solution cells left as stubs) and {len(starters)} assignment starters to "
-          f"{out}/assignments/; open them there in Jupyter")
+    n = sum(
+        is_solution(c)
+        for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
+        for c in json.loads(p.read_text(encoding="utf-8"))["cells"]
+    )
+    print(
+        f"wrote {len(written)} student notebooks to {out}/ "
+        f"({n} solution cells left as stubs) and {len(starters)} assignment starters to "
+        f"{out}/assignments/; open them there in Jupyter"
+    )
     return 0
 
 

@@ -22,13 +22,15 @@ MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 @functools.cache
-def case(seed: int, b: int, t: int, n: int, kv: int, h: int, pad: int = 0,
-         window: int | None = None) -> tuple[jax.Array, ...]:
+def case(
+    seed: int, b: int, t: int, n: int, kv: int, h: int, pad: int = 0, window: int | None = None
+) -> tuple[jax.Array, ...]:
     """Self-attention inputs q (B, T, N, H), k, v (B, T, K, H), mask (B, T, T); the last row
     starts with ``pad`` padding tokens, whose queries see no key."""
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32)
-               for heads in (n, kv, kv))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32) for heads in (n, kv, kv)
+    )
     real = np.ones((b, t), bool)
     real[-1, :pad] = False
     pos = np.where(real, np.cumsum(real, 1) - 1, -1)
@@ -48,9 +50,11 @@ def cotangent(seed: int, shape: tuple[int, ...], mask: jax.Array) -> jax.Array:
 
 def attention_vjp(attention, q, k, v, dout):
     """(out, (dq, dk, dv)) of attention(q, k, v) -> (B, T, N, H), cotangent dout; one jit."""
+
     def run(q, k, v, dout):
         out, vjp = jax.vjp(attention, q, k, v)
         return out, vjp(dout)
+
     return jax.jit(run)(q, k, v, dout)
 
 
@@ -62,8 +66,9 @@ def reference(key: tuple, softcap: float | None, seed: int) -> dict[str, jax.Arr
 
     @jax.jit
     def run(q, k, v, mask, dout):
-        out, vjp = jax.vjp(lambda q, k, v: gqa_attention(q, k, v, mask, softcap=softcap)[0],
-                           q, k, v)
+        out, vjp = jax.vjp(
+            lambda q, k, v: gqa_attention(q, k, v, mask, softcap=softcap)[0], q, k, v
+        )
         b, t, n, h = q.shape
         z = jnp.einsum("BTKGH,BSKH->BTKGS", q.reshape(b, t, k.shape[2], -1, h), k)
         z = z.reshape(b, t, n, -1).astype(jnp.float32)
@@ -88,22 +93,29 @@ def assert_close(got: jax.Array, want: jax.Array, what: str, rtol: float = 2e-5)
 def temp_bytes(attention, b: int, t: int, n: int, kv: int, h: int) -> int:
     """The graders' own measurement: XLA's temporary bytes of the compiled gradient of
     0.5 * sum(attention(q, k, v, mask)^2) with respect to q, k, v."""
+
     def loss(q, k, v, mask):
         return 0.5 * jnp.sum(jnp.square(attention(q, k, v, mask)))
+
     f32 = jax.ShapeDtypeStruct
-    args = (f32((b, t, n, h), jnp.float32), f32((b, t, kv, h), jnp.float32),
-            f32((b, t, kv, h), jnp.float32), f32((b, t, t), jnp.bool_))
+    args = (
+        f32((b, t, n, h), jnp.float32),
+        f32((b, t, kv, h), jnp.float32),
+        f32((b, t, kv, h), jnp.float32),
+        f32((b, t, t), jnp.bool_),
+    )
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 @functools.cache
 def reference_temp_bytes(b: int, t: int, n: int, kv: int, h: int, softcap: float) -> int:
-    return temp_bytes(lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=softcap)[0],
-                      b, t, n, kv, h)
+    return temp_bytes(
+        lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=softcap)[0], b, t, n, kv, h
+    )
 
 
-PLAIN = (1, 32, 2, 1, 8)          # case(seed, *PLAIN): B=1, T=S=32, N=2, K=1, H=8
+PLAIN = (1, 32, 2, 1, 8)  # case(seed, *PLAIN): B=1, T=S=32, N=2, K=1, H=8
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -134,8 +146,9 @@ def test_custom_vjp_gives_the_gradients(impl) -> None:
     key = (2, *PLAIN)
     q, k, v, mask = case(*key)
     want = reference(key, 20.0, 2)
-    out, got = attention_vjp(lambda q, k, v: impl.flash_attention(q, k, v, mask, 20.0, 8),
-                             q, k, v, want["dout"])
+    out, got = attention_vjp(
+        lambda q, k, v: impl.flash_attention(q, k, v, mask, 20.0, 8), q, k, v, want["dout"]
+    )
     assert_close(out, want["out"], "out")
     for name, g, w in zip(("dq", "dk", "dv"), got, want["grads"]):
         assert_close(g, w, name, rtol=1e-4)
@@ -143,9 +156,11 @@ def test_custom_vjp_gives_the_gradients(impl) -> None:
 
 def test_grad_temp_bytes_sees_the_saving(impl) -> None:
     """A1-4: your measurement, your attention: the tiled gradient needs fewer temporary bytes."""
-    ref = impl.grad_temp_bytes(lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=50.0)[0],
-                               1, 256, 4, 2, 16)
-    ours = impl.grad_temp_bytes(lambda q, k, v, m: impl.flash_attention(q, k, v, m, 50.0, 64),
-                                1, 256, 4, 2, 16)
+    ref = impl.grad_temp_bytes(
+        lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=50.0)[0], 1, 256, 4, 2, 16
+    )
+    ours = impl.grad_temp_bytes(
+        lambda q, k, v, m: impl.flash_attention(q, k, v, m, 50.0, 64), 1, 256, 4, 2, 16
+    )
     assert isinstance(ref, int) and ref > 0, f"grad_temp_bytes returned {ref!r}"
     assert ours < ref, f"flash_attention's gradient needs {ours:,} bytes, gqa_attention's {ref:,}"

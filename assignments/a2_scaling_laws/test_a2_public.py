@@ -22,9 +22,14 @@ def law(params: dict, n, d) -> np.ndarray:
     return params["E"] + params["A"] / n ** params["alpha"] + params["B"] / d ** params["beta"]
 
 
-def grid(params: dict, n_range: tuple[float, float], d_range: tuple[float, float],
-         noise: float = 0.0, seed: int = 0, shape: tuple[int, int] = (5, 4)
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grid(
+    params: dict,
+    n_range: tuple[float, float],
+    d_range: tuple[float, float],
+    noise: float = 0.0,
+    seed: int = 0,
+    shape: tuple[int, int] = (5, 4),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs on a log-spaced (N, D) grid, losses from ``params`` times exp(noise * normal)."""
     n = np.repeat(np.geomspace(*n_range, shape[0]), shape[1])
     d = np.tile(np.geomspace(*d_range, shape[1]), shape[0])
@@ -33,8 +38,9 @@ def grid(params: dict, n_range: tuple[float, float], d_range: tuple[float, float
 
 
 def check_params(params) -> None:
-    assert isinstance(params, dict) and set(params) >= set(KEYS), \
+    assert isinstance(params, dict) and set(params) >= set(KEYS), (
         f"fit_law must return a dict with keys {KEYS}, got {params!r}"
+    )
     assert all(np.isfinite(float(params[k])) for k in KEYS), f"not finite: {params}"
 
 
@@ -66,6 +72,7 @@ def test_compute_optimal_spends_the_budget(impl) -> None:
 def test_bootstrap_interval_is_ordered(impl) -> None:
     """A2-3: (lo, mid, hi) finite and ordered."""
     n, d, loss = grid(CHINCHILLA, (1e6, 1e8), (1e8, 1e10), noise=0.01)
-    lo, mid, hi = (float(x) for x in impl.bootstrap_interval(n, d, loss, 1e9, 2e10, reps=4,
-                                                             level=0.8, seed=0))
+    lo, mid, hi = (
+        float(x) for x in impl.bootstrap_interval(n, d, loss, 1e9, 2e10, reps=4, level=0.8, seed=0)
+    )
     assert np.isfinite([lo, mid, hi]).all() and lo <= mid <= hi, (lo, mid, hi)

@@ -18,23 +18,23 @@ import numpy as np
 
 V = 4
 # Target and drafter bigram logits: row = previous token. They disagree on purpose.
-TARGET = np.asarray([[2.0, 0.5, -1.0, 0.0],
-                     [-0.5, 1.5, 0.5, -1.0],
-                     [0.0, -1.0, 2.0, 1.0],
-                     [1.0, 0.0, -0.5, 1.5]])
-DRAFT = np.asarray([[0.0, 1.5, 0.5, -1.0],
-                    [1.0, -0.5, 0.0, 1.0],
-                    [1.5, 0.5, -1.0, 0.0],
-                    [-1.0, 1.0, 1.5, 0.0]])
+TARGET = np.asarray(
+    [[2.0, 0.5, -1.0, 0.0], [-0.5, 1.5, 0.5, -1.0], [0.0, -1.0, 2.0, 1.0], [1.0, 0.0, -0.5, 1.5]]
+)
+DRAFT = np.asarray(
+    [[0.0, 1.5, 0.5, -1.0], [1.0, -0.5, 0.0, 1.0], [1.5, 0.5, -1.0, 0.0], [-1.0, 1.0, 1.5, 0.0]]
+)
 
 
 def bigram(table: np.ndarray, calls: list[int] | None = None):
     """A model: tokens (list of ids) -> logits (len, V), row t = table[tokens[t]]; each call
     appends the length to ``calls`` when given."""
+
     def model(tokens):
         if calls is not None:
             calls.append(len(tokens))
         return table[np.asarray(tokens, int)]
+
     return model
 
 
@@ -48,11 +48,12 @@ def greedy(table: np.ndarray, prompt: list[int], n: int) -> list[int]:
     out = list(prompt)
     for _ in range(n):
         out.append(int(np.argmax(table[out[-1]])))
-    return out[len(prompt):]
+    return out[len(prompt) :]
 
 
-def assert_frequencies(counts: np.ndarray, probs: np.ndarray, what: str, z_max: float = 5.0
-                       ) -> None:
+def assert_frequencies(
+    counts: np.ndarray, probs: np.ndarray, what: str, z_max: float = 5.0
+) -> None:
     """Observed counts against the exact probabilities: every cell within z_max binomial
     standard deviations (a correct sampler fails this about once in a million runs)."""
     counts, probs = np.asarray(counts, float).ravel(), np.asarray(probs, float).ravel()
@@ -60,9 +61,10 @@ def assert_frequencies(counts: np.ndarray, probs: np.ndarray, what: str, z_max: 
     sd = np.sqrt(n * probs * (1 - probs)) + 1e-12
     z = (counts - n * probs) / sd
     worst = int(np.argmax(np.abs(z)))
-    assert np.abs(z).max() < z_max, \
-        (f"{what}: outcome {worst} seen {int(counts[worst])} times in {int(n)}, expected "
-         f"{n * probs[worst]:.0f} (z = {z[worst]:.1f})")
+    assert np.abs(z).max() < z_max, (
+        f"{what}: outcome {worst} seen {int(counts[worst])} times in {int(n)}, expected "
+        f"{n * probs[worst]:.0f} (z = {z[worst]:.1f})"
+    )
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -91,11 +93,13 @@ def test_greedy_equals_the_targets_greedy(impl) -> None:
     """A3-2 at temperature 0: the target's greedy tokens exactly, max_new of them; with the
     target as its own drafter every round keeps k + 1 tokens."""
     for prompt, k in (([0, 3], 2), ([1], 3), ([2, 2, 1], 1)):
-        new, stats = impl.speculative_generate(bigram(TARGET), bigram(DRAFT), prompt, 9, k,
-                                               temperature=0)
+        new, stats = impl.speculative_generate(
+            bigram(TARGET), bigram(DRAFT), prompt, 9, k, temperature=0
+        )
         assert [int(t) for t in new] == greedy(TARGET, prompt, 9), (prompt, k, new)
-        new, stats = impl.speculative_generate(bigram(TARGET), bigram(TARGET), prompt, 9, k,
-                                               temperature=0)
+        new, stats = impl.speculative_generate(
+            bigram(TARGET), bigram(TARGET), prompt, 9, k, temperature=0
+        )
         assert [int(t) for t in new] == greedy(TARGET, prompt, 9)
         assert stats["target_calls"] == math.ceil(9 / (k + 1)), (k, stats)
 

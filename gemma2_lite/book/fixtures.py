@@ -27,11 +27,16 @@ def _main(argv: list[str] | None) -> int:
 
     parser = Parser(
         prog="python -m gemma2_lite.book.fixtures",
-        description="Write tiny Gemma 2 checkpoints in the released layouts (HF and Orbax).")
+        description="Write tiny Gemma 2 checkpoints in the released layouts (HF and Orbax).",
+    )
     parser.add_argument("out_dir", help="folder to write into (created if needed)")
-    parser.add_argument("--names", nargs="+", default=list(FIXTURE_NAMES),
-                        choices=FIXTURE_NAMES,
-                        help="which models (default: all)")
+    parser.add_argument(
+        "--names",
+        nargs="+",
+        default=list(FIXTURE_NAMES),
+        choices=FIXTURE_NAMES,
+        help="which models (default: all)",
+    )
     args = parser.parse_args(argv)
     out = write_fixtures(utf8_argument(args.out_dir, "OUT_DIR"), args.names)
     for name in args.names:

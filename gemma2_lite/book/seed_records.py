@@ -30,10 +30,26 @@ from typing import Any
 from gemma2_lite.paths import data_path
 from gemma2_lite.profile import loop_cap
 
-__all__ = ["HASH_FIELD", "CHECK_REL", "RecordError", "record_digest", "seal", "write_record",
-           "read_record", "final_numbers", "spread", "compare", "report_lines", "replay_payload",
-           "replay_line", "SEED_RECORDS", "record_file", "seed_record", "seed_summary",
-           "seed_report"]
+__all__ = [
+    "HASH_FIELD",
+    "CHECK_REL",
+    "RecordError",
+    "record_digest",
+    "seal",
+    "write_record",
+    "read_record",
+    "final_numbers",
+    "spread",
+    "compare",
+    "report_lines",
+    "replay_payload",
+    "replay_line",
+    "SEED_RECORDS",
+    "record_file",
+    "seed_record",
+    "seed_summary",
+    "seed_report",
+]
 
 HASH_FIELD = "sha256"
 #: The records' folder under ``data/``: ``data/ablations/<name>-<profile>.json``.
@@ -83,11 +99,14 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
         raise RecordError(f"{path} must hold a JSON object, got {type(record).__name__}")
     command = record.get("command", "the command in data/README.md")
     if HASH_FIELD not in record:
-        raise RecordError(f"{path} has no {HASH_FIELD} field binding its content; remake it "
-                          f"with `{command}`")
+        raise RecordError(
+            f"{path} has no {HASH_FIELD} field binding its content; remake it with `{command}`"
+        )
     if record[HASH_FIELD] != record_digest(record):
-        raise RecordError(f"{path} was changed after it was recorded: its content no longer "
-                          f"has the sha256 it was sealed with; remake it with `{command}`")
+        raise RecordError(
+            f"{path} was changed after it was recorded: its content no longer "
+            f"has the sha256 it was sealed with; remake it with `{command}`"
+        )
     return record
 
 
@@ -105,22 +124,25 @@ def spread(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     out = {}
     for label in runs[0]:
         values = [run[label] for run in runs]
-        out[label] = {"mean": statistics.fmean(values),
-                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                      "min": min(values), "max": max(values)}
+        out[label] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
     return out
 
 
-def compare(record: dict[str, Any], payload: dict[str, Any], rel: float = 0.02
-            ) -> dict[str, Any]:
+def compare(record: dict[str, Any], payload: dict[str, Any], rel: float = 0.02) -> dict[str, Any]:
     """``payload`` (a run) beside ``record``: ``{"record", "rows": [(label, this run, mean,
     std, min, max)], "matches": bool}``; ``matches`` says the run reproduces the record's own
     run of the same seed within ``rel``."""
     mine = final_numbers(payload)
     recorded = record["per_seed"].get(str(payload["seed"]))
     matches = recorded is not None and all(abs(mine[k] / recorded[k] - 1) <= rel for k in mine)
-    rows = [(k, mine[k], v["mean"], v["std"], v["min"], v["max"])
-            for k, v in record["summary"].items()]
+    rows = [
+        (k, mine[k], v["mean"], v["std"], v["min"], v["max"]) for k, v in record["summary"].items()
+    ]
     return {"record": record, "rows": rows, "matches": matches}
 
 
@@ -129,25 +151,31 @@ def report_lines(summary: dict[str, Any], payload: dict[str, Any]) -> str:
     spread, and whether the gap between two variants exceeds that spread."""
     record = summary["record"]
     if not summary["matches"]:
-        raise AssertionError(f"this run's numbers differ from the record's run of seed "
-                             f"{payload['seed']} by more than 2%: rerun `{record['command']}`")
+        raise AssertionError(
+            f"this run's numbers differ from the record's run of seed "
+            f"{payload['seed']} by more than 2%: rerun `{record['command']}`"
+        )
     lines = [f"{len(record['seeds'])} seeds ({record['command']}):"]
     shown = "seed 0" if "replayed" in payload else "this run"
     for label, mine, mean, std, lo, hi in summary["rows"]:
-        lines.append(f"  {label:>8}: {shown} {mine:8.3f}; over the seeds {mean:8.3f} "
-                     f"+- {std:.3f} (min {lo:.3f}, max {hi:.3f})")
+        lines.append(
+            f"  {label:>8}: {shown} {mine:8.3f}; over the seeds {mean:8.3f} "
+            f"+- {std:.3f} (min {lo:.3f}, max {hi:.3f})"
+        )
     if len(summary["rows"]) == 2:
         (a_label, _, a_mean, a_std, *_), (b_label, _, b_mean, b_std, *_) = summary["rows"]
         gap, spread = abs(a_mean - b_mean), max(a_std, b_std)
-        verdict = ("larger than" if gap > 2 * spread else "within two standard deviations of")
-        lines.append(f"  gap between the means {gap:.3f}: {verdict} the seed-to-seed spread "
-                     f"({spread:.3f})")
+        verdict = "larger than" if gap > 2 * spread else "within two standard deviations of"
+        lines.append(
+            f"  gap between the means {gap:.3f}: {verdict} the seed-to-seed spread ({spread:.3f})"
+        )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- replaying
-def replay_payload(record: dict[str, Any], label: str, seed: int,
-                   check: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+def replay_payload(
+    record: dict[str, Any], label: str, seed: int, check: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
     """The recorded run of ``seed`` once ``check()`` (the same run's first steps, re-run here)
     gives the recorded fingerprint within :data:`CHECK_REL`; None when the record replays
     another seed or none. ``label`` names the record in messages. A mismatch raises
@@ -156,19 +184,28 @@ def replay_payload(record: dict[str, Any], label: str, seed: int,
     if recorded is None or recorded["payload"]["seed"] != seed:
         return None
     want, got = recorded["payload"]["check"], check()
-    same_shape = (got["steps"] == want["steps"]
-                  and len(got["train_loss"]) == len(want["train_loss"])
-                  and len(got["val_loss"]) == len(want["val_loss"]))
-    rel = [abs(g / w - 1) for w, g in zip(want["train_loss"] + want["val_loss"],
-                                          got["train_loss"] + got["val_loss"])]
+    same_shape = (
+        got["steps"] == want["steps"]
+        and len(got["train_loss"]) == len(want["train_loss"])
+        and len(got["val_loss"]) == len(want["val_loss"])
+    )
+    rel = [
+        abs(g / w - 1)
+        for w, g in zip(want["train_loss"] + want["val_loss"], got["train_loss"] + got["val_loss"])
+    ]
     if not same_shape or max(rel) > CHECK_REL:
         raise AssertionError(
             f"{label} is stale: the first {want['steps']} steps of seed {seed} give losses "
             f"{got['train_loss']} / validation {got['val_loss']} here, the record "
-            f"{want['train_loss']} / {want['val_loss']}; rerun `{record['command']}`")
+            f"{want['train_loss']} / {want['val_loss']}; rerun `{record['command']}`"
+        )
     payload = dict(recorded["payload"])
-    payload["replayed"] = {"record": label, "command": record["command"],
-                           "checked_steps": got["steps"], "max_rel_difference": max(rel)}
+    payload["replayed"] = {
+        "record": label,
+        "command": record["command"],
+        "checked_steps": got["steps"],
+        "max_rel_difference": max(rel),
+    }
     return payload
 
 
@@ -178,9 +215,11 @@ def replay_line(payload: dict[str, Any]) -> str:
     r = payload.get("replayed")
     if r is None:
         return f"trained here in {payload['seconds']:.0f} s"
-    return (f"the recorded run of seed {payload['seed']} ({r['record']}, made by `{r['command']}`"
-            f"); its first {r['checked_steps']} steps were re-run here and match it to "
-            f"{r['max_rel_difference']:.1e} (pass live=True to train it here)")
+    return (
+        f"the recorded run of seed {payload['seed']} ({r['record']}, made by `{r['command']}`"
+        f"); its first {r['checked_steps']} steps were re-run here and match it to "
+        f"{r['max_rel_difference']:.1e} (pass live=True to train it here)"
+    )
 
 
 # ----------------------------------------------------------------------------- the book's records
@@ -217,7 +256,10 @@ def seed_report(payload: dict[str, Any]) -> str:
     summary = seed_summary(payload)
     if summary is None:
         name = f"{payload['experiment']}-{payload['profile']}.json"
-        why = ("its loops are capped" if loop_cap() is not None
-               else f"data/{SEED_RECORDS}/{name} has not been recorded")
+        why = (
+            "its loops are capped"
+            if loop_cap() is not None
+            else f"data/{SEED_RECORDS}/{name} has not been recorded"
+        )
         return f"(no seed record to compare with: {why})"
     return report_lines(summary, payload)

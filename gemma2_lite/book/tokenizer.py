@@ -30,11 +30,16 @@ def _train_default(out: Path, vocab_size: int) -> str:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = Parser(prog="python -m gemma2_lite.book.tokenizer",
-                    description="Retrain the book's tokenizer, or show how it splits a text.")
+    parser = Parser(
+        prog="python -m gemma2_lite.book.tokenizer",
+        description="Retrain the book's tokenizer, or show how it splits a text.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train on the corpus's train split and write the "
-                           "model (default: the package's tokenizer.model)")
+    train = sub.add_parser(
+        "train",
+        help="train on the corpus's train split and write the "
+        "model (default: the package's tokenizer.model)",
+    )
     train.add_argument("--vocab-size", type=positive_int, default=4096)
     train.add_argument("--out", type=Path, default=paths.tokenizer_file())
     show = sub.add_parser("encode", help="print the pieces of a text (the book's tokenizer)")
@@ -42,8 +47,14 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         if args.out.is_dir() or not args.out.parent.is_dir():
-            raise UsageError(f"--out {args.out}: " + ("is a folder; name a file" if
-                             args.out.is_dir() else f"no folder {args.out.parent} to write in"))
+            raise UsageError(
+                f"--out {args.out}: "
+                + (
+                    "is a folder; name a file"
+                    if args.out.is_dir()
+                    else f"no folder {args.out.parent} to write in"
+                )
+            )
         print(f"wrote {args.out}: {_train_default(args.out, args.vocab_size)}")
         return 0
     from gemma2_lite.tokenizer import default_tokenizer

@@ -18,12 +18,18 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_a1_public import (assert_close, attention_vjp, case,  # noqa: E402
-                            reference, reference_temp_bytes, temp_bytes)
+from test_a1_public import (
+    assert_close,
+    attention_vjp,
+    case,  # noqa: E402
+    reference,
+    reference_temp_bytes,
+    temp_bytes,
+)
 
 from gemma2_lite.attention import gqa_attention  # noqa: E402
 
-CAP = 5.0          # small enough that the cap bends the logits (|z| reaches ~10 here)
+CAP = 5.0  # small enough that the cap bends the logits (|z| reaches ~10 here)
 # seed, B, T = S = 21 (2 blocks of 8 + 5), N, K, H, 4 padding tokens, window 6
 HARD = (3, 2, 21, 4, 2, 8, 4, 6)
 BLOCK = 8
@@ -43,8 +49,9 @@ def test_gradients_on_the_hard_case(impl) -> None:
     """A1-2 and A1-3: jax.vjp through flash_attention on the hard case."""
     q, k, v, mask = case(*HARD)
     want = reference(HARD, CAP, 4)
-    _, got = attention_vjp(lambda q, k, v: impl.flash_attention(q, k, v, mask, CAP, BLOCK),
-                           q, k, v, want["dout"])
+    _, got = attention_vjp(
+        lambda q, k, v: impl.flash_attention(q, k, v, mask, CAP, BLOCK), q, k, v, want["dout"]
+    )
     for name, g, w in zip(("dq", "dk", "dv"), got, want["grads"]):
         assert_close(g, w, name, rtol=1e-4)
 
@@ -61,7 +68,8 @@ def test_training_memory_is_cut(impl) -> None:
 def test_grad_temp_bytes_measures_the_gradient(impl) -> None:
     """A1-4: your measurement of gqa_attention agrees with the graders' within 10%."""
     shape = (1, 128, 4, 2, 16)
-    got = impl.grad_temp_bytes(lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=50.0)[0],
-                               *shape)
+    got = impl.grad_temp_bytes(
+        lambda q, k, v, m: gqa_attention(q, k, v, m, softcap=50.0)[0], *shape
+    )
     want = reference_temp_bytes(*shape, 50.0)
     assert abs(got - want) <= 0.1 * want, f"grad_temp_bytes gave {got:,}, expected ~{want:,}"

@@ -29,8 +29,9 @@ def test_fit_survives_noise_and_a_diverged_run(impl) -> None:
     and at the book's: predictions 10x beyond the grid in N within 3% (a squared-error fit
     misses by ~12%, a law without E by as much)."""
     for params, n_range, d_range, far in (
-            (CHINCHILLA, (1e6, 1e8), (1e8, 1e10), ([1e9, 1e9], [1e9, 2e10])),
-            (BOOK, (3e4, 5e5), (2e3, 1e5), ([5e6, 5e6], [1e5, 4e5]))):
+        (CHINCHILLA, (1e6, 1e8), (1e8, 1e10), ([1e9, 1e9], [1e9, 2e10])),
+        (BOOK, (3e4, 5e5), (2e3, 1e5), ([5e6, 5e6], [1e5, 4e5])),
+    ):
         n, d, loss = grid(params, n_range, d_range, noise=0.005, seed=1)
         loss[3] *= 1.4
         fitted = impl.fit_law(n, d, loss)
@@ -47,8 +48,10 @@ def test_compute_optimal_minimises_the_loss(impl) -> None:
         for c in (1e18, 1e21, 1e24):
             n_grid = np.geomspace(1e3, 1e15, 200_001)
             best = n_grid[np.argmin(law(params, n_grid, c / (6 * n_grid)))]
-            n_opt, d_opt = (float(np.asarray(x).reshape(-1)[0])
-                            for x in impl.compute_optimal(params, np.asarray([c])))
+            n_opt, d_opt = (
+                float(np.asarray(x).reshape(-1)[0])
+                for x in impl.compute_optimal(params, np.asarray([c]))
+            )
             assert abs(n_opt / best - 1) < 0.01, f"C = {c:.0e}: N_opt {n_opt:.4g}, best {best:.4g}"
             assert abs(6 * n_opt * d_opt / c - 1) < 1e-6
 
@@ -59,12 +62,15 @@ def test_bootstrap_interval_covers_and_has_the_level(impl) -> None:
     the truth is itself random, so it is not asserted.)"""
     n, d, loss = grid(CHINCHILLA, (1e6, 1e8), (1e8, 1e10), noise=0.02, seed=3)
     truth = float(law(CHINCHILLA, 3e8, 1e10))
-    wide = [float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10,
-                                                      level=0.9, seed=5)]
-    narrow = [float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10,
-                                                        level=0.5, seed=5)]
+    wide = [
+        float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10, level=0.9, seed=5)
+    ]
+    narrow = [
+        float(x) for x in impl.bootstrap_interval(n, d, loss, 3e8, 1e10, reps=10, level=0.5, seed=5)
+    ]
     assert abs(wide[1] / truth - 1) < 0.03, f"median {wide[1]:.4f}, true value {truth:.4f}"
     assert wide[2] - wide[0] > 1e-3 * truth, f"the interval {wide} has no width"
-    assert wide[0] <= narrow[0] <= narrow[2] <= wide[2], \
+    assert wide[0] <= narrow[0] <= narrow[2] <= wide[2], (
         f"the 50% interval {narrow} is not inside the 90% one {wide}"
+    )
     assert narrow[2] - narrow[0] < wide[2] - wide[0], (narrow, wide)

@@ -18,8 +18,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_a3_public import (DRAFT, TARGET, V, assert_frequencies, bigram,  # noqa: E402
-                            softmax)
+from test_a3_public import (
+    DRAFT,
+    TARGET,
+    V,
+    assert_frequencies,
+    bigram,  # noqa: E402
+    softmax,
+)
 
 
 def test_verify_keeps_the_targets_distribution(impl) -> None:
@@ -34,7 +40,7 @@ def test_verify_keeps_the_targets_distribution(impl) -> None:
         out = [int(t) for t in impl.verify(p, q, drafted, rng)]
         assert 1 <= len(out) <= 3, out
         first[out[0]] += 1
-        if len(out) >= 2:                 # the first draft was kept
+        if len(out) >= 2:  # the first draft was kept
             second[out[1]] += 1
     assert_frequencies(first, p[0], "first token")
     assert_frequencies(second, p[1], "second token, first draft kept")
@@ -47,11 +53,12 @@ def test_generate_samples_the_target_exactly(impl) -> None:
     """A3-2 at temperature 0.7: the two tokens after a two-token prompt, over 3,000 seeds,
     against the target's exact joint distribution (16 outcomes)."""
     temp, prompt = 0.7, [1, 3]
-    exact = softmax(TARGET[prompt[-1]], temp)[:, None] * softmax(TARGET, temp)   # (x1, x2)
+    exact = softmax(TARGET[prompt[-1]], temp)[:, None] * softmax(TARGET, temp)  # (x1, x2)
     counts = np.zeros((V, V))
     for seed in range(3_000):
-        new, _ = impl.speculative_generate(bigram(TARGET), bigram(DRAFT), prompt, 2, 2,
-                                           temperature=temp, seed=seed)
+        new, _ = impl.speculative_generate(
+            bigram(TARGET), bigram(DRAFT), prompt, 2, 2, temperature=temp, seed=seed
+        )
         assert len(new) == 2, new
         counts[int(new[0]), int(new[1])] += 1
     assert_frequencies(counts, exact, "(x1, x2)")
@@ -65,9 +72,15 @@ def test_stats_follow_the_acceptance_theory(impl) -> None:
     alpha = float(np.minimum(softmax(p_logits), softmax(q_logits)).sum())
     target_calls, draft_calls = [], []
     unigram = np.tile(p_logits, (V, 1))
-    new, stats = impl.speculative_generate(bigram(unigram, target_calls),
-                                           bigram(np.tile(q_logits, (V, 1)), draft_calls),
-                                           [0], 4_000, 3, temperature=1.0, seed=11)
+    new, stats = impl.speculative_generate(
+        bigram(unigram, target_calls),
+        bigram(np.tile(q_logits, (V, 1)), draft_calls),
+        [0],
+        4_000,
+        3,
+        temperature=1.0,
+        seed=11,
+    )
     assert len(new) == 4_000
     assert stats["target_calls"] == len(target_calls), (stats, len(target_calls))
     assert stats["draft_calls"] == len(draft_calls), (stats, len(draft_calls))
