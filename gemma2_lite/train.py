@@ -5,7 +5,7 @@ resumable runs, evaluation.
     model, history = train(get_config("tiny"), TrainConfig(steps=300), train_ids, valid_ids,
                            out_dir="runs/tiny")
 
-The trainer is five small modules; every public name is importable from here:
+The trainer is six small modules; every public name is importable from here:
 
 * :mod:`~gemma2_lite.train_config`: :class:`TrainConfig` (checked field by field), TrainError;
 * :mod:`~gemma2_lite.batching`: :class:`TokenBatcher` (the data order; its position is two
@@ -14,7 +14,8 @@ The trainer is five small modules; every public name is importable from here:
   default loss, the one jitted step (one device or a mesh) and the step cache;
 * :mod:`~gemma2_lite.train_checkpoint`: checkpoints saved atomically, verified by checksums and
   restored from the newest intact step; ``metrics.csv`` and ``metrics.json``;
-* here: :class:`TrainState`, :func:`train` and :func:`evaluate`.
+* :mod:`~gemma2_lite.train_eval`: :func:`evaluate`, the validation loss of a token stream;
+* here: :class:`TrainState` and :func:`train`.
 
 * **State**: everything a run changes lives in one :class:`TrainState` (params, optimizer state,
   rng, step, data position, metrics); the loop's helpers take it and update it, so what a
@@ -41,10 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .batching import TokenBatcher, padded_batches
-from .checks import check_token_ids
+from .batching import TokenBatcher
 from .config import Gemma2Config
-from .losses import cross_entropy_loss, token_nll
+from .losses import cross_entropy_loss
 from .model import Gemma2, abstract_model
 from .sharding import (
     StepShardings,
@@ -67,6 +67,7 @@ from .train_checkpoint import (
     write_metrics,
 )
 from .train_config import TrainConfig, TrainError, check_int
+from .train_eval import evaluate, token_stream
 from .train_step import (
     STEP_CACHE,
     LossFn,
@@ -157,73 +158,6 @@ class _Run:
     @property
     def ckpt_dir(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "checkpoints"
-
-
-# ----------------------------------------------------------------------------- evaluation
-def _token_stream(tokens: Any, vocab_size: int, name: str) -> np.ndarray:
-    """``tokens`` as a 1-D int32 numpy stream of ids in [0, V), else :class:`TrainError`
-    naming ``name`` (the shared check of :mod:`gemma2_lite.checks`, in the trainer's error)."""
-    try:
-        ids = check_token_ids(tokens, vocab_size, name=name)
-    except (TypeError, ValueError) as exc:
-        raise TrainError(str(exc)) from None
-    if ids.ndim != 1:
-        raise TrainError(f"{name} must be a 1-D integer array of token ids, got shape {ids.shape}")
-    return ids.astype(np.int32)
-
-
-@nnx.jit
-def _eval_batch(
-    model: Gemma2, inputs: jax.Array, targets: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Summed token NLL and token count of one batch (weights (B, T) 0/1 drop padding rows)."""
-    nll = token_nll(model(inputs), targets)  # (B, T)
-    return jnp.sum(nll * weights), jnp.sum(weights)
-
-
-def evaluate(
-    model: Gemma2,
-    tokens: Any,
-    *,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    max_batches: int | None = None,
-) -> dict[str, float]:
-    """Mean next-token loss and perplexity of ``model`` on a 1-D token stream.
-
-    The stream is cut, in order, into non-overlapping windows of T + 1 tokens (stride T: every
-    token except the first is predicted once, from up to T - 1 tokens of context); the last
-    partial batch is padded with zero-weight rows so one compiled shape serves all batches.
-    ``max_batches`` evaluates only the first so many batches. Returns
-    ``{"loss": mean nats/token, "perplexity": exp(loss), "tokens": count}``. Raises
-    :class:`TrainError` for ids outside the model's vocabulary or sizes that are not positive.
-    """
-    check_int(batch_size, "batch_size")
-    check_int(seq_len, "seq_len")
-    if max_batches is not None:
-        check_int(max_batches, "max_batches")
-    if seq_len > model.config.max_seq_len:
-        raise TrainError(
-            f"seq_len {seq_len} exceeds the model's context {model.config.max_seq_len}"
-        )
-    # Out-of-vocabulary ids would be NaN inside the compiled batch: "val_loss: nan".
-    tokens = _token_stream(tokens, model.config.vocab_size, "tokens")
-    count = (tokens.size - 1) // seq_len
-    if count <= 0:
-        raise TrainError(f"{tokens.size} tokens are fewer than one window of {seq_len + 1}")
-    if max_batches is not None:
-        count = min(count, max_batches * batch_size)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:count]
-    weights = np.broadcast_to(np.ones(seq_len, np.float32), (count, seq_len))  # views
-    total = n_tokens = 0.0
-    for (rows, w), _ in padded_batches([windows, weights], batch_size, fill=(0, 0.0)):
-        s, c = _eval_batch(
-            model, jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]), jnp.asarray(w)
-        )
-        total += float(s)
-        n_tokens += float(c)
-    loss = total / n_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(n_tokens)}
 
 
 # ----------------------------------------------------------------------------- training
@@ -325,9 +259,9 @@ def _check_data(
             f"teacher vocabulary {teacher.config.vocab_size} != student's "
             f"{cfg.vocab_size}: distillation needs the same token ids"
         )
-    train_tokens = _token_stream(train_tokens, cfg.vocab_size, "train_tokens")
+    train_tokens = token_stream(train_tokens, cfg.vocab_size, "train_tokens")
     if valid_tokens is not None:
-        valid_tokens = _token_stream(valid_tokens, cfg.vocab_size, "valid_tokens")
+        valid_tokens = token_stream(valid_tokens, cfg.vocab_size, "valid_tokens")
         if valid_tokens.size < tc.seq_len + 1:
             raise TrainError(
                 f"valid_tokens has {valid_tokens.size} tokens, fewer than one "
