@@ -73,7 +73,7 @@ class TokenBatcher:
         """The batch at ``position`` and the position after it: int32 (B, T + 1) (inputs are
         [:, :-1], targets [:, 1:]). Leaves the batcher's own position alone."""
         epoch, index = int(position["epoch"]), int(position["index"])
-        rows = []
+        rows: list[np.ndarray] = []
         while len(rows) < self.batch_size:
             order = self._order(epoch)
             if index >= len(order):
@@ -120,7 +120,7 @@ class TokenBatcher:
                     f"{key}={mine[key]}: the checkpoint belongs to a different data "
                     "setup"
                 )
-        position = {key: state.get(key) for key in ("epoch", "index")}
+        position: dict[str, Any] = {key: state.get(key) for key in ("epoch", "index")}
         if not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
             for v in position.values()

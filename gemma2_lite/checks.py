@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -65,7 +65,7 @@ MIN_TEMPERATURE = 1e-5
 TOP_K_LIMIT = 2**31 - 1
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int | np.integer]:
     """True for a Python or numpy integer; False for a bool (``True`` is not a count)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -186,8 +186,8 @@ def check_token_ids(ids: Any, vocab_size: int, *, name: str = "tokens") -> Any:
             "(a float id would be truncated to another token; tokenize text first)"
         )
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = arr[(arr < 0) | (arr >= vocab_size)]
-        raise TokenIdError(_range_message(name, vocab_size, bad[:5].tolist()))
+        out_of_range = arr[(arr < 0) | (arr >= vocab_size)]
+        raise TokenIdError(_range_message(name, vocab_size, out_of_range[:5].tolist()))
     return arr
 
 
@@ -321,7 +321,7 @@ def check_stop_tokens(stop_tokens: Any, vocab_size: int) -> tuple[int, ...]:
     if isinstance(stop_tokens, (str, bytes)) or not isinstance(
         stop_tokens, (Sequence, np.ndarray, set, frozenset)
     ):
-        hint = f" (for one id write [{stop_tokens}])" if is_int(stop_tokens) else ""
+        hint = f" (for one id write [{int(stop_tokens)}])" if is_int(stop_tokens) else ""
         raise TypeError(
             f"stop_tokens must be a list of token ids{hint}, got "
             f"{type(stop_tokens).__name__} {stop_tokens!r}"

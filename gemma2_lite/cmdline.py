@@ -84,7 +84,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one line on stderr and exit status 2 (``SystemExit``,
     as argparse itself exits: ``--help`` is ``SystemExit(0)``)."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         report(f"{message} (see {self.prog} --help)")
         raise SystemExit(EXIT_USAGE)
 

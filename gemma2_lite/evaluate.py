@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from numpy.typing import ArrayLike
 
 from .checks import check_int, check_number, is_int
 from .losses import token_nll
@@ -173,22 +174,21 @@ def option_scores(
     return out
 
 
-def choose(logp: Sequence[float], tokens: Sequence[int], normalize: str = "none") -> int:
+def choose(logp: ArrayLike, tokens: ArrayLike, normalize: str = "none") -> int:
     """The chosen option: arg-max of ``logp`` (``"none"``) or of ``logp / tokens``
     (``"length"``, the mean log-probability per token); ties go to the lowest index."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    logp, tokens = np.asarray(logp, np.float64), np.asarray(tokens, np.float64)
-    if logp.ndim != 1 or logp.size == 0:
-        raise ValueError(f"logp must hold one log-likelihood per option, got shape {logp.shape}")
-    if not np.all(np.isfinite(logp)):
-        raise ValueError(f"option log-likelihoods must be finite, got {logp}")
-    if normalize == "length" and (tokens.shape != logp.shape or not np.all(tokens > 0)):
+    lp, counts = np.asarray(logp, np.float64), np.asarray(tokens, np.float64)
+    if lp.ndim != 1 or lp.size == 0:
+        raise ValueError(f"logp must hold one log-likelihood per option, got shape {lp.shape}")
+    if not np.all(np.isfinite(lp)):
+        raise ValueError(f"option log-likelihoods must be finite, got {lp}")
+    if normalize == "length" and (counts.shape != lp.shape or not np.all(counts > 0)):
         raise ValueError(
-            f"tokens must hold a positive token count per option ({logp.size}), "
-            f"got {tokens.tolist()}"
+            f"tokens must hold a positive token count per option ({lp.size}), got {counts.tolist()}"
         )
-    score = logp if normalize == "none" else logp / tokens
+    score = lp if normalize == "none" else lp / counts
     return int(np.argmax(score))
 
 
@@ -306,17 +306,16 @@ def exact_match(
     if len(items) == 0:
         raise ValueError("items is empty: give at least one {'prompt', 'answer'}")
     for i, item in enumerate(items):
-        if (
-            not isinstance(item, Mapping)
-            or "answer" not in item
-            or not isinstance(item.get("prompt"), str)
-        ):
+        ok = isinstance(item, Mapping) and "answer" in item and isinstance(item.get("prompt"), str)
+        if not ok:
             raise ValueError(
                 f"items[{i}] must be {{'prompt': str, 'answer': ...}}, got {item!r:.200}"
             )
     check_int(batch_size, "batch_size", low=1)
     if generate_fn is None:
-        from .sampler import generate as generate_fn
+        from .sampler import generate
+
+        generate_fn = generate
     stop_ids = [ids[0] for ids in map(tokenizer.encode, stop) if len(ids) == 1]
     outputs: list[str] = []
     for first in range(0, len(items), batch_size):

@@ -180,7 +180,7 @@ class LoRAWeight(_OverBase):
         """scale * A @ B in the base's layout, float32."""
         a, b = self.lora_a[...], self.lora_b[...]
         prod = jnp.tensordot(a, b, axes=1) * self.scale  # in_shape + out_shape
-        return jnp.transpose(prod, np.argsort(self.in_axes + self.out_axes))
+        return jnp.transpose(prod, np.argsort(self.in_axes + self.out_axes).tolist())
 
     def __getitem__(self, index: Any) -> jax.Array:
         w = self.base[...]
@@ -306,7 +306,8 @@ def apply_lora(
                 "trainable_tokens needs a float embedding table; this model's "
                 "is stored as (int8) rows: add the rows before quantizing"
             )
-        out.embedder.embedding = TokenRows(out.embedder.embedding, ids)
+        # TokenRows stands in for the Param (read with [...]); the model is typed for the Param
+        out.embedder.embedding = TokenRows(out.embedder.embedding, ids)  # type: ignore[assignment]
     for block in out.layers:
         for name in names:
             module, in_axes = TARGETS[name]
@@ -349,7 +350,7 @@ def merge(model: Gemma2) -> Gemma2:
     comes back as a copy."""
     out = _copy(model)
     for _, name, parent, w in _adapters(out):
-        meta = {"logical_axes": _logical_axes(w.base, len(w.shape))}
+        meta: dict[str, Any] = {"logical_axes": _logical_axes(w.base, len(w.shape))}
         setattr(parent, name, nnx.Param(w[...], **meta))
     table = out.embedder.embedding
     if isinstance(table, TokenRows):
@@ -507,7 +508,7 @@ def load_adapters(model: Gemma2, path: str | os.PathLike) -> Gemma2:
         )
     except ValueError as exc:
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: {exc}") from None
-    expected = {}
+    expected: dict[str, tuple[Any, str, tuple[int, ...]]] = {}  # key: (module, attr, shape)
     if ids:
         table = out.embedder.embedding
         expected[_TOKENS_KEY] = (table, "rows", tuple(table.rows.shape))
@@ -604,12 +605,12 @@ def finetune(
     if anchor_rate is not None and (reference is not None or not 0 < anchor_rate <= 1):
         raise ValueError("anchor_rate must be in (0, 1], and only without a reference")
     graphdef, params, rest = split_trainable(model, nnx.LoRAParam)
+    ref_graph: nnx.GraphDef | None = None  # neither: no reference logits
+    ref_state: nnx.State | None = None
     if anchor_rate is not None:
         ref_graph, anchor = graphdef, jax.tree.map(jnp.copy, params)
     elif reference is not None:
         ref_graph, ref_state = nnx.split(reference)
-    else:
-        ref_graph = ref_state = None
     key = (graphdef, ref_graph, loss_fn, tc.replace(seed=0, progress=False))
     if key not in _STEPS:
         _STEPS[key] = make_train_step(graphdef, make_optimizer(tc), loss_fn, ref_graph)

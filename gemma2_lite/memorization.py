@@ -223,7 +223,9 @@ def memorization_test(
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(eligible, size=n, replace=False).tolist())
     if generate_fn is None:
-        from .sampler import generate as generate_fn
+        from .sampler import generate
+
+        generate_fn = generate
 
     samples: list[Sample] = []
     batches = range(0, n, batch_size)
@@ -341,7 +343,9 @@ def canary_extraction(
     if len(canaries) == 0:
         raise ValueError("canaries is empty: there is no secret to extract")
     if generate_fn is None:
-        from .sampler import generate as generate_fn
+        from .sampler import generate
+
+        generate_fn = generate
     prompts = [tokenizer.encode(c.prefix) for c in canaries]
     secrets = [tokenizer.encode(c.secret) for c in canaries]
     max_new = max(len(s) for s in secrets)

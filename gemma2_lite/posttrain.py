@@ -46,11 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gemma2_lite.batching import padded_batches
 from gemma2_lite.chat import encode_chat
 from gemma2_lite.checks import check_token_ids
-from gemma2_lite.data import load_documents
+from gemma2_lite.data import Split, load_documents
 from gemma2_lite.losses import token_nll
 from gemma2_lite.tokenizer import Tokenizer
 
@@ -73,7 +74,7 @@ _SPEAKER = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*)*\.$")
 
 
 @lru_cache(maxsize=4)
-def _speeches(split: str) -> tuple[tuple[str, str, str, str], ...]:
+def _speeches(split: Split) -> tuple[tuple[str, str, str, str], ...]:
     out = []
     for doc in load_documents(split):
         for block in doc["text"].split("\n\n"):
@@ -284,10 +285,10 @@ __all__ += ["dpo_loss", "bradley_terry_loss", "group_advantages"]
 
 
 def dpo_loss(
-    policy_chosen: jax.Array,
-    policy_rejected: jax.Array,
-    ref_chosen: jax.Array,
-    ref_rejected: jax.Array,
+    policy_chosen: ArrayLike,
+    policy_rejected: ArrayLike,
+    ref_chosen: ArrayLike,
+    ref_rejected: ArrayLike,
     beta: float,
 ) -> jax.Array:
     """Direct preference optimisation (Rafailov et al., 2023), float32 scalar: the mean over

@@ -111,6 +111,7 @@ def make_dpo_loss(beta: float | None = None):
         b = beta
         if beta is None:
             mask, b = mask["mask"], mask["beta"]
+        assert b is not None  # the fixed beta, or this step's from the mask
         lp = response_logprobs(logits, targets, mask)  # (2P,)
         ref = response_logprobs(ref_logits, targets, mask)
         p = lp.shape[0] // 2
@@ -150,7 +151,7 @@ def dpo_metrics(
     "chosen_logp", "rejected_logp": mean summed log-probabilities under the policy}``."""
     batch, mask = np.asarray(batch, np.int32), np.asarray(mask, np.float32)
     p = batch.shape[0] // 2
-    lp, ref, kl = [], [], []
+    parts: tuple[list[np.ndarray], ...] = ([], [], [])  # lp, ref, kl per chunk
     for rows in (slice(0, p), slice(p, 2 * p)):
         b, m = batch[rows], mask[rows]
         for i in range(0, p, pairs_per_call):
@@ -159,9 +160,9 @@ def dpo_metrics(
             bb = np.concatenate([b[i : i + n], np.repeat(b[:1], pad, 0)])
             mm = np.concatenate([m[i : i + n], np.zeros((pad, m.shape[1]), np.float32)])
             out = _dpo_sums(policy, reference, jnp.asarray(bb), jnp.asarray(mm))
-            for acc, x in zip((lp, ref, kl), out):
+            for acc, x in zip(parts, out):
                 acc.append(np.asarray(x)[:n])
-    lp, ref, kl = (np.concatenate(x) for x in (lp, ref, kl))
+    lp, ref, kl = (np.concatenate(x) for x in parts)
     margin = beta * ((lp[:p] - ref[:p]) - (lp[p:] - ref[p:]))
     return {
         "loss": float(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:], beta)),
@@ -207,6 +208,7 @@ class RewardModel(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         valid = tokens != self.pad_id  # (B, T)
         out = self.backbone.forward(tokens, valid, last_only=True, return_hidden=True)
+        assert out.hidden is not None  # return_hidden=True
         h = out.hidden[-1][:, -1].astype(jnp.float32)  # (B, D)
         return h @ self.head[...] + self.bias[...]  # (B,)
 

@@ -302,11 +302,13 @@ def _run(
         # the result: padded columns get position -1 and are never attended to. They do take
         # cache columns (rows advance in lock-step), so they never push prompt + M past
         # max_len. (Into a used cache, padding columns take none.)
+        assert max_len is not None, "a fresh start needs max_len"
         length = min(length, max_len - m)
     tokens, mask = pad_prompts(request.prompts, length)
     out_len = round_up(m, _OUT_BUCKET)
     args = (model, tokens, mask, request.key, request.settings)
     if last_state is None:
+        assert max_len is not None
         state = start(*args, max_len=max_len, out_len=out_len)
     else:
         state = resume(*args, last_state, out_len=out_len)
