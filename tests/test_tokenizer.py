@@ -334,7 +334,7 @@ def test_missing_book_tokenizer_says_how_to_restore_it(
 
 # ------------------------------------------------------------------ the command line
 def test_cli_encode_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gemma2_lite.tokenizer import main
+    from gemma2_lite.book.tokenizer import main
 
     assert main(["encode", "ROMEO:"]) == 0
     ids = TOK.encode("ROMEO:")
