@@ -215,13 +215,7 @@ def train(
     Raises ``FloatingPointError`` naming the step whose loss, or whose updated parameters,
     are not finite.
     """
-    if not isinstance(train_config, TrainConfig):
-        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
-    if not isinstance(model_config, Gemma2Config):
-        raise TypeError(
-            f"model_config must be a Gemma2Config (e.g. get_config('tiny')), got "
-            f"{type(model_config).__name__}"
-        )
+    _check_configs(model_config, train_config)
     tc = train_config
     stop = (
         tc.steps
@@ -246,6 +240,17 @@ def train(
         state = _resume(run, state, allow_data_change)
     state = _loop(run, state, stop)
     return nnx.merge(run.graphdef, state.params, run.rest), state.history
+
+
+def _check_configs(model_config: Any, train_config: Any) -> None:
+    """TypeError naming the argument when either config is of the wrong type."""
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if not isinstance(model_config, Gemma2Config):
+        raise TypeError(
+            f"model_config must be a Gemma2Config (e.g. get_config('tiny')), got "
+            f"{type(model_config).__name__}"
+        )
 
 
 def _check_data(

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.cmdline import Parser, non_negative_int, run, utf8_argument
 from gemma2_lite.config import Gemma2Config, get_config
 from gemma2_lite.model import Gemma2
@@ -345,8 +346,6 @@ def run_train_tiny(
     """Train the book's ``tiny`` preset on the corpus and save it in Hugging Face layout to
     ``gemma2_lite/assets/tiny-model/`` (or ``out``), with a README recording how it was made.
     ``steps`` overrides the profile's step count (0 trains nothing: the initial model is saved)."""
-    from gemma2_lite.checkpoint import save_hf
-
     profile = profile or get_profile()
     size = partial(pick, profile=profile)
     say = printer(quiet)
