@@ -370,15 +370,15 @@ def cached_key_positions(mode: Mode, cache: LayerCache | None, k_pos: jax.Array)
 class Attention(nnx.Module):
     """Gemma 2 self-attention for one layer (local if ``window`` is set, else global).
 
-    Weights follow the official checkpoint's einsum layout:
-    q (N, D, H), k (K, D, H), v (K, D, H), o (N, H, D) (or, for serving, the same weights stored
-    as rows: :class:`~gemma2_lite.layers.RowProjection`). ``attention_fn`` (default
+    Weights are stored as rows (out..., in...), the layout Hugging Face ships:
+    q (N, H, D), k (K, H, D), v (K, H, D), o (D, N, H) (the official Flax checkpoint's
+    (N, D, H) and (N, H, D) are transposed on load). ``attention_fn`` (default
     :func:`gqa_attention`) and ``rotate_fn`` (default :func:`~gemma2_lite.rope.rotate`) are the
     seams a chapter swaps to try another version (see :class:`gemma2_lite.model.Components`).
     """
 
     #: Each weight's product, in the stored layout (see :func:`~gemma2_lite.layers.project`).
-    SPECS = {"q": "BTD,NDH->BTNH", "k": "BSD,KDH->BSKH", "v": "BSD,KDH->BSKH", "o": "BTNH,NHD->BTD"}
+    SPECS = {"q": "BTD,NHD->BTNH", "k": "BSD,KHD->BSKH", "v": "BSD,KHD->BSKH", "o": "BTNH,DNH->BTD"}
 
     def __init__(
         self,
@@ -399,21 +399,21 @@ class Attention(nnx.Module):
         self.rope_base = c.rope_base
         self.dtype = c.jnp_dtype
         d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+        # Drawn in the official einsum layout ((N, D, H): fan-in D; (N, H, D): fan-in N·H) and
+        # stored as rows, so a seed gives the values it always has (see dense_init).
+        qkv_init = dense_init(1, (0, 2), stored=(0, 2, 1))
         self.q = nnx.Param(
-            dense_init(1, (0, 2))(rngs.params(), (n, d, h), pd),
-            logical_axes=("heads", "embed", "head_dim"),
+            qkv_init(rngs.params(), (n, h, d), pd), logical_axes=("heads", "head_dim", "embed")
         )
         self.k = nnx.Param(
-            dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
-            logical_axes=("kv_heads", "embed", "head_dim"),
+            qkv_init(rngs.params(), (k, h, d), pd), logical_axes=("kv_heads", "head_dim", "embed")
         )
         self.v = nnx.Param(
-            dense_init(1, (0, 2))(rngs.params(), (k, d, h), pd),
-            logical_axes=("kv_heads", "embed", "head_dim"),
+            qkv_init(rngs.params(), (k, h, d), pd), logical_axes=("kv_heads", "head_dim", "embed")
         )
         self.o = nnx.Param(
-            dense_init((0, 1), 2)(rngs.params(), (n, h, d), pd),
-            logical_axes=("heads", "head_dim", "embed"),
+            dense_init((0, 1), 2, stored=(2, 0, 1))(rngs.params(), (d, n, h), pd),
+            logical_axes=("embed", "heads", "head_dim"),
         )
 
     def __call__(

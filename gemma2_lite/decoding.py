@@ -1,6 +1,8 @@
 """The compiled programs of text generation (chapter 6b), which :mod:`gemma2_lite.sampler`
 drives: prefill and the first token, one decode step, and every remaining step in one
-``while_loop``; the traced token sampler; and the serving layout the decode loop reads.
+``while_loop``; and the traced token sampler. The decode loop reads the model's own weights,
+stored as rows: the layout a matrix-vector product reads at memory speed
+(:func:`gemma2_lite.layers.project`).
 
 A generation's state is a :class:`DecodeState` (a pytree: the tokens so far, the next token
 and its position, the cache); the sampling settings are a :class:`SamplingSettings` of arrays,
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,6 @@ from flax import nnx
 
 from .attention import LayerCache
 from .model import Gemma2, positions_from_mask
-from .quantize import as_rows, is_rows
 
 __all__ = [
     "PAD_ID",
@@ -39,7 +39,6 @@ __all__ = [
     "advance",
     "decode_loop",
     "decode_program",
-    "serving_model",
 ]
 
 #: Gemma's ``<pad>`` id: fills the left padding and the outputs of rows that have finished.
@@ -420,7 +419,7 @@ def decode_loop(
     model: Gemma2, state: DecodeState, settings: SamplingSettings, *, donate: bool = True
 ) -> DecodeState:
     """Every remaining decode step after ``state`` in one compiled ``while_loop``, on ``model``
-    as given (the sampler passes :func:`serving_model`'s). donate=True updates the cache in
+    as given. donate=True updates the cache in
     place (``state`` is consumed); donate=False keeps ``state`` usable, so that a benchmark
     can time the same program again and again."""
     graphdef, params = nnx.split(model)
@@ -432,34 +431,3 @@ def decode_program(model: Gemma2, state: DecodeState, settings: SamplingSettings
     ``as_text()`` its HLO, ``memory_analysis()`` its buffers), to inspect what XLA made of it."""
     graphdef, params = nnx.split(model)
     return _finish_kept_jit.lower(graphdef, params, state, settings).compile()
-
-
-# ---------------------------------------------------------------------------- serving layout
-# The decode loop reads every weight once per token, as matrix-vector products, which XLA:CPU
-# runs at memory speed only with the weight stored as rows (out, in): the contracted axis
-# contiguous (layers.rows_product). The model's einsum layout (q (N, D, H), gate (D, F), ...)
-# is not, so the weights are laid out as rows ONCE PER MODEL (quantize.as_rows; the embedding
-# is rows already and is shared) and kept while the model's parameters are the same arrays.
-_SERVING: weakref.WeakKeyDictionary[Gemma2, tuple[list[weakref.ref], Gemma2]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def serving_model(model: Gemma2) -> Gemma2:
-    """``model`` with its projection weights stored as rows (:func:`~gemma2_lite.quantize.
-    as_rows`), made on first use and kept until the model's parameters change; a model already
-    stored as rows (e.g. :func:`~gemma2_lite.quantize.quantize`'s) is returned as it is."""
-    if is_rows(model):
-        return model
-    leaves = jax.tree.leaves(nnx.state(model))
-    held = _SERVING.get(model)
-    if (
-        held is not None
-        and len(held[0]) == len(leaves)
-        and all(ref() is leaf for ref, leaf in zip(held[0], leaves))
-    ):
-        return held[1]
-    _SERVING.pop(model, None)  # stale: free the old copy before the new one
-    rows = as_rows(model)
-    _SERVING[model] = ([weakref.ref(leaf) for leaf in leaves], rows)
-    return rows

@@ -116,19 +116,27 @@ def random_arrays(
     abstract = abstract_model(config)
     rng = np.random.default_rng(seed)
     arrays = {}
+    # Projections are drawn in the official einsum layout (the values every seed has always
+    # given) and stored as the model's rows: stored axis j is drawn axis perm[j].
+    perms = {"q": (0, 2, 1), "k": (0, 2, 1), "v": (0, 2, 1), "o": (2, 0, 1)}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         shape, name = tuple(var.shape), path[-1]
+        perm = perms.get(name, (1, 0) if name in ("gate", "up", "down") else None)
+        drawn = shape if perm is None else tuple(shape[perm.index(a)] for a in range(len(shape)))
         if name == "scale":
             std = 0.3
         elif name == "embedding":  # (V, D): rows of norm ~1
             std = 1.0 / np.sqrt(shape[1])
-        elif name in ("q", "k", "v"):  # (N|K, D, H): fan-in D
-            std = (qk_gain if name != "v" else 1.0) / np.sqrt(shape[1])
-        elif name == "o":  # (N, H, D): fan-in N*H
-            std = 1.0 / np.sqrt(shape[0] * shape[1])
-        else:  # gate/up (D, F), down (F, D)
-            std = 1.0 / np.sqrt(shape[0])
-        arrays[tuple(path)] = rng.normal(0.0, std, shape).astype(np.float32)
+        elif name in ("q", "k", "v"):  # drawn (N|K, D, H): fan-in D
+            std = (qk_gain if name != "v" else 1.0) / np.sqrt(drawn[1])
+        elif name == "o":  # drawn (N, H, D): fan-in N*H
+            std = 1.0 / np.sqrt(drawn[0] * drawn[1])
+        else:  # drawn gate/up (D, F), down (F, D)
+            std = 1.0 / np.sqrt(drawn[0])
+        values = rng.normal(0.0, std, drawn).astype(np.float32)
+        arrays[tuple(path)] = (
+            values if perm is None else np.ascontiguousarray(values.transpose(perm))
+        )
     return arrays
 
 

@@ -27,10 +27,9 @@ from .checks import check_int
 from .config import Gemma2Config
 from .folder_swap import carry_over, staged_folder
 from .hf_config import config_from_hf, config_to_hf, declared_dtype, read_hf_config
-from .layers import RowProjection
 from .model import Gemma2
 from .params import Path_, Placer, check_arrays, from_arrays, to_arrays
-from .quantize import is_rows
+from .quantize import is_quantized
 from .safetensors_io import (
     WEIGHT_DTYPES,
     CheckpointError,
@@ -399,10 +398,10 @@ def save_hf(
     """
     if not isinstance(model, Gemma2):
         raise TypeError(f"save_hf saves a Gemma2 model, got {type(model).__name__}")
-    if is_rows(model) or isinstance(model.embedder.embedding, RowProjection):
+    if is_quantized(model):
         raise ValueError(
-            "save_hf saves the model's own weights; this one is quantized or "
-            "stored as rows: save the original model (quantize after loading)"
+            "save_hf saves the model's own weights; this one is quantized: "
+            "save the original model (quantize after loading)"
         )
     if max_shard_bytes is not None:
         check_int(

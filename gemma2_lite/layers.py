@@ -7,6 +7,7 @@ Parameters carry ``logical_axes`` metadata (names such as ``"embed"`` or ``"mlp"
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,8 @@ __all__ = [
     "RowProjection",
     "project",
     "rows_product",
+    "rows_apply",
+    "rows_axes",
 ]
 
 # A product whose contracted vector is at least this many float32 bytes is not fused by
@@ -60,17 +63,40 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def dense_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
-    """Fan-in truncated-normal initialiser for einsum weights of any rank."""
-    return nnx.initializers.variance_scaling(
+def dense_init(
+    in_axis: int | tuple[int, ...],
+    out_axis: int | tuple[int, ...],
+    *,
+    stored: tuple[int, ...] | None = None,
+):
+    """Fan-in truncated-normal initialiser for einsum weights of any rank.
+
+    ``in_axis`` and ``out_axis`` index the layout the values are *drawn* in. With ``stored``,
+    the initialiser is called with the stored shape and returns ``drawn.transpose(stored)``
+    (stored axis j is drawn axis ``stored[j]``): the model stores its projections as rows
+    (out..., in...) but draws them in the official einsum layout (q (N, D, H), gate (D, F),
+    ...), so that a seed gives the numbers it always has (the book's recorded runs use them).
+    """
+    init = nnx.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
     )
+    if stored is None:
+        return init
+
+    def transposed(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        drawn = [0] * len(shape)
+        for axis, size in zip(stored, shape):
+            drawn[axis] = size
+        return jnp.transpose(init(key, tuple(drawn), dtype), stored)
+
+    return transposed
 
 
 # ---------------------------------------------------------------------------- products
 class Rows(nnx.Variable):
-    """A projection's weight stored as rows (out..., in...), for serving; not an ``nnx.Param``,
-    so optimisers and ``nnx.state(model, nnx.Param)`` leave it alone."""
+    """A quantized projection's values, stored as rows (out..., in...) like every weight of
+    the model, but outside the trained parameters: not an ``nnx.Param``, so optimisers and
+    ``nnx.state(model, nnx.Param)`` leave them alone."""
 
 
 class RowScale(nnx.Variable):
@@ -117,15 +143,44 @@ def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
     return out if scale is None else out * scale.astype(jnp.float32)
 
 
-class RowProjection(nnx.Module):
-    """A weight stored as rows for fast products: values (out..., in...) and, when quantized,
-    one float32 scale per output row; ``w = values * scale`` (per row).
+def rows_apply(
+    x: jax.Array, values: jax.Array, n_out: int, dtype: Any, scale: jax.Array | None = None
+) -> jax.Array:
+    """x (..., in...) · values (out..., in...) [· scale (out...)] -> (..., out...) in ``dtype``:
+    the in axes flattened to I, the out axes to O, one :func:`rows_product` (M, I)·(O, I)^T."""
+    out_shape, in_shape = values.shape[:n_out], values.shape[n_out:]
+    o, i = math.prod(out_shape), math.prod(in_shape)
+    lead = x.shape[: x.ndim - len(in_shape)]
+    scale = None if scale is None else scale.reshape(o)
+    out = rows_product(x.astype(dtype).reshape(-1, i), values.reshape(o, i), scale)
+    return out.astype(dtype).reshape(*lead, *out_shape)
 
-    Built from a weight in the model's einsum layout by :meth:`from_weight` (see
-    :mod:`gemma2_lite.quantize`); the module that owns the weight calls :func:`project` either
-    way. ``values`` and ``scale`` are their own variable types (:class:`Rows`,
-    :class:`RowScale`, or subclasses), never ``nnx.Param``: a fine-tuning filter that takes
-    ``nnx.Param`` leaves them frozen (adapters go on top).
+
+@functools.cache
+def rows_axes(spec: str) -> int:
+    """How many leading axes of a weight are outputs, for a product ``spec`` ("x,w->y") whose
+    weight is stored as rows: its output axes first, in the order y holds them, then its
+    contracted axes, in the order x holds them (x's last ones). Anything else is refused."""
+    (xs, ws), ys = spec.split("->")[0].split(","), spec.split("->")[1]
+    out = [a for a in ys if a in ws]
+    contracted = [a for a in xs if a in ws and a not in ys]
+    if ws != "".join(out + contracted) or not xs.endswith("".join(contracted)):
+        raise ValueError(
+            f"{spec}: the weight must be stored as rows, its output axes (in the output's "
+            "order) then the contracted ones (x's last axes)"
+        )
+    return len(out)
+
+
+class RowProjection(nnx.Module):
+    """A quantized weight: values stored as rows (out..., in...) and one float32 scale per
+    output row; ``w = values * scale`` (per row).
+
+    Made by :mod:`gemma2_lite.quantize` in place of a projection's ``nnx.Param`` (stored as
+    rows already); the module that owns the weight calls :func:`project` either way.
+    ``values`` and ``scale`` are their own variable types (:class:`Rows`, :class:`RowScale`, or
+    subclasses), never ``nnx.Param``: a fine-tuning filter that takes ``nnx.Param`` leaves them
+    frozen (adapters go on top).
     """
 
     def __init__(self, values: Rows, n_out: int, scale: RowScale | None = None):
@@ -141,43 +196,21 @@ class RowProjection(nnx.Module):
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape[self.n_out :])
 
-    @staticmethod
-    def axes(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """A weight's (output axes, contracted axes) from its einsum ``spec`` ("x,w->y"), each
-        in the order the output and x hold them."""
-        (xs, ws), ys = spec.split("->")[0].split(","), spec.split("->")[1]
-        out = tuple(ws.index(a) for a in ys if a in ws)
-        contracted = tuple(ws.index(a) for a in xs if a in ws and a not in ys)
-        if xs[len(xs) - len(contracted) :] != "".join(ws[i] for i in contracted):
-            raise ValueError(f"{spec}: the contracted axes must be x's last ones")
-        return out, contracted
-
-    @classmethod
-    def from_weight(cls, weight: jax.Array, spec: str) -> RowProjection:
-        """The rows of ``weight`` (in the model's einsum layout, as ``spec`` uses it)."""
-        out, contracted = cls.axes(spec)
-        return cls(Rows(jnp.transpose(weight, out + contracted)), len(out))
-
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
         """x (..., in...) -> (..., out...) in ``dtype``."""
-        n_in = len(self.in_shape)
-        lead = x.shape[: x.ndim - n_in]
-        values = self.values[...]
-        o, i = math.prod(self.out_shape), math.prod(self.in_shape)
-        scale = None if self.scale is None else self.scale[...].reshape(o)
-        out = rows_product(x.astype(dtype).reshape(-1, i), values.reshape(o, i), scale)
-        return out.astype(dtype).reshape(*lead, *self.out_shape)
+        scale = None if self.scale is None else self.scale[...]
+        return rows_apply(x, self.values[...], self.n_out, dtype, scale)
 
 
 def project(x: jax.Array, weight: Any, spec: str, dtype: Any) -> jax.Array:
-    """``einsum(spec, x, weight)`` in ``dtype`` (float32 accumulation), for a weight in the
-    model's layout (an ``nnx.Param``) or stored as rows (:class:`RowProjection`)."""
+    """``einsum(spec, x, weight)`` in ``dtype`` (float32 accumulation), for a weight stored as
+    rows (out..., in...): an ``nnx.Param`` (or anything read by ``weight[...]``) or a quantized
+    :class:`RowProjection`. One 2-D product (M, I)·(O, I)^T whatever the axes: the form in
+    which XLA:CPU reads a bf16 or int8 weight in place at memory speed when decoding
+    (:func:`rows_product`), and whose weight gradient is a plain 2-D matmul in training."""
     if isinstance(weight, RowProjection):
         return weight(x, dtype)
-    out = jnp.einsum(
-        spec, x.astype(dtype), weight[...].astype(dtype), preferred_element_type=jnp.float32
-    )
-    return out.astype(dtype)
+    return rows_apply(x, weight[...], rows_axes(spec), dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -192,10 +225,14 @@ class RMSNorm(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """GeGLU: ``down(activation(x @ gate) * (x @ up))`` with D -> F -> D (tanh GELU)."""
+    """GeGLU: ``down(activation(x @ gate) * (x @ up))`` with D -> F -> D (tanh GELU).
+
+    Weights are stored as rows (out, in), as Hugging Face ships them: gate and up (F, D),
+    down (D, F).
+    """
 
     #: Each weight's product, in the stored layout (see :func:`project`).
-    SPECS = {"gate": "MD,DF->MF", "up": "MD,DF->MF", "down": "MF,FD->MD"}
+    SPECS = {"gate": "MD,FD->MF", "up": "MD,FD->MF", "down": "MF,DF->MD"}
 
     def __init__(
         self,
@@ -209,37 +246,38 @@ class FeedForward(nnx.Module):
     ):
         self.dtype = dtype
         self.activation = activation  # the seam chapter 5 swaps (Components.activation)
-        init = dense_init(0, 1)
+        # Drawn as (in, out), fan-in over the first axis, stored transposed (see dense_init).
+        init = dense_init(0, 1, stored=(1, 0))
         self.gate = nnx.Param(
-            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
+            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
         )
         self.up = nnx.Param(
-            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
+            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
         )
         self.down = nnx.Param(
-            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
+            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
         dt = self.dtype
-        # Tokens as one axis M = B·T: the same products, but the backward pass's weight
-        # gradients become plain 2-D matmuls, which XLA's CPU backend runs ~3x faster than a
-        # contraction over both B and T.
+        # Tokens as one axis M = B·T: the backward pass's weight gradients are then plain
+        # 2-D matmuls, which XLA's CPU backend runs ~3x faster than a contraction over B and T.
         m = x.astype(dt).reshape(-1, x.shape[-1])  # (M, D)
         gate = project(m, self.gate, self.SPECS["gate"], dt)  # (M, F)
         up = project(m, self.up, self.SPECS["up"], dt)  # (M, F)
-        out = project(self.activation(gate) * up, self.down, self.SPECS["down"], dt)
+        out = project(self.activation(gate) * up, self.down, self.SPECS["down"], dt)  # (M, D)
         return out.reshape(x.shape)  # (..., D)
 
 
 class Embedder(nnx.Module):
     """The token table E (V, D): ``encode`` looks rows up, ``decode`` is the tied unembedding.
 
-    E is an ``nnx.Param``, or a quantized :class:`RowProjection` (values (V, D), one scale per
-    token): both directions read the same rows.
+    E is an ``nnx.Param`` (V, D), rows (out V, in D) like every projection, or a quantized
+    :class:`RowProjection` (values (V, D), one scale per token): both directions read the same
+    rows.
     """
 
-    SPEC = "MD,VD->MV"  # the unembedding; E (V, D) is already rows (out V, in D)
+    SPEC = "MD,VD->MV"  # the unembedding
 
     def __init__(
         self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32
@@ -277,9 +315,5 @@ class Embedder(nnx.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits with the same table (no sqrt(D) factor)."""
         m = x.reshape(-1, x.shape[-1])  # (M, D), M = B·T: see FeedForward
-        table = self.embedding
-        if isinstance(table, RowProjection):
-            logits = table(m, x.dtype)
-        else:  # E is already rows: the product a few rows want reads it in place
-            logits = rows_product(m, table[...]).astype(x.dtype)
+        logits = project(m, self.embedding, self.SPEC, x.dtype)  # (M, V)
         return logits.reshape(*x.shape[:-1], -1)  # (B, T, V)

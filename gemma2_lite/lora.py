@@ -32,14 +32,13 @@ also trains those rows of the embedding, as PEFT's ``trainable_token_indices`` d
 The base weight can be anything that answers ``[...]`` with an array and has ``.shape``: a plain
 ``nnx.Param``, or (QLoRA, Dettmers et al. 2023) a projection of a model that
 :func:`gemma2_lite.quantize.quantize` stored as int8 rows, which :func:`apply_lora` wraps in
-:class:`Dequantized` (``values * scale`` laid out as the model's weight, formed in the forward
-pass; the int8 values stay as they are and never train). :class:`LoRAWeight` reads
-``base[...]`` and nothing else, and :func:`merge` needs only that too (a merged QLoRA model is
-float32: quantize it again to serve it in int8).
+:class:`Dequantized` (``values * scale``, formed in the forward pass; the int8 values stay as they
+are and never train). :class:`LoRAWeight` reads ``base[...]`` and nothing else, and :func:`merge`
+needs only that too (a merged QLoRA model is float32: quantize it again to serve it in int8).
 
-Serving: ``generate`` takes an adapted model as it is (:func:`gemma2_lite.decoding.
-serving_model` reads every ``LoRAWeight`` through ``[...]`` when it lays the weights out as
-rows), and ``merge(model)`` first gives a plain model with the same logits.
+Serving: ``generate`` takes an adapted model as it is (every projection reads its
+``LoRAWeight`` through ``[...]``), and ``merge(model)`` first gives a plain model with the same
+logits (faster to decode: nothing to add per step).
 
 Adapters on disk use Hugging Face PEFT's layout for ``Gemma2ForCausalLM``: ``adapter_config.json``
 (``peft_type: LORA``, ``r``, ``lora_alpha``, ``target_modules``) and
@@ -94,15 +93,15 @@ __all__ = [
 ]
 
 #: The projections an adapter can sit on: name -> (sub-module of a block, input axes of the
-#: weight in the model's einsum layout; the other axes are outputs).
+#: weight as the model stores it, rows (out..., in...); the other axes are outputs).
 TARGETS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "q": ("attn", (1,)),  # (N, D, H): D in, (N, H) out
-    "k": ("attn", (1,)),  # (K, D, H)
-    "v": ("attn", (1,)),  # (K, D, H)
-    "o": ("attn", (0, 1)),  # (N, H, D): (N, H) in, D out
-    "gate": ("mlp", (0,)),  # (D, F)
-    "up": ("mlp", (0,)),  # (D, F)
-    "down": ("mlp", (0,)),  # (F, D)
+    "q": ("attn", (2,)),  # (N, H, D): D in, (N, H) out
+    "k": ("attn", (2,)),  # (K, H, D)
+    "v": ("attn", (2,)),  # (K, H, D)
+    "o": ("attn", (1, 2)),  # (D, N, H): (N, H) in, D out
+    "gate": ("mlp", (1,)),  # (F, D)
+    "up": ("mlp", (1,)),  # (F, D)
+    "down": ("mlp", (1,)),  # (D, F)
 }
 #: Our names -> Hugging Face's module names inside ``model.layers.{i}`` (PEFT's target_modules).
 HF_NAMES = {
@@ -195,7 +194,7 @@ def apply_lora(
             parent = getattr(block, module)
             base = getattr(parent, name)
             if isinstance(base, RowProjection):  # QLoRA: an int8 (or rows) base
-                base = Dequantized(base, type(parent).SPECS[name])
+                base = Dequantized(base)
             limit = min(
                 math.prod(base.shape[i] for i in in_axes),
                 math.prod(base.shape) // math.prod(base.shape[i] for i in in_axes),

@@ -3,7 +3,7 @@ re-exports them): each is read like the weight it replaces, ``w[...]``, so the m
 not touched.
 
 * :class:`LoRAWeight`: a frozen weight plus ``(alpha / r) A B`` in the weight's own layout;
-* :class:`Dequantized`: an int8 row projection read back in the einsum layout (QLoRA's base);
+* :class:`Dequantized`: an int8 row projection read back as float32 (QLoRA's base);
 * :class:`TokenRows`: an embedding table with a few rows made trainable (new chat markers).
 """
 
@@ -39,7 +39,7 @@ class _OverBase(nnx.Module):
 
 class LoRAWeight(_OverBase):
     """A weight plus a low-rank update, read like the weight: ``w[...]`` is
-    ``base[...] + scale * (A @ B)`` laid out as ``base`` (any rank, e.g. q's (N, D, H)).
+    ``base[...] + scale * (A @ B)`` laid out as ``base`` (any rank, e.g. q's (N, H, D)).
 
     base: the frozen weight (an ``nnx.Param``, or any variable/module answering ``[...]`` and
     ``.shape``, e.g. a dequantizing int8 weight). in_axes: which of its axes are inputs.
@@ -92,30 +92,25 @@ class LoRAWeight(_OverBase):
 
 
 class Dequantized(_OverBase):
-    """A projection stored as (int8) rows, :class:`~gemma2_lite.layers.RowProjection`, read
-    like the model's weight: ``d[...]`` is ``values * scale`` (float32) transposed back to the
-    einsum layout of ``spec`` (e.g. q's (N, D, H)). The QLoRA seam: :func:`apply_lora` puts a
-    :class:`LoRAWeight` over this, so the frozen base stays int8 in memory (its values and
-    scales are not ``nnx.Param``, so no trainer filter picks them up) and is dequantized inside
-    the forward pass."""
+    """A quantized projection, :class:`~gemma2_lite.layers.RowProjection`, read like the
+    model's weight: ``d[...]`` is ``values * scale`` (float32), in the weight's own layout (rows,
+    e.g. q's (N, H, D)). The QLoRA seam: :func:`apply_lora` puts a :class:`LoRAWeight` over
+    this, so the frozen base stays int8 in memory (its values and scales are not ``nnx.Param``,
+    so no trainer filter picks them up) and is dequantized inside the forward pass."""
 
-    def __init__(self, base: RowProjection, spec: str):
-        out, contracted = RowProjection.axes(spec)
+    def __init__(self, base: RowProjection):
         self.base = base
-        self.perm = tuple(int(i) for i in np.argsort(out + contracted))  # rows -> layout
-        self.n_in = len(contracted)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        rows = tuple(self.base.values.shape)
-        return tuple(rows[i] for i in self.perm)
+        return tuple(self.base.values.shape)
 
     def __getitem__(self, index: Any) -> jax.Array:
         w = self.base.values[...].astype(jnp.float32)  # (out..., in...)
         if self.base.scale is not None:
             scale = self.base.scale[...].astype(jnp.float32)  # (out...)
-            w = w * scale.reshape(scale.shape + (1,) * self.n_in)
-        return jnp.transpose(w, self.perm)[index]
+            w = w * scale.reshape(scale.shape + (1,) * len(self.base.in_shape))
+        return w[index]
 
 
 class TokenRows(_OverBase):

@@ -198,7 +198,7 @@ class Gemma2(nnx.Module):
         )
 
     def __repr__(self) -> str:
-        # Weights stored as rows (serving, int8) count too; their scales do not.
+        # Quantized weights (int8 rows) count too; their scales do not.
         n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param, Rows)))
         return f"Gemma2({self.config!r}, {n:,} parameters)"
 

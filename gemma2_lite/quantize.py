@@ -1,24 +1,24 @@
-"""Weights for serving: the projections stored as rows, and int8 weight-only quantization.
+"""int8 weight-only quantization for serving.
 
 A decoding step multiplies one vector per row by every weight matrix, so its speed is the speed
 at which the weights are read. Two things decide it on a CPU:
 
 * **Layout.** XLA:CPU reads a weight at memory speed in a matrix-vector product only when the
   contracted axis is the last, contiguous one: the weight stored as *rows* (out, in), as
-  PyTorch's ``nn.Linear`` and the Hugging Face checkpoints store it. The model keeps the official
-  einsum layout (q (N, D, H), gate (D, F), ...), so :func:`as_rows` lays each projection out as
-  rows once (the embedding (V, D) is rows already and is shared).
+  PyTorch's ``nn.Linear`` and the Hugging Face checkpoints store it. The model stores every
+  projection so (q (N, H, D), gate (F, D), the embedding (V, D), ...; see
+  :func:`gemma2_lite.layers.project`), and decodes from its own weights, with no copy.
 * **Bytes.** :func:`quantize` stores each row as int8 values and one float32 scale,
   ``w[o, :] ~= scale[o] * q[o, :]`` with ``scale[o] = max |w[o, :]| / 127`` (per-channel
   symmetric): a quarter of float32's bytes, half of bf16's. The product dequantizes on the fly:
   ``y[o] = scale[o] * sum_i x[i] q[o, i]``, the int8 values converted in registers.
 
-Both return a new :class:`~gemma2_lite.model.Gemma2` that ``generate``, ``PromptCache``,
-``ChatSession`` and the CLI take like any other. Its projections are
-:class:`~gemma2_lite.layers.RowProjection` modules whose values and scales are their own
-variable types (:class:`Int8Values`, :class:`Int8Scale`, or :class:`~gemma2_lite.layers.Rows`),
-never ``nnx.Param``: a fine-tuning filter on ``nnx.Param`` trains the norms (and any adapter
-added on top, as QLoRA does) and leaves the quantized weights frozen.
+:func:`quantize` returns a new :class:`~gemma2_lite.model.Gemma2` that ``generate``,
+``PromptCache``, ``ChatSession`` and the CLI take like any other. Its projections are
+:class:`~gemma2_lite.layers.RowProjection` modules whose values and scales are their own variable
+types (:class:`Int8Values`, :class:`Int8Scale`), never ``nnx.Param``: a fine-tuning filter on
+``nnx.Param`` trains the norms (and any adapter added on top, as QLoRA does) and leaves the
+quantized weights frozen.
 
     >>> small = quantize(model, "int8")          # about half the bytes of a bf16 model
     >>> generate(small, [prompt], max_new_tokens=32)
@@ -35,13 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention
-from .layers import Embedder, FeedForward, RowProjection, Rows, RowScale
+from .layers import Embedder, FeedForward, RowProjection, Rows, RowScale, rows_axes
 from .model import Gemma2
 
 __all__ = [
     "quantize",
-    "as_rows",
-    "is_rows",
+    "is_quantized",
     "quantize_int8",
     "Int8Values",
     "Int8Scale",
@@ -71,14 +70,9 @@ def _projections(model: Gemma2) -> Iterator[tuple[nnx.Module, str, str]]:
             yield block.mlp, name, spec
 
 
-def is_rows(model: Gemma2) -> bool:
-    """Whether ``model``'s layers already hold their weights as rows (:func:`as_rows` or
-    :func:`quantize`)."""
-    return any(
-        isinstance(getattr(m, n), RowProjection)
-        for m, n, _ in _projections(model)
-        if m is not model.embedder
-    )
+def is_quantized(model: Gemma2) -> bool:
+    """Whether any of ``model``'s projections is a quantized :class:`RowProjection`."""
+    return any(isinstance(getattr(m, n), RowProjection) for m, n, _ in _projections(model))
 
 
 def _copy(model: Gemma2) -> Gemma2:
@@ -91,24 +85,10 @@ def _values(weight: Any, name: str) -> jax.Array:
     values = weight[...]
     if not bool(jnp.all(jnp.isfinite(values))):
         raise ValueError(
-            f"weight {name} holds NaN or infinite values: it cannot be stored "
-            "as rows or quantized; check the checkpoint"
+            f"weight {name} holds NaN or infinite values: it cannot be quantized; "
+            "check the checkpoint"
         )
     return values
-
-
-def as_rows(model: Gemma2) -> Gemma2:
-    """``model`` with every layer's projection weights stored as rows (out, in), in their own
-    dtype: the same numbers, in the layout a decoding step reads fastest (see the module's
-    docstring). The layers' weights are copied (once); norms and the embedding are shared.
-    A model that is already stored as rows is returned as it is."""
-    if is_rows(model):
-        return model
-    out = _copy(model)
-    for module, name, spec in _projections(out):
-        if module is not out.embedder:  # E (V, D) is rows already
-            setattr(module, name, RowProjection.from_weight(getattr(module, name)[...], spec))
-    return out
 
 
 # Rows quantized per compiled call: bounds the float32 working copy (the 2B's 256000-row
@@ -126,22 +106,21 @@ def _quantize_rows(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def quantize_int8(weight: jax.Array, spec: str) -> tuple[jax.Array, jax.Array]:
-    """Per-channel symmetric int8 of a weight in the model's layout, used as ``spec`` says.
+    """Per-channel symmetric int8 of a weight stored as rows (out..., in...), used as ``spec``
+    says (e.g. ``"MD,FD->MF"``: gate's (F, D), one output axis).
 
-    Returns the values as rows, int8 (out..., in...), and the scales, float32 (out...): one
+    Returns the values, int8, in the weight's shape, and the scales, float32 (out...): one
     per output channel (per token of the embedding, per (head, h) of q, per feature of gate),
     ``scale = max |w| / 127`` over the channel, ``w ~= values * scale``. Rounds to nearest;
     an all-zero channel gets scale 1 (its values are 0)."""
-    out, contracted = RowProjection.axes(spec)
-    perm = out + contracted
-    rows = weight if perm == tuple(range(weight.ndim)) else jnp.transpose(weight, perm)
-    shape = rows.shape
-    flat = rows.reshape(math.prod(shape[: len(out)]), -1)  # (O, I)
+    n_out = rows_axes(spec)
+    shape = weight.shape
+    flat = weight.reshape(math.prod(shape[:n_out]), -1)  # (O, I)
     parts = [
         _quantize_rows(flat[a : a + _CHUNK_ROWS]) for a in range(0, flat.shape[0], _CHUNK_ROWS)
     ]
     values = jnp.concatenate([v for v, _ in parts]).reshape(shape)
-    scale = jnp.concatenate([s for _, s in parts]).reshape(shape[: len(out)])
+    scale = jnp.concatenate([s for _, s in parts]).reshape(shape[:n_out])
     return values, scale
 
 
@@ -150,21 +129,18 @@ def quantize(model: Gemma2, kind: str = "int8") -> Gemma2:
     included) are int8 values with one float32 scale per output channel; norms stay as they
     are. About half the bytes of a bf16 model, a quarter of a float32 one.
 
-    Raises ``ValueError`` for an unknown ``kind``, a model that is already quantized or
-    stored as rows, or weights that are not finite."""
+    Raises ``ValueError`` for an unknown ``kind``, a model that is already quantized, or
+    weights that are not finite."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {list(KINDS)}")
     if not isinstance(model, Gemma2):
         raise TypeError(f"quantize takes a Gemma2 model, got {type(model).__name__}")
-    if isinstance(model.embedder.embedding, RowProjection) or is_rows(model):
-        raise ValueError(
-            "this model is already stored as rows or quantized: quantize the original model"
-        )
+    if is_quantized(model):
+        raise ValueError("this model is already quantized: quantize the original model")
     out = _copy(model)
     for module, name, spec in _projections(out):
         values, scale = quantize_int8(_values(getattr(module, name), name), spec)
-        n_out = len(RowProjection.axes(spec)[0])
-        setattr(module, name, RowProjection(Int8Values(values), n_out, Int8Scale(scale)))
+        setattr(module, name, RowProjection(Int8Values(values), rows_axes(spec), Int8Scale(scale)))
     return out
 
 

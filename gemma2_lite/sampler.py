@@ -15,9 +15,9 @@ Nothing is done twice: the prompt attends within itself and is copied into the e
 each new token is written into its slot first (one ``dynamic_update_slice``, the same slot for
 every row) and then attends to the cache in place; only the last position's logits are computed
 after the prompt; top-k and top-p look at a ``lax.top_k`` shortlist, not a sort of the whole
-vocabulary; the decode loop reads every weight once per token, stored as rows (out, in), the
-layout a matrix-vector product reads at memory speed (laid out once per model:
-:func:`~gemma2_lite.decoding.serving_model`). :class:`PromptCache` keeps a conversation's cache
+vocabulary; the decode loop reads every weight once per token, in place (the model stores its
+weights as rows (out, in), the layout a matrix-vector product reads at memory speed).
+:class:`PromptCache` keeps a conversation's cache
 between calls, so a chat's next turn prefills only its own tokens.
 
 Batches mix prompt lengths by *left* padding them to a common length (positions
@@ -69,7 +69,6 @@ from .decoding import (
     resume,
     round_up,
     sample_tokens,
-    serving_model,
     start,
 )
 from .model import Gemma2
@@ -86,7 +85,6 @@ __all__ = [
     "prefill",
     "decode_step",
     "decode_loop",
-    "serving_model",
     "DecodeState",
     "SamplingSettings",
     "PAD_ID",
@@ -319,17 +317,16 @@ def _run(
 
 
 def _decode(model: Gemma2, state: DecodeState, request: _Request) -> DecodeState:
-    """Every decode step after the first token, on the serving layout: one while-loop program,
-    or (streaming) one jitted step per token with the callback in between."""
+    """Every decode step after the first token: one while-loop program, or (streaming) one
+    jitted step per token with the callback in between."""
     m, callback = request.max_new_tokens, request.callback
     if callback is None:
         # The first token came with the prefill: with one token there is nothing to decode.
-        return state if m == 1 else decode_loop(serving_model(model), state, request.settings)
-    serving = serving_model(model) if m > 1 else model
+        return state if m == 1 else decode_loop(model, state, request.settings)
     was_done = np.zeros(state.out.shape[0], bool)
     for step in range(m):
         if step:
-            state = advance(serving, state, request.settings)
+            state = advance(model, state, request.settings)
         new = np.asarray(state.out[:, step])
         _raise_bad_logits(np.where(was_done, PAD_ID, new), f"generate, step {step}")
         callback(step, np.where(was_done, -1, new).astype(np.int32))

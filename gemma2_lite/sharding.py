@@ -11,10 +11,10 @@ the collectives. Three mesh axes, as in MaxText and *How to Scale Your Model*:
   matmul is computed in pieces and activations are all-reduced.
 
 Parameters carry *logical* axis names in their ``nnx.Param`` metadata (``logical_axes``, e.g.
-attn.q is ("heads", "embed", "head_dim")); :data:`DEFAULT_RULES` maps logical names to mesh axes
-(embed -> fsdp; heads, kv_heads, mlp, vocab -> model; head_dim, norm -> replicated). In the
-book's notation (its Notation page, ``book/notation.md``) attn.q is then ``W[N_model, D_fsdp, H]``
-= ``P("model", "fsdp", None)``.
+attn.q, stored as rows (N, H, D), is ("heads", "head_dim", "embed")); :data:`DEFAULT_RULES` maps
+logical names to mesh axes (embed -> fsdp; heads, kv_heads, mlp, vocab -> model; head_dim, norm
+-> replicated). In the book's notation (its Notation page, ``book/notation.md``) attn.q is then
+``W[N_model, H, D_fsdp]`` = ``P("model", None, "fsdp")``.
 
 This module annotates and places; it never re-implements the model or the training step.
 Training on a mesh is :func:`gemma2_lite.train.train` (or its step) given the mesh: the same

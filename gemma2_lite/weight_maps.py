@@ -17,13 +17,18 @@ Our paths are written ``layers.{i}.attn.q``; ``{i}`` is the layer index.
 gemma2_lite                shape        Hugging Face                    shape
 =========================  ===========  ==============================  ===========
 embedder.embedding         (V, D)       model.embed_tokens.weight       (V, D)
-attn.q                     (N, D, H)    self_attn.q_proj.weight         (N*H, D)
-attn.k / attn.v            (K, D, H)    self_attn.k_proj / v_proj       (K*H, D)
-attn.o                     (N, H, D)    self_attn.o_proj.weight         (D, N*H)
-mlp.gate / mlp.up          (D, F)       mlp.gate_proj / up_proj         (F, D)
-mlp.down                   (F, D)       mlp.down_proj.weight            (D, F)
+attn.q                     (N, H, D)    self_attn.q_proj.weight         (N*H, D)
+attn.k / attn.v            (K, H, D)    self_attn.k_proj / v_proj       (K*H, D)
+attn.o                     (D, N, H)    self_attn.o_proj.weight         (D, N*H)
+mlp.gate / mlp.up          (F, D)       mlp.gate_proj / up_proj         (F, D)
+mlp.down                   (D, F)       mlp.down_proj.weight            (D, F)
 pre_attn_norm.scale etc.   (D,)         input_layernorm.weight etc.     (D,)
 =========================  ===========  ==============================  ===========
+
+Our projections are stored as rows (out..., in...), as Hugging Face stores them, so reading a
+Hugging Face file only splits the heads out of an axis (a view: the file's memory is used in
+place); the official Flax layout (q (N, D, H), o (N, H, D), gate (D, F), down (F, D)) is
+transposed on the way in and out.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "TRANSPOSE",
     "VOCAB_ROWS",
     "OUT_HEADS",
+    "FLAX_OUT",
     "split_heads",
     "stack",
     "then",
@@ -100,17 +106,16 @@ VOCAB_ROWS = Transform("vocab rows", _vocab_load, lambda a, c: a)
 
 
 def split_heads(count: str) -> Transform:
-    """Theirs (count*H, D) <-> ours (count, D, H); ``count`` names the config field (N or K)."""
+    """Theirs (count*H, D) <-> ours (count, H, D); ``count`` names the config field (N or K)."""
 
     def load(a: Arrays, c: Gemma2Config) -> Arrays:
         n, h, d = getattr(c, count), c.head_dim, c.d_model
         if a[0].shape != (n * h, d):
             raise _shape_error((n * h, d), a[0].shape)
-        return [a[0].reshape(n, h, d).transpose(0, 2, 1)]
+        return [a[0].reshape(n, h, d)]
 
     def save(a: Arrays, c: Gemma2Config) -> Arrays:
-        n, h, d = a[0].shape[0], c.head_dim, c.d_model
-        return [a[0].transpose(0, 2, 1).reshape(n * h, d)]
+        return [a[0].reshape(-1, c.d_model)]
 
     return Transform(f"split heads ({count})", load, save)
 
@@ -119,12 +124,17 @@ def _out_load(a: Arrays, c: Gemma2Config) -> Arrays:
     n, h, d = c.num_heads, c.head_dim, c.d_model
     if a[0].shape != (d, n * h):
         raise _shape_error((d, n * h), a[0].shape)
-    return [a[0].T.reshape(n, h, d)]
+    return [a[0].reshape(d, n, h)]
 
 
-#: The attention output: theirs (D, N*H) <-> ours (N, H, D).
-OUT_HEADS = Transform(
-    "merge heads (output)", _out_load, lambda a, c: [a[0].reshape(-1, c.d_model).T]
+#: The attention output: theirs (D, N*H) <-> ours (D, N, H).
+OUT_HEADS = Transform("split heads (output)", _out_load, lambda a, c: [a[0].reshape(c.d_model, -1)])
+
+#: The official Flax attention output (N, H, D) <-> ours, rows (D, N, H).
+FLAX_OUT = Transform(
+    "output rows",
+    lambda a, c: [np.transpose(a[0], (2, 0, 1))],
+    lambda a, c: [np.transpose(a[0], (1, 2, 0))],
 )
 
 
@@ -219,9 +229,9 @@ HF = Table(
                 ("layers.{i}.attn.k", "self_attn.k_proj.weight", split_heads("num_kv_heads")),
                 ("layers.{i}.attn.v", "self_attn.v_proj.weight", split_heads("num_kv_heads")),
                 ("layers.{i}.attn.o", "self_attn.o_proj.weight", OUT_HEADS),
-                ("layers.{i}.mlp.gate", "mlp.gate_proj.weight", TRANSPOSE),
-                ("layers.{i}.mlp.up", "mlp.up_proj.weight", TRANSPOSE),
-                ("layers.{i}.mlp.down", "mlp.down_proj.weight", TRANSPOSE),
+                ("layers.{i}.mlp.gate", "mlp.gate_proj.weight", IDENTITY),
+                ("layers.{i}.mlp.up", "mlp.up_proj.weight", IDENTITY),
+                ("layers.{i}.mlp.down", "mlp.down_proj.weight", IDENTITY),
                 ("layers.{i}.pre_attn_norm.scale", "input_layernorm.weight", IDENTITY),
                 ("layers.{i}.post_attn_norm.scale", "post_attention_layernorm.weight", IDENTITY),
                 ("layers.{i}.pre_ffw_norm.scale", "pre_feedforward_layernorm.weight", IDENTITY),
@@ -249,19 +259,24 @@ def flax_table(*, released: bool = False, gating: str = "FD", qkv: bool = False)
     if gating not in ("DF", "FD"):
         raise ValueError(f"gating must be 'DF' (2B) or 'FD' (9B/27B), got {gating!r}")
     w = "/w" if released else ""
-    gate = stack(2) if gating == "DF" else then(stack(2), TRANSPOSE)
+    # Ours are rows: q (N, H, D) from their (N, D, H), gate (F, D), down (D, F).
+    gate = then(stack(2), TRANSPOSE) if gating == "DF" else stack(2)
     attn = (
         [
             (
                 ("layers.{i}.attn.q", "layers.{i}.attn.k", "layers.{i}.attn.v"),
                 "attn/qkv_einsum/w",
-                stack(3),
+                then(stack(3), TRANSPOSE),
             )
         ]
         if qkv
         else [
-            ("layers.{i}.attn.q", "attn/q_einsum/w", IDENTITY),
-            (("layers.{i}.attn.k", "layers.{i}.attn.v"), "attn/kv_einsum/w", stack(2)),
+            ("layers.{i}.attn.q", "attn/q_einsum/w", TRANSPOSE),
+            (
+                ("layers.{i}.attn.k", "layers.{i}.attn.v"),
+                "attn/kv_einsum/w",
+                then(stack(2), TRANSPOSE),
+            ),
         ]
     )
     return Table(
@@ -273,9 +288,9 @@ def flax_table(*, released: bool = False, gating: str = "FD", qkv: bool = False)
                 "transformer/layer_{i}/",
                 [
                     *attn,
-                    ("layers.{i}.attn.o", "attn/attn_vec_einsum/w", IDENTITY),
+                    ("layers.{i}.attn.o", "attn/attn_vec_einsum/w", FLAX_OUT),
                     (("layers.{i}.mlp.gate", "layers.{i}.mlp.up"), f"mlp/gating_einsum{w}", gate),
-                    ("layers.{i}.mlp.down", f"mlp/linear{w}", IDENTITY),
+                    ("layers.{i}.mlp.down", f"mlp/linear{w}", TRANSPOSE),
                     *(
                         (f"layers.{{i}}.{ours}.scale", f"{theirs}/scale", IDENTITY)
                         for ours, theirs in _FLAX_NORMS.items()

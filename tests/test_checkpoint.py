@@ -116,8 +116,8 @@ def test_mismatched_and_missing_tensors_are_named(model, tmp_path):
     write_safetensors(tmp_path / "model.safetensors", bad)
     with pytest.raises(
         CheckpointError,
-        match=r"layers\.1\.mlp\.down: expected shape \(58, 36\), "
-        r"found \(57, 36\)",
+        match=r"layers\.1\.mlp\.down: expected shape \(36, 58\), "
+        r"found \(36, 57\)",
     ):
         load_hf(tmp_path)
     del bad["model.layers.1.mlp.down_proj.weight"]
@@ -188,7 +188,7 @@ def test_flax_layouts_official_quirks(model):
                 flat[f"transformer/layer_{i}/{sub}/{name}"] = leaf
     assert_same_params(model, load_flax(flat, config=CFG))
     flat["transformer/layer_2/mlp/linear"] = np.zeros((36, 58), np.float32)
-    with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.down: expected shape \(58, 36\)"):
+    with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.down: expected shape \(36, 58\)"):
         load_flax(flat, config=CFG)
 
 

@@ -21,16 +21,16 @@ from gemma2_lite import get_config
 from gemma2_lite.chat import ChatSession
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.decoding import DecodeState, SamplingSettings, decode_program
-from gemma2_lite.layers import RowProjection
+from gemma2_lite.layers import rows_axes
 from gemma2_lite.quantize import (
     Int8Scale,
     Int8Values,
-    as_rows,
+    is_quantized,
     quantize,
     quantize_int8,
     weight_bytes,
 )
-from gemma2_lite.sampler import PromptCache, generate, serving_model
+from gemma2_lite.sampler import PromptCache, generate
 from gemma2_lite.tokenizer import default_tokenizer
 
 CONFIG = get_config(
@@ -63,9 +63,9 @@ def small(model):
 @pytest.mark.parametrize(
     "spec,shape",
     [
-        ("BTD,NDH->BTNH", (3, 8, 5)),
-        ("BTNH,NHD->BTD", (3, 5, 8)),
-        ("MD,DF->MF", (8, 12)),
+        ("BTD,NHD->BTNH", (3, 5, 8)),
+        ("BTNH,DNH->BTD", (8, 3, 5)),
+        ("MD,FD->MF", (12, 8)),
         ("MD,VD->MV", (12, 8)),
     ],
 )
@@ -73,10 +73,9 @@ def test_int8_is_per_output_channel_and_within_half_a_step(spec: str, shape) -> 
     rng = np.random.default_rng(len(spec))
     w = rng.normal(size=shape).astype(np.float32) * rng.uniform(0.1, 10, size=shape[-1])
     values, scale = quantize_int8(jnp.asarray(w), spec)
-    out, contracted = RowProjection.axes(spec)
-    rows = np.transpose(w, out + contracted)  # (out..., in...)
+    rows = w  # stored as rows: (out..., in...)
     assert values.dtype == jnp.int8 and values.shape == rows.shape
-    assert scale.shape == rows.shape[: len(out)]
+    assert scale.shape == rows.shape[: rows_axes(spec)]
     flat, q = rows.reshape(scale.size, -1), np.asarray(values, np.float32).reshape(scale.size, -1)
     s = np.asarray(scale).reshape(-1, 1)
     np.testing.assert_allclose(s[:, 0], np.abs(flat).max(axis=1) / 127, rtol=1e-6)
@@ -120,7 +119,7 @@ def test_quantized_weights_are_not_params(small) -> None:
 def test_generate_prompt_cache_and_chat_take_a_quantized_model(small) -> None:
     out = generate(small, PROMPTS, max_new_tokens=9)
     assert [len(o) for o in out] == [9, 9]
-    assert serving_model(small) is small  # already rows: no second copy
+    assert is_quantized(small)
     cache = PromptCache(small, size=64)
     assert cache.generate(PROMPTS[0], max_new_tokens=9) == out[0]
     streamed = []
@@ -154,12 +153,11 @@ def test_cli_quantize_flag(tmp_path, small) -> None:
 
 
 def test_quantize_refuses_what_it_cannot_do(model, small) -> None:
+    assert not is_quantized(model)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         quantize(model, "int4")
     with pytest.raises(ValueError, match="already"):
         quantize(small)
-    with pytest.raises(ValueError, match="already"):
-        quantize(as_rows(model))
     broken = nnx.merge(*nnx.split(model))
     broken.layers[2].mlp.up[...] = broken.layers[2].mlp.up[...].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="weight up holds NaN or infinite"):
@@ -190,7 +188,7 @@ def test_decode_loop_converts_weights_inside_the_products() -> None:
     bf16 = random_model(cfg, seed=0)
     largest = max(x.size for x in jax.tree.leaves(nnx.state(bf16))) * 4  # float32 bytes
     settings = SamplingSettings.make(0.0, None, None, (), 8)
-    for m in (serving_model(bf16), quantize(bf16)):
+    for m in (bf16, quantize(bf16)):
         state = DecodeState(
             out=jnp.zeros((1, 8), jnp.int32),
             last=jnp.ones((1,), jnp.int32),

@@ -19,8 +19,9 @@ from random_models import random_model
 
 from gemma2_lite import Gemma2, get_config
 from gemma2_lite.attention import LayerCache
-from gemma2_lite.layers import RowProjection, Rows
-from gemma2_lite.quantize import as_rows
+from gemma2_lite.checkpoint import save_hf
+from gemma2_lite.hf_checkpoint import read_hf_tensors
+from gemma2_lite.safetensors_io import mapping_of
 from gemma2_lite.sampler import (
     PAD_ID,
     check_prompts,
@@ -29,8 +30,8 @@ from gemma2_lite.sampler import (
     pad_prompts,
     prefill,
     sample_logits,
-    serving_model,
 )
+from gemma2_lite.weight_maps import HF, import_arrays
 
 W = 5
 CONFIG = get_config(
@@ -183,39 +184,21 @@ def test_streaming_path_equals_fused_path(model: Gemma2, greedy: list[list[int]]
     assert [[toks[r] for _, toks in seen] for r in range(3)] == greedy
 
 
-def test_serving_layout_stores_rows_once_per_model(model: Gemma2) -> None:
-    """The decode loop reads every layer's projection as rows (out, in): q (N, D, H) as
-    (N, H, D), o (N, H, D) as (D, N, H), gate (D, F) as (F, D), down (F, D) as (D, F), the same
-    numbers; the embedding (already rows) and the norms are shared, not copied. It is made once
-    per model and made again only when the model's parameters change."""
-    rows = as_rows(model)
+def test_weights_are_rows_and_a_hf_file_is_read_in_place(model: Gemma2, tmp_path) -> None:
+    """The decode loop reads every projection as rows (out, in), the model's own layout:
+    q (N, H, D), o (D, N, H), gate (F, D), down (D, F), the embedding (V, D). That is Hugging
+    Face's layout with the heads split out of an axis, so every tensor of a saved folder comes
+    in as a view of the memory-mapped file (contiguous: nothing to transpose or copy)."""
     n, d, h, f = CONFIG.num_heads, CONFIG.d_model, CONFIG.head_dim, CONFIG.ffn_dim
-    attn, mlp = rows.layers[0].attn, rows.layers[0].mlp
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
     shapes = {"q": (n, h, d), "o": (d, n, h), "gate": (f, d), "down": (d, f)}
     for name, shape in shapes.items():
-        weight = getattr(attn if name in "qo" else mlp, name)
-        assert isinstance(weight, RowProjection) and isinstance(weight.values, Rows)
-        assert weight.values.shape == shape and weight.scale is None
-    orig = model.layers[0]
-    np.testing.assert_array_equal(attn.q.values[...], np.transpose(orig.attn.q[...], (0, 2, 1)))
-    np.testing.assert_array_equal(mlp.down.values[...], np.asarray(orig.mlp.down[...]).T)
-    assert rows.embedder.embedding[...] is model.embedder.embedding[...]
-    assert rows.layers[0].pre_attn_norm.scale[...] is orig.pre_attn_norm.scale[...]
-    tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
-    np.testing.assert_allclose(rows(tokens), model(tokens), rtol=1e-4, atol=1e-4)
-    # The rows are not trainable parameters (an optimiser over nnx.Param leaves them alone).
-    params = jax.tree_util.tree_leaves_with_path(nnx.state(rows, nnx.Param))
-    assert params and not any("values" in jax.tree_util.keystr(p) for p, _ in params)
-    # Once per model; again after the parameters change (here: one is replaced).
-    assert serving_model(model) is serving_model(model)
-    first = serving_model(model)
-    old = model.layers[0].mlp.up[...]
-    try:
-        model.layers[0].mlp.up[...] = old * 1.0
-        assert serving_model(model) is not first
-    finally:
-        model.layers[0].mlp.up[...] = old
-    assert serving_model(rows) is rows  # already rows: used as it is
+        assert getattr(attn if name in "qo" else mlp, name).shape == shape, name
+    save_hf(model, tmp_path)
+    tensors = read_hf_tensors(tmp_path)
+    arrays, _ = import_arrays(HF, model.config, tensors)
+    for path, array in arrays.items():
+        assert array.flags.c_contiguous and mapping_of(array) is not None, path
 
 
 # ----------------------------------------------------------------------------- sampling

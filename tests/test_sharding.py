@@ -154,9 +154,9 @@ else:
             # (kv_heads kept whole: K=2 would fail first, on attn.k)
             sh.state_shardings(nnx.state(abstract), mesh, {"kv_heads": None})
         msg = str(err.value)
-        # (attn.o, (N, H, D), comes before attn.q in the state's sorted order)
+        # (attn.o, rows (D, N, H), comes before attn.q in the state's sorted order)
         assert re.match(
-            r"layers\.0\.attn\.[oq] dim 0 \(heads=6\) is not divisible by mesh "
+            r"layers\.0\.attn\.(o dim 1|q dim 0) \(heads=6\) is not divisible by mesh "
             r"axis 'model' \(4\)",
             msg,
         ), msg
@@ -171,8 +171,8 @@ else:
             want = sh.shard_shape(arr.shape, spec, mesh)
             assert all(s.data.shape == want for s in arr.addressable_shards), path
             assert len(arr.addressable_shards) == 8
-        q = sharded.layers[0].attn.q.get_value()  # (N, D, H) = (4, 52, 14)
-        assert q.addressable_shards[0].data.shape == (2, 26, 14)
+        q = sharded.layers[0].attn.q.get_value()  # (N, H, D) = (4, 14, 52)
+        assert q.addressable_shards[0].data.shape == (2, 14, 26)
         emb = sharded.embedder.embedding.get_value()  # (V, D) = (202, 52)
         assert emb.addressable_shards[0].data.shape == (101, 26)
 
@@ -202,7 +202,7 @@ else:
         g, state = nnx.split(plain)
         copy = nnx.merge(g, jax.tree.map(lambda x: x.copy(), state))
         assert sh.shard_model(copy, mesh) is copy
-        assert copy.layers[0].mlp.gate.get_value().sharding.spec == P("fsdp", "model")
+        assert copy.layers[0].mlp.gate.get_value().sharding.spec == P("model", "fsdp")
         np.testing.assert_array_equal(
             np.asarray(copy.layers[0].mlp.gate.get_value()),
             np.asarray(plain.layers[0].mlp.gate.get_value()),
@@ -320,7 +320,7 @@ else:
         model_8, hist_8 = train(cfg, tc, tokens, mesh=mesh)
         losses = lambda h: [row["loss"] for row in h["train"]]
         np.testing.assert_allclose(losses(hist_8), losses(hist_1), rtol=1e-5)
-        assert model_8.layers[0].mlp.gate.get_value().sharding.spec == P("fsdp", "model")
+        assert model_8.layers[0].mlp.gate.get_value().sharding.spec == P("model", "fsdp")
 
     # ------------------------------------------------------------------ multi-host guard
     def test_maybe_initialize_distributed_is_a_no_op_on_one_host() -> None:
