@@ -12,9 +12,8 @@ Prints three tables:
     greedy, same prompt, same number of new tokens. Repetitions are interleaved so that load
     from other processes hits every contestant alike; medians are reported. Decode speed
     excludes the prompt: (N - 1) / (time(N new tokens) - time(1 new token)). Then the bytes
-    XLA copies inside the decode loop on every step, read from the compiled program, with the
-    model's own layout and with the serving layout generate() decodes with (rows, once per
-    model: ``sampler.serving_model``).
+    XLA copies inside the decode loop on every step, read from the compiled program (the model
+    stores its weights as rows, which the loop reads in place).
 (b) time per decoded token at several context lengths for a model with a small window W:
     a local layer's attention reads its W-slot ring buffer whatever the context, a global
     layer's reads every cached position, so only the global share grows.
@@ -64,7 +63,6 @@ from gemma2_lite.sampler import (
     decode_loop,
     generate,
     prefill,
-    serving_model,
 )
 
 # ~20M parameters: V matches the book's tokenizer.
@@ -312,14 +310,14 @@ def loop_copies(hlo: str) -> tuple[int, int]:
 
 
 def report_loop_copies(config: Any) -> None:
-    """How many bytes the decode loop copies per token, with the model's own layout and with
-    the serving layout generate() decodes with (rows: ``sampler.serving_model``), read from
-    the compiled programs' text (no timing)."""
+    """How many bytes the decode loop copies per token, float32 and bf16 weights, read from the
+    compiled programs' text (no timing)."""
     model = Gemma2(config, rngs=nnx.Rngs(0))
     settings = SamplingSettings.make(0.0, None, None, (), 8)
     state = _synthetic_state(model, context=64, steps=8, size=256)
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    for name, m in (("the model's layout", model), ("serving layout (rows)", serving_model(model))):
+    bf16 = Gemma2(config.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    for name, m in (("float32 weights", model), ("bf16 weights", bf16)):
         n, size = loop_copies(decode_program(m, state, settings).as_text())
         print(
             f"decode loop, {name}: {n} copies per step writing {size / 2**20:.2f} MiB "
@@ -329,7 +327,6 @@ def report_loop_copies(config: Any) -> None:
 
 def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> float:
     model = Gemma2(config, rngs=nnx.Rngs(0))
-    serving = serving_model(model)  # as generate() decodes
     settings = SamplingSettings.make(0.0, None, None, (), steps)
     w = config.sliding_window
     print(
@@ -347,7 +344,7 @@ def bench_context(config: Any, contexts: list[int], steps: int, reps: int) -> fl
     for c in contexts:
         state = _synthetic_state(model, context=c, steps=steps, size=c + steps, seed=c)
         run = lambda state=state: jax.block_until_ready(
-            decode_loop(serving, state, settings, donate=False)
+            decode_loop(model, state, settings, donate=False)
         )
         run()
         t_model = min(_timed(run) for _ in range(reps)) / steps

@@ -9,9 +9,11 @@ taking turns, each load in a fresh subprocess so that its peak resident memory i
 ``gemma2_lite.checkpoint.load_hf(folder, jnp.bfloat16)`` and
 ``Gemma2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)``. transformers maps the
 files and reads nothing until the weights are used, while our load reads every weight once
-(to lay it out and to check its values), so a third side, "theirs+read", is
+(to check its values; it is used in place, not copied), so a third side, "theirs+read", is
 ``from_pretrained`` followed by reading every weight once (a chunked check of the exponent
-bits, as ours): the same work. The load time is the call itself (imports excluded); peak memory
+bits, as ours): the same work; and a fourth, "ours-unchecked", is ``load_hf(...,
+check_values=False)``, which reads no weight either (everything but the values still checked).
+The load time is the call itself (imports excluded); peak memory
 is the process's own high-water mark after the call (``VmHWM``, imports included; not
 ``ru_maxrss``, which Linux carries over from the parent across the spawn, so a child of a big
 parent would report the parent's size), also shown against the weights' bytes.
@@ -35,11 +37,11 @@ HERE = Path(__file__).resolve().parent
 _CHILD = """
 import json, resource, sys, time
 side, folder = sys.argv[1], sys.argv[2]
-if side == "ours":
+if side.startswith("ours"):
     import jax, jax.numpy as jnp
     from gemma2_lite.checkpoint import load_hf
     start = time.perf_counter()
-    model = load_hf(folder, jnp.bfloat16)
+    model = load_hf(folder, jnp.bfloat16, check_values=side == "ours")
     jax.block_until_ready(jax.tree.leaves(model))
 else:
     import torch
@@ -62,8 +64,8 @@ print(json.dumps({"load_s": seconds, "peak_bytes": peak}))
 
 
 def measure(folder: str | Path, side: str) -> dict[str, float]:
-    """One load of ``folder`` by ``side`` ("ours", "theirs" or "theirs+read") in a fresh
-    subprocess:
+    """One load of ``folder`` by ``side`` ("ours", "ours-unchecked", "theirs" or "theirs+read")
+    in a fresh subprocess:
     ``{"load_s": seconds of the load call, "peak_bytes": the process's peak RSS}``."""
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, side, str(folder)],
@@ -104,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             write_folder(folder, args.layers, args.vocab)
         size = weight_bytes(folder)
-        runs: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": [], "theirs+read": []}
+        runs: dict[str, list[dict[str, float]]] = {
+            "ours": [],
+            "ours-unchecked": [],
+            "theirs": [],
+            "theirs+read": [],
+        }
         for _ in range(args.repeat):
             for side in runs:
                 runs[side].append(measure(folder, side))
@@ -115,23 +122,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
     print(f"\nweights: {size / 1e9:.2f} GB (bf16); {len(runs['ours'])} load(s) per side")
-    print(f"{'':26}{'ours':>8}{'theirs':>9}{'ours/theirs':>13}{'theirs+read':>13}{'ours/that':>11}")
+    sides = ("ours", "ours-unchecked", "theirs", "theirs+read")
+    head = "".join(f"{s:>15}" for s in sides)
+    print(f"{'':24}{head}{'ours/theirs':>13}{'unchecked/theirs':>18}{'ours/theirs+read':>18}")
     for key, unit, scale in (("load_s", "s", 1.0), ("peak_bytes", "GB", 1e9)):
         for name, pick in (("best", min), ("median", statistics.median)):
-            ours, theirs, read = (
-                pick(r[key] for r in runs[side]) / scale
-                for side in ("ours", "theirs", "theirs+read")
-            )
+            ours, free, theirs, read = (pick(r[key] for r in runs[s]) / scale for s in sides)
             label = f"{'load time' if key == 'load_s' else 'peak RSS'} ({name}, {unit})"
-            print(
-                f"{label:26}{ours:8.2f}{theirs:9.2f}{ours / theirs:13.2f}{read:13.2f}"
-                f"{ours / read:11.2f}"
-            )
-    ours, theirs, read = (
-        min(r["peak_bytes"] for r in runs[side]) / size
-        for side in ("ours", "theirs", "theirs+read")
-    )
-    print(f"{'peak RSS / weights':26}{ours:8.2f}{theirs:9.2f}{'':13}{read:13.2f}")
+            cells = "".join(f"{v:15.2f}" for v in (ours, free, theirs, read))
+            print(f"{label:24}{cells}{ours / theirs:13.2f}{free / theirs:18.2f}{ours / read:18.2f}")
+    peaks = (min(r["peak_bytes"] for r in runs[s]) / size for s in sides)
+    print(f"{'peak RSS / weights':24}" + "".join(f"{v:15.2f}" for v in peaks))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@
    attention), all reading the same folder.
 4. Each side prefills a 256-token prompt and greedily decodes 32 tokens, batch 1.
    Prefill speed = 256 / time(1 new token); decode speed = 31 / (time(32) - time(1)).
-   Our programs are compiled by a first, untimed call (its time is printed apart; it includes
-   laying the weights out as rows for decoding, once per model).
+   Our programs are compiled by a first, untimed call (its time is printed apart).
 
 Prints, per side: load time (int8: and quantization); resident memory after load and the peak
 during the load; the peak during generate (the high-water mark is reset after loading, and
@@ -185,7 +184,7 @@ def run_ours(folder: str, prompt: list[int], quantized: bool) -> dict:
 
     from gemma2_lite.checkpoint import load_hf
     from gemma2_lite.quantize import quantize, weight_bytes
-    from gemma2_lite.sampler import generate, serving_model
+    from gemma2_lite.sampler import generate
 
     start = time.perf_counter()
     model = load_hf(folder, jnp.bfloat16)
@@ -204,16 +203,16 @@ def run_ours(folder: str, prompt: list[int], quantized: bool) -> dict:
     reset_peak()
     run = lambda n: generate(model, [prompt], max_new_tokens=n)[0]  # noqa: E731
     start = time.perf_counter()
-    run(NEW)  # compiles both programs, lays the weights out as rows
+    run(NEW)  # compiles both programs
     compile_s = time.perf_counter() - start
     result = timed(run, "jax " + jax.__version__)
-    # Decoding reads every weight once per token: the serving model's bytes (rows, or int8).
+    # Decoding reads every weight once per token, in place: the model's bytes (bf16 or int8).
     return {
         "load_s": load_s + quantize_s,
         "load_rss": load_rss,
         "load_peak": load_peak,
         "compile_s": compile_s,
-        "decode_bytes": weight_bytes(serving_model(model)),
+        "decode_bytes": weight_bytes(model),
         **result,
         "peak_rss": memory_gb("VmHWM"),
     }

@@ -118,10 +118,16 @@ def random_arrays(
     arrays = {}
     # Projections are drawn in the official einsum layout (the values every seed has always
     # given) and stored as the model's rows: stored axis j is drawn axis perm[j].
-    perms = {"q": (0, 2, 1), "k": (0, 2, 1), "v": (0, 2, 1), "o": (2, 0, 1)}
+    perms: dict[str, tuple[int, ...]] = {
+        "q": (0, 2, 1),
+        "k": (0, 2, 1),
+        "v": (0, 2, 1),
+        "o": (2, 0, 1),
+        **dict.fromkeys(("gate", "up", "down"), (1, 0)),
+    }
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         shape, name = tuple(var.shape), path[-1]
-        perm = perms.get(name, (1, 0) if name in ("gate", "up", "down") else None)
+        perm = perms.get(str(name))
         drawn = shape if perm is None else tuple(shape[perm.index(a)] for a in range(len(shape)))
         if name == "scale":
             std = 0.3

@@ -207,6 +207,7 @@ def load_hf(
     *,
     param_dtype: Any = None,
     place: Placer | None = None,
+    check_values: bool = True,
     **config_overrides: Any,
 ) -> Gemma2:
     """Load a Hugging Face Gemma 2 checkpoint directory (``config.json`` + safetensors).
@@ -224,6 +225,10 @@ def load_hf(
     computes in float16), naming the tensor and its file. The files are memory-mapped and
     read tensor by tensor, in their own dtype: a tensor already in our layout and dtype is used
     in place, any other is converted once, and no tensor is ever held twice.
+
+    Checking the values reads every weight once (the 2B's 5.2 GB: about 0.8 s here, at the
+    speed memory is read); ``check_values=False`` skips only that (everything else is still
+    checked), for a file you trust: the load then reads no weight at all, as transformers' does.
     """
     path = Path(path)
     config = read_hf_config(path, dtype, param_dtype, **config_overrides)
@@ -234,7 +239,9 @@ def load_hf(
             config = config.replace(dtype=own, param_dtype=jnp.dtype(param_dtype or own).name)
     arrays, names = import_arrays(HF, config, tensors, source=str(path))
     origins = {p: f"{key} in {origin[key]}" for p, key in names.items()}
-    return from_arrays(config, arrays, source=str(path), place=place, origins=origins)
+    return from_arrays(
+        config, arrays, source=str(path), place=place, check=check_values, origins=origins
+    )
 
 
 # ----------------------------------------------------------------------------- writing

@@ -525,7 +525,19 @@ def param_counts(config: Gemma2Config) -> dict[str, int]:
     return {"embedding": embedding, "non_embedding": total - embedding}
 
 
+class _ShapeOnlyRngs:
+    """What the model's constructor asks of its ``rngs`` (``rngs.params()``), for a trace that
+    keeps only shapes: always the same key. An ``nnx.Rngs`` would count its draws in a
+    variable, and each traced update of it costs time in the size of the trace so far (NNX
+    asks the traced count for a ``sharding`` it cannot have, and JAX's error message searches
+    the whole trace): 0.8 s for the 2B's 26 layers, against 0.05 s without."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def abstract_model(config: Gemma2Config, **kwargs: Any) -> Gemma2:
     """``Gemma2(config, ...)`` with shapes and dtypes but no memory (``nnx.eval_shape``): for
     counting, for a graphdef, for shardings. ``kwargs`` go to :class:`Gemma2` (e.g. remat)."""
-    return nnx.eval_shape(lambda: Gemma2(config, rngs=nnx.Rngs(0), **kwargs))
+    rngs: Any = _ShapeOnlyRngs()  # stands in for nnx.Rngs: only shapes are kept
+    return nnx.eval_shape(lambda: Gemma2(config, rngs=rngs, **kwargs))

@@ -238,9 +238,19 @@ def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
         list(_pool().map(lambda job: _copy_band(*job), jobs))
 
 
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="load")
+    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="load")
+
+
+@functools.lru_cache(maxsize=1)
+def _tensor_pool() -> ThreadPoolExecutor:
+    """Whole tensors prepared side by side (a separate pool: a tensor's job may use
+    :func:`_pool` for its transposed copy)."""
+    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="tensor")
 
 
 def _chunks(array: np.ndarray) -> list[tuple[int, slice]]:
@@ -320,22 +330,44 @@ def from_arrays(
     ``origins[path]`` (e.g. the file's tensor name and file) when given.
     """
     check_arrays(config, arrays, source=source)
-    graphdef, state = nnx.split(abstract_model(config))
     dtype = np.dtype(config.jnp_param_dtype)
     float16 = "float16" in (config.dtype, config.param_dtype)
     origins = origins or {}
-    for path, var in nnx.to_flat_state(state):
-        if not isinstance(var, nnx.Param):
-            continue
-        where = f"{source}: {path_name(path)}"
-        if path in origins:
-            where += f" ({origins[path]})"
-        if place is None:
-            value = jax.device_put(
-                host_param(arrays[path], dtype, where, check=check, float16=float16)
-            )
-        else:
-            # The array as stored: a sharded placer reads (and checks) only each device's slice.
-            value = place(path, arrays[path]).astype(dtype)
-        _set(var, value)
+
+    def where(path: Path_) -> str:
+        return f"{source}: {path_name(path)}" + (f" ({origins[path]})" if path in origins else "")
+
+    def prepare(path: Path_) -> np.ndarray:
+        return host_param(arrays[path], dtype, where(path), check=check, float16=float16)
+
+    # Tensors are laid out and checked a few at a time on worker threads (numpy releases the
+    # GIL), starting before the model is traced, so that reading the values overlaps the
+    # tracing and each other: the load then runs at about the speed memory is read.
+    ahead = 2 * _WORKERS if place is None else 0
+    order = list(arrays)
+    jobs = {path: _tensor_pool().submit(prepare, path) for path in order[:ahead]}
+    try:
+        graphdef, state = nnx.split(abstract_model(config))
+        for index, path in enumerate(order):
+            if index + ahead < len(order):
+                nxt = order[index + ahead]
+                jobs[nxt] = _tensor_pool().submit(prepare, nxt)
+            if place is None:
+                host = jobs.pop(path).result()
+                _set(_param(state, path), jax.device_put(host))
+            else:
+                # The array as stored: a sharded placer reads (and checks) only each device's
+                # slice.
+                _set(_param(state, path), place(path, arrays[path]).astype(dtype))
+    finally:
+        for job in jobs.values():
+            job.cancel()
     return nnx.merge(graphdef, state)
+
+
+def _param(state: Any, path: Path_) -> Any:
+    """The variable at ``path`` in an ``nnx.State``."""
+    node = state
+    for key in path:
+        node = node[key]
+    return node

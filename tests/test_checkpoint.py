@@ -229,6 +229,15 @@ def test_non_finite_weights_are_refused_naming_tensor_and_file(model, tmp_path, 
         r"value\(s\) are not finite \(first: -?(inf|nan) at flat index 5\)",
     ):
         load_hf(tmp_path)
+    # Skipping the value check (a file one trusts) skips that and nothing else.
+    unchecked = load_hf(tmp_path, check_values=False)
+    norm = np.asarray(unchecked.layers[1].post_ffw_norm.scale[...])
+    assert not np.isfinite(norm[5]) and np.isfinite(np.delete(norm, 5)).all()
+    sd = dict(read_safetensors(tmp_path / "model.safetensors"))
+    del sd["model.norm.weight"]
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    with pytest.raises(CheckpointError, match=r"final_norm\.scale"):
+        load_hf(tmp_path, check_values=False)
 
 
 def test_values_past_float16_are_refused_only_for_float16(model, tmp_path):
