@@ -205,12 +205,21 @@ class RowProjection(nnx.Module):
 def project(x: jax.Array, weight: Any, spec: str, dtype: Any) -> jax.Array:
     """``einsum(spec, x, weight)`` in ``dtype`` (float32 accumulation), for a weight stored as
     rows (out..., in...): an ``nnx.Param`` (or anything read by ``weight[...]``) or a quantized
-    :class:`RowProjection`. One 2-D product (M, I)·(O, I)^T whatever the axes: the form in
-    which XLA:CPU reads a bf16 or int8 weight in place at memory speed when decoding
-    (:func:`rows_product`), and whose weight gradient is a plain 2-D matmul in training."""
+    :class:`RowProjection`.
+
+    A few rows (decoding) times a bf16 or int8 weight are matrix-vector products that read the
+    weight in place at memory speed (:func:`rows_apply`); anything else is the einsum itself
+    (the weight converted to ``dtype`` once), whose saved values for the backward pass are
+    what :mod:`gemma2_lite.memory` counts."""
     if isinstance(weight, RowProjection):
         return weight(x, dtype)
-    return rows_apply(x, weight[...], rows_axes(spec), dtype)
+    w = weight[...]
+    n_out = rows_axes(spec)
+    rows = math.prod(x.shape[: x.ndim - (w.ndim - n_out)])
+    if rows <= MATVEC_ROWS and w.dtype != jnp.float32:
+        return rows_apply(x, w, n_out, dtype)
+    out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -1459,7 +1459,7 @@ ROWS += [
         "save-quantized-model",
         lambda e: save_hf(quantize(e.model), e.tmp() / "x"),
         ValueError,
-        r"this one is quantized or stored as rows: save the original model",
+        r"this one is quantized: save the original model",
     ),
     Row(
         "save-not-a-model",
