@@ -137,6 +137,14 @@ def rows_product(x: jax.Array, values: jax.Array, scale: jax.Array | None = None
         x32 = x.astype(jnp.float32)
         out = jnp.stack([_matvec(x32[r], values) for r in range(x.shape[0])])
     else:
+        if jnp.issubdtype(values.dtype, jnp.integer):
+            # The converted copy must not be made before x exists: XLA would otherwise convert
+            # every layer's weights at the start of a prompt's program (they depend on nothing
+            # else) and hold all the copies at once (4 GB for the 2B in int8). Adding a zero
+            # computed from x (XLA converts NaN and inf to integer 0) makes the copy depend on
+            # x without changing it; the addition is fused into the conversion.
+            zero = (x[0, 0] * 0).astype(values.dtype)
+            values = values + zero
         out = jax.lax.dot_general(
             x, values.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )

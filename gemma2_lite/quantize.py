@@ -76,8 +76,10 @@ def is_quantized(model: Gemma2) -> bool:
 
 
 def _copy(model: Gemma2) -> Gemma2:
-    """New modules over the same arrays (nothing is copied)."""
-    return nnx.merge(*nnx.split(model))
+    """New modules and variables over the same arrays (no array is copied; setting a variable
+    of the copy leaves ``model`` as it is)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
 
 
 def _values(weight: Any, name: str) -> jax.Array:
@@ -141,6 +143,10 @@ def quantize(model: Gemma2, kind: str = "int8") -> Gemma2:
     for module, name, spec in _projections(out):
         values, scale = quantize_int8(_values(getattr(module, name), name), spec)
         setattr(module, name, RowProjection(Int8Values(values), rows_axes(spec), Int8Scale(scale)))
+    # The weights that stay (the norms) are copied: shared, they would keep the original's
+    # memory alive after it is dropped (a loaded model's arrays are views of its files).
+    kept = nnx.state(out, nnx.Param)
+    nnx.update(out, jax.tree.map(lambda x: jnp.array(x, copy=True), kept))
     return out
 
 

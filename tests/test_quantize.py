@@ -200,3 +200,45 @@ def test_decode_loop_converts_weights_inside_the_products() -> None:
         )
         temp = decode_program(m, state, settings).memory_analysis().temp_size_in_bytes
         assert temp < largest / 2, (temp, largest)
+
+
+def test_a_prompt_converts_one_layer_of_int8_weights_at_a_time(model) -> None:
+    """A prompt's product converts int8 weights to the activation dtype (no fused kernel):
+    each copy is made when its layer runs, never all layers' up front (4 GB for the 2B)."""
+    cfg = get_config(
+        "tiny",
+        vocab_size=64,
+        d_model=128,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        ffn_dim=512,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        max_seq_len=64,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+        name="prompt-int8",
+    )
+    small = quantize(random_model(cfg, seed=0))
+    block = small.layers[0]
+    one_layer = 2 * sum(  # bf16 copies of one layer's int8 weights
+        getattr(m, n).values.size
+        for m, names in ((block.attn, "qkvo"), (block.mlp, ("gate", "up", "down")))
+        for n in names
+    )
+    tokens = jnp.ones((1, 16), jnp.int32)
+    forward = jax.jit(lambda g, p, t: nnx.merge(g, p)(t))
+    temp = forward.lower(*nnx.split(small), tokens).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 2 * one_layer, (temp, one_layer)
+
+
+def test_quantize_leaves_the_original_alone_and_shares_nothing_with_it(model, small) -> None:
+    assert not is_quantized(model)
+    for a, b in (
+        (model.final_norm, small.final_norm),
+        (model.layers[1].pre_ffw_norm, small.layers[1].pre_ffw_norm),
+    ):
+        assert a.scale is not b.scale and a.scale[...] is not b.scale[...]
+        np.testing.assert_array_equal(a.scale[...], b.scale[...])
