@@ -192,14 +192,15 @@ def bench_vs_hf(config: Any, prompt_len: int, new_tokens: int, reps: int) -> flo
         warm[name] = time.perf_counter() - start
     hf_names = [n for n in contestants if n.startswith("transformers")]
     if len(hf_names) > 1:  # keep only the faster torch thread setting
-        fastest = min(warm[hf] for hf in hf_names)
-        for hf in hf_names:
-            if warm[hf] > 1.5 * fastest:
+        # (not named `hf`: the contestants' closures read the model by that name)
+        fastest = min(warm[name] for name in hf_names)
+        for name in hf_names:
+            if warm[name] > 1.5 * fastest:
                 print(
-                    f"{hf}: {new_tokens / warm[hf]:.1f} tok/s in the warm-up run, "
-                    f"{warm[hf] / fastest:.1f}x slower than the other setting: not repeated"
+                    f"{name}: {new_tokens / warm[name]:.1f} tok/s in the warm-up run, "
+                    f"{warm[name] / fastest:.1f}x slower than the other setting: not repeated"
                 )
-                del contestants[hf]
+                del contestants[name]
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(reps):  # interleaved: every contestant shares the same noise
         for name, fn in contestants.items():
