@@ -379,6 +379,9 @@ class Attention(nnx.Module):
 
     #: Each weight's product, in the stored layout (see :func:`~gemma2_lite.layers.project`).
     SPECS = {"q": "BTD,NHD->BTNH", "k": "BSD,KHD->BSKH", "v": "BSD,KHD->BSKH", "o": "BTNH,DNH->BTD"}
+    #: Each weight's stored axes as axes of the official layout it is drawn in: q, k, v
+    #: (N|K, D, H), o (N, H, D) (see :func:`~gemma2_lite.layers.dense_init`).
+    DRAWN = {"q": (0, 2, 1), "k": (0, 2, 1), "v": (0, 2, 1), "o": (2, 0, 1)}
 
     def __init__(
         self,
@@ -401,7 +404,7 @@ class Attention(nnx.Module):
         d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
         # Drawn in the official einsum layout ((N, D, H): fan-in D; (N, H, D): fan-in N·H) and
         # stored as rows, so a seed gives the values it always has (see dense_init).
-        qkv_init = dense_init(1, (0, 2), stored=(0, 2, 1))
+        qkv_init = dense_init(1, (0, 2), stored=self.DRAWN["q"])
         self.q = nnx.Param(
             qkv_init(rngs.params(), (n, h, d), pd), logical_axes=("heads", "head_dim", "embed")
         )
@@ -412,7 +415,7 @@ class Attention(nnx.Module):
             qkv_init(rngs.params(), (k, h, d), pd), logical_axes=("kv_heads", "head_dim", "embed")
         )
         self.o = nnx.Param(
-            dense_init((0, 1), 2, stored=(2, 0, 1))(rngs.params(), (d, n, h), pd),
+            dense_init((0, 1), 2, stored=self.DRAWN["o"])(rngs.params(), (d, n, h), pd),
             logical_axes=("embed", "heads", "head_dim"),
         )
 

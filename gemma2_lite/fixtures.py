@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from .attention import Attention
 from .checkpoint import Path_, from_arrays, hf_state_dict, save_hf, to_released_flax_tree
 from .config import Gemma2Config
+from .layers import FeedForward, drawn_shape
 from .model import Gemma2, abstract_model
 from .release import FIXTURE_MARKER, flax_checkpoint_name, model_dir
 from .tokenizer import NEWLINE_PIECES, Tokenizer, train_tokenizer
@@ -118,17 +120,11 @@ def random_arrays(
     arrays = {}
     # Projections are drawn in the official einsum layout (the values every seed has always
     # given) and stored as the model's rows: stored axis j is drawn axis perm[j].
-    perms: dict[str, tuple[int, ...]] = {
-        "q": (0, 2, 1),
-        "k": (0, 2, 1),
-        "v": (0, 2, 1),
-        "o": (2, 0, 1),
-        **dict.fromkeys(("gate", "up", "down"), (1, 0)),
-    }
+    perms: dict[str, tuple[int, ...]] = {**Attention.DRAWN, **FeedForward.DRAWN}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         shape, name = tuple(var.shape), path[-1]
         perm = perms.get(str(name))
-        drawn = shape if perm is None else tuple(shape[perm.index(a)] for a in range(len(shape)))
+        drawn = shape if perm is None else drawn_shape(shape, perm)
         if name == "scale":
             std = 0.3
         elif name == "embedding":  # (V, D): rows of norm ~1

@@ -31,6 +31,7 @@ __all__ = [
     "rows_product",
     "rows_apply",
     "rows_axes",
+    "drawn_shape",
 ]
 
 # A product whose contracted vector is at least this many float32 bytes is not fused by
@@ -84,12 +85,18 @@ def dense_init(
         return init
 
     def transposed(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        drawn = [0] * len(shape)
-        for axis, size in zip(stored, shape):
-            drawn[axis] = size
-        return jnp.transpose(init(key, tuple(drawn), dtype), stored)
+        return jnp.transpose(init(key, drawn_shape(shape, stored), dtype), stored)
 
     return transposed
+
+
+def drawn_shape(shape: tuple[int, ...], stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a weight stored with ``shape`` is drawn in, when stored axis j is drawn axis
+    ``stored[j]`` (the model's ``DRAWN`` tables; see :func:`dense_init`)."""
+    drawn = [0] * len(shape)
+    for axis, size in zip(stored, shape):
+        drawn[axis] = size
+    return tuple(drawn)
 
 
 # ---------------------------------------------------------------------------- products
@@ -253,6 +260,9 @@ class FeedForward(nnx.Module):
 
     #: Each weight's product, in the stored layout (see :func:`project`).
     SPECS = {"gate": "MD,FD->MF", "up": "MD,FD->MF", "down": "MF,DF->MD"}
+    #: Each weight's stored axes as axes of the official layout it is drawn in, (D, F) and
+    #: (F, D) (see :func:`dense_init`).
+    DRAWN = {"gate": (1, 0), "up": (1, 0), "down": (1, 0)}
 
     def __init__(
         self,
@@ -267,15 +277,18 @@ class FeedForward(nnx.Module):
         self.dtype = dtype
         self.activation = activation  # the seam chapter 5 swaps (Components.activation)
         # Drawn as (in, out), fan-in over the first axis, stored transposed (see dense_init).
-        init = dense_init(0, 1, stored=(1, 0))
+        init = {name: dense_init(0, 1, stored=axes) for name, axes in self.DRAWN.items()}
         self.gate = nnx.Param(
-            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
+            init["gate"](rngs.params(), (ffn_dim, d_model), param_dtype),
+            logical_axes=("mlp", "embed"),
         )
         self.up = nnx.Param(
-            init(rngs.params(), (ffn_dim, d_model), param_dtype), logical_axes=("mlp", "embed")
+            init["up"](rngs.params(), (ffn_dim, d_model), param_dtype),
+            logical_axes=("mlp", "embed"),
         )
         self.down = nnx.Param(
-            init(rngs.params(), (d_model, ffn_dim), param_dtype), logical_axes=("embed", "mlp")
+            init["down"](rngs.params(), (d_model, ffn_dim), param_dtype),
+            logical_axes=("embed", "mlp"),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
