@@ -21,7 +21,7 @@ from gemma2_lite import get_config
 from gemma2_lite.chat import ChatSession
 from gemma2_lite.checkpoint import save_hf
 from gemma2_lite.decoding import DecodeState, SamplingSettings, decode_program
-from gemma2_lite.layers import rows_axes
+from gemma2_lite.layers import RowProjection, project, rows_axes
 from gemma2_lite.quantize import (
     Int8Scale,
     Int8Values,
@@ -162,6 +162,42 @@ def test_quantize_refuses_what_it_cannot_do(model, small) -> None:
     broken.layers[2].mlp.up[...] = broken.layers[2].mlp.up[...].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="weight up holds NaN or infinite"):
         quantize(broken)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (3, 1), (1, 2), (5, 1)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize(
+    "spec,shape",
+    [
+        ("BTD,NHD->BTNH", (3, 5, 7)),  # q, k, v: several out axes
+        ("BTNH,DNH->BTD", (7, 3, 5)),  # o: contracted over two axes (a multiply and sums)
+        ("MD,FD->MF", (11, 7)),
+        ("MF,DF->MD", (7, 3100)),  # longer than MATVEC_PIECE: summed in pieces
+    ],
+)
+def test_every_product_form_is_the_einsum(spec: str, shape, kind: str, lead) -> None:
+    """``project`` picks a form per case (matrix-vector pieces, a multiply and sums, XLA's
+    own product, the einsum for many rows): each is the einsum of the stored weight, with
+    the weight's dtype and the quantized scale, whatever the number of rows."""
+    rng = np.random.default_rng(len(spec) + shape[-1])
+    n_out = rows_axes(spec)
+    x_axes = spec.split(",")[0]
+    lead = lead if len(x_axes) - (len(shape) - n_out) == 2 else (int(np.prod(lead)),)
+    x = jnp.asarray(rng.normal(size=(*lead, *shape[n_out:])), jnp.float32)
+    w = rng.normal(size=shape).astype(np.float32)
+    if kind == "int8":
+        values, scale = quantize_int8(jnp.asarray(w), spec)
+        weight = RowProjection(Int8Values(values), n_out, Int8Scale(scale))
+        dense = np.asarray(values, np.float32) * np.asarray(scale).reshape(
+            *scale.shape, *[1] * (len(shape) - n_out)
+        )
+    else:
+        weight = nnx.Param(jnp.asarray(w, kind))
+        dense = np.asarray(weight[...], np.float32)
+    want = np.einsum(spec, np.asarray(x, np.float64), dense.astype(np.float64))
+    got = jax.jit(lambda x: project(x, weight, spec, jnp.float32))(x)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert_close(got, want, 1e-5, f"{spec} {kind} {lead}")
 
 
 def test_decode_loop_converts_weights_inside_the_products() -> None:
