@@ -276,6 +276,38 @@ def test_values_are_checked_block_by_block(monkeypatch):
     np.testing.assert_array_equal(params.host_param(w.T, np.float32, "x"), w.T.astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32, np.float64])
+def test_the_bit_scan_finds_exactly_the_values_that_are_not_finite(dtype, monkeypatch):
+    """The scan reads raw bits (two maxima per block): every NaN (any sign, any payload) and
+    infinity is found, in any block, and nothing finite is ever taken for one: the largest
+    finite values, both zeros, the smallest subnormals."""
+    monkeypatch.setattr(params, "_SCAN_BYTES", 32)
+    dtype = np.dtype(dtype)
+    info = ml_dtypes.finfo(dtype)
+    finite = np.array(
+        [info.max, -info.max, 0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, 1.5],
+        dtype,
+    )
+    base = np.resize(finite, 301)  # several blocks of 32 bytes
+    assert not params._any_not_finite(base)
+    unsigned = params._EXPONENT[dtype][0]
+    top = int(np.iinfo(unsigned).max)
+    bits = base.view(unsigned)
+    nans = [
+        np.array([np.nan, -np.nan], dtype).view(unsigned).tolist(),
+        [top >> 1, top],  # every mantissa bit set, both signs
+    ]
+    for bad in [np.inf, -np.inf, *[b for pair in nans for b in pair]]:
+        for at in (0, 150, 300):
+            trial = bits.copy()
+            if isinstance(bad, float):
+                trial.view(dtype)[at] = bad
+            else:
+                trial[at] = bad
+            assert params._any_not_finite(trial.view(dtype)), (dtype, bad, at)
+            assert not np.isfinite(trial.view(dtype).astype(np.float64)).all()
+
+
 def test_load_uses_the_files_pages_in_place(model, tmp_path):
     """A tensor already in our layout and dtype (the embedding, the norms) is not copied: the
     parameter's buffer is the file's memory map. Others are converted once."""
