@@ -17,7 +17,8 @@ The load time is the call itself (imports excluded); peak memory
 is the process's own high-water mark after the call (``VmHWM``, imports included; not
 ``ru_maxrss``, which Linux carries over from the parent across the spawn, so a child of a big
 parent would report the parent's size), also shown against the weights' bytes.
-Prints the best and the median of each, and the ratios.
+Prints the best and the median of each, and the ratios; then the floor of a checked load on
+this machine: the unchecked load plus the weights' bytes at the measured memory bandwidth.
 
 :func:`measure` is the one-load measurement, for other benchmarks to call.
 """
@@ -116,11 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             for side in runs:
                 runs[side].append(measure(folder, side))
                 print(side, runs[side][-1], flush=True)
-        report(runs, size)
+        report(runs, size, bandwidth())
     return 0
 
 
-def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
+def bandwidth() -> float:
+    """The machine's memory read bandwidth, GB/s (``real_size.bandwidth_gbs``, in a child
+    process so that this one stays small)."""
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import real_size; "
+    code += "print(real_size.bandwidth_gbs())"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def report(runs: dict[str, list[dict[str, float]]], size: int, gbs: float | None = None) -> None:
     print(f"\nweights: {size / 1e9:.2f} GB (bf16); {len(runs['ours'])} load(s) per side")
     sides = ("ours", "ours-unchecked", "theirs", "theirs+read")
     head = "".join(f"{s:>15}" for s in sides)
@@ -133,6 +143,16 @@ def report(runs: dict[str, list[dict[str, float]]], size: int) -> None:
             print(f"{label:24}{cells}{ours / theirs:13.2f}{free / theirs:18.2f}{ours / read:18.2f}")
     peaks = (min(r["peak_bytes"] for r in runs[s]) / size for s in sides)
     print(f"{'peak RSS / weights':24}" + "".join(f"{v:15.2f}" for v in peaks))
+    if gbs:
+        # A check reads every byte once: at best at the machine's bandwidth, after the rest of
+        # the load (the unchecked one).
+        free, theirs = (min(r["load_s"] for r in runs[s]) for s in ("ours-unchecked", "theirs"))
+        floor = free + size / 1e9 / gbs
+        print(
+            f"\nmeasured bandwidth {gbs:.1f} GB/s: reading the weights once takes at least "
+            f"{size / 1e9 / gbs:.2f} s, so a checked load here takes at least {floor:.2f} s "
+            f"({floor / theirs:.2f}x transformers' lazy load)"
+        )
 
 
 if __name__ == "__main__":

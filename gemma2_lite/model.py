@@ -36,7 +36,7 @@ from .attention import (
 )
 from .checks import check_positions, check_token_ids
 from .config import Gemma2Config
-from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, soft_cap
+from .layers import Embedder, FeedForward, RMSNorm, Rows, gelu_tanh, shapes_only, soft_cap
 from .rope import rope_table, rotate
 
 __all__ = [
@@ -540,4 +540,5 @@ def abstract_model(config: Gemma2Config, **kwargs: Any) -> Gemma2:
     """``Gemma2(config, ...)`` with shapes and dtypes but no memory (``nnx.eval_shape``): for
     counting, for a graphdef, for shardings. ``kwargs`` go to :class:`Gemma2` (e.g. remat)."""
     rngs: Any = _ShapeOnlyRngs()  # stands in for nnx.Rngs: only shapes are kept
-    return nnx.eval_shape(lambda: Gemma2(config, rngs=rngs, **kwargs))
+    with shapes_only():  # and the initialisers draw nothing
+        return nnx.eval_shape(lambda: Gemma2(config, rngs=rngs, **kwargs))

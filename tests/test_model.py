@@ -285,3 +285,25 @@ def test_remat_gives_the_same_loss_and_gradients(tiny):
     assert_close(remat[0], plain[0], rel=1e-5, what="remat loss")
     for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
         assert_close(a, b, rel=1e-4, what="remat gradient")
+
+
+def test_the_abstract_model_draws_nothing_and_has_the_models_shapes() -> None:
+    """``abstract_model`` traces the constructor with initialisers that return zeros (what a
+    load pays for is the shapes, not the draws); outside it the same initialisers draw."""
+    from gemma2_lite.layers import dense_init, shapes_only
+    from gemma2_lite.model import abstract_model
+
+    cfg = get_config(
+        "tiny", vocab_size=53, d_model=14, num_layers=3, num_heads=3, num_kv_heads=1,
+        head_dim=6, ffn_dim=22, query_pre_attn_scalar=6, param_dtype="bfloat16",
+    )  # fmt: skip
+    init = dense_init(1, 0, stored=(1, 0))
+    with shapes_only():
+        assert not np.any(np.asarray(init(jax.random.key(1), (5, 7))))
+    drawn = np.asarray(init(jax.random.key(1), (5, 7)))
+    assert np.all(drawn != 0)  # the context ended: a draw again
+    real = nnx.state(Gemma2(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.state(abstract_model(cfg))
+    shape = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert shape(abstract) == shape(real)
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(real))
