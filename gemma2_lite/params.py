@@ -76,8 +76,7 @@ def _any_not_finite(values: np.ndarray) -> bool:
     """
     unsigned, signed, mask = _EXPONENT[np.dtype(values.dtype)]
     flat = values.reshape(-1).view(unsigned)
-    top = int(np.iinfo(unsigned).max)
-    negative = (top ^ (top >> 1)) | mask  # the sign bit and the exponent mask
+    negative = (1 << (8 * values.itemsize - 1)) | mask  # the sign bit and the exponent mask
     step = max(1, _SCAN_BYTES // flat.itemsize)
     for start in range(0, flat.size, step):
         block = flat[start : start + step]
