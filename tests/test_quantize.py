@@ -164,7 +164,7 @@ def test_quantize_refuses_what_it_cannot_do(model, small) -> None:
         quantize(broken)
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (3, 1), (1, 2), (5, 1)])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 3), (5, 1)])  # one, a few, many rows
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize(
     "spec,shape",
