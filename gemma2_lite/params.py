@@ -52,7 +52,6 @@ _THREADED_BYTES = 1 << 22  # smaller tensors are copied by one thread
 _MAPPED_BYTES = 1 << 20  # larger host buffers: their own mmap
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _ALIGN = 64  # XLA:CPU uses 64-byte aligned memory in place
-# The unsigned view of each float dtype and its exponent bits: all ones = inf or NaN.
 # A float is not finite when all its exponent bits are set: the bits without the sign are
 # then at least the exponent mask. Per dtype: the unsigned and signed integers of its width,
 # and that mask.
