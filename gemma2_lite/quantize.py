@@ -82,10 +82,12 @@ def _copy(model: Gemma2) -> Gemma2:
 
 
 @jax.jit
-def _row_absmax(rows: jax.Array) -> jax.Array:
-    """rows (R, I) of any float dtype -> float32 (R,): each row's largest |value| (NaN if the
-    row holds a NaN: ``max`` propagates it)."""
-    return jnp.max(jnp.abs(rows), axis=1).astype(jnp.float32)
+def _row_scales(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rows (R, I) of any float dtype -> float32 (R,) scales, ``max |row| / 127`` (1 for an
+    all-zero row), and whether every value is finite (``max`` propagates a NaN, and an
+    infinity is its own maximum)."""
+    absmax = jnp.max(jnp.abs(rows), axis=1).astype(jnp.float32)
+    return jnp.where(absmax > 0, absmax / 127.0, 1.0), jnp.all(jnp.isfinite(absmax))
 
 
 @jax.jit
@@ -109,18 +111,17 @@ def quantize_int8(
     an all-zero channel gets scale 1 (its values are 0). Raises ``ValueError`` naming ``name``
     if the weight holds NaN or infinite values (a scale of inf would hide them).
 
-    Two compiled passes over the weight, the row maxima then the values, each reading it once
+    Two compiled passes over the weight, the row scales then the values, each reading it once
     and converting in registers: in one program XLA:CPU wrote a float32 copy of the weight
     first, for both passes to read (6x slower, and 2.4 GB at once for the 2B's embedding)."""
     n_out = rows_axes(spec)
     shape = weight.shape
     flat = weight.reshape(math.prod(shape[:n_out]), -1)  # (O, I)
-    absmax = _row_absmax(flat)  # (O,)
-    if not bool(jnp.all(jnp.isfinite(absmax))):
+    scale, finite = _row_scales(flat)  # (O,), ()
+    if not bool(finite):
         raise ValueError(
             f"{name} holds NaN or infinite values: it cannot be quantized; check the checkpoint"
         )
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     return _row_values(flat, scale).reshape(shape), scale.reshape(shape[:n_out])
 
 
