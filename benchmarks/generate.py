@@ -530,23 +530,16 @@ def products_alone(config: Any, rows: int) -> float:
     """Seconds for every layer's projections at ``rows`` rows (one jitted float32 product per
     shape, best of 10, times the layer count): a floor under the prompt's time whatever the
     rest (attention, norms) costs, so transformers' time over it bounds the end-to-end ratio."""
-    c = config
-    shapes = [
-        (c.num_heads * c.head_dim, c.d_model),  # q
-        (c.num_kv_heads * c.head_dim, c.d_model),  # k
-        (c.num_kv_heads * c.head_dim, c.d_model),  # v
-        (c.d_model, c.num_heads * c.head_dim),  # o
-        (c.ffn_dim, c.d_model),  # gate
-        (c.ffn_dim, c.d_model),  # up
-        (c.d_model, c.ffn_dim),  # down
-    ]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from real_size import layer_shapes
+
     dot = jax.jit(lambda x, w: jnp.einsum("MD,FD->MF", x, w))
     total = 0.0
-    for out, into in shapes:
+    for out, into in layer_shapes(config):
         x, w = jnp.ones((rows, into), jnp.float32), jnp.ones((out, into), jnp.float32)
         dot(x, w).block_until_ready()
         total += min(_timed(lambda: dot(x, w).block_until_ready()) for _ in range(10))  # noqa: B023
-    return total * c.num_layers
+    return total * config.num_layers
 
 
 def _hf_twin(model: Gemma2) -> Any:
